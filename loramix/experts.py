@@ -1,0 +1,198 @@
+"""Reading LoRA experts from PEFT adapter folders.
+
+A PEFT adapter folder holds `adapter_config.json` and `adapter_model.safetensors` (or the
+older `adapter_model.bin`). Its weight keys look like
+`base_model.model.<module path>.lora_A.weight` (shape `(r, in)`) and `...lora_B.weight`
+(shape `(out, r)`); embeddings use `...lora_embedding_A` `(r, num_embeddings)` and
+`...lora_embedding_B` `(embedding_dim, r)`. The module path is relative to the causal LM.
+
+Everything is read and checked here, before any model is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
+BIN_WEIGHTS_NAME = "adapter_model.bin"
+
+logger = logging.getLogger(__name__)
+
+_KEY_PATTERN = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\."
+    r"(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+    r"(?:\.[^.]+)?(?:\.weight)?$"
+)
+
+
+@dataclass(frozen=True)
+class ModuleLora:
+    """One expert's low-rank update of one module: `delta(x) = scale * B @ A @ x`.
+
+    Attributes:
+        lora_a: `(r, in_features)`; for an embedding `(r, num_embeddings)`.
+        lora_b: `(out_features, r)`; for an embedding `(embedding_dim, r)`.
+        scale: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+        is_embedding: Whether the weights came from `lora_embedding_A/B`.
+    """
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scale: float
+    is_embedding: bool
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[0]
+
+
+@dataclass(frozen=True)
+class LoraExpert:
+    """A frozen LoRA expert: its name, folder, PEFT config and per-module weights."""
+
+    name: str
+    path: Path
+    peft_config: dict
+    modules: dict[str, ModuleLora]  # module path in the causal LM -> its low-rank update
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.peft_config.get("fan_in_fan_out", False))
+
+
+def load_expert(name: str, folder: str | Path) -> LoraExpert:
+    """Reads one PEFT LoRA adapter folder.
+
+    Raises:
+        FileNotFoundError: the folder, its config or its weights file is missing.
+        ValueError: the config or weights are unreadable or describe something loramix cannot
+            mix (DoRA, trained biases, `modules_to_save`, a non-LoRA adapter). The message
+            names the file and the fix.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"expert {name!r}: adapter folder {folder} does not exist")
+    peft_config = _read_adapter_config(name, folder / ADAPTER_CONFIG_NAME)
+    weights_path, state = _read_weights(name, folder)
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        if ".base_layer." in key:
+            # peft saves the base embedding beside an embedding adapter
+            # (`save_embedding_layers`); it is the base model's own weight, not the expert's.
+            logger.debug("expert %r: skipping base-layer weight %s", name, key)
+            continue
+        match = None if key.endswith(".bias") else _KEY_PATTERN.match(key)
+        if match is None:
+            raise ValueError(
+                f"expert {name!r}: {weights_path} has key {key!r}, which is not a LoRA weight. "
+                "Only lora_A/lora_B (and lora_embedding_A/B) weights can be mixed; re-save the "
+                "adapter without extra modules (modules_to_save) or biases."
+            )
+        if match["part"] == "lora_magnitude_vector":
+            raise ValueError(
+                f"expert {name!r}: {weights_path} is a DoRA adapter (key {key!r}); X-LoRA "
+                "mixes plain LoRA experts only. Retrain it with use_dora=False."
+            )
+        parts.setdefault(match["module"], {})[match["part"]] = tensor
+    if not parts:
+        raise ValueError(f"expert {name!r}: {weights_path} holds no LoRA weights")
+
+    modules = {}
+    for module_name, module_parts in parts.items():
+        is_embedding = "lora_embedding_A" in module_parts or "lora_embedding_B" in module_parts
+        a_key, b_key = (
+            ("lora_embedding_A", "lora_embedding_B") if is_embedding else ("lora_A", "lora_B")
+        )
+        if a_key not in module_parts or b_key not in module_parts:
+            raise ValueError(
+                f"expert {name!r}: {weights_path} has {sorted(module_parts)} for module "
+                f"{module_name!r} but needs both {a_key} and {b_key}; the file is incomplete."
+            )
+        lora_a, lora_b = module_parts[a_key], module_parts[b_key]
+        if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_a.shape[0] != lora_b.shape[1]:
+            raise ValueError(
+                f"expert {name!r}: module {module_name!r} has {a_key} {tuple(lora_a.shape)} "
+                f"and {b_key} {tuple(lora_b.shape)}; expected (r, in) and (out, r) with one r."
+            )
+        rank = lora_a.shape[0]
+        alpha = _pattern_value(peft_config.get("alpha_pattern"), module_name)
+        alpha = peft_config.get("lora_alpha", 8) if alpha is None else alpha
+        use_rslora = bool(peft_config.get("use_rslora", False))
+        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        modules[module_name] = ModuleLora(lora_a, lora_b, float(scale), is_embedding)
+    return LoraExpert(name=name, path=folder, peft_config=peft_config, modules=modules)
+
+
+def _read_adapter_config(name: str, path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"expert {name!r}: {path} is missing; an expert must be a PEFT adapter folder "
+            "saved with `save_pretrained`"
+        )
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"expert {name!r}: {path} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"expert {name!r}: {path} must hold a JSON object")
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    problems = []
+    if peft_type != "LORA":
+        problems.append(f"peft_type is {peft_type!r}; only LoRA adapters can be experts")
+    if config.get("use_dora"):
+        problems.append("use_dora is true; X-LoRA mixes plain LoRA experts, retrain without DoRA")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias is {config['bias']!r}; retrain with bias='none'")
+    if config.get("lora_bias"):
+        problems.append("lora_bias is true; retrain with lora_bias=False")
+    if config.get("modules_to_save"):
+        problems.append(
+            f"modules_to_save is {config['modules_to_save']!r}; fully trained modules cannot be "
+            "mixed per token, retrain without modules_to_save"
+        )
+    if config.get("layer_replication"):
+        problems.append("layer_replication is set; it is not supported")
+    if problems:
+        raise ValueError(f"expert {name!r}: {path}: " + "; ".join(problems))
+    return config
+
+
+def _read_weights(name: str, folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    safetensors_path = folder / SAFETENSORS_WEIGHTS_NAME
+    bin_path = folder / BIN_WEIGHTS_NAME
+    try:
+        if safetensors_path.is_file():
+            return safetensors_path, load_file(safetensors_path, device="cpu")
+        if bin_path.is_file():
+            state = torch.load(bin_path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise ValueError("not a state dict")
+            return bin_path, state
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as error:
+        path = safetensors_path if safetensors_path.is_file() else bin_path
+        raise ValueError(
+            f"expert {name!r}: cannot read weights file {path} ({error}); the file is corrupt "
+            "or truncated, save the adapter again"
+        ) from None
+    raise FileNotFoundError(
+        f"expert {name!r}: {folder} has neither {SAFETENSORS_WEIGHTS_NAME} nor {BIN_WEIGHTS_NAME}"
+    )
+
+
+def _pattern_value(patterns: dict | None, module_name: str) -> float | None:
+    """PEFT's `alpha_pattern`: the first key that matches the end of the module path wins."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return value
+    return None

@@ -1,0 +1,209 @@
+"""Mixing modules: a frozen base module plus a gated sum of stacked LoRA experts.
+
+For one adapted module `l`, with input `x` and gate scalings `s`:
+
+    y = W x + g * sum_i s[b, t, l, i] * scale_i * B_i A_i x
+
+The experts' `A_i` are concatenated along the rank axis into one `(R, in)` matrix and the
+`B_i` into one `(out, R)` matrix, where `R` is the sum of the experts' ranks (ranks may
+differ; an expert that does not adapt this module has no rows). The sum over experts is then
+two GEMMs and one elementwise product, whatever the number of experts:
+
+    a = A_cat x                      # (B, T, R)
+    a = a * s[..., expert_of_rank] * scale_of_rank * g
+    y = W x + B_cat a                # (B, T, out)
+
+Axis names used in shape comments:
+    B batch, T tokens, L adapted modules ("layers"), E experts, R total rank of a module,
+    D_in / D_out a module's input / output width, V vocabulary (embedding rows).
+
+The scalings reach the modules through a `MixingState` that `XLoraModel` owns and sets for
+the length of one forward call (`with state.using(scalings): ...`). No hooks are involved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from loramix.experts import ModuleLora
+
+
+@dataclass
+class MixingState:
+    """What every mixing module of one model reads during a forward call.
+
+    Attributes:
+        scalings: `(B, T, L, E)` expert weights per token and adapted module, after top-k;
+            `None` switches every expert off (the module returns its base output).
+        global_scaling_weight: The factor `g` on the mixed LoRA term.
+    """
+
+    scalings: torch.Tensor | None = None
+    global_scaling_weight: float = 1.0
+
+    @contextmanager
+    def using(self, scalings: torch.Tensor | None) -> Iterator[None]:
+        previous = self.scalings
+        self.scalings = scalings
+        try:
+            yield
+        finally:
+            self.scalings = previous
+
+
+def adapted_shape(module: nn.Module) -> tuple[int, int] | None:
+    """`(in, out)` as LoRA sees the module (`(V, D)` for an embedding), or None if unsupported."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):  # GPT-2 style: weight is (in, out)
+        return module.weight.shape[0], module.weight.shape[1]
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return None
+
+
+class MixedLora(nn.Module):
+    """Base of the mixing modules: holds the stacked experts and applies the scalings.
+
+    Subclasses only say how the input reaches rank space (`project_down`) and how a weight
+    delta is laid out (`delta_weight`).
+
+    Args:
+        base_layer: The frozen module being adapted (kept as is, called unchanged).
+        layer_index: This module's position on the L axis of the scalings.
+        expert_loras: `(expert index, its update of this module)`, in expert order; experts
+            that do not adapt this module are absent.
+        state: The model's shared `MixingState`.
+        trainable: Register the stacked LoRA weights as trainable parameters instead of
+            frozen buffers.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        layer_index: int,
+        expert_loras: list[tuple[int, ModuleLora]],
+        state: MixingState,
+        trainable: bool = False,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer_index = layer_index
+        self.state = state
+        weight = base_layer.weight
+        lora_a = torch.cat([lora.lora_a for _, lora in expert_loras], dim=0)  # (R, D_in)
+        lora_b = torch.cat([lora.lora_b for _, lora in expert_loras], dim=1)  # (D_out, R)
+        lora_a = lora_a.to(device=weight.device, dtype=weight.dtype)
+        lora_b = lora_b.to(device=weight.device, dtype=weight.dtype)
+        expert_of_rank = torch.cat(
+            [torch.full((lora.rank,), index, dtype=torch.long) for index, lora in expert_loras]
+        )  # (R,)
+        scale_of_rank = torch.cat(
+            [torch.full((lora.rank,), lora.scale, dtype=torch.float64) for _, lora in expert_loras]
+        )  # (R,)
+        if trainable:
+            self.lora_a = nn.Parameter(lora_a)
+            self.lora_b = nn.Parameter(lora_b)
+        else:
+            self.register_buffer("lora_a", lora_a)
+            self.register_buffer("lora_b", lora_b)
+        self.register_buffer("expert_of_rank", expert_of_rank.to(weight.device), persistent=False)
+        self.register_buffer(
+            "scale_of_rank", scale_of_rank.to(weight.device, weight.dtype), persistent=False
+        )
+        # (expert index, first rank row, end rank row), to split the stack back per expert.
+        self.rank_blocks: list[tuple[int, int, int]] = []
+        start = 0
+        for index, lora in expert_loras:
+            self.rank_blocks.append((index, start, start + lora.rank))
+            start += lora.rank
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base module's weight (transformers reads it, e.g. to tie or resize embeddings)."""
+        return self.base_layer.weight
+
+    def project_down(self, x: torch.Tensor) -> torch.Tensor:
+        """`(B, T, D_in)` input -> `(B, T, R)`: every expert's `A_i x` at once."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Base output plus the mixed experts.
+
+        Args:
+            x: `(B, T, D_in)` activations, or `(B, T)` token ids for an embedding.
+
+        Returns:
+            `(B, T, D_out)`, the base module's output when `state.scalings` is None.
+        """
+        result = self.base_layer(x, *args, **kwargs)
+        scalings = self.state.scalings
+        if scalings is None:
+            return result
+        rank_weights = self.rank_weights(scalings[:, :, self.layer_index, :])  # (B, T, R)
+        down = self.project_down(x)  # (B, T, R)
+        up = F.linear(down * rank_weights.to(down.dtype), self.lora_b)  # (B, T, D_out)
+        return result + up.to(result.dtype)
+
+    def rank_weights(self, layer_scalings: torch.Tensor) -> torch.Tensor:
+        """`(..., E)` expert scalings -> `(..., R)`: `g * s_i * scale_i` on expert i's ranks."""
+        weights = layer_scalings.index_select(-1, self.expert_of_rank)  # (..., R)
+        return weights * (self.scale_of_rank * self.state.global_scaling_weight)
+
+    def delta_weight(self, expert_scalings: torch.Tensor) -> torch.Tensor:
+        """The mixed update for fixed scalings, laid out like `base_layer.weight`.
+
+        Args:
+            expert_scalings: `(E,)` one scaling per expert.
+        """
+        rank_weights = self.rank_weights(expert_scalings.to(self.lora_a.dtype))  # (R,)
+        return (self.lora_b * rank_weights) @ self.lora_a  # (D_out, D_in)
+
+    def expert_weights(self, expert_index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This module's `(A, B)` for one expert, or None if the expert does not adapt it."""
+        for index, start, end in self.rank_blocks:
+            if index == expert_index:
+                return self.lora_a[start:end], self.lora_b[:, start:end]
+        return None
+
+
+class MixedLinear(MixedLora):
+    """Mixing module over an `nn.Linear` or a transformers `Conv1D` (GPT-2)."""
+
+    def project_down(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.lora_a.dtype), self.lora_a)  # (B, T, R)
+
+    def delta_weight(self, expert_scalings: torch.Tensor) -> torch.Tensor:
+        delta = super().delta_weight(expert_scalings)  # (D_out, D_in)
+        return delta.T if isinstance(self.base_layer, Conv1D) else delta
+
+
+class MixedEmbedding(MixedLora):
+    """Mixing module over an `nn.Embedding` (rows of A are looked up, not multiplied)."""
+
+    def project_down(self, x: torch.Tensor) -> torch.Tensor:
+        down = F.embedding(x, self.lora_a.T)  # (B, T, R)
+        embed_scale = getattr(self.base_layer, "embed_scale", None)  # e.g. Gemma's sqrt(D)
+        return down if embed_scale is None else down * embed_scale
+
+    def delta_weight(self, expert_scalings: torch.Tensor) -> torch.Tensor:
+        return super().delta_weight(expert_scalings).T  # (V, D)
+
+
+def make_mixed_module(
+    base_layer: nn.Module,
+    layer_index: int,
+    expert_loras: list[tuple[int, ModuleLora]],
+    state: MixingState,
+    trainable: bool = False,
+) -> MixedLora:
+    """Builds the mixing module that fits `base_layer`'s type."""
+    cls = MixedEmbedding if isinstance(base_layer, nn.Embedding) else MixedLinear
+    return cls(base_layer, layer_index, expert_loras, state, trainable)

@@ -1,0 +1,577 @@
+"""`XLoraModel`: a frozen causal LM, frozen LoRA experts and a trained gate.
+
+Every forward call runs two passes over the same tokens (Buehler & Buehler 2024,
+https://arxiv.org/abs/2402.07148):
+
+1. the scaling pass: the base model's backbone with the experts off (or at a uniform
+   `scaling_pass_value`), under `no_grad`, giving the last hidden state `(B, T, D)`;
+2. the gate maps it to scalings `(B, T, L, E)`;
+3. the mixed pass: the full causal LM, every adapted module adding its experts' updates
+   weighted by the scalings (see `loramix.layer`).
+
+The base model's adapted modules are replaced by mixing modules that keep the original
+module inside (`unload()` puts them back); no class or method of the base model is patched.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+
+from loramix.config import CONFIG_NAME, XLoraConfig
+from loramix.experts import (
+    ADAPTER_CONFIG_NAME,
+    SAFETENSORS_WEIGHTS_NAME,
+    LoraExpert,
+    ModuleLora,
+    load_expert,
+)
+from loramix.gate import XLoraGate, select_top_k
+from loramix.layer import MixedLora, MixingState, adapted_shape, make_mixed_module
+
+logger = logging.getLogger(__name__)
+
+GATE_WEIGHTS_NAME = "gate.safetensors"
+EXPERTS_DIR = "experts"
+
+# Forward arguments that belong to the mixed pass only.
+_MIXED_PASS_ONLY = frozenset(
+    {"labels", "logits_to_keep", "output_hidden_states", "output_attentions", "return_dict"}
+)
+
+
+class XLoraModel(PreTrainedModel, GenerationMixin):
+    """An X-LoRA model over any transformers causal LM.
+
+    Args:
+        base_model: A transformers causal LM. Its adapted modules are replaced in place and
+            all of its parameters are frozen.
+        config: Which experts to mix and how.
+        experts: Already loaded experts (in `config.adapters` order); read from the
+            folders in `config.adapters` when None.
+
+    Attributes:
+        gate: The only trainable module unless `config.use_trainable_adapters`.
+        expert_names: Expert names, in config order (the E axis).
+        adapted_modules: Module paths in `base_model.named_modules()` order (the L axis).
+    """
+
+    base_model_prefix = "lm"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(
+        self,
+        base_model: PreTrainedModel,
+        config: XLoraConfig,
+        experts: list[LoraExpert] | None = None,
+    ) -> None:
+        config.validate()
+        if any(isinstance(m, MixedLora) for m in base_model.modules()):
+            raise ValueError(
+                "base_model already holds X-LoRA mixing modules; pass a fresh base model or "
+                "call `unload()` on the X-LoRA model that wraps it first."
+            )
+        if experts is None:
+            experts = [load_expert(name, path) for name, path in config.adapters.items()]
+        hidden_size = _check_hidden_size(base_model, config)
+        adapted = _plan_adapted_modules(base_model, experts)  # validates before any change
+
+        super().__init__(copy.deepcopy(base_model.config))
+        self.lm = base_model
+        self.generation_config = copy.deepcopy(base_model.generation_config)
+        self.xlora_config = config
+        self.expert_names = [expert.name for expert in experts]
+        self.adapted_modules = [name for name, _ in adapted]
+        self.top_k_lora = config.top_k_lora
+        self.enable_softmax_topk = config.enable_softmax_topk
+        self.scaling_pass_value = config.scaling_pass_value
+        self.mixing_state = MixingState(global_scaling_weight=config.global_scaling_weight)
+        self._adapters_disabled = False
+        self._latest_scalings: torch.Tensor | None = None
+        self._log_scalings = False
+        self._scalings_log: list[torch.Tensor] = []  # grows only while logging is enabled
+        self._expert_configs = [expert.peft_config for expert in experts]
+        self._cache_kwarg = _cache_kwarg_name(base_model)
+
+        for param in base_model.parameters():
+            param.requires_grad_(False)
+        for layer_index, (module_name, expert_loras) in enumerate(adapted):
+            parent_name, _, child_name = module_name.rpartition(".")
+            parent = base_model.get_submodule(parent_name)
+            mixed = make_mixed_module(
+                getattr(parent, child_name),
+                layer_index,
+                expert_loras,
+                self.mixing_state,
+                trainable=config.use_trainable_adapters,
+            )
+            setattr(parent, child_name, mixed)
+
+        weight = base_model.get_input_embeddings().weight
+        self.gate = XLoraGate(config, hidden_size, self.n_layers, self.n_experts).to(
+            device=weight.device, dtype=weight.dtype
+        )
+        self.eval()
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def n_layers(self) -> int:
+        """L: the number of adapted modules (not transformer blocks)."""
+        return len(self.adapted_modules)
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.expert_names)
+
+    @property
+    def global_scaling_weight(self) -> float:
+        return self.mixing_state.global_scaling_weight
+
+    def mixed_modules(self) -> Iterator[MixedLora]:
+        """The mixing modules, in L-axis order."""
+        for name in self.adapted_modules:
+            yield self.lm.get_submodule(name)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.lm.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.lm.get_output_embeddings()
+
+    # --------------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        cache: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Scaling pass, gate, mixed pass.
+
+        Args:
+            input_ids: `(B, T)` token ids (or give `inputs_embeds`, `(B, T, D)`).
+            attention_mask: `(B, T_past + T)`, 1 for real tokens.
+            labels: `(B, T)` for the causal-LM loss of the mixed pass.
+            use_cache: Whether to fill `cache`.
+            cache: An `XLoraCache` (see `loramix.cache`), which carries a second cache for
+                the scaling pass; any other cache object is refused, since the scaling pass
+                needs its own. `past_key_values` is accepted as an alias.
+            **kwargs: Passed to the base model (`position_ids`, `logits_to_keep`, ...).
+
+        Returns:
+            The base model's output (e.g. `CausalLMOutputWithPast`) with `scalings`
+            `(B, T, L, E)`: the gate's output after softmax, before top-k.
+        """
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        if self._adapters_disabled:
+            return self.lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                **{self._cache_kwarg: cache},
+                **kwargs,
+            )
+        scaling_cache = None
+        if cache is not None:
+            scaling_cache = getattr(cache, "scaling_cache", None)
+            if scaling_cache is None:
+                raise ValueError(
+                    f"XLoraModel needs a cache per pass, got a {type(cache).__name__}. Pass "
+                    "`cache=model.new_cache()` (an XLoraCache) or no cache at all."
+                )
+        scalings = self.compute_scalings(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            cache=scaling_cache,
+            **kwargs,
+        )  # (B, T, L, E)
+        mixing = select_top_k(scalings, self.top_k_lora, self.enable_softmax_topk)
+        with self.mixing_state.using(mixing):
+            output = self.lm(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                **{self._cache_kwarg: cache},
+                **kwargs,
+            )
+        if not isinstance(output, dict):  # return_dict=False gave a tuple
+            return (*output, scalings)
+        output["scalings"] = scalings
+        return output
+
+    def compute_scalings(self, cache: Any = None, **inputs: Any) -> torch.Tensor:
+        """Runs the scaling pass and the gate.
+
+        Args:
+            cache: The scaling pass's own KV cache, or None.
+            **inputs: The forward inputs (`input_ids` or `inputs_embeds`, masks, ...).
+
+        Returns:
+            `(B, T, L, E)` scalings after softmax, before top-k; also kept for
+            `get_latest_scalings()` and the scalings log.
+        """
+        inputs = {k: v for k, v in inputs.items() if k not in _MIXED_PASS_ONLY}
+        if cache is None:
+            inputs["use_cache"] = False
+        reference = inputs.get("input_ids")
+        if reference is None:
+            reference = inputs["inputs_embeds"]
+        batch, tokens = reference.shape[:2]
+        pass_scalings = None
+        if self.scaling_pass_value != 0:
+            pass_scalings = torch.full(
+                (1, 1, 1, 1), float(self.scaling_pass_value), device=reference.device
+            ).expand(batch, tokens, self.n_layers, self.n_experts)  # (B, T, L, E)
+        with torch.no_grad(), self.mixing_state.using(pass_scalings):
+            backbone = self.lm.base_model  # the causal LM without its head
+            hidden = backbone(**inputs, **{self._cache_kwarg: cache}).last_hidden_state
+        scalings = self.gate(hidden)  # (B, T, L, E)
+        self._record_scalings(scalings)
+        return scalings
+
+    def _record_scalings(self, scalings: torch.Tensor) -> None:
+        detached = scalings.detach()
+        self._latest_scalings = detached
+        if self._log_scalings:
+            self._scalings_log.append(detached.cpu())
+
+    # ------------------------------------------------------------ runtime settings
+
+    def get_latest_scalings(self) -> torch.Tensor | None:
+        """`(B, T, L, E)` scalings of the last forward call (after softmax, before top-k)."""
+        return self._latest_scalings
+
+    def enable_scalings_logging(self) -> None:
+        """Starts appending every forward call's scalings (on the CPU) to the log."""
+        self._log_scalings = True
+
+    def disable_scalings_logging(self) -> None:
+        """Stops logging; the entries logged so far stay until `clear_scalings_log()`."""
+        self._log_scalings = False
+
+    def get_scalings_log(self) -> list[torch.Tensor]:
+        """The logged scalings, one `(B, T, L, E)` tensor per forward call."""
+        return list(self._scalings_log)
+
+    def clear_scalings_log(self) -> None:
+        self._scalings_log.clear()
+
+    def save_scalings_log(self, path: str | os.PathLike) -> None:
+        """Writes the log as `.npz`: `scalings_{i}` arrays `(B, T, L, E)`, plus the axes.
+
+        The file also holds `expert_names` and `adapted_modules` so it can be read alone.
+        """
+        arrays = {
+            f"scalings_{i}": s.float().numpy() for i, s in enumerate(self.get_scalings_log())
+        }
+        arrays["expert_names"] = np.array(self.expert_names)
+        arrays["adapted_modules"] = np.array(self.adapted_modules)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+        os.close(fd)
+        try:
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def set_topk_lora(self, value: int | None) -> None:
+        """Keeps only the `value` largest scalings per token and module (None keeps all)."""
+        if value is not None and not (
+            isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= self.n_experts
+        ):
+            raise ValueError(
+                f"top_k_lora={value!r}: use None or an int between 1 and {self.n_experts}"
+            )
+        self.top_k_lora = value
+
+    def set_global_scaling_weight(self, weight: float) -> None:
+        """Sets `g`, the factor on every module's mixed LoRA term."""
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise ValueError(f"global_scaling_weight={weight!r}: use a number")
+        self.mixing_state.global_scaling_weight = float(weight)
+
+    def set_scaling_pass_value(self, value: float | None) -> None:
+        """Sets the experts' scaling in the scaling pass; None means 1 / n_experts."""
+        if value is None:
+            value = 1.0 / self.n_experts
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"scaling_pass_value={value!r}: use a number or None")
+        self.scaling_pass_value = float(value)
+
+    @contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Inside this block the model computes exactly the base model's outputs."""
+        previous = self._adapters_disabled
+        self._adapters_disabled = True
+        try:
+            yield
+        finally:
+            self._adapters_disabled = previous
+
+    def current_config(self) -> XLoraConfig:
+        """The config with the runtime settings (top-k, scaling-pass value, g) folded in."""
+        return dataclasses.replace(
+            self.xlora_config,
+            top_k_lora=self.top_k_lora,
+            scaling_pass_value=self.scaling_pass_value,
+            global_scaling_weight=self.global_scaling_weight,
+        )
+
+    def unload(self) -> PreTrainedModel:
+        """Puts the original modules back and returns the base model (still frozen)."""
+        for name in self.adapted_modules:
+            parent_name, _, child_name = name.rpartition(".")
+            parent = self.lm.get_submodule(parent_name)
+            setattr(parent, child_name, getattr(parent, child_name).base_layer)
+        return self.lm
+
+    # ------------------------------------------------------------------- save/load
+
+    def expert_state(self, expert_index: int) -> dict[str, torch.Tensor]:
+        """One expert's weights with PEFT's key names, read back from the stacked modules."""
+        state = {}
+        for name, module in zip(self.adapted_modules, self.mixed_modules(), strict=True):
+            weights = module.expert_weights(expert_index)
+            if weights is None:
+                continue
+            lora_a, lora_b = (w.detach().contiguous().cpu() for w in weights)
+            if isinstance(module.base_layer, nn.Embedding):
+                state[f"base_model.model.{name}.lora_embedding_A"] = lora_a
+                state[f"base_model.model.{name}.lora_embedding_B"] = lora_b
+            else:
+                state[f"base_model.model.{name}.lora_A.weight"] = lora_a
+                state[f"base_model.model.{name}.lora_B.weight"] = lora_b
+        return state
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> None:
+        """Writes a self-contained folder, atomically (a temporary folder, then a rename).
+
+        Layout:
+            xlora_config.json                  the config, adapters -> "experts/<name>"
+            gate.safetensors                   gate weights (`layers.{i}.weight/bias`)
+            experts/<name>/adapter_config.json  each expert as a standard PEFT adapter
+            experts/<name>/adapter_model.safetensors
+        """
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp"))
+        try:
+            adapters = {}
+            for index, name in enumerate(self.expert_names):
+                folder = Path(EXPERTS_DIR) / _folder_name(name, index)
+                adapters[name] = folder.as_posix()
+                (staging / folder).mkdir(parents=True)
+                peft_config = dict(self._expert_configs[index])
+                (staging / folder / ADAPTER_CONFIG_NAME).write_text(
+                    _json_dumps(peft_config) + "\n"
+                )
+                save_file(
+                    self.expert_state(index),
+                    staging / folder / SAFETENSORS_WEIGHTS_NAME,
+                    metadata={"format": "pt"},
+                )
+            config = dataclasses.replace(self.current_config(), adapters=adapters)
+            (staging / CONFIG_NAME).write_text(config.to_json_string())
+            gate_state = {k: v.detach().contiguous().cpu() for k, v in self.gate.state_dict().items()}
+            save_file(gate_state, staging / GATE_WEIGHTS_NAME, metadata={"format": "pt"})
+            _replace_folder(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls, base_model: PreTrainedModel, save_directory: str | os.PathLike
+    ) -> XLoraModel:
+        """Loads a folder written by `save_pretrained` (or by peft's X-LoRA) onto `base_model`.
+
+        Expert paths in the config are resolved relative to the folder. Everything is read
+        and checked before `base_model` is changed.
+        """
+        folder = Path(save_directory)
+        config = XLoraConfig.from_file(folder)
+        adapters = {}
+        for name, path in config.adapters.items():
+            path = Path(path)
+            adapters[name] = str(path if path.is_absolute() else folder / path)
+        config = dataclasses.replace(config, adapters=adapters)
+        gate_state = _read_gate_state(folder)
+        experts = [load_expert(name, path) for name, path in config.adapters.items()]
+        _plan_adapted_modules(base_model, experts)  # fail before touching the model
+        model = cls(base_model, config, experts)
+        expected = set(model.gate.state_dict())
+        missing, unexpected = sorted(expected - set(gate_state)), sorted(set(gate_state) - expected)
+        if missing or unexpected:
+            model.unload()
+            raise ValueError(
+                f"{folder}: gate weights do not fit the config (missing keys {missing}, "
+                f"unexpected keys {unexpected}); check xlora_depth and layerwise_scalings."
+            )
+        for key, value in gate_state.items():
+            if value.shape != model.gate.state_dict()[key].shape:
+                model.unload()
+                raise ValueError(
+                    f"{folder}: gate weight {key} has shape {tuple(value.shape)}, the config "
+                    f"needs {tuple(model.gate.state_dict()[key].shape)}; were the experts or "
+                    "the base model changed?"
+                )
+        model.gate.load_state_dict(gate_state)
+        return model
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def _check_hidden_size(base_model: PreTrainedModel, config: XLoraConfig) -> int:
+    text_config = base_model.config.get_text_config()
+    inferred = getattr(text_config, "hidden_size", None)
+    if config.hidden_size is None:
+        if inferred is None:
+            raise ValueError(
+                "hidden_size: the base model's config has no hidden_size; set "
+                "XLoraConfig.hidden_size to the width of its last hidden state."
+            )
+        return int(inferred)
+    if inferred is not None and inferred != config.hidden_size:
+        raise ValueError(
+            f"hidden_size={config.hidden_size} but the base model's hidden size is {inferred}; "
+            "set hidden_size=None to infer it."
+        )
+    return config.hidden_size
+
+
+def _plan_adapted_modules(
+    base_model: nn.Module, experts: list[LoraExpert]
+) -> list[tuple[str, list[tuple[int, ModuleLora]]]]:
+    """Which modules get mixed, with which experts, in `named_modules()` order.
+
+    Raises:
+        ValueError: listing every expert module that is missing from the base model, of an
+            unsupported type, or of the wrong shape.
+    """
+    if not experts:
+        raise ValueError("no experts: give at least one adapter in XLoraConfig.adapters")
+    modules = dict(base_model.named_modules())
+    problems = []
+    for expert in experts:
+        for name, lora in expert.modules.items():
+            module = modules.get(name)
+            if module is None:
+                problems.append(
+                    f"expert {expert.name!r} ({expert.path}) adapts {name!r}, which matches no "
+                    "module of the base model; was it trained on another architecture?"
+                )
+                continue
+            shape = adapted_shape(module)
+            if shape is None:
+                problems.append(
+                    f"expert {expert.name!r} adapts {name!r}, a {type(module).__name__}; "
+                    "only Linear, Conv1D and Embedding modules can be mixed"
+                )
+                continue
+            if isinstance(module, nn.Embedding) != lora.is_embedding:
+                problems.append(
+                    f"expert {expert.name!r}: module {name!r} is a {type(module).__name__} but "
+                    "the adapter stores it as "
+                    + ("an embedding" if lora.is_embedding else "a linear layer")
+                )
+                continue
+            got = (lora.lora_a.shape[1], lora.lora_b.shape[0])
+            if got != shape:
+                problems.append(
+                    f"expert {expert.name!r}: module {name!r} has (in, out) = {shape} in the "
+                    f"base model but the adapter's lora_A/lora_B give {got}"
+                )
+    if problems:
+        raise ValueError("experts do not fit the base model:\n  " + "\n  ".join(problems))
+    plan = []
+    for name in modules:
+        loras = [(i, e.modules[name]) for i, e in enumerate(experts) if name in e.modules]
+        if loras:
+            plan.append((name, loras))
+    return plan
+
+
+def _cache_kwarg_name(base_model: nn.Module) -> str:
+    """transformers >= 5.2x calls the KV cache argument `cache`; earlier, `past_key_values`."""
+    parameters = inspect.signature(type(base_model).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _read_gate_state(folder: Path) -> dict[str, torch.Tensor]:
+    path = folder / GATE_WEIGHTS_NAME
+    peft_path = folder / "adapter_model.safetensors"
+    try:
+        if path.is_file():
+            return load_file(path, device="cpu")
+        if peft_path.is_file():  # a peft X-LoRA folder: the classifier's weights
+            prefix = re.compile(r"^.*internal_xlora_classifier\.")
+            state = load_file(peft_path, device="cpu")
+            gate = {prefix.sub("", k): v for k, v in state.items() if prefix.match(k)}
+            if gate:
+                return gate
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"{path if path.is_file() else peft_path}: cannot read gate weights ({error}); the "
+            "file is corrupt or truncated"
+        ) from None
+    raise FileNotFoundError(
+        f"{folder}: no {GATE_WEIGHTS_NAME} found; was this folder written by save_pretrained?"
+    )
+
+
+def _folder_name(name: str, index: int) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")
+    return safe if safe and safe == name else f"{index}_{safe or 'expert'}"
+
+
+def _json_dumps(data: dict) -> str:
+    return json.dumps(data, indent=2, sort_keys=True)
+
+
+def _replace_folder(staging: Path, target: Path) -> None:
+    """Moves `staging` to `target`; an existing `target` is removed only after the move."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,419 @@
+"""XLoraModel: equivalence with peft, save/load, disable, freezing, and input errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from conftest import (
+    GPT2_TARGETS,
+    LLAMA_TARGETS,
+    MODEL_FACTORIES,
+    make_expert,
+    random_ids,
+    tiny_gpt2,
+    tiny_llama,
+)
+from peft import PeftModel, get_peft_model
+
+from loramix import XLoraConfig, XLoraModel
+
+
+def randomize_gate(model: XLoraModel, seed: int = 0, std: float = 1.0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.gate.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def frozen_uniform_gate(model: XLoraModel, value: float) -> None:
+    """A gate whose scalings are `value` for every expert (no softmax)."""
+    with torch.no_grad():
+        last = model.gate.layers[-1]
+        last.weight.zero_()
+        last.bias.fill_(value)
+
+
+def peft_xlora(base_factory, experts: dict[str, str], gate_state: dict, **options):
+    """peft's XLoraModel with the same experts (named "0".."n-1") and gate weights."""
+    base = base_factory()
+    base.config.use_cache = False
+    config = peft.XLoraConfig(
+        task_type="CAUSAL_LM",
+        hidden_size=base.config.get_text_config().hidden_size,
+        adapters={str(i): path for i, path in enumerate(experts.values())},
+        **options,
+    )
+    model = get_peft_model(base, config).eval()
+    model.base_model.internal_xlora_classifier.load_state_dict(gate_state)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_one_expert_with_unit_scalings_equals_peft_lora(arch: str, tmp_path: Path) -> None:
+    factory, targets = MODEL_FACTORIES[arch]
+    folder = make_expert(factory, tmp_path / "only", 7, targets, rank=4, alpha=16)
+    model = XLoraModel(
+        factory(), XLoraConfig(adapters={"only": str(folder)}, enable_softmax=False)
+    )
+    frozen_uniform_gate(model, 1.0)
+    reference = PeftModel.from_pretrained(factory(), folder).eval()
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        theirs = reference(input_ids=ids).logits
+        base = factory()(input_ids=ids).logits
+    assert not torch.allclose(theirs, base, atol=1e-3)  # the expert matters
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+OPTION_SETS = [
+    {},
+    {"layerwise_scalings": True},
+    {"top_k_lora": 2},
+    {"top_k_lora": 1, "enable_softmax_topk": True},
+    {"layerwise_scalings": True, "top_k_lora": 2, "enable_softmax_topk": True},
+    {"xlora_depth": 3, "xlora_size": 16, "softmax_temperature": 0.5},
+    {"enable_softmax": False, "global_scaling_weight": 0.7},
+]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: ",".join(o) or "defaults")
+def test_matches_peft_xlora_on_llama(options: dict, llama_experts: dict[str, str]) -> None:
+    model = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts, **options))
+    randomize_gate(model)
+    reference = peft_xlora(tiny_llama, llama_experts, model.gate.state_dict(), **options)
+    ids = random_ids(3, 11)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding on one row
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask)
+        theirs = reference(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        ours.scalings, reference.base_model.get_latest_scalings(), atol=1e-6, rtol=0
+    )
+    assert ours.scalings.shape == (3, 11, model.n_layers, 3)
+
+
+def test_gpt2_fixed_mix_equals_peft_multi_adapter(gpt2_experts: dict[str, str]) -> None:
+    """peft's X-LoRA cannot load GPT-2 experts (its key rewriting assumes `model.` paths), so
+    the oracle here is a PeftModel with both adapters active, each scaled by a fixed s_i."""
+    weights = {"a": 0.3, "b": 1.7}
+    model = XLoraModel(tiny_gpt2(), XLoraConfig(adapters=gpt2_experts, enable_softmax=False))
+    with torch.no_grad():
+        model.gate.layers[-1].weight.zero_()
+        model.gate.layers[-1].bias.copy_(torch.tensor(list(weights.values())))
+    reference = PeftModel.from_pretrained(tiny_gpt2(), gpt2_experts["a"], adapter_name="a")
+    reference.load_adapter(gpt2_experts["b"], adapter_name="b")
+    reference.base_model.set_adapter(["a", "b"])
+    for module in reference.modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            for name, weight in weights.items():
+                module.set_scale(name, weight)
+    ids = random_ids(2, 8)
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+        theirs = reference(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+def test_nonzero_scaling_pass_value_matches_peft(llama_experts: dict[str, str]) -> None:
+    model = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts))
+    model.set_scaling_pass_value(None)  # 1 / n_experts
+    assert model.scaling_pass_value == pytest.approx(1 / 3)
+    randomize_gate(model)
+    reference = peft_xlora(
+        tiny_llama, llama_experts, model.gate.state_dict(), scaling_pass_value=1 / 3
+    )
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5, rtol=0
+        )
+
+
+def test_embedding_experts_match_peft(tmp_path: Path) -> None:
+    targets = ["embed_tokens", "q_proj"]
+    experts = {
+        "x": str(make_expert(tiny_llama, tmp_path / "x", 1, targets)),
+        "y": str(make_expert(tiny_llama, tmp_path / "y", 2, targets, rank=2)),
+    }
+    model = XLoraModel(tiny_llama(), XLoraConfig(adapters=experts))
+    assert model.adapted_modules[0] == "model.embed_tokens"
+    randomize_gate(model)
+    reference = peft_xlora(tiny_llama, experts, model.gate.state_dict())
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5, rtol=0
+        )
+
+
+def test_expert_names_and_layer_order(llama_experts: dict[str, str]) -> None:
+    model = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts))
+    assert model.expert_names == ["bio", "chem", "mech"]
+    all_names = [name for name, _ in tiny_llama().named_modules()]
+    positions = [all_names.index(name) for name in model.adapted_modules]
+    assert positions == sorted(positions)
+    assert model.n_layers == 2 * 7  # 2 blocks x 7 projections
+    assert model.base_model is model.lm
+
+
+def test_scalings_are_softmax_over_experts(llama_experts: dict[str, str]) -> None:
+    model = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts, top_k_lora=1))
+    randomize_gate(model)
+    scalings = model(input_ids=random_ids()).scalings
+    torch.testing.assert_close(scalings.sum(-1), torch.ones(scalings.shape[:-1]))
+    assert (scalings > 0).all()  # reported before top-k
+    assert torch.equal(model.get_latest_scalings(), scalings.detach())
+
+
+def test_disable_adapters_gives_base_model(llama_experts: dict[str, str]) -> None:
+    model = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts))
+    randomize_gate(model)
+    ids = random_ids()
+    with torch.no_grad():
+        base = tiny_llama()(input_ids=ids).logits
+        mixed = model(input_ids=ids).logits
+        with model.disable_adapters():
+            disabled = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+    assert not torch.allclose(mixed, base, atol=1e-3)
+    assert torch.equal(disabled, base)
+    assert torch.equal(again, mixed)
+
+
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+GATE_PARAMS = {"gate.layers.0.weight", "gate.layers.0.bias"}
+
+
+def test_only_gate_trainable_through_lifecycle(llama_experts: dict, tmp_path: Path) -> None:
+    model = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts))
+    assert trainable_names(model) == GATE_PARAMS
+    model.train()
+    ids = random_ids()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == GATE_PARAMS
+    model.eval()
+    assert trainable_names(model) == GATE_PARAMS
+    model.generate(ids, max_new_tokens=2, do_sample=False, use_cache=False)
+    with model.disable_adapters():
+        model(input_ids=ids)
+    assert trainable_names(model) == GATE_PARAMS
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = XLoraModel.from_pretrained(tiny_llama(), tmp_path / "saved")
+    assert trainable_names(reloaded) == GATE_PARAMS
+
+
+def test_trainable_adapters_are_parameters(llama_experts: dict[str, str]) -> None:
+    model = XLoraModel(
+        tiny_llama(), XLoraConfig(adapters=llama_experts, use_trainable_adapters=True)
+    )
+    names = trainable_names(model)
+    assert GATE_PARAMS <= names
+    assert "lm.model.layers.0.self_attn.q_proj.lora_a" in names
+    assert not any("base_layer" in name for name in names)
+
+
+def test_save_load_bit_identical(llama_experts: dict[str, str], tmp_path: Path) -> None:
+    config = XLoraConfig(adapters=llama_experts, layerwise_scalings=True, xlora_depth=2)
+    model = XLoraModel(tiny_llama(), config)
+    randomize_gate(model, seed=5, std=0.3)
+    model.set_topk_lora(2)
+    model.save_pretrained(tmp_path / "saved")
+    for path in llama_experts.values():  # the folder must be self-contained
+        shutil.rmtree(path)
+    reloaded = XLoraModel.from_pretrained(tiny_llama(), tmp_path / "saved")
+    assert reloaded.top_k_lora == 2
+    assert reloaded.expert_names == model.expert_names
+    ids = random_ids(2, 10)
+    with torch.no_grad():
+        first, second = model(input_ids=ids), reloaded(input_ids=ids)
+    assert torch.equal(first.logits, second.logits)
+    assert torch.equal(first.scalings, second.scalings)
+    saved = json.loads((tmp_path / "saved" / "xlora_config.json").read_text())
+    assert saved["adapters"] == {name: f"experts/{name}" for name in llama_experts}
+
+
+def test_saved_experts_load_in_peft(llama_experts: dict[str, str], tmp_path: Path) -> None:
+    model = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts))
+    model.save_pretrained(tmp_path / "saved")
+    ids = random_ids()
+    for name, original in llama_experts.items():
+        copy = PeftModel.from_pretrained(tiny_llama(), tmp_path / "saved" / "experts" / name)
+        reference = PeftModel.from_pretrained(tiny_llama(), original)
+        with torch.no_grad():
+            assert torch.equal(copy(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_save_overwrites_atomically(llama_experts: dict[str, str], tmp_path: Path) -> None:
+    model = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts))
+    target = tmp_path / "saved"
+    model.save_pretrained(target)
+    randomize_gate(model, seed=9)
+    model.save_pretrained(target)
+    reloaded = XLoraModel.from_pretrained(tiny_llama(), target)
+    assert torch.equal(reloaded.gate.layers[0].weight, model.gate.layers[0].weight)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "saved") == sorted(
+        ["bio", "chem", "mech"]
+    )  # no temporary folders left behind
+
+
+def test_unload_restores_base_modules(llama_experts: dict[str, str]) -> None:
+    base = tiny_llama()
+    original = base.model.layers[0].self_attn.q_proj
+    model = XLoraModel(base, XLoraConfig(adapters=llama_experts))
+    assert model.lm.model.layers[0].self_attn.q_proj is not original
+    assert model.unload().model.layers[0].self_attn.q_proj is original
+
+
+def test_scalings_log(llama_experts: dict[str, str], tmp_path: Path) -> None:
+    import numpy as np
+
+    model = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts))
+    model(input_ids=random_ids())
+    assert model.get_scalings_log() == []
+    model.enable_scalings_logging()
+    model(input_ids=random_ids(1, 5))
+    model(input_ids=random_ids(2, 3))
+    log = model.get_scalings_log()
+    assert [tuple(s.shape) for s in log] == [(1, 5, 14, 3), (2, 3, 14, 3)]
+    model.disable_scalings_logging()
+    model(input_ids=random_ids())
+    assert len(model.get_scalings_log()) == 2
+    model.save_scalings_log(tmp_path / "log.npz")
+    with np.load(tmp_path / "log.npz") as saved:
+        np.testing.assert_allclose(saved["scalings_1"], log[1].numpy())
+        assert list(saved["expert_names"]) == ["bio", "chem", "mech"]
+    model.clear_scalings_log()
+    assert model.get_scalings_log() == []
+
+
+def test_runtime_setters(llama_experts: dict[str, str]) -> None:
+    model = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts))
+    randomize_gate(model)
+    ids = random_ids()
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        model.set_global_scaling_weight(0.0)
+        with model.disable_adapters():
+            base = model(input_ids=ids).logits
+        torch.testing.assert_close(model(input_ids=ids).logits, base, atol=1e-6, rtol=0)
+        model.set_global_scaling_weight(1.0)
+        assert torch.equal(model(input_ids=ids).logits, full)
+    assert model.current_config().global_scaling_weight == 1.0
+    with pytest.raises(ValueError, match="top_k_lora=4"):
+        model.set_topk_lora(4)
+    with pytest.raises(ValueError, match="global_scaling_weight"):
+        model.set_global_scaling_weight("1")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------- errors
+
+
+def test_wrong_architecture_names_module_and_shapes(tmp_path: Path) -> None:
+    folder = make_expert(tiny_gpt2, tmp_path / "gpt2", 1, GPT2_TARGETS)
+    with pytest.raises(ValueError, match=r"matches no module of the base model") as error:
+        XLoraModel(tiny_llama(), XLoraConfig(adapters={"g": str(folder)}))
+    assert "transformer.h.0.attn.c_attn" in str(error.value)
+
+
+def test_shape_mismatch_names_module_and_both_shapes(tmp_path: Path) -> None:
+    def wide_llama():
+        model = tiny_llama()
+        config = model.config
+        config.intermediate_size = 64
+        from transformers import LlamaForCausalLM
+
+        return LlamaForCausalLM(config).eval()
+
+    folder = make_expert(wide_llama, tmp_path / "wide", 1, ["up_proj"])
+    base = tiny_llama()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError) as error:
+        XLoraModel(base, XLoraConfig(adapters={"w": str(folder)}))
+    message = str(error.value)
+    assert "model.layers.0.mlp.up_proj" in message
+    assert "(32, 48)" in message and "(32, 64)" in message
+    # a failed construction leaves the base model as it was
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+    assert type(base.model.layers[0].mlp.up_proj) is torch.nn.Linear
+
+
+def test_dora_expert_refused(tmp_path: Path) -> None:
+    folder = make_expert(tiny_llama, tmp_path / "dora", 1, ["q_proj"], use_dora=True)
+    with pytest.raises(ValueError, match="use_dora"):
+        XLoraModel(tiny_llama(), XLoraConfig(adapters={"d": str(folder)}))
+
+
+def test_corrupt_weights_name_the_file(tmp_path: Path) -> None:
+    folder = make_expert(tiny_llama, tmp_path / "bad", 1, ["q_proj"])
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt") as error:
+        XLoraModel(tiny_llama(), XLoraConfig(adapters={"b": str(folder)}))
+    assert str(weights) in str(error.value)
+
+
+def test_missing_weights_and_folder(tmp_path: Path) -> None:
+    folder = make_expert(tiny_llama, tmp_path / "gone", 1, ["q_proj"])
+    (folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        XLoraModel(tiny_llama(), XLoraConfig(adapters={"g": str(folder)}))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        XLoraModel(tiny_llama(), XLoraConfig(adapters={"g": str(tmp_path / "nowhere")}))
+
+
+def test_zero_experts_refused() -> None:
+    with pytest.raises(ValueError, match="at least one expert"):
+        XLoraConfig(adapters={})
+
+
+def test_double_wrapping_refused(llama_experts: dict[str, str]) -> None:
+    base = tiny_llama()
+    XLoraModel(base, XLoraConfig(adapters=llama_experts))
+    with pytest.raises(ValueError, match="unload"):
+        XLoraModel(base, XLoraConfig(adapters=llama_experts))
+
+
+def test_hidden_size_mismatch(llama_experts: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="hidden_size=64 but the base model's hidden size is 32"):
+        XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts, hidden_size=64))
+
+
+def test_gate_weights_that_do_not_fit(llama_experts: dict[str, str], tmp_path: Path) -> None:
+    XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts)).save_pretrained(tmp_path / "s")
+    config_path = tmp_path / "s" / "xlora_config.json"
+    config = json.loads(config_path.read_text())
+    config["layerwise_scalings"] = True
+    config_path.write_text(json.dumps(config))
+    base = tiny_llama()
+    with pytest.raises(ValueError, match=r"gate weight layers\.0\.\w+ has shape"):
+        XLoraModel.from_pretrained(base, tmp_path / "s")
+    assert type(base.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # restored
+
+
+def test_plain_cache_refused(llama_experts: dict[str, str]) -> None:
+    from transformers import DynamicCache
+
+    model = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts))
+    with pytest.raises(ValueError, match="XLoraCache"):
+        model(input_ids=random_ids(), cache=DynamicCache(), use_cache=True)
+
+
+def test_llama_targets_constant_is_complete() -> None:
+    names = {name.rsplit(".", 1)[-1] for name, _ in tiny_llama().named_modules()}
+    assert set(LLAMA_TARGETS) <= names
