@@ -99,7 +99,11 @@ class XLoraConfig:
             "adapters",
             "give a dict of expert name -> PEFT adapter folder, e.g. {'math': './math_lora'}",
         )
-        check(len(self.adapters) > 0, "adapters", "give at least one expert")
+        check(
+            not isinstance(self.adapters, dict) or len(self.adapters) > 0,
+            "adapters",
+            "give at least one expert",
+        )
         check(
             self.hidden_size is None or _is_int(self.hidden_size) and self.hidden_size > 0,
             "hidden_size",
@@ -123,7 +127,8 @@ class XLoraConfig:
         n_experts = len(self.adapters) if isinstance(self.adapters, dict) else 0
         check(
             self.top_k_lora is None
-            or _is_int(self.top_k_lora) and 1 <= self.top_k_lora <= max(n_experts, 1),
+            or _is_int(self.top_k_lora)
+            and 1 <= self.top_k_lora <= max(n_experts, 1),
             "top_k_lora",
             f"use None or an int between 1 and the number of experts ({n_experts})",
         )
@@ -157,6 +162,7 @@ class XLoraConfig:
             raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
         data = dict(data)
         peft_type = data.get("peft_type")
+        peft_type = getattr(peft_type, "value", peft_type)  # peft's to_dict() gives a PeftType
         if peft_type is not None and str(peft_type).upper() != "XLORA":
             raise ValueError(
                 f"{source}: peft_type is {peft_type!r}, not 'XLORA'. This looks like a single "
@@ -174,7 +180,14 @@ class XLoraConfig:
         kwargs = {k: v for k, v in data.items() if k in known}
         adapters = kwargs.get("adapters", {})
         if isinstance(adapters, list):  # the original package also accepted a list of folders
-            adapters = {Path(p).name: p for p in adapters}
+            names = [Path(p).name for p in adapters]
+            shared = sorted({n for n in names if names.count(n) > 1})
+            if shared:
+                raise ValueError(
+                    f"{source}: adapter folders {shared} share a name; give `adapters` as a "
+                    "dict of expert name -> folder"
+                )
+            adapters = dict(zip(names, adapters, strict=True))
         kwargs["adapters"] = adapters
         try:
             return cls(**kwargs)
@@ -202,7 +215,7 @@ class XLoraConfig:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: X-LoRA config file not found") from None
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{path}: not valid JSON ({error})") from None
         return cls.from_dict(data, source=str(path))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,17 @@ SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 BIN_WEIGHTS_NAME = "adapter_model.bin"
 
 logger = logging.getLogger(__name__)
+
+# peft LoRA variants whose update is not `scale * B @ A`, or that train more than A and B.
+_UNMIXABLE_LORA_OPTIONS = (
+    "alora_invocation_tokens",
+    "use_bdlora",
+    "kasa_config",
+    "monteclora_config",
+    "arrow_config",
+    "trainable_token_indices",
+    "target_parameters",
+)
 
 _KEY_PATTERN = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\."
@@ -161,6 +173,11 @@ def _read_adapter_config(name: str, path: Path) -> dict:
             f"modules_to_save is {config['modules_to_save']!r}; fully trained modules cannot be "
             "mixed per token, retrain without modules_to_save"
         )
+    for option in _UNMIXABLE_LORA_OPTIONS:
+        if config.get(option):
+            problems.append(
+                f"{option} is set; only plain LoRA (scale * B @ A) can be mixed, retrain without it"
+            )
     if config.get("layer_replication"):
         problems.append("layer_replication is set; it is not supported")
     if problems:
@@ -179,7 +196,14 @@ def _read_weights(name: str, folder: Path) -> tuple[Path, dict[str, torch.Tensor
             if not isinstance(state, dict):
                 raise ValueError("not a state dict")
             return bin_path, state
-    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as error:
+    except (
+        SafetensorError,
+        OSError,
+        RuntimeError,
+        ValueError,
+        EOFError,
+        pickle.UnpicklingError,
+    ) as error:
         path = safetensors_path if safetensors_path.is_file() else bin_path
         raise ValueError(
             f"expert {name!r}: cannot read weights file {path} ({error}); the file is corrupt "

@@ -81,9 +81,7 @@ def llama_experts(tmp_path: Path) -> dict[str, str]:
     """Three experts on a tiny Llama with different ranks, alphas and targets."""
     return {
         "bio": str(make_expert(tiny_llama, tmp_path / "bio", 1, LLAMA_TARGETS, rank=4)),
-        "chem": str(
-            make_expert(tiny_llama, tmp_path / "chem", 2, LLAMA_TARGETS, rank=2, alpha=4)
-        ),
+        "chem": str(make_expert(tiny_llama, tmp_path / "chem", 2, LLAMA_TARGETS, rank=2, alpha=4)),
         "mech": str(
             make_expert(
                 tiny_llama, tmp_path / "mech", 3, ["q_proj", "v_proj"], rank=3, use_rslora=True

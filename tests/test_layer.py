@@ -1,0 +1,324 @@
+"""Mixing modules against direct per-expert formulas, merged deltas and op counts.
+
+Reference values come from the formula of the module docstring written out per expert,
+
+    y = W x + g * sum_i s[b, t, l, i] * scale_i * B_i A_i x,
+
+in float64, with heterogeneous ranks and an expert that does not adapt the module.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from transformers.pytorch_utils import Conv1D
+
+from loramix.experts import ModuleLora
+from loramix.layer import (
+    MixedEmbedding,
+    MixedLinear,
+    MixingState,
+    adapted_shape,
+    make_mixed_module,
+)
+
+B, T, L, LAYER = 2, 5, 3, 1  # batch, tokens, adapted modules, this module's index
+D_IN, D_OUT, V = 6, 7, 11
+RANKS = {0: 2, 2: 5, 3: 1}  # expert index -> rank; expert 1 does not adapt this module
+E = 4
+SCALES = {0: 0.5, 2: 2.0, 3: -1.25}
+G = 0.7
+
+
+def make_loras(
+    shape_in: int, shape_out: int, seed: int = 0, embedding: bool = False, ranks=RANKS
+) -> list[tuple[int, ModuleLora]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (
+            index,
+            ModuleLora(
+                torch.randn(rank, shape_in, generator=generator, dtype=torch.float64),
+                torch.randn(shape_out, rank, generator=generator, dtype=torch.float64),
+                SCALES.get(index, 1.0),
+                embedding,
+            ),
+        )
+        for index, rank in ranks.items()
+    ]
+
+
+def random_scalings(seed: int = 1, n_experts: int = E) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, L, n_experts, generator=generator, dtype=torch.float64)  # (B, T, L, E)
+
+
+def reference_delta(
+    x: torch.Tensor, loras: list[tuple[int, ModuleLora]], scalings: torch.Tensor
+) -> torch.Tensor:
+    """`g * sum_i s_i scale_i B_i A_i x`, one expert at a time; `x` is `(B, T, D_in)`."""
+    total = 0
+    for index, lora in loras:
+        s = scalings[:, :, LAYER, index].unsqueeze(-1)  # (B, T, 1)
+        total = total + G * s * lora.scale * (x @ lora.lora_a.T @ lora.lora_b.T)
+    return total
+
+
+def linear_base() -> nn.Linear:
+    torch.manual_seed(3)
+    return nn.Linear(D_IN, D_OUT, dtype=torch.float64)
+
+
+def conv1d_base() -> Conv1D:
+    torch.manual_seed(4)
+    base = Conv1D(D_OUT, D_IN).double()  # weight (D_in, D_out)
+    nn.init.normal_(base.weight)
+    nn.init.normal_(base.bias)
+    return base
+
+
+def embedding_base() -> nn.Embedding:
+    torch.manual_seed(5)
+    return nn.Embedding(V, D_OUT, dtype=torch.float64)
+
+
+def inputs(seed: int = 2) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, D_IN, generator=generator, dtype=torch.float64)
+
+
+def token_ids(seed: int = 2) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (B, T), generator=generator)
+
+
+# ------------------------------------------------------------- reference formulas
+
+
+@pytest.mark.parametrize("make_base", [linear_base, conv1d_base], ids=["linear", "conv1d"])
+def test_linear_equals_per_expert_formula(make_base) -> None:
+    base = make_base()
+    loras = make_loras(D_IN, D_OUT)
+    state = MixingState(global_scaling_weight=G)
+    module = make_mixed_module(base, LAYER, loras, state)
+    assert type(module) is MixedLinear
+    x, scalings = inputs(), random_scalings()
+    if isinstance(base, Conv1D):
+        expected_base = x @ base.weight + base.bias  # GPT-2 layout: weight (D_in, D_out)
+    else:
+        expected_base = x @ base.weight.T + base.bias
+    expected = expected_base + reference_delta(x, loras, scalings)
+    with torch.no_grad(), state.using(scalings):
+        out = module(x)
+    assert out.shape == (B, T, D_OUT)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    # the absent expert's scaling does not matter
+    changed = scalings.clone()
+    changed[..., 1] = 123.0
+    with torch.no_grad(), state.using(changed):
+        torch.testing.assert_close(module(x), expected, atol=1e-12, rtol=1e-12)
+
+
+def test_embedding_equals_lookup_formula() -> None:
+    base = embedding_base()
+    loras = make_loras(V, D_OUT, embedding=True)
+    state = MixingState(global_scaling_weight=G)
+    module = make_mixed_module(base, LAYER, loras, state)
+    assert type(module) is MixedEmbedding
+    ids, scalings = token_ids(), random_scalings()
+    expected = base.weight[ids].clone()  # (B, T, D)
+    for index, lora in loras:
+        s = scalings[:, :, LAYER, index].unsqueeze(-1)  # (B, T, 1)
+        rows = lora.lora_a.T[ids]  # (B, T, r): column ids of A
+        expected += G * s * lora.scale * (rows @ lora.lora_b.T)
+    with torch.no_grad(), state.using(scalings):
+        out = module(ids)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Gemma-style: the embedding output is multiplied by `embed_scale`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.embed_scale = 3.0
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids) * self.embed_scale
+
+
+def test_scaled_embedding_scales_the_update_too() -> None:
+    torch.manual_seed(5)
+    base = ScaledEmbedding(V, D_OUT, dtype=torch.float64)
+    plain = embedding_base()
+    plain.weight.data.copy_(base.weight.data)
+    loras = make_loras(V, D_OUT, embedding=True)
+    state = MixingState(global_scaling_weight=G)
+    scaled_module = MixedEmbedding(base, LAYER, loras, state)
+    plain_module = MixedEmbedding(plain, LAYER, loras, state)
+    ids = token_ids()
+    with torch.no_grad(), state.using(random_scalings()):
+        torch.testing.assert_close(scaled_module(ids), 3.0 * plain_module(ids))
+
+
+def test_gradient_reaches_the_scalings() -> None:
+    """The gate trains through the scalings: their gradient must equal the formula's."""
+    base = linear_base()
+    loras = make_loras(D_IN, D_OUT)
+    state = MixingState(global_scaling_weight=G)
+    module = MixedLinear(base, LAYER, loras, state)
+    x = inputs()
+    ours = random_scalings().requires_grad_(True)
+    theirs = ours.detach().clone().requires_grad_(True)
+    weights = torch.randn(B, T, D_OUT, dtype=torch.float64)
+    with state.using(ours):
+        (module(x) * weights).sum().backward()
+    (reference_delta(x, loras, theirs) * weights).sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-12, rtol=1e-12)
+    assert ours.grad[:, :, LAYER, 1].abs().max() == 0  # absent expert
+    assert ours.grad[:, :, 0].abs().max() == 0  # other modules' scalings
+
+
+# --------------------------------------------------------------- merged deltas
+
+
+@pytest.mark.parametrize(
+    "make_base", [linear_base, conv1d_base, embedding_base], ids=["linear", "conv1d", "embedding"]
+)
+def test_delta_weight_equals_unmerged(make_base) -> None:
+    base = make_base()
+    is_embedding = isinstance(base, nn.Embedding)
+    loras = make_loras(V if is_embedding else D_IN, D_OUT, embedding=is_embedding)
+    state = MixingState(global_scaling_weight=G)
+    module = make_mixed_module(base, LAYER, loras, state)
+    fixed = torch.tensor([0.3, -2.0, 1.1, 0.6], dtype=torch.float64)  # (E,)
+    delta = module.delta_weight(fixed)
+    assert delta.shape == base.weight.shape  # laid out like the base weight
+    merged = base.weight + delta
+    x = token_ids() if is_embedding else inputs()
+    with torch.no_grad(), state.using(fixed.expand(B, T, L, E)):
+        unmerged = module(x)
+    if is_embedding:
+        expected = F.embedding(x, merged)
+    elif isinstance(base, Conv1D):
+        expected = x @ merged + base.bias
+    else:
+        expected = F.linear(x, merged, base.bias)
+    torch.testing.assert_close(unmerged, expected, atol=1e-12, rtol=1e-12)
+
+
+# ----------------------------------------------------------- off, weights, state
+
+
+@pytest.mark.parametrize("make_base", [linear_base, conv1d_base, embedding_base])
+def test_no_scalings_gives_exactly_the_base_output(make_base) -> None:
+    base = make_base()
+    is_embedding = isinstance(base, nn.Embedding)
+    loras = make_loras(V if is_embedding else D_IN, D_OUT, embedding=is_embedding)
+    module = make_mixed_module(base, LAYER, loras, MixingState())
+    x = token_ids() if is_embedding else inputs()
+    with torch.no_grad():
+        assert torch.equal(module(x), base(x))
+    assert module.weight is base.weight
+
+
+def test_zero_scalings_give_the_base_output() -> None:
+    base = linear_base()
+    state = MixingState()
+    module = MixedLinear(base, LAYER, make_loras(D_IN, D_OUT), state)
+    x = inputs()
+    with torch.no_grad(), state.using(torch.zeros(B, T, L, E, dtype=torch.float64)):
+        torch.testing.assert_close(module(x), base(x), atol=0, rtol=0)
+
+
+def test_expert_weights_are_the_original_slices() -> None:
+    loras = dict(make_loras(D_IN, D_OUT))
+    module = MixedLinear(linear_base(), LAYER, list(loras.items()), MixingState())
+    assert module.lora_a.shape == (sum(RANKS.values()), D_IN)  # (R, D_in)
+    assert module.lora_b.shape == (D_OUT, sum(RANKS.values()))  # (D_out, R)
+    for index in range(E):
+        weights = module.expert_weights(index)
+        if index not in loras:
+            assert weights is None
+            continue
+        lora_a, lora_b = weights
+        assert torch.equal(lora_a, loras[index].lora_a)
+        assert torch.equal(lora_b, loras[index].lora_b)
+
+
+def test_weights_follow_the_base_dtype() -> None:
+    base = nn.Linear(D_IN, D_OUT, dtype=torch.float32)
+    module = MixedLinear(base, LAYER, make_loras(D_IN, D_OUT), MixingState())
+    assert module.lora_a.dtype == module.lora_b.dtype == torch.float32
+
+
+def test_frozen_buffers_or_trainable_parameters() -> None:
+    loras = make_loras(D_IN, D_OUT)
+    frozen = MixedLinear(linear_base(), LAYER, loras, MixingState())
+    assert {name for name, _ in frozen.named_parameters()} == {
+        "base_layer.weight",
+        "base_layer.bias",
+    }
+    assert {"lora_a", "lora_b"} <= set(frozen.state_dict())
+    assert "expert_of_rank" not in frozen.state_dict()  # derived, not saved
+    trainable = MixedLinear(linear_base(), LAYER, loras, MixingState(), trainable=True)
+    parameters = dict(trainable.named_parameters())
+    assert parameters["lora_a"].requires_grad and parameters["lora_b"].requires_grad
+
+
+def test_state_using_restores_previous_value() -> None:
+    state = MixingState()
+    outer, inner = torch.zeros(1), torch.ones(1)
+    with state.using(outer):
+        with pytest.raises(RuntimeError), state.using(inner):
+            assert state.scalings is inner
+            raise RuntimeError
+        assert state.scalings is outer
+    assert state.scalings is None
+
+
+def test_adapted_shape() -> None:
+    assert adapted_shape(linear_base()) == (D_IN, D_OUT)
+    assert adapted_shape(conv1d_base()) == (D_IN, D_OUT)
+    assert adapted_shape(embedding_base()) == (V, D_OUT)
+    assert adapted_shape(nn.Conv2d(2, 3, 1)) is None
+    assert adapted_shape(nn.LayerNorm(4)) is None
+
+
+# ------------------------------------------------------------- no loop over experts
+
+
+class CountCalls(TorchFunctionMode):
+    """Counts every torch function called (matmuls, index ops, elementwise ops...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("make_base", [linear_base, embedding_base], ids=["linear", "embedding"])
+def test_number_of_ops_does_not_grow_with_experts(make_base) -> None:
+    counts = {}
+    for n_experts in (1, 3, 9):
+        base = make_base()
+        is_embedding = isinstance(base, nn.Embedding)
+        ranks = {i: 1 + i % 3 for i in range(n_experts)}
+        loras = make_loras(V if is_embedding else D_IN, D_OUT, embedding=is_embedding, ranks=ranks)
+        state = MixingState()
+        module = make_mixed_module(base, LAYER, loras, state)
+        x = token_ids() if is_embedding else inputs()
+        scalings = random_scalings(n_experts=n_experts)
+        with torch.no_grad(), state.using(scalings), CountCalls() as counter:
+            module(x)
+        counts[n_experts] = counter.calls
+    assert counts[1] == counts[3] == counts[9]
+    matmuls = [name for name in counts[9] if name in ("linear", "matmul", "bmm", "mm", "einsum")]
+    # a linear: the base GEMM, A_cat x and B_cat a; an embedding: lookups and B_cat a
+    assert len(matmuls) == (1 if make_base is embedding_base else 3)

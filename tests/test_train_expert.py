@@ -1,0 +1,166 @@
+"""Tests of loramix.train_expert and `loramix train-expert` on a tiny Llama saved to disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from tiny_tokenizer import save_tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+from loramix.cli import main
+from loramix.data import PadCollator, load_jsonl
+from loramix.train_expert import check_targets, train_expert
+
+FAST = {"batch_size": 4, "progress": False, "logging_steps": 1, "warmup": 0, "lr": 1e-2}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("base") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A memorisable dataset: two question/answer pairs, repeated."""
+    path = tmp_path_factory.mktemp("data") / "qa.jsonl"
+    pairs = [("what is two plus two? ", "four."), ("capital of france? ", "paris.")]
+    path.write_text(
+        "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in pairs * 6)
+    )
+    return path
+
+
+def mean_loss(model: torch.nn.Module, base: Path, data: Path) -> float:
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    examples = list(load_jsonl(data, tokenizer, max_length=64))
+    batch = PadCollator(tokenizer.pad_token_id)(examples)
+    with torch.no_grad():
+        return model.eval()(**batch).loss.item()
+
+
+def test_loss_drops_and_adapter_loads_with_peft(base, data, tmp_path):
+    out = train_expert(
+        base,
+        [data],
+        tmp_path / "expert",
+        max_steps=20,
+        eval_fraction=0.0,
+        save_steps=100,
+        rank=4,
+        alpha=8,
+        **FAST,
+    )
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8
+    assert set(config["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    assert config["base_model_name_or_path"] == str(base)
+
+    before = mean_loss(AutoModelForCausalLM.from_pretrained(base), base, data)
+    expert = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
+    after = mean_loss(expert, base, data)
+    assert after < 0.5 * before, (before, after)
+
+
+class StopAt(TrainerCallback):
+    """Simulates an interruption (Ctrl-C) at the end of a given step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+class RecordSteps(TrainerCallback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def test_resume_continues_from_the_checkpoint(base, data, tmp_path):
+    out = tmp_path / "expert"
+    settings = {"max_steps": 6, "save_steps": 2, "eval_fraction": 0.2, **FAST}
+    with pytest.raises(KeyboardInterrupt):
+        train_expert(base, [data], out, callbacks=[StopAt(3)], **settings)
+    # Interrupted: checkpoint 2 exists, and no (half-written) adapter in the output folder.
+    assert (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not (out / "adapter_config.json").exists()
+    assert not list(out.glob(".publish-*"))
+
+    with pytest.raises(ValueError, match="--resume"):
+        train_expert(base, [data], out, **settings)
+
+    steps = RecordSteps()
+    train_expert(base, [data], out, resume=True, callbacks=[steps], **settings)
+    assert steps.steps == [3, 4, 5, 6]
+    state = json.loads((out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    assert any("eval_loss" in entry for entry in state["log_history"])
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
+
+
+def test_unknown_targets_name_the_real_ones(base):
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with pytest.raises(ValueError, match=r"\['c_attn'\].*'q_proj'"):
+        check_targets(model, ["q_proj", "c_attn"])
+
+
+def test_bad_data_fails_before_training(base, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 2"):
+        train_expert(base, [bad], tmp_path / "out", max_steps=1, **FAST)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_cli_trains_and_reports_errors(base, data, tmp_path, capsys):
+    out = tmp_path / "cli-expert"
+    argv = [
+        "train-expert",
+        "--base",
+        str(base),
+        "--data",
+        f"{data}:2",
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--rank",
+        "2",
+        "--targets",
+        "q_proj",
+        "v_proj",
+        "--eval-fraction",
+        "0",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
+    assert str(out) in capsys.readouterr().out
+
+    assert main(argv) == 2  # the folder now holds a run
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*argv[:4], str(tmp_path / "none.jsonl"), *argv[5:], "--overwrite"]) == 2
+    assert "none.jsonl does not exist" in capsys.readouterr().err

@@ -1,0 +1,98 @@
+"""Tests of loramix.training: config validation, output folder checks, atomic publishing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loramix.training import TrainingConfig, last_checkpoint, prepare_output, publish
+
+FINAL = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def test_config_collects_every_problem_with_its_fix():
+    with pytest.raises(ValueError) as info:
+        TrainingConfig(lr=0, batch_size=0, eval_fraction=1.0, lr_scheduler="step")
+    message = str(info.value)
+    assert "lr=0: use a positive learning rate" in message
+    assert "batch_size=0: use a whole number >= 1" in message
+    assert "eval_fraction=1.0: use a fraction in [0, 1)" in message
+    assert "lr_scheduler='step': use one of" in message
+
+
+def make_checkpoint(checkpoints: Path, step: int, complete: bool = True) -> Path:
+    folder = checkpoints / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    if complete:
+        (folder / "trainer_state.json").write_text("{}")
+    return folder
+
+
+def test_last_checkpoint_skips_incomplete(tmp_path):
+    make_checkpoint(tmp_path, 2)
+    good = make_checkpoint(tmp_path, 10)
+    make_checkpoint(tmp_path, 12, complete=False)  # interrupted while saving
+    assert last_checkpoint(tmp_path) == good
+    assert last_checkpoint(tmp_path / "missing") is None
+
+
+def test_prepare_output_fresh_resume_and_refusal(tmp_path):
+    out = tmp_path / "out"
+    assert prepare_output(out, resume=False, overwrite=False, final_files=FINAL) is None
+    assert out.is_dir()
+    with pytest.raises(ValueError, match="Run without resume"):
+        prepare_output(out, resume=True, overwrite=False, final_files=FINAL)
+    checkpoint = make_checkpoint(out / "checkpoints", 4)
+    assert prepare_output(out, resume=True, overwrite=False, final_files=FINAL) == checkpoint
+    with pytest.raises(ValueError, match=r"--resume.*--overwrite"):
+        prepare_output(out, resume=False, overwrite=False, final_files=FINAL)
+
+
+def test_prepare_output_overwrite_deletes_only_our_files(tmp_path):
+    out = tmp_path / "out"
+    make_checkpoint(out / "checkpoints", 4)
+    (out / "adapter_config.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    (out / ".publish-x1y2").mkdir()  # left by a run killed while publishing
+    assert prepare_output(out, resume=False, overwrite=True, final_files=FINAL) is None
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_publish_replaces_files_and_leaves_no_temp(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("old")
+
+    def write(folder: Path) -> None:
+        (folder / "adapter_model.safetensors").write_text("weights")
+        (folder / "adapter_config.json").write_text("new")
+
+    published = publish(out, write, marker="adapter_config.json")
+    assert {p.name for p in published} == set(FINAL)
+    assert (out / "adapter_config.json").read_text() == "new"
+    assert sorted(p.name for p in out.iterdir()) == sorted(FINAL)  # no .publish-* left
+
+
+def test_publish_without_marker_changes_nothing(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("old")
+    with pytest.raises(ValueError, match="wrote no adapter_config.json"):
+        publish(out, lambda f: (f / "x.bin").write_text("x"), marker="adapter_config.json")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json"]
+    assert (out / "adapter_config.json").read_text() == "old"
+
+
+def test_publish_after_interrupted_write_keeps_old_result(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("old")
+
+    def crash(folder: Path) -> None:
+        (folder / "adapter_model.safetensors").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        publish(out, crash, marker="adapter_config.json")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json"]
