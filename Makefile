@@ -1,4 +1,5 @@
-# loramix: `make demo` runs the main job, `make test` runs lint + format check + tests.
+# loramix: `make demo` runs the main job, `make test` runs lint + format check + tests,
+# `make retrain` rebuilds the bundled science model (models/science-xlora) from scratch.
 #
 # `make venv` builds .venv once, and again only when pyproject.toml changes (stamp file).
 # torch is installed first, pinned to the CPU build kept on this machine's disk, so that the
@@ -15,7 +16,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.loramix-installed
 
-.PHONY: venv test lint format demo clean-venv
+.PHONY: venv test lint format demo retrain clean-venv
 
 venv: $(STAMP)
 
@@ -39,6 +40,12 @@ test: lint
 
 demo: venv
 	$(BIN)/python scripts/demo.py
+
+# Retrain the bundled science model from scratch (data, experts, gate, evaluation) into
+# runs/retrain and export it to models/science-xlora; about an hour on 2 CPU cores. Running it
+# again resumes an interrupted run (finished steps are skipped).
+retrain: venv
+	$(BIN)/python -m loramix.cli science retrain --out runs/retrain --seed 0
 
 clean-venv:
 	rm -rf $(VENV)

@@ -17,6 +17,10 @@ from collections.abc import Sequence
 # `loramix --help` stays fast and optional dependencies load only when used.
 SUBCOMMANDS: dict[str, str] = {
     "train-expert": "train_expert",
+    "train-gate": "train_gate",
+    "eval": "eval",
+    "science": "science",
+    "generate": "generate",
 }
 
 

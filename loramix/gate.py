@@ -58,10 +58,10 @@ class XLoraGate(nn.Module):
         if self.layerwise:
             logits = logits.view(batch, tokens, self.n_layers, self.n_experts)  # (B, T, L, E)
         else:
-            logits = logits.unsqueeze(2).expand(-1, -1, self.n_layers, -1)  # (B, T, L, E)
+            logits = logits.unsqueeze(2)  # (B, T, 1, E): softmax once, then share it
         if self.enable_softmax:
             logits = torch.softmax(logits / self.temperature, dim=-1)
-        return logits
+        return logits.expand(-1, -1, self.n_layers, -1)  # (B, T, L, E)
 
 
 def select_top_k(scalings: torch.Tensor, k: int | None, renormalize: bool) -> torch.Tensor:

@@ -34,8 +34,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 
+from loramix import generation
+from loramix.cache import XLoraCache
 from loramix.config import CONFIG_NAME, XLoraConfig
 from loramix.experts import (
     ADAPTER_CONFIG_NAME,
@@ -108,6 +110,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         self.scaling_pass_value = config.scaling_pass_value
         self.mixing_state = MixingState(global_scaling_weight=config.global_scaling_weight)
         self._adapters_disabled = False
+        self._fixed_scalings: torch.Tensor | None = None  # (1, 1, L, E) inside fixed_scalings()
         self._latest_scalings: torch.Tensor | None = None
         self._log_scalings = False
         self._scalings_log: list[torch.Tensor] = []  # grows only while logging is enabled
@@ -170,6 +173,8 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         cache: Any = None,
+        position_ids: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> Any:
         """Scaling pass, gate, mixed pass.
@@ -181,8 +186,13 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             use_cache: Whether to fill `cache`.
             cache: An `XLoraCache` (see `loramix.cache`), which carries a second cache for
                 the scaling pass; any other cache object is refused, since the scaling pass
-                needs its own. `past_key_values` is accepted as an alias.
-            **kwargs: Passed to the base model (`position_ids`, `logits_to_keep`, ...).
+                needs its own. `past_key_values` is accepted as an alias. While frozen or
+                merged generation holds it (`cache.freeze_plan`, see `loramix.generation`),
+                fixed scalings replace the scaling pass once the plan has formed them.
+            position_ids: `(B, T)` positions, to both passes (named here so that
+                `generate` computes them from the attention mask for left-padded batches).
+            logits_to_keep: Mixed pass only (named so that `generate` sets it to 1).
+            **kwargs: Passed to the base model.
 
         Returns:
             The base model's output (e.g. `CausalLMOutputWithPast`) with `scalings`
@@ -190,6 +200,10 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         """
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        if not isinstance(logits_to_keep, int) or logits_to_keep != 0:
+            kwargs["logits_to_keep"] = logits_to_keep
         if self._adapters_disabled:
             return self.lm(
                 input_ids=input_ids,
@@ -200,7 +214,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
                 **{self._cache_kwarg: cache},
                 **kwargs,
             )
-        scaling_cache = None
+        scaling_cache = plan = rank_weights = None
         if cache is not None:
             scaling_cache = getattr(cache, "scaling_cache", None)
             if scaling_cache is None:
@@ -208,16 +222,36 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
                     f"XLoraModel needs a cache per pass, got a {type(cache).__name__}. Pass "
                     "`cache=model.new_cache()` (an XLoraCache) or no cache at all."
                 )
-        scalings = self.compute_scalings(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            cache=scaling_cache,
-            **kwargs,
-        )  # (B, T, L, E)
-        mixing = select_top_k(scalings, self.top_k_lora, self.enable_softmax_topk)
-        with self.mixing_state.using(mixing):
+            plan = cache.freeze_plan
+        if self._fixed_scalings is not None:  # a fixed mix: no scaling pass, no gate, no top-k
+            batch, tokens = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+            scalings = mixing = self._fixed_scalings.expand(batch, tokens, -1, -1)  # (B, T, L, E)
+            self._record_scalings(scalings)
+        elif plan is not None and plan.is_frozen(cache):  # frozen/merged: no scaling pass
+            tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            # mixing (B, 1, L, E) and rank_weights fixed for the call; both None once merged
+            scalings, mixing, rank_weights = plan.fixed_scalings(cache, tokens)
+            self._record_scalings(scalings)
+        else:
+            if cache is not None and scaling_cache.get_seq_length() != cache.get_seq_length():
+                raise ValueError(
+                    f"this XLoraCache's scaling pass stops at token "
+                    f"{scaling_cache.get_seq_length()} but its mixed pass at "
+                    f"{cache.get_seq_length()} (frozen or merged generation skip the scaling "
+                    "pass); per-token scalings need both, so start from `model.new_cache()`."
+                )
+            scalings = self.compute_scalings(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                cache=scaling_cache,
+                **kwargs,
+            )  # (B, T, L, E)
+            mixing = select_top_k(scalings, self.top_k_lora, self.enable_softmax_topk)
+            if plan is not None:
+                plan.observe(self, cache, scalings, attention_mask)
+        with self.mixing_state.using(mixing, rank_weights):
             output = self.lm(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -231,6 +265,45 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             return (*output, scalings)
         output["scalings"] = scalings
         return output
+
+    def new_cache(self) -> XLoraCache:
+        """An empty `XLoraCache` (one KV cache per pass) for `forward` or `generate`."""
+        return XLoraCache(config=self.config.get_text_config(decoder=True))
+
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        *,
+        scalings_mode: str = "granular",
+        freeze_after: int = 0,
+        **kwargs: Any,
+    ) -> Any:
+        """transformers' `generate`, with one KV cache per pass and a choice of scalings.
+
+        Args:
+            inputs: `(B, T)` prompt ids, left-padded (with `attention_mask`) when B > 1.
+            generation_config: As for transformers' `generate`.
+            scalings_mode: "granular" (per-token scalings, both passes at every step),
+                "frozen" (scalings fixed per sequence, no scaling pass afterwards) or
+                "merged" (fixed scalings folded into the base weights for the call, restored
+                exactly afterwards); see `loramix.generation`.
+            freeze_after: Frozen/merged modes: 0 averages the prompt's scalings, k > 0 those
+                of the first k generated tokens.
+            **kwargs: Anything transformers' `generate` accepts (`max_new_tokens`,
+                `do_sample`, `num_beams`, `streamer`, `stopping_criteria`, ...).
+
+        Returns:
+            What transformers' `generate` returns.
+        """
+        return generation.generate(
+            self,
+            inputs,
+            generation_config,
+            scalings_mode=scalings_mode,
+            freeze_after=freeze_after,
+            **kwargs,
+        )
 
     def compute_scalings(self, cache: Any = None, **inputs: Any) -> torch.Tensor:
         """Runs the scaling pass and the gate.
@@ -294,9 +367,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
 
         The file also holds `expert_names` and `adapted_modules` so it can be read alone.
         """
-        arrays = {
-            f"scalings_{i}": s.float().numpy() for i, s in enumerate(self.get_scalings_log())
-        }
+        arrays = {f"scalings_{i}": s.float().numpy() for i, s in enumerate(self.get_scalings_log())}
         arrays["expert_names"] = np.array(self.expert_names)
         arrays["adapted_modules"] = np.array(self.adapted_modules)
         path = Path(path)
@@ -343,6 +414,33 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             yield
         finally:
             self._adapters_disabled = previous
+
+    @contextmanager
+    def fixed_scalings(self, weights: torch.Tensor) -> Iterator[None]:
+        """Inside this block every token is mixed with the same given weights.
+
+        The scaling pass, the gate and top-k are skipped: `weights` are used exactly as given.
+        One-hot weights give one expert alone (plain LoRA); `1 / E` each gives the uniform
+        average of the experts. A cache filled inside the block has no scaling-pass half, so
+        it cannot be continued with per-token scalings outside it.
+
+        Args:
+            weights: `(E,)` one weight per expert, or `(L, E)` per adapted module too.
+        """
+        weights = torch.as_tensor(weights)
+        if weights.shape not in ((self.n_experts,), (self.n_layers, self.n_experts)):
+            raise ValueError(
+                f"fixed scalings of shape {tuple(weights.shape)}: give ({self.n_experts},) "
+                f"(one per expert) or ({self.n_layers}, {self.n_experts}) (per module too)"
+            )
+        reference = self.gate.layers[-1].weight
+        weights = weights.to(device=reference.device, dtype=reference.dtype)
+        previous = self._fixed_scalings
+        self._fixed_scalings = weights.expand(self.n_layers, self.n_experts)[None, None]
+        try:
+            yield
+        finally:
+            self._fixed_scalings = previous
 
     def current_config(self) -> XLoraConfig:
         """The config with the runtime settings (top-k, scaling-pass value, g) folded in."""
@@ -398,9 +496,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
                 adapters[name] = folder.as_posix()
                 (staging / folder).mkdir(parents=True)
                 peft_config = dict(self._expert_configs[index])
-                (staging / folder / ADAPTER_CONFIG_NAME).write_text(
-                    _json_dumps(peft_config) + "\n"
-                )
+                (staging / folder / ADAPTER_CONFIG_NAME).write_text(_json_dumps(peft_config) + "\n")
                 save_file(
                     self.expert_state(index),
                     staging / folder / SAFETENSORS_WEIGHTS_NAME,
@@ -408,7 +504,9 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
                 )
             config = dataclasses.replace(self.current_config(), adapters=adapters)
             (staging / CONFIG_NAME).write_text(config.to_json_string())
-            gate_state = {k: v.detach().contiguous().cpu() for k, v in self.gate.state_dict().items()}
+            gate_state = {
+                k: v.detach().contiguous().cpu() for k, v in self.gate.state_dict().items()
+            }
             save_file(gate_state, staging / GATE_WEIGHTS_NAME, metadata={"format": "pt"})
             _replace_folder(staging, target)
         except BaseException:

@@ -209,11 +209,24 @@ def last_checkpoint(checkpoints: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def cpu_data_parallel() -> bool:
+    """Whether this process is one of several (torchrun) on a machine without accelerator.
+
+    transformers sets up data parallelism on CPUs only when told to use the CPU; without it,
+    each process would silently train on its own. `training_arguments` then asks for the
+    CPU and the gloo backend.
+    """
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    has_accelerator = accelerator.is_available() if accelerator else torch.cuda.is_available()
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accelerator
+
+
 def training_arguments(
     config: TrainingConfig, output_dir: Path, has_eval: bool
 ) -> TrainingArguments:
     """Translate a `TrainingConfig` into transformers' `TrainingArguments`."""
     eval_steps = config.eval_steps or config.save_steps
+    on_cpus = cpu_data_parallel()
     return TrainingArguments(
         output_dir=str(output_dir),
         learning_rate=config.lr,
@@ -240,6 +253,8 @@ def training_arguments(
         remove_unused_columns=False,  # the collator already yields exactly the model's inputs
         label_names=["labels"],
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=on_cpus,
+        ddp_backend="gloo" if on_cpus else None,
     )
 
 
@@ -253,6 +268,7 @@ def run_trainer(
     out: Path,
     resume_from: Path | None = None,
     callbacks: Sequence[TrainerCallback] = (),
+    trainer_class: Callable[..., Trainer] = Trainer,
 ) -> Trainer:
     """Train `model` (only its parameters with requires_grad) with transformers' Trainer.
 
@@ -265,6 +281,8 @@ def run_trainer(
         out: The output folder; checkpoints go to `out/checkpoints`.
         resume_from: A checkpoint to continue from (see `prepare_output`).
         callbacks: Extra `TrainerCallback`s (e.g. to log elsewhere, or to stop early).
+        trainer_class: `Trainer` or a subclass (or a factory taking Trainer's keyword
+            arguments), e.g. one that saves only some weights in checkpoints.
 
     Returns:
         The Trainer after training; `trainer.state.log_history` holds the losses.
@@ -272,7 +290,7 @@ def run_trainer(
     if held_out is not None and len(held_out) == 0:  # type: ignore[arg-type]
         held_out = None
     args = training_arguments(config, out / CHECKPOINTS, has_eval=held_out is not None)
-    trainer = Trainer(
+    trainer = trainer_class(
         model=model,
         args=args,
         data_collator=collator,
@@ -284,6 +302,8 @@ def run_trainer(
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(LogCallback())
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if not trainer.is_world_process_zero():  # under torchrun, report once
+        return trainer
     logger.info(
         "trained %d step(s); final training loss %.4f",
         trainer.state.global_step,

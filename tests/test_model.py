@@ -415,3 +415,22 @@ def test_plain_cache_refused(llama_experts: dict[str, str]) -> None:
 def test_llama_targets_constant_is_complete() -> None:
     names = {name.rsplit(".", 1)[-1] for name, _ in tiny_llama().named_modules()}
     assert set(LLAMA_TARGETS) <= names
+
+
+def test_fixed_one_hot_scalings_equal_that_expert_alone(llama_experts: dict[str, str]) -> None:
+    model = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts, top_k_lora=1))
+    randomize_gate(model)
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        gated = model(input_ids=ids).logits
+        for index, (name, folder) in enumerate(llama_experts.items()):
+            alone = PeftModel.from_pretrained(tiny_llama(), folder).eval()
+            with model.fixed_scalings(torch.eye(3)[index]):
+                output = model(input_ids=ids)
+            torch.testing.assert_close(
+                output.logits, alone(input_ids=ids).logits, atol=1e-5, rtol=0
+            )
+            assert torch.equal(output.scalings[0, 0, 0], torch.eye(3)[index]), name
+        assert torch.equal(model(input_ids=ids).logits, gated)  # the gate is back afterwards
+    with pytest.raises(ValueError, match=r"give \(3,\)"), model.fixed_scalings(torch.ones(4)):
+        pass

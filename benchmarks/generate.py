@@ -1,0 +1,248 @@
+"""Generation speed of loramix's X-LoRA against its base model and peft's X-LoRA, in one run.
+
+Setup (issue 4): a random-weight model with SmolLM2-135M's config (a 30-layer Llama, hidden
+576, intermediate 1536, 9 heads, 3 KV heads, vocabulary 49152, tied embeddings), 8 random
+experts of rank 8 on all seven projections, a 64-token prompt, 128 new tokens, greedy, two
+CPU threads. Tokens/s count generated tokens of all sequences over the whole `generate` call
+(prefill and, in merged mode, merging and restoring included). Each configuration runs
+`--repeats` times, interleaved with the others; the ratios use each one's best time (the run
+least disturbed by other processes on a shared machine), the median is shown beside them.
+peft's X-LoRA runs once (it re-runs the whole sequence twice per token, without a KV cache),
+on the same model, experts, prompt and gate weights, and its tokens are compared with
+loramix's granular ones.
+
+Peak memory: the growth of the process's resident set during the call above what it was
+just before (sampled every 2 ms, after returning freed memory to the system), plus the
+weights each model holds.
+
+    .venv/bin/python benchmarks/generate.py                 # the full run (several minutes)
+    .venv/bin/python benchmarks/generate.py --new-tokens 16 --repeats 1 --skip-peft  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import shlex
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import make_experts, random_base  # noqa: E402
+
+from loramix import XLoraConfig, XLoraModel  # noqa: E402
+
+TARGETS = {"granular": 0.45, "frozen": 0.8, "merged": 0.9}  # x base tokens/s, batch 1
+PEFT_TARGET = 20.0  # granular x peft tokens/s
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def trim_memory() -> None:
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def measure(fn: Callable[[], torch.Tensor]) -> tuple[float, int, torch.Tensor]:
+    """Runs `fn` once: (seconds, peak RSS growth in bytes, its output)."""
+    trim_memory()
+    base = rss_bytes()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.002):
+            peak[0] = max(peak[0], rss_bytes())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - start
+    stop.set()
+    thread.join()
+    peak[0] = max(peak[0], rss_bytes())
+    return seconds, peak[0] - base, out
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--peft-new-tokens", type=int, default=None, help="default: --new-tokens")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print("command:", shlex.join([sys.executable, *sys.argv]))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+
+    base = random_base()
+    base.generation_config.eos_token_id = None  # random weights: always generate every token
+    adapters = make_experts(args.experts, args.rank)
+    model = XLoraModel(random_base(), XLoraConfig(adapters=adapters))
+    model.generation_config.eos_token_id = None
+    torch.manual_seed(1)
+    torch.nn.init.normal_(model.gate.layers[-1].weight, std=0.05)  # visibly uneven scalings
+    print(
+        f"weights: base {weight_bytes(base) / 2**20:.0f} MiB, "
+        f"X-LoRA {weight_bytes(model) / 2**20:.0f} MiB "
+        f"({args.experts} experts of rank {args.rank} on {model.n_layers} modules)"
+    )
+
+    gen = dict(max_new_tokens=args.new_tokens, do_sample=False)
+    runs: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "base": lambda ids: base.generate(ids, **gen),
+        "granular": lambda ids: model.generate(ids, scalings_mode="granular", **gen),
+        "frozen": lambda ids: model.generate(ids, scalings_mode="frozen", **gen),
+        "merged": lambda ids: model.generate(ids, scalings_mode="merged", **gen),
+    }
+    results, outputs, prompts = [], {}, {}
+    with torch.inference_mode():
+        warm = torch.randint(2, base.config.vocab_size, (1, 8))
+        for run in runs.values():  # warm up allocators and code paths
+            run(warm)
+        for batch in args.batch_sizes:
+            generator = torch.Generator().manual_seed(batch)
+            ids = torch.randint(
+                2, base.config.vocab_size, (batch, args.prompt_tokens), generator=generator
+            )
+            prompts[batch] = ids
+            times: dict[str, list[float]] = {name: [] for name in runs}
+            memory: dict[str, int] = {}
+            for _ in range(args.repeats):  # interleaved, so slow phases of the machine hit all
+                for name, run in runs.items():
+                    seconds, grown, out = measure(lambda run=run, ids=ids: run(ids))
+                    times[name].append(seconds)
+                    memory[name] = max(memory.get(name, 0), grown)
+                    outputs[(name, batch)] = out
+            for name in runs:
+                results.append(row(name, batch, batch * args.new_tokens, times[name], memory[name]))
+            same = torch.equal(outputs[("frozen", batch)], outputs[("merged", batch)])
+            print(f"batch {batch}: frozen and merged give the same tokens: {same}")
+    for entry in results:
+        reference = next(r for r in results if r["mode"] == "base" and r["batch"] == entry["batch"])
+        entry["x_base"] = entry["tokens_per_s"] / reference["tokens_per_s"]
+        entry["x_base_median"] = entry["tokens_per_s_median"] / reference["tokens_per_s_median"]
+
+    peft_row = None
+    if not args.skip_peft and 1 in prompts:
+        peft_row = run_peft(model, adapters, prompts[1], outputs.get(("granular", 1)), args)
+        results.append(peft_row)
+    print_table(results, peft_row, args)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def row(mode: str, batch: int, tokens: int, seconds: list[float], memory: int) -> dict:
+    """Tokens/s from the best time (least disturbed by other processes) and the median."""
+    return dict(
+        mode=mode,
+        batch=batch,
+        tokens_per_s=tokens / min(seconds),
+        tokens_per_s_median=tokens / statistics.median(seconds),
+        seconds=seconds,
+        peak_rss_growth_mib=memory / 2**20,
+    )
+
+
+def run_peft(
+    model: XLoraModel,
+    adapters: dict[str, str],
+    ids: torch.Tensor,
+    ours: torch.Tensor | None,
+    args: argparse.Namespace,
+) -> dict:
+    """peft's X-LoRA on the same random model, experts, gate weights and prompt (batch 1)."""
+    import peft
+
+    new_tokens = args.peft_new_tokens or args.new_tokens
+    peft_base = random_base(use_cache=False)  # peft's X-LoRA refuses the KV cache
+    peft_base.generation_config.eos_token_id = None
+    peft_config = peft.XLoraConfig(
+        task_type="CAUSAL_LM",
+        hidden_size=peft_base.config.hidden_size,
+        adapters={str(i): path for i, path in enumerate(adapters.values())},
+    )
+    peft_model = peft.get_peft_model(peft_base, peft_config).eval()
+    peft_model.base_model.internal_xlora_classifier.load_state_dict(model.gate.state_dict())
+    with torch.inference_mode():
+        seconds, grown, out = measure(
+            lambda: peft_model.generate(input_ids=ids, max_new_tokens=new_tokens, do_sample=False)
+        )
+    if ours is not None and new_tokens == args.new_tokens:
+        print(f"peft X-LoRA and loramix granular give the same tokens: {torch.equal(out, ours)}")
+    result = row("peft X-LoRA", 1, new_tokens, [seconds], grown)
+    result["new_tokens"] = new_tokens
+    return result
+
+
+def print_table(results: list[dict], peft_row: dict | None, args: argparse.Namespace) -> None:
+    print()
+    print(
+        f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy; tok/s from "
+        f"the best of {args.repeats} interleaved runs (median in brackets)"
+    )
+    header = (
+        f"{'mode':<12} {'batch':>5} {'tok/s':>8} {'x base':>14} {'target':>7} "
+        f"{'x peft':>7} {'peak RSS +MiB':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    peft_tps = peft_row["tokens_per_s"] if peft_row else None
+    for entry in results:
+        target = ""
+        if entry["batch"] == 1 and entry["mode"] in TARGETS:
+            met = entry["x_base"] >= TARGETS[entry["mode"]]
+            target = f"{'>=' if met else '<'}{TARGETS[entry['mode']]}"
+        x_base = "-"
+        if "x_base" in entry:
+            x_base = f"{entry['x_base']:.2f} ({entry['x_base_median']:.2f})"
+        x_peft = "-"
+        if peft_tps and entry["batch"] == 1:
+            x_peft = f"{entry['tokens_per_s'] / peft_tps:.1f}"
+        print(
+            f"{entry['mode']:<12} {entry['batch']:>5} {entry['tokens_per_s']:>8.2f} {x_base:>14} "
+            f"{target:>7} {x_peft:>7} {entry['peak_rss_growth_mib']:>13.0f}"
+        )
+    if peft_row:
+        granular = next(r for r in results if r["mode"] == "granular" and r["batch"] == 1)
+        ratio = granular["tokens_per_s"] / peft_tps
+        verdict = "met" if ratio >= PEFT_TARGET else "MISSED"
+        print(
+            f"granular / peft X-LoRA (batch 1, peft generating {peft_row['new_tokens']} tokens "
+            f"once): {ratio:.1f}x (target {PEFT_TARGET:.0f}x: {verdict})"
+        )
+    if any(r["mode"] == "merged" and r["batch"] > 1 for r in results):
+        print("merged with batch > 1: different prompts run one sequence at a time, one merge each")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""`XLoraCache`: the KV cache of an X-LoRA model, one cache per pass.
+
+Each forward call of `XLoraModel` runs the base model twice over the same new tokens: the
+scaling pass (experts off, giving the gate its hidden states) and the mixed pass. Both passes
+attend over the whole past, and their keys and values differ (the mixed pass's projections
+carry the experts), so each pass needs its own KV cache:
+
+    cache                 the mixed pass's keys and values   (this object, a DynamicCache)
+    cache.scaling_cache   the scaling pass's keys and values (a plain DynamicCache)
+
+With both caches a generation step runs the two passes over the new token only, instead of
+re-running the whole sequence twice as X-LoRA's published implementations do.
+
+Everything that changes the batch or the length of one cache (beam-search reordering,
+cropping, batch repeat or selection, reset) is applied to both, and to `sequence_state`: the
+per-sequence tensors (leading batch axis `B`) that frozen and merged generation keep beside
+the cache (see `loramix.generation`), so beams and sequences never lose their scalings.
+
+Axis names: B batch (sequences or beams), T tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedConfig
+
+
+class XLoraCache(DynamicCache):
+    """A `DynamicCache` for the mixed pass that carries a second one for the scaling pass.
+
+    Args:
+        config: The base model's config (lets transformers pick sliding-window layers);
+            None builds plain layers lazily.
+
+    Attributes:
+        scaling_cache: The scaling pass's own KV cache.
+        sequence_state: Name -> tensor with a leading batch axis `(B, ...)`; every batch
+            operation of the cache is applied to these tensors too.
+        freeze_plan: Set by frozen/merged generation for the length of one `generate` call
+            (a `loramix.generation.FreezePlan`); None means granular scalings.
+    """
+
+    def __init__(self, config: PreTrainedConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(config=config, **kwargs)
+        self.scaling_cache = DynamicCache(config=config, **kwargs)
+        self.sequence_state: dict[str, torch.Tensor] = {}
+        self.freeze_plan: Any = None
+
+    def __repr__(self) -> str:
+        return (
+            f"XLoraCache(mixed_length={self.get_seq_length()}, "
+            f"scaling_length={self.scaling_cache.get_seq_length()}, "
+            f"sequence_state={sorted(self.sequence_state)})"
+        )
+
+    # ------------------------------------------------------------- kept aligned
+
+    def reset(self) -> None:
+        super().reset()
+        self.scaling_cache.reset()
+        self.sequence_state.clear()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row `i` becomes old row `beam_idx[i]`, in both caches and the state."""
+        super().reorder_cache(beam_idx)
+        self.scaling_cache.reorder_cache(beam_idx)
+        self._map_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.scaling_cache.batch_repeat_interleave(repeats)
+        self._map_state(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.scaling_cache.batch_select_indices(indices)
+        self._map_state(lambda t: t[indices.to(t.device)])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Removes the last `-tokens_to_remove` tokens (transformers >= 5 counts negatively).
+
+        The scaling cache may be shorter than the mixed one (frozen and merged generation skip
+        the scaling pass once the scalings are fixed); it is cut to the same end position,
+        never below its own length.
+        """
+        target = self.get_seq_length() + tokens_to_remove  # tokens_to_remove <= 0
+        super().crop(tokens_to_remove)
+        excess = self.scaling_cache.get_seq_length() - max(target, 0)
+        self.scaling_cache.crop(-max(excess, 0))
+
+    def activate_past_recording(self) -> None:
+        super().activate_past_recording()
+        self.scaling_cache.activate_past_recording()
+
+    @property
+    def is_croppable(self) -> bool:
+        return super().is_croppable and self.scaling_cache.is_croppable
+
+    def _map_state(self, fn: Any) -> None:
+        for name, tensor in self.sequence_state.items():
+            self.sequence_state[name] = fn(tensor)

@@ -1,0 +1,183 @@
+"""`loramix science`: the science case study (issue 5), the project's main job.
+
+loramix science demo [--model DIR] [--out DIR]        answer, colour, evaluate, draw
+loramix science retrain [--out DIR] [--seed N]        data, experts, gate, eval, bundle
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Declare `science demo` and `science retrain` and their flags."""
+    from loramix.science.pipeline import BUNDLE_DIR, RetrainSettings
+
+    parser = subparsers.add_parser(
+        "science",
+        help="the science case study: bundled demo, or retrain everything from scratch",
+        description=(
+            "Four LoRA experts (biology, chemistry, proteins, mechanics) on SmolLM2-135M-"
+            "Instruct, mixed per token and per layer by a trained X-LoRA gate."
+        ),
+    )
+    actions = parser.add_subparsers(dest="science_command", metavar="ACTION", required=True)
+
+    demo = actions.add_parser(
+        "demo",
+        help="answer a question of each domain with the bundled model, evaluate, draw heatmaps",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    demo.add_argument("--model", default=str(BUNDLE_DIR), help="the X-LoRA folder to run")
+    demo.add_argument("--out", default="runs/demo", help="folder for eval files and heatmaps")
+    demo.add_argument("--base", default="smollm2", help="the base model the bundle was made on")
+    demo.add_argument(
+        "--n-eval", type=int, default=8, help="examples per test set in the quick evaluation"
+    )
+    demo.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens per answer")
+    demo.add_argument("--no-colour", action="store_true", help="tag tokens instead of colouring")
+
+    settings = RetrainSettings()
+    retrain = actions.add_parser(
+        "retrain",
+        help="retrain data, experts and gate from scratch, evaluate, and export the bundle",
+        description=(
+            "Every step skips itself when its output exists in --out, so running the same "
+            "command again resumes an interrupted retrain."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    retrain.add_argument("--out", default="runs/retrain", help="the run's working folder")
+    retrain.add_argument("--seed", type=int, default=0, help="seed of data, experts and gate")
+    retrain.add_argument(
+        "--bundle", default=str(BUNDLE_DIR), help="where to export the float16 model"
+    )
+    retrain.add_argument("--no-export", action="store_true", help="do not touch the bundle")
+    retrain.add_argument("--expert-steps", type=int, default=settings.expert_steps)
+    retrain.add_argument("--gate-steps", type=int, default=settings.gate_steps)
+    retrain.add_argument(
+        "--eval-limit", type=int, default=settings.eval_limit, help="examples per test set"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen action; print its results, or the error and how to fix it."""
+    if args.science_command == "demo":
+        return _demo(args)
+    return _retrain(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from loramix.science.demo import run_demo
+
+    start = time.perf_counter()
+    try:
+        result = run_demo(
+            args.model,
+            args.out,
+            base=args.base,
+            n_eval=args.n_eval,
+            max_new_tokens=args.max_new_tokens,
+            log=print,
+        )
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        print(f"loramix science demo: error: {error}", file=sys.stderr)
+        return 2
+    print()
+    print(format_answers(result, tokenizer_of(args.base), colour=not args.no_colour))
+    if result.report is not None:
+        print(format_report(result, args.out))
+    print(f"demo finished in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def tokenizer_of(base: str) -> Any:
+    """The base model's tokenizer (the model itself is cached, so this is fast)."""
+    from loramix.smollm2 import load_base_model
+
+    return load_base_model(base)[1]
+
+
+def format_answers(result: Any, tokenizer: Any, colour: bool = True) -> str:
+    """Questions, reference answers and X-LoRA's answers with tokens coloured by expert.
+
+    Without `colour`, each token is followed by its expert's index in brackets.
+    """
+    from loramix.commands.generate import colour_tokens, legend, token_pieces
+
+    names = result.expert_names
+    if colour:
+        lines = [legend(names), ""]
+    else:
+        lines = ["experts: " + "  ".join(f"[{i}] {name}" for i, name in enumerate(names)), ""]
+    for answer in result.answers:
+        pieces = token_pieces(tokenizer, answer.token_ids)
+        if colour:
+            shown = colour_tokens(pieces, answer.experts)
+        else:
+            shown = "".join(f"{p}[{e}]" for p, e in zip(pieces, answer.experts, strict=True))
+        lines += [
+            f"[{answer.test_set}] {answer.prompt}",
+            f"  reference: {answer.reference}",
+            f"  X-LoRA:    {shown}   ({'correct' if answer.correct else 'wrong'})",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def format_report(result: Any, out_dir: str) -> str:
+    """The quick evaluation table, X-LoRA's expert usage and the targets, as text."""
+    from loramix.evaluation import format_targets
+
+    report = result.report
+    n = report.settings.get("limit")
+    return "\n".join(
+        [
+            f"Quick evaluation, {n} held-out examples per test set (cells: mean completion "
+            "NLL / share of verified greedy answers):",
+            "",
+            report.table(),
+            "",
+            "X-LoRA expert usage (mean scalings):",
+            "",
+            report.usage_table(),
+            "",
+            f"Targets on these {n} examples (the bundle's eval.md has the full evaluation):",
+            format_targets(result.targets),
+            "",
+            f"wrote eval.md, eval.json and {len(result.plots)} heatmaps to {out_dir}",
+        ]
+    )
+
+
+def _retrain(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from loramix.science.pipeline import RetrainSettings, retrain
+
+    try:
+        settings = dataclasses.replace(
+            RetrainSettings(),
+            expert_steps=args.expert_steps,
+            gate_steps=args.gate_steps,
+            eval_limit=args.eval_limit,
+        )
+        timings = retrain(
+            args.out,
+            seed=args.seed,
+            settings=settings,
+            bundle_dir=None if args.no_export else args.bundle,
+        )
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        print(f"loramix science retrain: error: {error}", file=sys.stderr)
+        return 2
+    for step, seconds in timings.items():
+        print(f"{step:20} {'already done' if seconds is None else f'{seconds:.0f} s'}")
+    spent = sum(s for s in timings.values() if s is not None)
+    print(f"{spent / 60:.1f} min in this call; run folder {args.out}")
+    if not args.no_export:
+        print(f"bundle: {args.bundle}")
+    return 0

@@ -1,0 +1,795 @@
+"""Evaluation of an X-LoRA model against its parts: the base, each expert, their average.
+
+For every test set (a JSON Lines file of `{"prompt", "completion", ...}` records) and every
+system, two numbers:
+
+    NLL       mean negative log-likelihood per completion token under teacher forcing: the
+              sum over every completion token of the set divided by their count, with the
+              tokens and loss mask that `loramix.data` makes for training (so the chat
+              template's end-of-turn token after the answer is scored too)
+    accuracy  the share of greedy answers (batched, left-padded `model.generate`) that the
+              verifier accepts; the default verifier compares the first line of the answer
+              with the completion, `science_verifier` re-checks it with the domain library
+
+The systems all run on the same model object:
+
+    base            `model.disable_adapters()`
+    expert:<name>   `model.fixed_scalings(one_hot)`: that expert alone, every token and layer
+    uniform         `model.fixed_scalings(1/E each)`: the plain average of the experts
+    xlora           the gate's per-token, per-layer scalings
+
+For X-LoRA the report also holds each expert's usage per test set: its scalings (after the
+gate's softmax, before top-k) averaged over the adapted layers and over the real prompt and
+completion tokens of the NLL pass.
+
+`EvalReport` renders the Markdown table, writes `eval.json` and `eval.md`, and checks the
+targets of the science case study (`check_targets`).
+
+Axis names: B batch, T tokens, V vocabulary, L adapted modules, E experts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from transformers import (
+    GenerationConfig,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from loramix.data import (
+    IGNORE_INDEX,
+    PadCollator,
+    pad_token_id,
+    read_records,
+    render_record,
+    tokenize_rendered,
+)
+
+if TYPE_CHECKING:
+    from loramix.model import XLoraModel
+
+logger = logging.getLogger(__name__)
+
+REPORT_JSON = "eval.json"
+REPORT_MD = "eval.md"
+REPORT_FORMAT = "loramix-eval/1"
+BASE, UNIFORM, XLORA, EXPERTS = "base", "uniform", "xlora", "experts"
+EXPERT_PREFIX = "expert:"
+DEFAULT_SYSTEMS = (BASE, EXPERTS, UNIFORM, XLORA)
+"""`experts` stands for `expert:<name>` of every expert, in the model's order."""
+
+Verifier = Callable[[Mapping[str, Any], str], bool]
+"""(test record, generated text) -> whether the text answers the record's question."""
+
+
+# ------------------------------------------------------------------------ verifiers
+
+
+def first_line(text: str) -> str:
+    """The text up to its first newline, stripped (as `loramix.science` reads answers)."""
+    return text.split("\n", 1)[0].strip()
+
+
+def exact_match(example: Mapping[str, Any], generated: str) -> bool:
+    """Whether the first line of `generated` equals the example's completion (both stripped)."""
+    return first_line(generated) == str(example["completion"]).strip()
+
+
+def science_verifier(example: Mapping[str, Any], generated: str) -> bool:
+    """`loramix.science.verify`: the example's own task re-checks the answer.
+
+    Raises:
+        ValueError: If the record lacks the "domain" and "task" keys that science data has.
+    """
+    missing = [key for key in ("domain", "task", "answer") if key not in example]
+    if missing:
+        raise ValueError(
+            f"the science verifier needs the keys domain, task and answer, but a record lacks "
+            f"{', '.join(missing)}; use records written by `loramix.science.write_datasets`, "
+            "or the exact-match verifier"
+        )
+    from loramix.science import verify  # optional dependencies: the science extra
+
+    return verify(example, generated)  # type: ignore[arg-type]
+
+
+VERIFIERS: dict[str, Verifier] = {"exact": exact_match, "science": science_verifier}
+
+
+# ------------------------------------------------------------------------ test data
+
+
+@dataclass(frozen=True)
+class TestExample:
+    """One test record, tokenized as `loramix.data` tokenizes training examples.
+
+    Attributes:
+        record: The JSON object ("prompt", "completion" and any other keys).
+        input_ids: `(T,)` prompt and completion tokens.
+        labels: `(T,)` `input_ids` on the completion, `IGNORE_INDEX` elsewhere.
+        prompt_length: Tokens before the first completion token: the generation prompt.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    record: dict[str, Any]
+    input_ids: list[int]
+    labels: list[int]
+    prompt_length: int
+
+
+def load_test_set(
+    path: str | os.PathLike[str],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    chat: bool = True,
+    limit: int | None = None,
+    max_length: int = 1024,
+) -> list[TestExample]:
+    """Read and tokenize a test set of prompt/completion records.
+
+    Args:
+        path: A `.jsonl` file; every line needs "prompt" and "completion".
+        tokenizer: The base model's tokenizer.
+        chat: Render each pair as a user and an assistant turn of the chat template.
+        limit: Keep only the first `limit` records; None keeps all.
+        max_length: Longer examples are truncated on the right (as in training).
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: On a malformed line (naming file and line), or if no example is left.
+    """
+    examples = []
+    for number, record in read_records(path):
+        if limit is not None and len(examples) >= limit:
+            break
+        if "prompt" not in record or "completion" not in record:
+            raise ValueError(
+                f'{path}, line {number}: test records need "prompt" and "completion" (the '
+                f"reference answer); found the keys {', '.join(sorted(record)) or 'none'}"
+            )
+        try:
+            rendered = render_record(record, tokenizer, chat=chat)
+        except ValueError as error:
+            raise ValueError(f"{path}, line {number}: {error}") from None
+        tokens = tokenize_rendered(rendered, tokenizer, max_length)
+        if tokens is None:
+            logger.warning(
+                "%s, line %d: the prompt fills max_length=%d tokens; skipped",
+                path,
+                number,
+                max_length,
+            )
+            continue
+        labels = tokens["labels"]
+        start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        examples.append(TestExample(record, tokens["input_ids"], labels, start))
+    if not examples:
+        raise ValueError(f"{path} holds no test example; check the file (and max_length)")
+    return examples
+
+
+# ------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class Score:
+    """One system on one test set.
+
+    Attributes:
+        nll: Mean NLL per completion token.
+        accuracy: Share of verified greedy answers, or None when nothing was generated.
+        n_examples: Test examples.
+        n_tokens: Completion tokens the NLL averages over.
+        n_correct: Verified answers (0 when nothing was generated).
+        seconds: Wall time of the NLL pass and the generation together.
+    """
+
+    nll: float
+    accuracy: float | None
+    n_examples: int
+    n_tokens: int
+    n_correct: int = 0
+    seconds: float = 0.0
+
+    def cell(self) -> str:
+        """ "0.123 / 45%" ("0.123 / -" without generation)."""
+        accuracy = "-" if self.accuracy is None else f"{100 * self.accuracy:.0f}%"
+        return f"{self.nll:.3f} / {accuracy}"
+
+
+@dataclass(frozen=True)
+class TargetCheck:
+    """One target of the science case study, checked on a report.
+
+    Attributes:
+        target: What is claimed, e.g. "biology: X-LoRA NLL within 10% of expert:biology".
+        status: "pass", "fail", or "missing" (the report lacks a system or test set it needs).
+        detail: The numbers behind the verdict.
+    """
+
+    target: str
+    status: str
+    detail: str
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+    def line(self) -> str:
+        return f"{self.status.upper():7} {self.target}: {self.detail}"
+
+
+@dataclass
+class EvalReport:
+    """The scores of every system on every test set, and X-LoRA's expert usage.
+
+    Attributes:
+        expert_names: The experts, in the model's order (the E axis).
+        test_sets: Test set name -> its file (as given).
+        systems: System names, in evaluation order (rows of the table).
+        scores: System -> test set -> score.
+        usage: Test set -> expert -> X-LoRA's mean scaling (empty without the xlora system).
+        settings: How the numbers were made (verifier, max_new_tokens, chat, limit, ...).
+    """
+
+    expert_names: list[str]
+    test_sets: dict[str, str]
+    systems: list[str]
+    scores: dict[str, dict[str, Score]]
+    usage: dict[str, dict[str, float]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def score(self, system: str, test_set: str) -> Score:
+        return self.scores[system][test_set]
+
+    # ------------------------------------------------------------------ rendering
+
+    def table(self) -> str:
+        """Markdown: rows are systems, columns test sets, cells "NLL / accuracy".
+
+        The lowest NLL of each column is bold.
+        """
+        names = list(self.test_sets)
+        best = {
+            name: min(self.scores[s][name].nll for s in self.systems if name in self.scores[s])
+            for name in names
+        }
+        lines = [
+            "| system | " + " | ".join(names) + " |",
+            "|:--|" + "--:|" * len(names),
+        ]
+        for system in self.systems:
+            cells = []
+            for name in names:
+                score = self.scores[system].get(name)
+                if score is None:
+                    cells.append("")
+                    continue
+                cell = score.cell()
+                if score.nll == best[name]:
+                    nll, _, rest = cell.partition(" / ")
+                    cell = f"**{nll}** / {rest}"
+                cells.append(cell)
+            lines.append(f"| {system} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def usage_table(self) -> str:
+        """Markdown: rows are test sets, columns experts, cells X-LoRA's mean scalings."""
+        if not self.usage:
+            return ""
+        lines = [
+            "| test set | " + " | ".join(self.expert_names) + " |",
+            "|:--|" + "--:|" * len(self.expert_names),
+        ]
+        for name, by_expert in self.usage.items():
+            top = max(by_expert.values())
+            cells = [
+                f"**{by_expert[e]:.3f}**" if by_expert[e] == top else f"{by_expert[e]:.3f}"
+                for e in self.expert_names
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def to_markdown(self, targets: Sequence[TargetCheck] = ()) -> str:
+        """The whole report: scores, expert usage, targets (if given) and settings."""
+        sizes = ", ".join(
+            f"{name} {next(iter(self.scores.values()))[name].n_examples}" for name in self.test_sets
+        )
+        parts = [
+            "# Evaluation",
+            "",
+            self.table(),
+            "",
+            "Cells: mean NLL per completion token (teacher forcing; lower is better; lowest in "
+            "bold) / share of greedy answers the verifier "
+            f"({self.settings.get('verifier', '?')}) accepts. Examples per test set: {sizes}.",
+        ]
+        if self.usage:
+            parts += [
+                "",
+                "## X-LoRA expert usage",
+                "",
+                self.usage_table(),
+                "",
+                "Mean scalings (after the gate's softmax, before top-k) over adapted layers and "
+                "over the prompt and completion tokens of each test set.",
+            ]
+        if targets:
+            parts += ["", "## Targets", ""] + [
+                f"- **{t.status.upper()}** {t.target}: {t.detail}" for t in targets
+            ]
+        settings = ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        parts += ["", f"Settings: {settings}.", ""]
+        return "\n".join(parts)
+
+    # ------------------------------------------------------------------ files
+
+    def to_dict(self, targets: Sequence[TargetCheck] = ()) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "format": REPORT_FORMAT,
+            "expert_names": self.expert_names,
+            "test_sets": self.test_sets,
+            "systems": self.systems,
+            "scores": {
+                system: {name: asdict(score) for name, score in by_set.items()}
+                for system, by_set in self.scores.items()
+            },
+            "usage": self.usage,
+            "settings": self.settings,
+        }
+        if targets:
+            data["targets"] = [asdict(t) for t in targets]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvalReport:
+        """Rebuild a report from `to_dict()` output (e.g. a parsed `eval.json`).
+
+        Raises:
+            ValueError: If the data is not a loramix evaluation report.
+        """
+        if data.get("format") != REPORT_FORMAT:
+            raise ValueError(
+                f"not a loramix evaluation report (format {data.get('format')!r}, expected "
+                f"{REPORT_FORMAT!r}); was it written by `EvalReport.write`?"
+            )
+        try:
+            return cls(
+                expert_names=list(data["expert_names"]),
+                test_sets=dict(data["test_sets"]),
+                systems=list(data["systems"]),
+                scores={
+                    system: {name: Score(**score) for name, score in by_set.items()}
+                    for system, by_set in data["scores"].items()
+                },
+                usage={k: dict(v) for k, v in data.get("usage", {}).items()},
+                settings=dict(data.get("settings", {})),
+            )
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"malformed evaluation report ({error!r})") from None
+
+    def write(self, out_dir: str | os.PathLike[str], targets: Sequence[TargetCheck] = ()) -> dict:
+        """Writes `eval.json` and `eval.md` into `out_dir` (created if missing), atomically.
+
+        Returns:
+            File name -> path.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        return {
+            REPORT_JSON: write_atomic(
+                out / REPORT_JSON, json.dumps(self.to_dict(targets), indent=2) + "\n"
+            ),
+            REPORT_MD: write_atomic(out / REPORT_MD, self.to_markdown(targets)),
+        }
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> EvalReport:
+        """Reads `eval.json` (or the folder holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / REPORT_JSON
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+    # ------------------------------------------------------------------ targets
+
+    def check_targets(
+        self,
+        domain_experts: Mapping[str, str],
+        *,
+        mixed: str | None = "mixed",
+        composite: str | None = "composite",
+        tolerance: float = 0.10,
+    ) -> list[TargetCheck]:
+        """The science case study's targets, by NLL on held-out data (see issue 5).
+
+        - every domain: X-LoRA's NLL <= (1 + tolerance) * that domain's own expert's NLL;
+        - the mixed set: X-LoRA's NLL is below every single expert's and the uniform average's;
+        - the composite set: X-LoRA's NLL is below every single expert's.
+
+        A tie does not beat. A target whose system or test set the report lacks is "missing".
+
+        Args:
+            domain_experts: Test set name of a domain -> the name of that domain's expert.
+            mixed: The mixed test set's name; None skips that target.
+            composite: The composite test set's name; None skips that target.
+            tolerance: The allowed relative excess of X-LoRA's NLL on a domain.
+        """
+        checks = []
+        for domain, expert in domain_experts.items():
+            own = EXPERT_PREFIX + expert
+            target = f"{domain}: X-LoRA NLL within {tolerance:.0%} of {own}"
+            missing = self._missing([XLORA, own], domain)
+            if missing:
+                checks.append(TargetCheck(target, "missing", missing))
+                continue
+            ours, theirs = self.score(XLORA, domain).nll, self.score(own, domain).nll
+            excess = ours / theirs - 1 if theirs > 0 else math.inf
+            checks.append(
+                TargetCheck(
+                    target,
+                    "pass" if ours <= (1 + tolerance) * theirs else "fail",
+                    f"X-LoRA {ours:.3f} vs {theirs:.3f} ({excess:+.1%})",
+                )
+            )
+        experts = [EXPERT_PREFIX + name for name in self.expert_names]
+        for name, rivals, what in (
+            (mixed, [*experts, UNIFORM], "every single expert and the uniform average"),
+            (composite, experts, "every single expert"),
+        ):
+            if name is None:
+                continue
+            target = f"{name}: X-LoRA NLL beats {what}"
+            missing = self._missing([XLORA, *rivals], name)
+            if missing:
+                checks.append(TargetCheck(target, "missing", missing))
+                continue
+            ours = self.score(XLORA, name).nll
+            best = min(rivals, key=lambda s: self.score(s, name).nll)
+            theirs = self.score(best, name).nll
+            checks.append(
+                TargetCheck(
+                    target,
+                    "pass" if ours < theirs else "fail",
+                    f"X-LoRA {ours:.3f} vs best rival {best} {theirs:.3f}",
+                )
+            )
+        return checks
+
+    def _missing(self, systems: Sequence[str], test_set: str) -> str:
+        if test_set not in self.test_sets:
+            return f"no test set named {test_set!r} was evaluated"
+        absent = [s for s in systems if test_set not in self.scores.get(s, {})]
+        return f"not evaluated: {', '.join(absent)}" if absent else ""
+
+
+def format_targets(checks: Sequence[TargetCheck]) -> str:
+    """One line per target: "PASS    target: numbers"."""
+    return "\n".join(check.line() for check in checks)
+
+
+# ------------------------------------------------------------------------ evaluation
+
+
+def resolve_systems(systems: Sequence[str], expert_names: Sequence[str]) -> list[str]:
+    """Expands "experts" to `expert:<name>` for every expert; checks every name.
+
+    Raises:
+        ValueError: Naming every unknown system and the valid choices.
+    """
+    resolved: list[str] = []
+    unknown = []
+    for system in systems:
+        if system == EXPERTS:
+            names = [EXPERT_PREFIX + e for e in expert_names]
+        elif system in (BASE, UNIFORM, XLORA) or (
+            system.startswith(EXPERT_PREFIX) and system[len(EXPERT_PREFIX) :] in expert_names
+        ):
+            names = [system]
+        else:
+            unknown.append(system)
+            continue
+        resolved += [name for name in names if name not in resolved]
+    if unknown or not resolved:
+        choices = [BASE, EXPERTS, UNIFORM, XLORA] + [EXPERT_PREFIX + e for e in expert_names]
+        raise ValueError(
+            f"systems: unknown {unknown or 'none given'}; choose from {', '.join(choices)}"
+        )
+    return resolved
+
+
+def system_context(model: XLoraModel, system: str) -> contextlib.AbstractContextManager[None]:
+    """The context in which `model` computes `system` (see the module docstring)."""
+    if system == BASE:
+        return model.disable_adapters()
+    if system == XLORA:
+        return contextlib.nullcontext()
+    n = model.n_experts
+    if system == UNIFORM:
+        return model.fixed_scalings(torch.full((n,), 1.0 / n))
+    if system.startswith(EXPERT_PREFIX):
+        index = model.expert_names.index(system[len(EXPERT_PREFIX) :])
+        return model.fixed_scalings(torch.eye(n)[index])
+    raise ValueError(f"unknown system {system!r}; see `resolve_systems`")
+
+
+def evaluate(
+    model: XLoraModel,
+    tokenizer: PreTrainedTokenizerBase,
+    test_sets: Mapping[str, str | os.PathLike[str]],
+    systems: Sequence[str] = DEFAULT_SYSTEMS,
+    *,
+    max_new_tokens: int = 32,
+    chat: bool = True,
+    verifier: Verifier | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_length: int = 1024,
+) -> EvalReport:
+    """Scores every system on every test set (see the module docstring).
+
+    Every file is read and every option checked before any model call.
+
+    Args:
+        model: The X-LoRA model; left as it was found.
+        tokenizer: The base model's tokenizer.
+        test_sets: Name -> `.jsonl` file of prompt/completion records.
+        systems: "base", "experts" (every expert alone), "expert:<name>", "uniform", "xlora".
+        max_new_tokens: Greedy tokens per answer; 0 skips generation (accuracy None).
+        chat: Render prompts with the chat template (as the experts were trained).
+        verifier: Judges an answer; `exact_match` if None.
+        limit: Use only the first `limit` examples of each test set.
+        batch_size: Sequences per forward or generate call.
+        max_length: Examples are truncated to this many tokens.
+
+    Raises:
+        ValueError: Listing every bad option; or on a malformed test file.
+        FileNotFoundError: If a test file does not exist.
+    """
+    problems = []
+    if not test_sets:
+        problems.append("test_sets: give at least one NAME -> FILE")
+    for key, value, low in (
+        ("max_new_tokens", max_new_tokens, 0),
+        ("batch_size", batch_size, 1),
+        ("max_length", max_length, 2),
+        ("limit", 1 if limit is None else limit, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            problems.append(f"{key}={value!r}: use an int >= {low}")
+    try:
+        resolved = resolve_systems(systems, model.expert_names)
+    except ValueError as error:
+        problems.append(str(error))
+    if problems:
+        raise ValueError("cannot evaluate:\n  " + "\n  ".join(problems))
+    verifier = verifier or exact_match
+    data = {
+        name: load_test_set(path, tokenizer, chat=chat, limit=limit, max_length=max_length)
+        for name, path in test_sets.items()
+    }
+
+    scores: dict[str, dict[str, Score]] = {system: {} for system in resolved}
+    usage: dict[str, dict[str, float]] = {}
+    was_training = model.training
+    model.eval()  # no gate dropout
+    try:
+        for system in resolved:
+            with system_context(model, system):
+                for name, examples in data.items():
+                    score, expert_usage = _score(
+                        model, tokenizer, examples, system, verifier, max_new_tokens, batch_size
+                    )
+                    scores[system][name] = score
+                    if expert_usage is not None:
+                        usage[name] = dict(zip(model.expert_names, expert_usage, strict=True))
+                    logger.info("%s on %s: %s (%.1f s)", system, name, score.cell(), score.seconds)
+    finally:
+        model.train(was_training)
+    return EvalReport(
+        expert_names=list(model.expert_names),
+        test_sets={name: os.fspath(path) for name, path in test_sets.items()},
+        systems=resolved,
+        scores=scores,
+        usage=usage,
+        settings={
+            "verifier": getattr(verifier, "__name__", type(verifier).__name__),
+            "max_new_tokens": max_new_tokens,
+            "chat": chat,
+            "limit": limit,
+            "max_length": max_length,
+            "scalings_mode": "granular",
+        },
+    )
+
+
+def _score(
+    model: XLoraModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[TestExample],
+    system: str,
+    verifier: Verifier,
+    max_new_tokens: int,
+    batch_size: int,
+) -> tuple[Score, list[float] | None]:
+    """One system (already set up) on one test set; X-LoRA's expert usage or None."""
+    start = time.perf_counter()
+    nll, n_tokens, expert_usage = completion_nll(
+        model, tokenizer, examples, batch_size, usage=system == XLORA
+    )
+    accuracy, n_correct = None, 0
+    if max_new_tokens > 0:
+        answers = greedy_answers(model, tokenizer, examples, max_new_tokens, batch_size)
+        n_correct = sum(
+            bool(verifier(ex.record, answer)) for ex, answer in zip(examples, answers, strict=True)
+        )
+        accuracy = n_correct / len(examples)
+    score = Score(
+        nll=nll,
+        accuracy=accuracy,
+        n_examples=len(examples),
+        n_tokens=n_tokens,
+        n_correct=n_correct,
+        seconds=round(time.perf_counter() - start, 3),
+    )
+    return score, expert_usage
+
+
+@torch.no_grad()
+def completion_nll(
+    model: XLoraModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[TestExample],
+    batch_size: int = 8,
+    *,
+    usage: bool = False,
+) -> tuple[float, int, list[float] | None]:
+    """Mean NLL per completion token over `examples`, in the model's current system.
+
+    Args:
+        usage: Also average the forward's `scalings` over the adapted layers and the real
+            tokens (X-LoRA only: the output must carry `scalings`).
+
+    Returns:
+        (mean NLL, completion tokens, per-expert mean scalings `(E,)` or None).
+    """
+    collate = PadCollator(pad_token_id(tokenizer))
+    total, count = 0.0, 0
+    usage_sum, usage_count = None, 0
+    for batch_examples in _batches(examples, batch_size, key=lambda ex: len(ex.input_ids)):
+        batch = collate(
+            [
+                {
+                    "input_ids": ex.input_ids,
+                    "attention_mask": [1] * len(ex.input_ids),
+                    "labels": ex.labels,
+                }
+                for ex in batch_examples
+            ]
+        )
+        output = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        )
+        logits = output.logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
+        targets = batch["labels"][:, 1:].to(logits.device)  # (B, T-1)
+        total += F.cross_entropy(
+            logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+        ).item()
+        count += int((targets != IGNORE_INDEX).sum())
+        if usage:
+            scalings = output["scalings"].float()  # (B, T, L, E)
+            mask = batch["attention_mask"].to(scalings.device, scalings.dtype)  # (B, T)
+            summed = torch.einsum("btle,bt->e", scalings, mask)  # (E,)
+            usage_sum = summed if usage_sum is None else usage_sum + summed
+            usage_count += int(mask.sum()) * scalings.shape[2]
+    mean_usage = None if usage_sum is None else (usage_sum / usage_count).tolist()
+    return total / count, count, mean_usage
+
+
+@torch.no_grad()
+def greedy_answers(
+    model: XLoraModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[TestExample],
+    max_new_tokens: int,
+    batch_size: int = 8,
+) -> list[str]:
+    """Greedy continuations of each example's prompt, decoded without special tokens.
+
+    Prompts are left-padded into batches (of similar lengths) for `model.generate`; a
+    sequence stops at EOS, at `max_new_tokens`, or once it has written a newline (only the
+    first line is an answer). The answers come back in the order of `examples`.
+    """
+    pad = pad_token_id(tokenizer)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    answers: dict[int, str] = {}
+    indexed = list(enumerate(examples))
+    for batch in _batches(indexed, batch_size, key=lambda item: item[1].prompt_length):
+        width = max(ex.prompt_length for _, ex in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, P), left-padded
+        mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, P)
+        for row, (_, ex) in enumerate(batch):
+            ids[row, width - ex.prompt_length :] = torch.tensor(ex.input_ids[: ex.prompt_length])
+            mask[row, width - ex.prompt_length :] = 1
+        device = model.get_input_embeddings().weight.device
+        output = model.generate(
+            ids.to(device),
+            generation_config=config,
+            attention_mask=mask.to(device),
+            stopping_criteria=StoppingCriteriaList([FirstLineDone(tokenizer, width)]),
+        )  # (B, P + new)
+        texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+        for (index, _), text in zip(batch, texts, strict=True):
+            answers[index] = text
+    return [answers[i] for i in range(len(examples))]
+
+
+class FirstLineDone(StoppingCriteria):
+    """Stops each sequence once its generated text holds a newline.
+
+    Args:
+        tokenizer: Decodes the generated tokens.
+        prompt_width: Columns of the (left-padded) prompt; what follows was generated.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_width: int) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        """`(B, P + new)` ids -> `(B,)` bools: True where a newline has been written."""
+        texts = self.tokenizer.batch_decode(
+            input_ids[:, self.prompt_width :], skip_special_tokens=True
+        )
+        return torch.tensor(["\n" in text for text in texts], device=input_ids.device)
+
+
+@torch.no_grad()
+def example_scalings(model: XLoraModel, input_ids: Sequence[int]) -> torch.Tensor:
+    """X-LoRA's scalings for one sequence: `(T, L, E)`, after the softmax, before top-k."""
+    device = model.get_input_embeddings().weight.device
+    ids = torch.tensor([list(input_ids)], device=device)  # (1, T)
+    output = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    return output["scalings"][0].float().cpu()  # (T, L, E)
+
+
+def _batches(items: Sequence[Any], size: int, key: Callable[[Any], int]) -> Iterator[list[Any]]:
+    """Consecutive batches of `items` sorted by `key`, so that padding stays short."""
+    ordered = sorted(items, key=key)
+    for start in range(0, len(ordered), size):
+        yield ordered[start : start + size]
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Writes `text` to a temporary file beside `path`, then renames it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

