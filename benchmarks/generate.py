@@ -5,11 +5,17 @@ Setup (issue 4): a random-weight model with SmolLM2-135M's config (a 30-layer Ll
 experts of rank 8 on all seven projections, a 64-token prompt, 128 new tokens, greedy, two
 CPU threads. Tokens/s count generated tokens of all sequences over the whole `generate` call
 (prefill and, in merged mode, merging and restoring included). Each configuration runs
-`--repeats` times, interleaved with the others; the ratios use each one's best time (the run
-least disturbed by other processes on a shared machine), the median is shown beside them.
+`--repeats` times at batch 1 (`--repeats-batched` times above), interleaved with the others;
+the ratios use each one's best time (the run least disturbed by other processes on a shared
+machine), the median is shown beside them.
 peft's X-LoRA runs once (it re-runs the whole sequence twice per token, without a KV cache),
 on the same model, experts, prompt and gate weights, and its tokens are compared with
 loramix's granular ones.
+
+OpenMP threads wait passively (`OMP_WAIT_POLICY=PASSIVE`, set here unless already set): on a
+machine shared with other jobs, spinning threads stall every parallel op until the other
+job's time slice ends (a 576x64x576 matmul took 16 ms instead of 1 ms), which buries the
+differences being measured. The policy applies to every model alike.
 
 Peak memory: the growth of the process's resident set during the call above what it was
 just before (sampled every 2 ms, after returning freed memory to the system), plus the
@@ -21,20 +27,23 @@ weights each model holds.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import ctypes
-import json
 import os
-import shlex
-import statistics
-import sys
-import threading
-import time
-from collections.abc import Callable
-from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see above
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import ctypes  # noqa: E402
+import json  # noqa: E402
+import shlex  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import make_experts, random_base  # noqa: E402
@@ -92,7 +101,8 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="runs per mode at batch 1")
+    parser.add_argument("--repeats-batched", type=int, default=2, help="runs per mode at batch > 1")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-peft", action="store_true")
@@ -101,7 +111,10 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print("command:", shlex.join([sys.executable, *sys.argv]))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
+    )
 
     base = random_base()
     base.generation_config.eos_token_id = None  # random weights: always generate every token
@@ -136,7 +149,8 @@ def main() -> int:
             prompts[batch] = ids
             times: dict[str, list[float]] = {name: [] for name in runs}
             memory: dict[str, int] = {}
-            for _ in range(args.repeats):  # interleaved, so slow phases of the machine hit all
+            repeats = args.repeats if batch == 1 else args.repeats_batched
+            for _ in range(repeats):  # interleaved, so slow phases of the machine hit all
                 for name, run in runs.items():
                     seconds, grown, out = measure(lambda run=run, ids=ids: run(ids))
                     times[name].append(seconds)
@@ -208,7 +222,8 @@ def print_table(results: list[dict], peft_row: dict | None, args: argparse.Names
     print()
     print(
         f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy; tok/s from "
-        f"the best of {args.repeats} interleaved runs (median in brackets)"
+        f"the best of {args.repeats} (batch 1) or {args.repeats_batched} (batch > 1) "
+        "interleaved runs, median in brackets"
     )
     header = (
         f"{'mode':<12} {'batch':>5} {'tok/s':>8} {'x base':>14} {'target':>7} "

@@ -41,11 +41,11 @@ merged
     prompt, identical prompts). A batch of different prompts is generated one sequence at a
     time, each merged on its own, and the outputs are right-padded with `pad_token_id` to one
     length; where that is impossible (`return_dict_in_generate=True`, a streamer, a cache
-    passed in) the call runs in frozen mode and logs a warning. (For a batch of different
-    prompts frozen mode is usually faster: it keeps the batch together.) It also falls back to frozen
+    passed in) the call runs in frozen mode and logs a warning. It also falls back to frozen
     mode (with a warning) when an adapted weight is shared with another module (tied
     embeddings), and when sequences end up with different fixed scalings (`freeze_after > 0`
-    with sampling or beam search).
+    with sampling or beam search). For a batch of different prompts frozen mode is usually
+    the faster one: it keeps the batch together.
 
 The scalings log (`XLoraModel.enable_scalings_logging`) keeps one `(B, T, L, E)` entry per
 forward call in every mode; in frozen and merged steps the entry is `fixed` expanded over T.
@@ -66,7 +66,6 @@ from transformers import GenerationMixin
 
 from loramix.cache import XLoraCache
 from loramix.gate import select_top_k
-from loramix.layer import stack_rank_weights
 
 if TYPE_CHECKING:
     from loramix.model import XLoraModel
@@ -80,7 +79,6 @@ _SUM = "frozen_scalings_sum"  # (B, L, E) float32, sum over the window's real to
 _COUNT = "frozen_scalings_count"  # (B,) float32, real tokens of the window seen so far
 _FIXED = "frozen_scalings"  # (B, L, E) the averaged scalings (before top-k)
 _MIXING = "frozen_mixing"  # (B, 1, L, E) the fixed scalings after top-k, as the modules use them
-_RANK_WEIGHTS = "frozen_rank_weights"  # (B, 1, L, R_max) the modules' rank weights, precomputed
 
 
 def check_generation_options(scalings_mode: str, freeze_after: int) -> None:
@@ -106,13 +104,16 @@ class MergedWeights:
     The merged weight of each module is a new tensor swapped in as the parameter's data; the
     original tensor is kept untouched and swapped back by `restore()`, so nothing is ever
     subtracted and the restored weights are the original tensors themselves. Peak memory
-    grows by one copy of the adapted weights while merged. Use as a context manager so the
-    weights come back on any exit.
+    grows by one copy of the adapted weights while merged. While merged, the base modules
+    also stand in the model's tree in place of their mixing modules (which would only pass
+    their input through), exactly as `XLoraModel.unload()` does; `restore()` puts the mixing
+    modules back. Use as a context manager so everything comes back on any exit.
     """
 
     def __init__(self, model: XLoraModel) -> None:
         self.model = model
         self._saved: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self._unwrapped: list[tuple[nn.Module, str, nn.Module]] = []
 
     @property
     def merged(self) -> bool:
@@ -135,15 +136,26 @@ class MergedWeights:
                     merged = torch.empty_like(weight).copy_(merged)
                 self._saved.append((weight, weight.data))
                 weight.data = merged
+            for name in self.model.adapted_modules:
+                parent_name, _, child_name = name.rpartition(".")
+                parent = self.model.lm.get_submodule(parent_name)
+                mixed = getattr(parent, child_name)
+                self._unwrapped.append((parent, child_name, mixed))
+                setattr(parent, child_name, mixed.base_layer)
         except BaseException:
             self.restore()
             raise
 
     def restore(self) -> None:
-        """Puts every original weight tensor back (a no-op when nothing is merged)."""
-        while self._saved:
-            weight, original = self._saved.pop()
-            weight.data = original
+        """Puts the mixing modules and every original weight tensor back (no-op if unmerged)."""
+        try:
+            while self._unwrapped:
+                parent, child_name, mixed = self._unwrapped.pop()
+                setattr(parent, child_name, mixed)
+        finally:
+            while self._saved:
+                weight, original = self._saved.pop()
+                weight.data = original
 
     def __enter__(self) -> MergedWeights:
         return self
@@ -176,6 +188,10 @@ class FreezePlan:
     The per-sequence tensors live in the cache's `sequence_state`, so beam search reorders
     them with the keys and values.
 
+    When every sequence has the same fixed scalings (batch 1, beams of one prompt), frozen
+    steps use each module's `scaled_lora_b` (the scalings folded into B, computed once per
+    call: one extra copy of the B matrices) instead of the scalings.
+
     Attributes:
         window_start: First cache position whose scalings are averaged.
         window_end: The scalings are fixed once the cache holds this many tokens.
@@ -186,6 +202,7 @@ class FreezePlan:
     window_end: int
     weights: MergedWeights | None = None
     _merge_refused: bool = field(default=False, repr=False)
+    _scaled_lora_b: list[torch.Tensor] | None = field(default=None, repr=False)
 
     @staticmethod
     def is_frozen(cache: XLoraCache) -> bool:
@@ -224,25 +241,26 @@ class FreezePlan:
         if past + tokens >= self.window_end and _SUM in state:
             total, count = state.pop(_SUM), state.pop(_COUNT)
             fixed = (total / count.clamp(min=1.0)[:, None, None]).to(scalings.dtype)  # (B, L, E)
-            mixing = select_top_k(fixed[:, None], model.top_k_lora, model.enable_softmax_topk)
             state[_FIXED] = fixed
-            state[_MIXING] = mixing  # (B, 1, L, E)
-            state[_RANK_WEIGHTS] = stack_rank_weights(list(model.mixed_modules()), mixing)
+            state[_MIXING] = select_top_k(
+                fixed[:, None], model.top_k_lora, model.enable_softmax_topk
+            )  # (B, 1, L, E)
 
     def fixed_scalings(
-        self, cache: XLoraCache, tokens: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        self, model: XLoraModel, cache: XLoraCache, tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor] | None]:
         """The fixed scalings for `tokens` new tokens; merges the weights on the first call.
 
         Returns:
-            `(B, T, L, E)` scalings to report (before top-k); the `(B, 1, L, E)` mixing and
-            the modules' `(B, 1, L, R_max)` rank weights, or None for both once merged (the
-            experts are then in the weights).
+            `(B, T, L, E)` scalings to report (before top-k); the `(B, 1, L, E)` mixing for
+            the modules and, when all sequences share it, each module's `scaled_lora_b`
+            (else None). Both are None once merged (the experts are then in the weights).
         """
         state = cache.sequence_state
         fixed, mixing = state[_FIXED], state[_MIXING]
+        shared = self._scaled_lora_b is not None or _same_rows(mixing)
         if self.weights is not None and not self.weights.merged and not self._merge_refused:
-            if _same_rows(mixing):
+            if shared:
                 self.weights.merge(mixing[0, 0])  # (L, E)
             else:
                 self._merge_refused = True
@@ -254,7 +272,13 @@ class FreezePlan:
         scalings = fixed[:, None].expand(-1, tokens, -1, -1)  # (B, T, L, E)
         if self.weights is not None and self.weights.merged:
             return scalings, None, None
-        return scalings, mixing, state[_RANK_WEIGHTS]
+        if shared and self._scaled_lora_b is None:
+            self._scaled_lora_b = [None] * model.n_layers
+            for module in model.mixed_modules():
+                self._scaled_lora_b[module.layer_index] = module.scaled_lora_b(
+                    mixing[0, 0, module.layer_index]
+                )
+        return scalings, mixing, self._scaled_lora_b
 
     def close(self, cache: XLoraCache) -> None:
         """Restores merged weights and drops the plan's state from the cache."""
@@ -263,7 +287,8 @@ class FreezePlan:
                 self.weights.restore()
         finally:
             cache.freeze_plan = None
-            for name in (_SUM, _COUNT, _FIXED, _MIXING, _RANK_WEIGHTS):
+            self._scaled_lora_b = None
+            for name in (_SUM, _COUNT, _FIXED, _MIXING):
                 cache.sequence_state.pop(name, None)
 
 

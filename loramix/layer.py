@@ -43,26 +43,27 @@ class MixingState:
         scalings: `(B, T, L, E)` expert weights per token and adapted module, after top-k;
             `None` switches every expert off (the module returns its base output).
         global_scaling_weight: The factor `g` on the mixed LoRA term.
-        rank_weights: Optional `(B, T, L, R_max)` precomputed `MixedLora.rank_weights` of
-            every module (`stack_rank_weights`); when set, the modules read their slice
-            instead of recomputing it from `scalings`. Frozen generation sets it once per
-            call, which saves three small ops per module and step.
+        scaled_lora_b: Optional, one `(D_out, R)` matrix per module (indexed by
+            `layer_index`): `MixedLora.scaled_lora_b` of fixed scalings shared by every
+            sequence. When set, modules compute `W x + B' (A x)` and skip `scalings`:
+            frozen generation sets it once per call, saving four small ops per module and
+            step.
     """
 
     scalings: torch.Tensor | None = None
     global_scaling_weight: float = 1.0
-    rank_weights: torch.Tensor | None = None
+    scaled_lora_b: list[torch.Tensor] | None = None
 
     @contextmanager
     def using(
-        self, scalings: torch.Tensor | None, rank_weights: torch.Tensor | None = None
+        self, scalings: torch.Tensor | None, scaled_lora_b: list[torch.Tensor] | None = None
     ) -> Iterator[None]:
-        previous = self.scalings, self.rank_weights
-        self.scalings, self.rank_weights = scalings, rank_weights
+        previous = self.scalings, self.scaled_lora_b
+        self.scalings, self.scaled_lora_b = scalings, scaled_lora_b
         try:
             yield
         finally:
-            self.scalings, self.rank_weights = previous
+            self.scalings, self.scaled_lora_b = previous
 
 
 def adapted_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -148,17 +149,18 @@ class MixedLora(nn.Module):
             x: `(B, T, D_in)` activations, or `(B, T)` token ids for an embedding.
 
         Returns:
-            `(B, T, D_out)`, the base module's output when `state.scalings` is None.
+            `(B, T, D_out)`, the base module's output when neither `state.scalings` nor
+            `state.scaled_lora_b` is set.
         """
         result = self.base_layer(x, *args, **kwargs)
         state = self.state
-        if state.rank_weights is not None:
-            rank = self.lora_a.shape[0]
-            rank_weights = state.rank_weights[:, :, self.layer_index, :rank]  # (B, T, R)
-        elif state.scalings is not None:
-            rank_weights = self.rank_weights(state.scalings[:, :, self.layer_index, :])  # (B, T, R)
-        else:
+        if state.scaled_lora_b is not None:  # fixed scalings, already folded into B
+            up = F.linear(self.project_down(x), state.scaled_lora_b[self.layer_index])
+            return result + up.to(result.dtype)  # (B, T, D_out)
+        scalings = state.scalings
+        if scalings is None:
             return result
+        rank_weights = self.rank_weights(scalings[:, :, self.layer_index, :])  # (B, T, R)
         down = self.project_down(x)  # (B, T, R)
         up = F.linear(down * rank_weights.to(down.dtype), self.lora_b)  # (B, T, D_out)
         return result + up.to(result.dtype)
@@ -174,8 +176,16 @@ class MixedLora(nn.Module):
         Args:
             expert_scalings: `(E,)` one scaling per expert.
         """
+        return self.scaled_lora_b(expert_scalings) @ self.lora_a  # (D_out, D_in)
+
+    def scaled_lora_b(self, expert_scalings: torch.Tensor) -> torch.Tensor:
+        """`(D_out, R)`: `lora_b` with `g * s_i * scale_i` folded into expert i's columns.
+
+        Args:
+            expert_scalings: `(E,)` one scaling per expert.
+        """
         rank_weights = self.rank_weights(expert_scalings.to(self.lora_a.dtype))  # (R,)
-        return (self.lora_b * rank_weights) @ self.lora_a  # (D_out, D_in)
+        return self.lora_b * rank_weights  # (D_out, R)
 
     def merged_weight(self, expert_scalings: torch.Tensor) -> torch.Tensor:
         """`base_layer.weight + delta_weight(expert_scalings)` as a new tensor, in one GEMM.
@@ -186,8 +196,7 @@ class MixedLora(nn.Module):
         Args:
             expert_scalings: `(E,)` one scaling per expert.
         """
-        rank_weights = self.rank_weights(expert_scalings.to(self.lora_a.dtype))  # (R,)
-        scaled_b = self.lora_b * rank_weights  # (D_out, R)
+        scaled_b = self.scaled_lora_b(expert_scalings)  # (D_out, R)
         weight = self.base_layer.weight.detach()
         if self.weight_is_transposed:  # weight is (D_in, D_out)
             return torch.addmm(weight, self.lora_a.T, scaled_b.T)
@@ -235,26 +244,6 @@ class MixedEmbedding(MixedLora):
     @property
     def weight_is_transposed(self) -> bool:
         return True  # (V, D): rows are looked up by the input ids
-
-
-def stack_rank_weights(modules: list[MixedLora], scalings: torch.Tensor) -> torch.Tensor:
-    """Every module's `rank_weights` at once, zero-padded to the largest total rank.
-
-    Args:
-        modules: The mixing modules of one model (any order; each fills its `layer_index`).
-        scalings: `(B, T, L, E)` scalings after top-k.
-
-    Returns:
-        `(B, T, L, R_max)`, for `MixingState.using(scalings, rank_weights=...)`; module `l`
-        reads `[:, :, l, :R_l]`, the exact values it would compute itself.
-    """
-    parts = {m.layer_index: m.rank_weights(scalings[:, :, m.layer_index, :]) for m in modules}
-    r_max = max(part.shape[-1] for part in parts.values())
-    some = next(iter(parts.values()))
-    stacked = some.new_zeros(*scalings.shape[:3], r_max)  # (B, T, L, R_max)
-    for index, part in parts.items():
-        stacked[:, :, index, : part.shape[-1]] = part
-    return stacked
 
 
 def make_mixed_module(

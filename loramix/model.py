@@ -214,7 +214,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
                 **{self._cache_kwarg: cache},
                 **kwargs,
             )
-        scaling_cache = plan = rank_weights = None
+        scaling_cache = plan = scaled_lora_b = None
         if cache is not None:
             scaling_cache = getattr(cache, "scaling_cache", None)
             if scaling_cache is None:
@@ -229,8 +229,8 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             self._record_scalings(scalings)
         elif plan is not None and plan.is_frozen(cache):  # frozen/merged: no scaling pass
             tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            # mixing (B, 1, L, E) and rank_weights fixed for the call; both None once merged
-            scalings, mixing, rank_weights = plan.fixed_scalings(cache, tokens)
+            # mixing (B, 1, L, E) and the modules' scaled B fixed for the call; None once merged
+            scalings, mixing, scaled_lora_b = plan.fixed_scalings(self, cache, tokens)
             self._record_scalings(scalings)
         else:
             if cache is not None and scaling_cache.get_seq_length() != cache.get_seq_length():
@@ -251,7 +251,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             mixing = select_top_k(scalings, self.top_k_lora, self.enable_softmax_topk)
             if plan is not None:
                 plan.observe(self, cache, scalings, attention_mask)
-        with self.mixing_state.using(mixing, rank_weights):
+        with self.mixing_state.using(mixing, scaled_lora_b):
             output = self.lm(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

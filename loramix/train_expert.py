@@ -109,6 +109,7 @@ def train_expert(
     save_total_limit: int | None = _T.save_total_limit,
     warmup: float = _T.warmup,
     lr_scheduler: str = _T.lr_scheduler,
+    weight_decay: float = _T.weight_decay,
     logging_steps: int = _T.logging_steps,
     progress: bool = _T.progress,
     resume: bool = False,
@@ -157,6 +158,7 @@ def train_expert(
         save_total_limit=save_total_limit,
         warmup=warmup,
         lr_scheduler=lr_scheduler,
+        weight_decay=weight_decay,
         logging_steps=logging_steps,
         progress=progress,
     )

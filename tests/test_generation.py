@@ -235,17 +235,19 @@ def test_frozen_differs_from_granular(expert_folders) -> None:
 # -------------------------------------------------------------------- merged
 
 
-def weight_snapshot(model: XLoraModel) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+def weight_snapshot(model: XLoraModel) -> list[tuple]:
     return [
         (m.base_layer.weight, m.base_layer.weight.data_ptr(), m.base_layer.weight.detach().clone())
         for m in model.mixed_modules()
-    ]
+    ] + [(model, list(model.mixed_modules()))]
 
 
 def assert_restored(snapshot) -> None:
-    for weight, pointer, copy in snapshot:
+    *weights, (model, modules) = snapshot
+    for weight, pointer, copy in weights:
         assert weight.data_ptr() == pointer  # the original tensor itself is back
         assert torch.equal(weight, copy)
+    assert [model.lm.get_submodule(name) for name in model.adapted_modules] == modules
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -284,7 +286,10 @@ class InterruptAfterMerge(StoppingCriteria):
         self.calls += 1
         if self.calls == 3:
             weight, _, original = self.snapshot[0]
-            self.saw_merged = not torch.equal(weight, original)
+            model, modules = self.snapshot[-1]
+            in_tree = model.lm.get_submodule(model.adapted_modules[0])
+            # merged: the weights changed and the base module stands in for the mixing one
+            self.saw_merged = not torch.equal(weight, original) and in_tree is not modules[0]
             raise KeyboardInterrupt
         return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
@@ -401,22 +406,27 @@ def test_frozen_cache_cannot_continue_granular(expert_folders) -> None:
         generate(model, out, None, cache=cache)
 
 
-def test_precomputed_rank_weights_equal_the_modules_own(expert_folders) -> None:
-    """Frozen steps read `stack_rank_weights`; it must give exactly the per-module path."""
-    from loramix.layer import stack_rank_weights
-
-    model = make_model("llama", expert_folders)
+def test_scaled_lora_b_equals_the_scalings_path(expert_folders, tmp_path: Path) -> None:
+    """Frozen steps fold fixed scalings into B; that must equal mixing with the scalings."""
+    folder = make_expert(tiny_gpt2, tmp_path / "wte", 4, ["wte", *GPT2_TARGETS])
+    models = [
+        make_model("llama", expert_folders),
+        XLoraModel(tiny_gpt2(), XLoraConfig(adapters={"wte": str(folder)})),  # embedding too
+    ]
     ids, _ = left_padded([5, 5])
-    scalings = torch.rand(2, 1, model.n_layers, model.n_experts)
-    modules = list(model.mixed_modules())
-    stacked = stack_rank_weights(modules, scalings)
-    with torch.no_grad():
-        with model.mixing_state.using(scalings):
-            own = model.lm(input_ids=ids).logits
-        with model.mixing_state.using(scalings, stacked):
-            precomputed = model.lm(input_ids=ids).logits
-        assert not torch.allclose(own, model.lm(input_ids=ids).logits)  # experts matter
-    assert torch.equal(own, precomputed)
+    for model in models:
+        fixed = torch.rand(model.n_layers, model.n_experts)  # (L, E)
+        scaled_b = [None] * model.n_layers
+        for module in model.mixed_modules():
+            scaled_b[module.layer_index] = module.scaled_lora_b(fixed[module.layer_index])
+        mixing = fixed.expand(2, 1, -1, -1)  # (B, 1, L, E): every row the same
+        with torch.no_grad():
+            with model.mixing_state.using(mixing):
+                expected = model.lm(input_ids=ids).logits
+            with model.mixing_state.using(None, scaled_b):
+                folded = model.lm(input_ids=ids).logits
+            assert (expected - model.lm(input_ids=ids).logits).abs().max() > 1e-3
+        torch.testing.assert_close(folded, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_merged_weight_equals_base_plus_delta(expert_folders, tmp_path: Path) -> None:

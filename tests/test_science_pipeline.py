@@ -216,3 +216,14 @@ def test_the_bundled_model_loads_on_smollm2_and_answers():
     answer, ids = answer_question(model, tokenizer, example, "biology", max_new_tokens=12)
     assert answer.text and len(ids) > len(prompt)
     assert answer.tokens and all(0 <= e < 4 for _, e in answer.tokens)
+
+
+def test_a_run_folder_refuses_other_settings(run):
+    out, _, settings, _ = run
+    other = dataclasses.replace(settings, expert_steps=3)
+    with pytest.raises(ValueError, match="expert_steps: 2 -> 3.*another output folder"):
+        retrain(out, seed=3, settings=other, bundle_dir=None)
+    with pytest.raises(ValueError, match="seed: 3 -> 4"):
+        retrain(out, seed=4, settings=settings, bundle_dir=None)
+    faster = dataclasses.replace(settings, threads=1)  # speed only: the same run
+    assert retrain(out, seed=3, settings=faster, bundle_dir=None)["gate"] is None

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-_DTYPES = ("float32", "bfloat16", "float16")
+from loramix.commands.training_flags import DTYPES as _DTYPES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -10,7 +10,8 @@ import argparse
 import sys
 from typing import Any
 
-_DTYPES = ("float32", "bfloat16", "float16")
+from loramix.commands.training_flags import DTYPES as _DTYPES
+
 _MODES = ("granular", "frozen", "merged")
 
 # ANSI foreground colours, one per expert (cycled when there are more experts).

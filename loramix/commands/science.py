@@ -37,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     demo.add_argument(
         "--n-eval", type=int, default=8, help="examples per test set in the quick evaluation"
     )
-    demo.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens per answer")
+    demo.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens per answer")
     demo.add_argument("--no-colour", action="store_true", help="tag tokens instead of colouring")
 
     settings = RetrainSettings()
@@ -60,6 +60,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     retrain.add_argument("--gate-steps", type=int, default=settings.gate_steps)
     retrain.add_argument(
         "--eval-limit", type=int, default=settings.eval_limit, help="examples per test set"
+    )
+    retrain.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
 
 
@@ -164,6 +167,7 @@ def _retrain(args: argparse.Namespace) -> int:
             expert_steps=args.expert_steps,
             gate_steps=args.gate_steps,
             eval_limit=args.eval_limit,
+            threads=args.threads,
         )
         timings = retrain(
             args.out,

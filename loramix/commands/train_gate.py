@@ -14,10 +14,12 @@ import argparse
 import os
 import sys
 
+from loramix.commands.training_flags import (
+    add_data_arguments,
+    add_training_arguments,
+    training_options,
+)
 from loramix.config import XLoraConfig
-from loramix.training import SCHEDULERS, TrainingConfig
-
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def parse_expert(spec: str) -> tuple[str, str]:
@@ -60,16 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         metavar="NAME=DIR",
         help="an expert's name and PEFT adapter folder; repeat for each expert (order = axis)",
     )
-    io.add_argument(
-        "--data",
-        action="append",
-        required=True,
-        metavar="FILE[:WEIGHT]",
-        help="a .jsonl file, optionally with a sampling weight; repeat to mix files",
-    )
-    io.add_argument("--out", required=True, help="output folder (checkpoints in OUT/checkpoints)")
-    io.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    io.add_argument("--overwrite", action="store_true", help="replace an earlier run in OUT")
+    add_data_arguments(io)
 
     xlora = parser.add_argument_group("X-LoRA")
     xlora.add_argument(
@@ -120,40 +113,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     add_training_arguments(parser)
 
 
-def add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    """The training flags shared with `train-expert` (see `TrainingConfig`)."""
-    t = TrainingConfig()
-    training = parser.add_argument_group("training")
-    training.add_argument("--lr", type=float, default=t.lr, help="peak learning rate")
-    training.add_argument("--epochs", type=float, default=t.epochs, help="passes over the data")
-    training.add_argument("--max-steps", type=int, default=t.max_steps, help="overrides --epochs")
-    training.add_argument("--batch-size", type=int, default=t.batch_size, help="per process")
-    training.add_argument("--grad-accum", type=int, default=t.grad_accum, help="steps per update")
-    training.add_argument("--seed", type=int, default=t.seed)
-    training.add_argument("--max-length", type=int, default=t.max_length, help="tokens per example")
-    training.add_argument(
-        "--chat", action="store_true", help="render prompt/completion with the chat template"
-    )
-    training.add_argument(
-        "--eval-fraction", type=float, default=t.eval_fraction, help="share held out per file"
-    )
-    training.add_argument("--save-steps", type=int, default=t.save_steps)
-    training.add_argument(
-        "--eval-steps", type=int, default=t.eval_steps, help="--save-steps if unset"
-    )
-    training.add_argument("--save-total-limit", type=int, default=t.save_total_limit)
-    training.add_argument("--warmup", type=float, default=t.warmup, help="fraction (<1) or steps")
-    training.add_argument("--lr-scheduler", choices=SCHEDULERS, default=t.lr_scheduler)
-    training.add_argument("--weight-decay", type=float, default=t.weight_decay)
-    training.add_argument("--logging-steps", type=int, default=t.logging_steps)
-    training.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    training.add_argument("--dtype", choices=_DTYPES, default="float32", help="base weights dtype")
-
-
 def run(args: argparse.Namespace) -> int:
     """Train the gate; print the output folder, or the error and how to fix it."""
-    import torch
-
     from loramix.train_gate import train_gate
 
     experts: dict[str, str] = {}
@@ -185,26 +146,7 @@ def run(args: argparse.Namespace) -> int:
             use_trainable_adapters=args.use_trainable_adapters,
             balance_weight=args.balance_weight,
             entropy_weight=args.entropy_weight,
-            lr=args.lr,
-            epochs=args.epochs,
-            max_steps=args.max_steps,
-            batch_size=args.batch_size,
-            grad_accum=args.grad_accum,
-            seed=args.seed,
-            max_length=args.max_length,
-            chat=args.chat,
-            eval_fraction=args.eval_fraction,
-            save_steps=args.save_steps,
-            eval_steps=args.eval_steps,
-            save_total_limit=args.save_total_limit,
-            warmup=args.warmup,
-            lr_scheduler=args.lr_scheduler,
-            weight_decay=args.weight_decay,
-            logging_steps=args.logging_steps,
-            progress=not args.no_progress,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            dtype=getattr(torch, args.dtype),
+            **training_options(args),
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"loramix train-gate: error: {error}", file=sys.stderr)

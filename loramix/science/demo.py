@@ -96,7 +96,7 @@ def run_demo(
     *,
     base: str = "smollm2",
     n_eval: int = 8,
-    max_new_tokens: int = 24,
+    max_new_tokens: int = 16,
     log: Callable[[str], None] = logger.info,
 ) -> DemoResult:
     """Answer, evaluate and draw with the bundled science X-LoRA (see the module docstring).
@@ -192,14 +192,14 @@ def write_test_sets(model_dir: Path, data_dir: Path, domains: Sequence[str]) -> 
     defaults = RetrainSettings()
     settings = recorded.get("settings", {})
     known = [d for d in domains if d in DOMAINS]
-    if not (data_dir / "manifest.json").is_file():
-        write_datasets(
-            data_dir,
-            seed=int(recorded.get("seed", 0)),
-            n_train=int(settings.get("n_train", defaults.n_train)),
-            n_test=int(settings.get("n_test", defaults.n_test)),
-            domains=known,
-        )
+    wanted = {
+        "seed": int(recorded.get("seed", 0)),
+        "n_train": int(settings.get("n_train", defaults.n_train)),
+        "n_test": int(settings.get("n_test", defaults.n_test)),
+    }
+    manifest = read_json(data_dir / "manifest.json")
+    if any(manifest.get(key) != value for key, value in wanted.items()):  # missing or stale
+        write_datasets(data_dir, domains=known, **wanted)
     return {name: data_dir / f"{name}_test.jsonl" for name in (*known, COMPOSITE, MIXED)}
 
 
