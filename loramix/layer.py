@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,23 @@ class MixingState:
     global_scaling_weight: float = 1.0
     scaled_lora_b: list[torch.Tensor] | None = None
 
+    _split: tuple[torch.Tensor | None, tuple[torch.Tensor, ...]] = field(
+        default=(None, ()), init=False, repr=False
+    )  # (scalings, scalings.unbind(2)) of the current call
+
+    def layer_scalings(self, layer_index: int) -> torch.Tensor:
+        """`(B, T, E)`: module `layer_index`'s slice of `scalings`.
+
+        The tensor is split along L once per forward call (`unbind`) rather than indexed
+        once per module: in the backward pass each index would allocate a zero tensor of the
+        full `(B, T, L, E)` size, L times over, while `unbind`'s backward is one stack.
+        """
+        scalings, parts = self._split
+        if scalings is not self.scalings:
+            parts = self.scalings.unbind(2)  # L x (B, T, E)
+            self._split = (self.scalings, parts)
+        return parts[layer_index]
+
     @contextmanager
     def using(
         self, scalings: torch.Tensor | None, scaled_lora_b: list[torch.Tensor] | None = None
@@ -64,6 +81,7 @@ class MixingState:
             yield
         finally:
             self.scalings, self.scaled_lora_b = previous
+            self._split = (None, ())  # drop the references to this call's tensors
 
 
 def adapted_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -160,7 +178,7 @@ class MixedLora(nn.Module):
         scalings = state.scalings
         if scalings is None:
             return result
-        rank_weights = self.rank_weights(scalings[:, :, self.layer_index, :])  # (B, T, R)
+        rank_weights = self.rank_weights(state.layer_scalings(self.layer_index))  # (B, T, R)
         down = self.project_down(x)  # (B, T, R)
         up = F.linear(down * rank_weights.to(down.dtype), self.lora_b)  # (B, T, D_out)
         return result + up.to(result.dtype)
