@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -51,6 +50,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from loramix.atomic import write_text_atomic
 from loramix.data import (
     IGNORE_INDEX,
     PadCollator,
@@ -393,10 +393,10 @@ class EvalReport:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         return {
-            REPORT_JSON: write_atomic(
+            REPORT_JSON: write_text_atomic(
                 out / REPORT_JSON, json.dumps(self.to_dict(targets), indent=2) + "\n"
             ),
-            REPORT_MD: write_atomic(out / REPORT_MD, self.to_markdown(targets)),
+            REPORT_MD: write_text_atomic(out / REPORT_MD, self.to_markdown(targets)),
         }
 
     @classmethod
@@ -780,16 +780,3 @@ def _batches(items: Sequence[Any], size: int, key: Callable[[Any], int]) -> Iter
     ordered = sorted(items, key=key)
     for start in range(0, len(ordered), size):
         yield ordered[start : start + size]
-
-
-def write_atomic(path: Path, text: str) -> Path:
-    """Writes `text` to a temporary file beside `path`, then renames it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

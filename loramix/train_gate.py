@@ -60,7 +60,8 @@ from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import loramix
-from loramix.config import CONFIG_NAME, XLoraConfig, write_text_atomic
+from loramix.atomic import write_text_atomic
+from loramix.config import CONFIG_NAME, XLoraConfig
 from loramix.data import DataSource, PadCollator, load_training_data, pad_token_id
 from loramix.experts import load_expert
 from loramix.model import XLoraModel

@@ -19,10 +19,10 @@ import json
 import logging
 import os
 import random
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from loramix.atomic import write_text_atomic
 from loramix.science.registry import COMPOSITE, DOMAINS, TASKS
 from loramix.science.task import Example, Task
 
@@ -109,7 +109,7 @@ def write_datasets(
     paths = {}
     for name, examples in files.items():
         text = "".join(json.dumps(ex, ensure_ascii=True) + "\n" for ex in examples)
-        paths[name] = _write_atomic(out / name, text)
+        paths[name] = write_text_atomic(out / name, text)
     manifest = {
         "seed": seed,
         "n_train": n_train,
@@ -119,7 +119,7 @@ def write_datasets(
         "files": {name: len(examples) for name, examples in files.items()},
         "versions": {lib: importlib.metadata.version(lib) for lib in LIBRARIES},
     }
-    paths["manifest.json"] = _write_atomic(
+    paths["manifest.json"] = write_text_atomic(
         out / "manifest.json", json.dumps(manifest, indent=2) + "\n"
     )
     logger.info("wrote %d science data files to %s", len(paths), out)
@@ -150,15 +150,3 @@ def _mix(tests: Sequence[list[Example]], n: int, rng: random.Random) -> list[Exa
     mixed = [ex for i, test in enumerate(tests) for ex in test[: share + (i < extra)]]
     rng.shuffle(mixed)
     return mixed
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
