@@ -35,7 +35,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     demo.add_argument("--out", default="runs/demo", help="folder for eval files and heatmaps")
     demo.add_argument("--base", default="smollm2", help="the base model the bundle was made on")
     demo.add_argument(
-        "--n-eval", type=int, default=8, help="examples per test set in the quick evaluation"
+        "--n-eval", type=int, default=4, help="examples per test set in the quick evaluation"
     )
     demo.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens per answer")
     demo.add_argument("--no-colour", action="store_true", help="tag tokens instead of colouring")

@@ -95,7 +95,7 @@ def run_demo(
     out_dir: str | os.PathLike[str] = DEFAULT_OUT,
     *,
     base: str = "smollm2",
-    n_eval: int = 8,
+    n_eval: int = 4,
     max_new_tokens: int = 16,
     log: Callable[[str], None] = logger.info,
 ) -> DemoResult:
