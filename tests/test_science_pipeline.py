@@ -214,8 +214,10 @@ def test_the_bundled_model_loads_on_smollm2_and_answers():
     prompt = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
     example = TestExample(record, prompt, [-100] * len(prompt), len(prompt))
     answer, ids = answer_question(model, tokenizer, example, "biology", max_new_tokens=12)
-    assert answer.text and len(ids) > len(prompt)
-    assert answer.tokens and all(0 <= e < 4 for _, e in answer.tokens)
+    assert answer.correct and answer.text == "M-A-F"  # the biology expert knows its codons
+    assert ids == prompt + answer.token_ids
+    assert len(answer.experts) == len(answer.token_ids)
+    assert max(set(answer.experts), key=answer.experts.count) == 0  # mostly biology's tokens
 
 
 def test_a_run_folder_refuses_other_settings(run):
