@@ -110,8 +110,8 @@ class RetrainSettings:
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
     expert_steps: int = 500
     expert_lr: float = 3e-3
-    gate_steps: int = 150
-    gate_lr: float = 1e-3
+    gate_steps: int = 300
+    gate_lr: float = 3e-3
     gate_depth: int = 2
     gate_size: int = 128
     layerwise: bool = True
@@ -460,6 +460,7 @@ def export_bundle(
         if provenance is not None:
             (staging / RETRAIN_JSON).write_text(json.dumps(provenance, indent=2) + "\n")
             (staging / "README.md").write_text(_bundle_readme(provenance))
+        _make_readable(staging)
         size = folder_size(staging)
         if size > max_bytes:
             raise ValueError(
@@ -573,6 +574,13 @@ def _write_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _make_readable(folder: Path) -> None:
+    """Ordinary repository permissions (mkdtemp and safetensors create owner-only ones)."""
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _swap_in(staging: Path, target: Path) -> None:
