@@ -122,6 +122,19 @@ class DataSource:
         return cls(Path(text))
 
 
+def existing_sources(data: Sequence[str | os.PathLike[str] | DataSource]) -> list[DataSource]:
+    """Parses `FILE[:WEIGHT]` entries and checks that every file exists, before any loading.
+
+    Raises:
+        FileNotFoundError: naming the first data file that does not exist.
+    """
+    sources = [s if isinstance(s, DataSource) else DataSource.parse(s) for s in data]
+    for source in sources:
+        if not source.path.is_file():
+            raise FileNotFoundError(f"Data file {source.path} does not exist.")
+    return sources
+
+
 class TokenizedDataset(Dataset[Example]):
     """Tokenized examples held in memory (see the module docstring for their fields).
 

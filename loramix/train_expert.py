@@ -24,7 +24,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel, TrainerCallback, set_seed
 
-from loramix.data import DataSource, PadCollator, load_training_data, pad_token_id
+from loramix.data import (
+    DataSource,
+    PadCollator,
+    existing_sources,
+    load_training_data,
+    pad_token_id,
+)
 from loramix.smollm2 import load_base_model
 from loramix.training import TrainingConfig, prepare_output, publish, run_trainer
 
@@ -163,10 +169,7 @@ def train_expert(
         progress=progress,
     )
     out = Path(out)
-    sources = [s if isinstance(s, DataSource) else DataSource.parse(s) for s in data]
-    for source in sources:  # before loading anything
-        if not source.path.is_file():
-            raise FileNotFoundError(f"Data file {source.path} does not exist.")
+    sources = existing_sources(data)  # before loading anything
     resume_from = prepare_output(out, resume=resume, overwrite=overwrite, final_files=ADAPTER_FILES)
 
     model, tokenizer = load_base_model(base, dtype=dtype)

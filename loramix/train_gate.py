@@ -62,7 +62,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 import loramix
 from loramix.atomic import write_text_atomic
 from loramix.config import CONFIG_NAME, XLoraConfig
-from loramix.data import DataSource, PadCollator, load_training_data, pad_token_id
+from loramix.data import (
+    DataSource,
+    PadCollator,
+    existing_sources,
+    load_training_data,
+    pad_token_id,
+)
 from loramix.experts import load_expert
 from loramix.model import XLoraModel
 from loramix.smollm2 import load_base_model
@@ -527,10 +533,7 @@ def train_gate(
         progress=progress,
     )
     out = Path(out)
-    sources = [s if isinstance(s, DataSource) else DataSource.parse(s) for s in data]
-    for source in sources:  # before loading anything
-        if not source.path.is_file():
-            raise FileNotFoundError(f"Data file {source.path} does not exist.")
+    sources = existing_sources(data)  # before loading anything
     loaded = [load_expert(name, path) for name, path in xlora.adapters.items()]
 
     state = PartialState(cpu=cpu_data_parallel())  # under torchrun: joins the process group
