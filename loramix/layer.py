@@ -54,22 +54,59 @@ class MixingState:
     global_scaling_weight: float = 1.0
     scaled_lora_b: list[torch.Tensor] | None = None
 
-    _split: tuple[torch.Tensor | None, tuple[torch.Tensor, ...]] = field(
-        default=(None, ()), init=False, repr=False
-    )  # (scalings, scalings.unbind(2)) of the current call
+    # layer index -> (expert of each rank, scale of each rank), given by `add_module`
+    _layouts: dict[int, tuple[tuple[int, ...], tuple[float, ...]]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    # (device, E, dtype) -> (gather index (sum R,), scale of each rank (sum R,), R per layer)
+    _gathers: dict[tuple, tuple[torch.Tensor, torch.Tensor, list[int]]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    _call: tuple[torch.Tensor | None, dict[int, torch.Tensor]] = field(
+        default=(None, {}), init=False, repr=False
+    )  # (scalings, layer index -> its rank weights) of the current call
 
-    def layer_scalings(self, layer_index: int) -> torch.Tensor:
-        """`(B, T, E)`: module `layer_index`'s slice of `scalings`.
+    def add_module(
+        self, layer_index: int, expert_of_rank: list[int], scale_of_rank: list[float]
+    ) -> None:
+        """Records which expert and LoRA scale each rank of module `layer_index` has."""
+        self._layouts[layer_index] = (tuple(expert_of_rank), tuple(scale_of_rank))
+        self._gathers.clear()
 
-        The tensor is split along L once per forward call (`unbind`) rather than indexed
-        once per module: in the backward pass each index would allocate a zero tensor of the
-        full `(B, T, L, E)` size, L times over, while `unbind`'s backward is one stack.
+    def rank_weights(self, layer_index: int) -> torch.Tensor:
+        """`(B, T, R)`: `g * s[b, t, l, i] * scale_i` on each rank of module `layer_index`.
+
+        Computed for every module at once, on the first module's request in a forward call:
+        one gather, one multiply and one split of the `(B, T, L, E)` scalings, instead of
+        three small ops per module. In the backward pass the split is one concatenation and
+        the gather one scatter-add (indexing per module would allocate a zero tensor of the
+        full scalings' size, L times over).
         """
-        scalings, parts = self._split
+        scalings, per_layer = self._call
         if scalings is not self.scalings:
-            parts = self.scalings.unbind(2)  # L x (B, T, E)
-            self._split = (self.scalings, parts)
-        return parts[layer_index]
+            scalings = self.scalings
+            index, scale, sizes = self._gather(scalings)
+            flat = scalings.flatten(-2)  # (B, T, L * E)
+            weights = flat.index_select(-1, index) * (scale * self.global_scaling_weight)
+            per_layer = dict(zip(self._layouts, weights.split(sizes, dim=-1), strict=True))
+            self._call = (scalings, per_layer)  # per_layer: l -> (B, T, R_l)
+        return per_layer[layer_index]
+
+    def _gather(self, scalings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        n_experts = scalings.shape[-1]
+        key = (scalings.device, n_experts, scalings.dtype)
+        if key not in self._gathers:
+            index, scale, sizes = [], [], []
+            for layer_index, (experts, scales) in self._layouts.items():
+                index += [layer_index * n_experts + expert for expert in experts]
+                scale += scales
+                sizes.append(len(experts))
+            self._gathers[key] = (
+                torch.tensor(index, dtype=torch.long, device=scalings.device),  # (sum R,)
+                torch.tensor(scale, dtype=scalings.dtype, device=scalings.device),  # (sum R,)
+                sizes,
+            )
+        return self._gathers[key]
 
     @contextmanager
     def using(
@@ -81,7 +118,7 @@ class MixingState:
             yield
         finally:
             self.scalings, self.scaled_lora_b = previous
-            self._split = (None, ())  # drop the references to this call's tensors
+            self._call = (None, {})  # drop the references to this call's tensors
 
 
 def adapted_shape(module: nn.Module) -> tuple[int, int] | None:
@@ -150,6 +187,7 @@ class MixedLora(nn.Module):
         for index, lora in expert_loras:
             self.rank_blocks.append((index, start, start + lora.rank))
             start += lora.rank
+        state.add_module(layer_index, expert_of_rank.tolist(), scale_of_rank.tolist())
 
     @property
     def weight(self) -> torch.Tensor:
@@ -178,13 +216,17 @@ class MixedLora(nn.Module):
         scalings = state.scalings
         if scalings is None:
             return result
-        rank_weights = self.rank_weights(state.layer_scalings(self.layer_index))  # (B, T, R)
+        rank_weights = state.rank_weights(self.layer_index)  # (B, T, R)
         down = self.project_down(x)  # (B, T, R)
         up = F.linear(down * rank_weights.to(down.dtype), self.lora_b)  # (B, T, D_out)
         return result + up.to(result.dtype)
 
     def rank_weights(self, layer_scalings: torch.Tensor) -> torch.Tensor:
-        """`(..., E)` expert scalings -> `(..., R)`: `g * s_i * scale_i` on expert i's ranks."""
+        """`(..., E)` expert scalings -> `(..., R)`: `g * s_i * scale_i` on expert i's ranks.
+
+        For fixed scalings; in a forward call `MixingState.rank_weights` does this for every
+        module at once.
+        """
         weights = layer_scalings.index_select(-1, self.expert_of_rank)  # (..., R)
         return weights * (self.scale_of_rank * self.state.global_scaling_weight)
 

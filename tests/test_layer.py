@@ -57,13 +57,17 @@ def random_scalings(seed: int = 1, n_experts: int = E) -> torch.Tensor:
 
 
 def reference_delta(
-    x: torch.Tensor, loras: list[tuple[int, ModuleLora]], scalings: torch.Tensor
+    x: torch.Tensor,
+    loras: list[tuple[int, ModuleLora]],
+    scalings: torch.Tensor,
+    layer: int = LAYER,
+    g: float = G,
 ) -> torch.Tensor:
     """`g * sum_i s_i scale_i B_i A_i x`, one expert at a time; `x` is `(B, T, D_in)`."""
     total = 0
     for index, lora in loras:
-        s = scalings[:, :, LAYER, index].unsqueeze(-1)  # (B, T, 1)
-        total = total + G * s * lora.scale * (x @ lora.lora_a.T @ lora.lora_b.T)
+        s = scalings[:, :, layer, index].unsqueeze(-1)  # (B, T, 1)
+        total = total + g * s * lora.scale * (x @ lora.lora_a.T @ lora.lora_b.T)
     return total
 
 
@@ -180,6 +184,39 @@ def test_gradient_reaches_the_scalings() -> None:
     torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-12, rtol=1e-12)
     assert ours.grad[:, :, LAYER, 1].abs().max() == 0  # absent expert
     assert ours.grad[:, :, 0].abs().max() == 0  # other modules' scalings
+
+
+def test_modules_with_different_experts_and_ranks_share_one_state() -> None:
+    """The state gathers every module's rank weights at once; each must get its own."""
+    layouts = [{1: 3, 3: 2}, {0: 4}, {0: 1, 1: 2, 2: 3, 3: 4}]  # layer -> {expert: rank}
+    state = MixingState(global_scaling_weight=G)
+    modules, loras = [], []
+    for layer, ranks in enumerate(layouts):
+        loras.append(make_loras(D_IN, D_OUT, seed=10 + layer, ranks=ranks))
+        modules.append(MixedLinear(linear_base(), layer, loras[layer], state))
+    x = inputs()
+    ours = random_scalings().requires_grad_(True)
+    theirs = ours.detach().clone().requires_grad_(True)
+    weights = torch.randn(B, T, D_OUT, dtype=torch.float64)
+    with state.using(ours):
+        outputs = [module(x) for module in reversed(modules)][::-1]  # any order of calls
+    expected = [
+        modules[layer].base_layer(x) + reference_delta(x, loras[layer], theirs, layer)
+        for layer in range(L)
+    ]
+    for out, reference in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(out, reference, atol=1e-12, rtol=1e-12)
+    sum((out * weights).sum() for out in outputs).backward()
+    sum((out * weights).sum() for out in expected).backward()
+    torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-12, rtol=1e-12)
+
+    # new scalings and a new g in the next call are picked up, not the previous call's
+    state.global_scaling_weight = 0.3
+    other = random_scalings(seed=7)
+    with torch.no_grad(), state.using(other):
+        out = modules[2](x)
+    reference = modules[2].base_layer(x) + reference_delta(x, loras[2], other, 2, g=0.3)
+    torch.testing.assert_close(out, reference, atol=1e-12, rtol=1e-12)
 
 
 # --------------------------------------------------------------- merged deltas

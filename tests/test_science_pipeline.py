@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,7 @@ TINY = dict(
     save_steps=1,
     eval_limit=2,
     max_new_tokens=3,
+    expert_workers=1,
 )
 
 
@@ -58,14 +60,7 @@ def run(base, tmp_path_factory) -> tuple[Path, Path, RetrainSettings, dict[str, 
 
 def test_retrain_writes_every_step_and_a_loadable_float16_bundle(base, run):
     out, bundle, settings, timings = run
-    assert list(timings) == [
-        "data",
-        "expert:biology",
-        "expert:chemistry",
-        "gate",
-        "eval",
-        "export",
-    ]
+    assert list(timings) == ["data", "experts", "gate", "eval", "export"]
     assert all(seconds is not None for seconds in timings.values())
     for name in ("xlora_config.json", "gate.safetensors", "eval.md", "eval.json", RETRAIN_JSON):
         assert (bundle / name).is_file(), name
@@ -218,6 +213,26 @@ def test_the_bundled_model_loads_on_smollm2_and_answers():
     assert ids == prompt + answer.token_ids
     assert len(answer.experts) == len(answer.token_ids)
     assert max(set(answer.experts), key=answer.experts.count) == 0  # mostly biology's tokens
+
+
+def test_experts_trained_side_by_side_equal_those_trained_here(run, tmp_path):
+    out, _, settings, _ = run
+    side_by_side = tmp_path / "run"
+    shutil.copytree(out / "data", side_by_side / "data")  # the same data; experts redone
+    parallel = dataclasses.replace(settings, expert_workers=2)
+    retrain(
+        side_by_side, seed=3, settings=dataclasses.replace(parallel, gate_steps=1), bundle_dir=None
+    )
+    for domain in settings.domains:
+        name = f"experts/{domain}/adapter_model.safetensors"
+        here, there = load_file(out / name), load_file(side_by_side / name)
+        assert here.keys() == there.keys()
+        for key in here:  # one thread per worker here vs the test's threads: rounding only
+            torch.testing.assert_close(there[key], here[key], atol=1e-5, rtol=1e-4)
+    record = json.loads((side_by_side / "timings.json").read_text())["experts"]
+    assert record["workers"] == 2 and record["threads"] >= 1
+    assert set(record["each"]) == set(settings.domains)
+    assert record["cpu_s"] == pytest.approx(sum(e["cpu_s"] for e in record["each"].values()))
 
 
 def test_a_run_folder_refuses_other_settings(run):

@@ -64,6 +64,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     retrain.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
+    retrain.add_argument(
+        "--expert-workers",
+        type=int,
+        default=None,
+        help="experts trained side by side, sharing the threads (default: one per CPU core)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -168,6 +174,7 @@ def _retrain(args: argparse.Namespace) -> int:
             gate_steps=args.gate_steps,
             eval_limit=args.eval_limit,
             threads=args.threads,
+            expert_workers=args.expert_workers,
         )
         timings = retrain(
             args.out,

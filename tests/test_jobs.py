@@ -1,0 +1,52 @@
+"""Tests of loramix.jobs: jobs in this process or in spawned workers with their own threads."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from loramix.jobs import JobError, run_jobs
+
+
+def describe(value: int) -> tuple[int, int, int]:
+    """What a job sees: its argument squared, its process and its torch threads."""
+    return value * value, os.getpid(), torch.get_num_threads()
+
+
+def fail_on(value: int) -> int:
+    if value == 2:
+        raise ValueError("two is not allowed")
+    return value
+
+
+def test_one_worker_runs_every_job_here_in_order():
+    done = list(run_jobs(describe, {"a": (3,), "b": (4,)}, workers=1, threads=1))
+    assert [d.name for d in done] == ["a", "b"]
+    assert [d.value[0] for d in done] == [9, 16]
+    assert {d.value[1] for d in done} == {os.getpid()}
+    assert all(d.wall_s >= 0 and d.cpu_s >= 0 for d in done)
+
+
+def test_workers_are_other_processes_with_the_threads_asked_for():
+    jobs = {f"job{i}": (i,) for i in range(3)}
+    done = {d.name: d.value for d in run_jobs(describe, jobs, workers=2, threads=1)}
+    assert {name: value[0] for name, value in done.items()} == {"job0": 0, "job1": 1, "job2": 4}
+    pids = {value[1] for value in done.values()}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2
+    assert {value[2] for value in done.values()} == {1}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failing_job_is_named_with_its_error(workers):
+    with pytest.raises(JobError, match="job 'second' failed: two is not allowed") as caught:
+        list(run_jobs(fail_on, {"first": (1,), "second": (2,)}, workers=workers, threads=1))
+    assert isinstance(caught.value.__cause__, ValueError)
+
+
+@pytest.mark.parametrize("field, value", [("workers", 0), ("threads", 1.5)])
+def test_bad_counts_are_refused(field, value):
+    counts = {"workers": 1, "threads": 1, field: value}
+    with pytest.raises(ValueError, match=f"{field}={value!r}: use a whole number >= 1"):
+        list(run_jobs(describe, {"a": (1,)}, **counts))
