@@ -42,8 +42,9 @@ demo: venv
 	$(BIN)/python scripts/demo.py
 
 # Retrain the bundled science model from scratch (data, experts, gate, evaluation) into
-# runs/retrain and export it to models/science-xlora; about an hour on 2 CPU cores. Running it
-# again resumes an interrupted run (finished steps are skipped).
+# runs/retrain and export it to models/science-xlora; 45 minutes on this 2-core machine (two
+# experts at a time, one thread each). Running it again resumes an interrupted run (finished
+# steps are skipped).
 retrain: venv
 	$(BIN)/python -m loramix.cli science retrain --out runs/retrain --seed 0
 

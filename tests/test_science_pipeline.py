@@ -68,6 +68,9 @@ def test_retrain_writes_every_step_and_a_loadable_float16_bundle(base, run):
     assert len(weights) == 3
     for path in weights:
         assert {t.dtype for t in load_file(path).values()} == {torch.float16}, path
+    for config in bundle.glob("experts/*/adapter_config.json"):  # the same bytes every run
+        modules = json.loads(config.read_text())["target_modules"]
+        assert modules == sorted(modules) == ["q_proj", "v_proj"], config
     provenance = json.loads((bundle / RETRAIN_JSON).read_text())
     assert provenance["seed"] == 3
     assert provenance["settings"]["expert_steps"] == 2

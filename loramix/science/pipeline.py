@@ -63,6 +63,7 @@ TIMINGS_JSON = "timings.json"
 RUN_JSON = "run.json"  # the seed and settings of a run folder
 MIXED = "mixed"
 _WEIGHT_SUFFIX = ".safetensors"
+_ADAPTER_CONFIG = "adapter_config.json"
 _BUNDLED_REPORTS = ("eval.json", "eval.md")
 _TRAIN_DTYPES = ("float32", "bfloat16")
 
@@ -72,7 +73,7 @@ class RetrainSettings:
     """Everything `retrain` does besides the seed and the folders.
 
     The defaults are the bundled model's settings, sized so that the whole retrain takes
-    under an hour on a 2-core CPU (see README).
+    45 minutes on a 2-core CPU (see README).
 
     Attributes:
         base: "smollm2" or a local transformers folder.
@@ -258,7 +259,7 @@ def retrain(
         (paths.data / "manifest.json").is_file(),
         lambda: _write_data(paths, seed, settings),
     )
-    pending = [d for d in settings.domains if not _complete(paths.expert(d), "adapter_config.json")]
+    pending = [d for d in settings.domains if not _complete(paths.expert(d), _ADAPTER_CONFIG)]
     step(
         "experts",
         not pending,
@@ -453,7 +454,8 @@ def export_bundle(
 ) -> int:
     """Copy an X-LoRA folder into `bundle_dir` with every floating weight cast to `dtype`.
 
-    Configs are copied as they are; `*.safetensors` files of the gate and the experts are
+    Configs are copied as they are (peft adapter configs with `target_modules` sorted, so
+    that the same run gives the same bytes); `*.safetensors` files of the gate and the experts are
     rewritten with floating tensors in `dtype`; training logs and checkpoints are left out.
     `reports` (e.g. `eval.md`) are copied beside the model, and `provenance` is written as
     `retrain.json` with a short `README.md`. The bundle is assembled in a temporary folder
@@ -494,6 +496,8 @@ def export_bundle(
                     for name, t in load_file(path).items()
                 }
                 save_file(tensors, dest, metadata={"format": "pt"})
+            elif path.name == _ADAPTER_CONFIG:
+                dest.write_text(_stable_adapter_config(path.read_text()))
             else:
                 shutil.copyfile(path, dest)
         for report in map(Path, reports):
@@ -518,6 +522,19 @@ def export_bundle(
         raise
     logger.info("exported the bundle to %s (%.2f MB)", target, size / 1e6)
     return size
+
+
+def _stable_adapter_config(text: str) -> str:
+    """A peft adapter config with `target_modules` sorted.
+
+    peft writes the set of target modules in the process's hash order, so the same training
+    would otherwise give a different file in every run; sorted, a retrain reproduces the
+    bundle byte for byte.
+    """
+    config = json.loads(text)
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
 def folder_size(folder: str | os.PathLike[str]) -> int:
