@@ -176,6 +176,19 @@ def test_settings_name_every_bad_field():
     message = str(error.value)
     assert "domains=('physics',)" in message and "biology" in message
     assert "expert_steps=0" in message and "gate_lr=-1" in message
+    with pytest.raises(ValueError) as error:
+        RetrainSettings(gate_weights={"physics": 2, "chemistry": 0})
+    message = str(error.value)
+    assert "gate_weights['physics']: not one of" in message
+    assert "gate_weights['chemistry']=0: use a positive number" in message
+
+
+def test_the_gate_samples_each_domain_by_its_weight(run):
+    out, _, settings, _ = run
+    assert settings.gate_weights == {"chemistry": 1.5}  # the default
+    data = json.loads((out / "xlora" / "training_args.json").read_text())["data"]
+    weights = {Path(source["path"]).name: source["weight"] for source in data}
+    assert weights == {"biology_train.jsonl": 1.0, "chemistry_train.jsonl": 1.5}
 
 
 def _smollm2_available() -> bool:
