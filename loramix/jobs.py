@@ -28,8 +28,6 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
-
 _LOG_FORMAT = "%(levelname)s %(processName)s %(name)s: %(message)s"
 
 

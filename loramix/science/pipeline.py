@@ -350,8 +350,6 @@ def _train_experts(
     for done in run_jobs(_train_expert, jobs, workers=workers, threads=threads):
         each[done.name] = {"wall_s": round(done.wall_s, 2), "cpu_s": round(done.cpu_s, 1)}
         logger.info("expert %s: done in %.1f s", done.name, done.wall_s)
-    if workers == 1:
-        threads = torch.get_num_threads()
     cpu_s = round(sum(each[d]["cpu_s"] for d in domains), 1)
     return {"cpu_s": cpu_s, "workers": workers, "threads": threads, "each": each}
 
@@ -468,8 +466,9 @@ def export_bundle(
     """Copy an X-LoRA folder into `bundle_dir` with every floating weight cast to `dtype`.
 
     Configs are copied as they are (peft adapter configs with `target_modules` sorted, so
-    that the same run gives the same bytes); `*.safetensors` files of the gate and the experts are
-    rewritten with floating tensors in `dtype`; training logs and checkpoints are left out.
+    that the same run gives the same bytes); `*.safetensors` files of the gate and the
+    experts are rewritten with floating tensors in `dtype`; training logs and checkpoints
+    are left out.
     `reports` (e.g. `eval.md`) are copied beside the model, and `provenance` is written as
     `retrain.json` with a short `README.md`. The bundle is assembled in a temporary folder
     beside `bundle_dir` and swapped in only when complete and within `max_bytes`.
