@@ -22,6 +22,7 @@ from loramix.layer import (
     MixedLinear,
     MixingState,
     adapted_shape,
+    add_up_projection,
     make_mixed_module,
 )
 
@@ -317,6 +318,28 @@ def test_state_using_restores_previous_value() -> None:
     assert state.scalings is None
 
 
+@pytest.mark.parametrize("leading", [(), (5,), (2, 3)], ids=["vector", "rows", "batch"])
+def test_add_up_projection_is_result_plus_up(leading: tuple[int, ...]) -> None:
+    generator = torch.Generator().manual_seed(3)
+    result = torch.randn(*leading, D_OUT, dtype=torch.float64, generator=generator)
+    down = torch.randn(*leading, 4, dtype=torch.float64, generator=generator, requires_grad=True)
+    lora_b = torch.randn(D_OUT, 4, dtype=torch.float64, generator=generator)
+    fused = add_up_projection(result, down, lora_b)
+    assert fused.shape == result.shape
+    torch.testing.assert_close(fused, result + down @ lora_b.T, rtol=0, atol=1e-12)
+    fused.sum().backward()
+    torch.testing.assert_close(down.grad, lora_b.sum(0).expand_as(down), rtol=0, atol=1e-12)
+
+
+def test_add_up_projection_keeps_the_base_dtype() -> None:
+    result = torch.randn(2, 3, D_OUT).to(torch.bfloat16)
+    down, lora_b = torch.randn(2, 3, 4), torch.randn(D_OUT, 4)
+    fused = add_up_projection(result, down, lora_b)
+    assert fused.dtype == torch.bfloat16
+    expected = result + (down @ lora_b.T).to(torch.bfloat16)
+    torch.testing.assert_close(fused, expected, rtol=0, atol=0)
+
+
 def test_adapted_shape() -> None:
     assert adapted_shape(linear_base()) == (D_IN, D_OUT)
     assert adapted_shape(conv1d_base()) == (D_IN, D_OUT)
@@ -356,6 +379,8 @@ def test_number_of_ops_does_not_grow_with_experts(make_base) -> None:
             module(x)
         counts[n_experts] = counter.calls
     assert counts[1] == counts[3] == counts[9]
-    matmuls = [name for name in counts[9] if name in ("linear", "matmul", "bmm", "mm", "einsum")]
+    matmuls = [
+        name for name in counts[9] if name in ("linear", "matmul", "bmm", "mm", "addmm", "einsum")
+    ]
     # a linear: the base GEMM, A_cat x and B_cat a; an embedding: lookups and B_cat a
     assert len(matmuls) == (1 if make_base is embedding_base else 3)

@@ -216,6 +216,23 @@ def test_only_gate_trainable_through_lifecycle(llama_experts: dict, tmp_path: Pa
     assert trainable_names(reloaded) == GATE_PARAMS
 
 
+@pytest.mark.parametrize("first_call", ["inference_mode", "generate"])
+def test_training_after_inference_mode_call(llama_experts: dict, first_call: str) -> None:
+    # A first forward under inference mode must leave no inference tensor behind that a
+    # later, gradient-tracking forward would need (e.g. cached per-model index tensors).
+    model = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts))
+    ids = random_ids()
+    with torch.inference_mode():
+        if first_call == "generate":
+            model.generate(ids, max_new_tokens=2, do_sample=False)
+        else:
+            model(input_ids=ids)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for p in model.gate.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
 def test_trainable_adapters_are_parameters(llama_experts: dict[str, str]) -> None:
     model = XLoraModel(
         tiny_llama(), XLoraConfig(adapters=llama_experts, use_trainable_adapters=True)
