@@ -8,7 +8,12 @@ A step is forward + backward + AdamW step, with the causal-LM loss on the batch:
   gate's gradient flows back through the mixed pass, so the backward pass runs through the
   frozen base model);
 * peft: `peft.XLoraModel` with the same experts, only its classifier (gate) trains;
+* loramix, checkpointed: the same with `gradient_checkpointing_enable()` (each block's
+  activations recomputed in the backward pass instead of kept);
 * single LoRA: peft LoRA r=8 on the seven projections (one pass, LoRA weights train).
+
+Also prints the activation memory of each: the bytes of the tensors the forward pass saves
+for the backward pass (parameters and buffers excluded, shared storage counted once).
 
 Prints median times and the ratios loramix / peft (target <= 0.5) and loramix / single LoRA.
 Everything runs on the same random model with SmolLM2-135M's shape. `--profile` prints the
@@ -47,6 +52,23 @@ def training_step(model: nn.Module, ids: torch.Tensor) -> Callable[[], None]:
     return step
 
 
+def saved_activation_bytes(model: nn.Module, ids: torch.Tensor) -> int:
+    """Bytes the forward pass keeps for the backward pass, weights excluded."""
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values())
+
+
 def count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -70,6 +92,9 @@ def main() -> None:
     )
     models: dict[str, nn.Module] = {}
     models["loramix"] = XLoraModel(random_base(use_cache=False), XLoraConfig(adapters=experts))
+    checkpointed = XLoraModel(random_base(use_cache=False), XLoraConfig(adapters=experts))
+    checkpointed.gradient_checkpointing_enable()
+    models["loramix, checkpointed"] = checkpointed
     if not args.skip_peft:
         import peft
 
@@ -90,6 +115,7 @@ def main() -> None:
     )
     steps = {name: training_step(model, ids) for name, model in models.items()}
     trainable = {name: count(model) for name, model in models.items()}
+    activations = {name: saved_activation_bytes(model, ids) for name, model in models.items()}
 
     # Interleaved (one step of each per round), so that load from other processes on shared
     # cores falls on all three alike.
@@ -115,12 +141,15 @@ def main() -> None:
     for name, seconds in results.items():
         spread = ", ".join(f"{t * 1000:.0f}" for t in times[name])
         print(
-            f"  {name:12s} {seconds * 1000:9.1f} ms   {trainable[name]:>9,d} trainable params"
-            f"   (all: {spread} ms)"
+            f"  {name:21s} {seconds * 1000:9.1f} ms   {trainable[name]:>9,d} trainable params"
+            f"   {activations[name] / 2**20:7.0f} MiB activations   (all: {spread} ms)"
         )
     if "peft" in results:
         print(f"loramix / peft time:         {results['loramix'] / results['peft']:.2f}  (<= 0.5)")
     print(f"loramix / single LoRA time:  {results['loramix'] / results['single LoRA']:.2f}")
+    slower = results["loramix, checkpointed"] / results["loramix"]
+    smaller = activations["loramix, checkpointed"] / activations["loramix"]
+    print(f"checkpointed / plain loramix: time {slower:.2f}, activation memory {smaller:.2f}")
 
 
 if __name__ == "__main__":

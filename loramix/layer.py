@@ -24,7 +24,7 @@ the length of one forward call (`with state.using(scalings): ...`). No hooks are
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -76,21 +76,24 @@ class MixingState:
     def rank_weights(self, layer_index: int) -> torch.Tensor:
         """`(B, T, R)`: `g * s[b, t, l, i] * scale_i` on each rank of module `layer_index`.
 
-        Computed for every module at once, on the first module's request in a forward call:
-        one gather, one multiply and one split of the `(B, T, L, E)` scalings, instead of
-        three small ops per module. In the backward pass the split is one concatenation and
-        the gather one scatter-add (indexing per module would allocate a zero tensor of the
-        full scalings' size, L times over).
+        Computed for every module at once when `using` sets the scalings (outside any
+        checkpointed layer): one gather, one multiply and one split of the `(B, T, L, E)`
+        scalings, instead of three small ops per module. In the backward pass the split is
+        one concatenation and the gather one scatter-add (indexing per module would allocate
+        a zero tensor of the full scalings' size, L times over).
         """
         scalings, per_layer = self._call
-        if scalings is not self.scalings:
-            scalings = self.scalings
-            index, scale, sizes = self._gather(scalings)
-            flat = scalings.flatten(-2)  # (B, T, L * E)
-            weights = flat.index_select(-1, index) * (scale * self.global_scaling_weight)
-            per_layer = dict(zip(self._layouts, weights.split(sizes, dim=-1), strict=True))
-            self._call = (scalings, per_layer)  # per_layer: l -> (B, T, R_l)
+        if scalings is not self.scalings:  # scalings assigned directly, not through `using`
+            per_layer = self._split_rank_weights(self.scalings)
+            self._call = (self.scalings, per_layer)
         return per_layer[layer_index]
+
+    def _split_rank_weights(self, scalings: torch.Tensor) -> dict[int, torch.Tensor]:
+        """layer index -> its `(B, T, R_l)` rank weights, for `(B, T, L, E)` scalings."""
+        index, scale, sizes = self._gather(scalings)
+        flat = scalings.flatten(-2)  # (B, T, L * E)
+        weights = flat.index_select(-1, index) * (scale * self.global_scaling_weight)
+        return dict(zip(self._layouts, weights.split(sizes, dim=-1), strict=True))
 
     def _gather(self, scalings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         n_experts = scalings.shape[-1]
@@ -115,13 +118,31 @@ class MixingState:
     def using(
         self, scalings: torch.Tensor | None, scaled_lora_b: list[torch.Tensor] | None = None
     ) -> Iterator[None]:
-        previous = self.scalings, self.scaled_lora_b
-        self.scalings, self.scaled_lora_b = scalings, scaled_lora_b
+        """Sets the scalings (or the scaled B matrices) for the length of one forward call."""
+        call = (None, {})
+        if scalings is not None and scaled_lora_b is None and self._layouts:
+            call = (scalings, self._split_rank_weights(scalings))
+        with self._restoring((scalings, scaled_lora_b, call)):
+            yield
+
+    def checkpoint_contexts(self) -> tuple[AbstractContextManager, AbstractContextManager]:
+        """`context_fn` for `torch.utils.checkpoint`: a layer's recompute sees its own call.
+
+        Activation checkpointing runs a layer again in the backward pass, after `using` has
+        ended (and maybe after later forward calls). The second context puts back, for that
+        recompute, the scalings and the very rank-weight tensors the layer's first run used.
+        """
+        snapshot = (self.scalings, self.scaled_lora_b, self._call)
+        return nullcontext(), self._restoring(snapshot)
+
+    @contextmanager
+    def _restoring(self, snapshot: tuple) -> Iterator[None]:
+        previous = self.scalings, self.scaled_lora_b, self._call
+        self.scalings, self.scaled_lora_b, self._call = snapshot
         try:
             yield
         finally:
-            self.scalings, self.scaled_lora_b = previous
-            self._call = (None, {})  # drop the references to this call's tensors
+            self.scalings, self.scaled_lora_b, self._call = previous
 
 
 def add_up_projection(

@@ -118,6 +118,7 @@ def train_expert(
     weight_decay: float = _T.weight_decay,
     logging_steps: int = _T.logging_steps,
     progress: bool = _T.progress,
+    gradient_checkpointing: bool = _T.gradient_checkpointing,
     resume: bool = False,
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
@@ -133,7 +134,7 @@ def train_expert(
         rank, alpha, targets, dropout: The adapter's shape (see `LoraSettings`).
         lr, epochs, max_steps, batch_size, grad_accum, seed, max_length, chat, eval_fraction,
             save_steps, eval_steps, save_total_limit, warmup, lr_scheduler, logging_steps,
-            progress: Training settings (see `TrainingConfig`).
+            progress, gradient_checkpointing: Training settings (see `TrainingConfig`).
         resume: Continue from the newest checkpoint in `out/checkpoints`; give the same data
             and settings as the interrupted run (max_steps may be raised).
         overwrite: Replace an earlier run in `out` instead of refusing.
@@ -167,6 +168,7 @@ def train_expert(
         weight_decay=weight_decay,
         logging_steps=logging_steps,
         progress=progress,
+        gradient_checkpointing=gradient_checkpointing,
     )
     out = Path(out)
     sources = existing_sources(data)  # before loading anything

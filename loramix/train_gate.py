@@ -455,6 +455,7 @@ def train_gate(
     weight_decay: float = _T.weight_decay,
     logging_steps: int = _T.logging_steps,
     progress: bool = _T.progress,
+    gradient_checkpointing: bool = _T.gradient_checkpointing,
     resume: bool = False,
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
@@ -478,8 +479,8 @@ def train_gate(
         balance_weight, entropy_weight: Optional loss terms (see `GateRegularizer`).
         lr, epochs, max_steps, batch_size, grad_accum, seed, max_length, chat, eval_fraction,
             save_steps, eval_steps, save_total_limit, warmup, lr_scheduler, weight_decay,
-            logging_steps, progress: Training settings (see `TrainingConfig`); `batch_size`
-            is per process.
+            logging_steps, progress, gradient_checkpointing: Training settings (see
+            `TrainingConfig`); `batch_size` is per process.
         resume: Continue from the newest checkpoint in `out/checkpoints`; give the same
             experts, data and settings as the interrupted run (max_steps may be raised).
         overwrite: Replace an earlier run in `out` instead of refusing.
@@ -531,6 +532,7 @@ def train_gate(
         weight_decay=weight_decay,
         logging_steps=logging_steps,
         progress=progress,
+        gradient_checkpointing=gradient_checkpointing,
     )
     out = Path(out)
     sources = existing_sources(data)  # before loading anything

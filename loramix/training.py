@@ -72,6 +72,8 @@ class TrainingConfig:
         weight_decay: AdamW weight decay.
         logging_steps: Optimizer steps between logged training losses.
         progress: Show a progress bar.
+        gradient_checkpointing: Recompute each layer's activations in the backward pass
+            instead of keeping them: less memory for about one more forward pass of time.
     """
 
     lr: float = 2e-4
@@ -91,6 +93,7 @@ class TrainingConfig:
     weight_decay: float = 0.0
     logging_steps: int = 10
     progress: bool = True
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -125,6 +128,10 @@ class TrainingConfig:
             )
         if self.lr_scheduler not in SCHEDULERS:
             problems.append(f"lr_scheduler={self.lr_scheduler!r}: use one of {SCHEDULERS}.")
+        if not isinstance(self.gradient_checkpointing, bool):
+            problems.append(
+                f"gradient_checkpointing={self.gradient_checkpointing!r}: use True or False."
+            )
         if not self.weight_decay >= 0:
             problems.append(f"weight_decay={self.weight_decay}: use a number >= 0.")
         if problems:
@@ -227,7 +234,14 @@ def training_arguments(
     """Translate a `TrainingConfig` into transformers' `TrainingArguments`."""
     eval_steps = config.eval_steps or config.save_steps
     on_cpus = cpu_data_parallel()
+    # The Trainer turns it on through the model's own method (XLoraModel's checks the kwargs);
+    # transformers releases before 5.x's rename only know the older field name.
+    names = {field.name for field in fields(TrainingArguments)}
+    checkpointing = "activation_checkpointing"
+    if checkpointing not in names:
+        checkpointing = "gradient_checkpointing"
     return TrainingArguments(
+        **{checkpointing: config.gradient_checkpointing},
         output_dir=str(output_dir),
         learning_rate=config.lr,
         num_train_epochs=config.epochs,

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from tiny_tokenizer import save_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -164,3 +165,36 @@ def test_cli_trains_and_reports_errors(base, data, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main([*argv[:4], str(tmp_path / "none.jsonl"), *argv[5:], "--overwrite"]) == 2
     assert "none.jsonl does not exist" in capsys.readouterr().err
+
+
+class CheckpointingSeen(TrainerCallback):
+    """Records whether the model's layers checkpoint activations when training begins."""
+
+    def __init__(self) -> None:
+        self.checkpointing: list[bool] = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.checkpointing.append(
+            any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        )
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(base, data, tmp_path):
+    settings = {"max_steps": 2, "batch_size": 4, "eval_fraction": 0.0, "progress": False}
+    settings |= {"rank": 2, "targets": ["q_proj", "v_proj"], "warmup": 0, "lr": 1e-2}
+    plain = train_expert(base, [data], tmp_path / "plain", **settings)
+    seen = CheckpointingSeen()
+    checkpointed = train_expert(
+        base,
+        [data],
+        tmp_path / "checkpointed",
+        gradient_checkpointing=True,
+        callbacks=[seen],
+        **settings,
+    )
+    assert seen.checkpointing == [True]
+    expected = load_file(plain / "adapter_model.safetensors")
+    got = load_file(checkpointed / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-6)

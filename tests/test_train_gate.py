@@ -214,6 +214,29 @@ def test_resume_gives_the_uninterrupted_gate(base, data, experts, tmp_path):
     assert [r["step"] for r in log.read()] == [1, 2, 3, 4, 5, 6]
 
 
+def test_gradient_checkpointing_trains_the_same_gate(base, data, experts, tmp_path):
+    settings = {"max_steps": 3, "eval_fraction": 0.0, **FAST}
+    plain, checkpointed = KeepModel(), KeepModel()
+    train_gate(base, experts, [data], tmp_path / "plain", callbacks=[plain], **settings)
+    out = train_gate(
+        base,
+        experts,
+        [data],
+        tmp_path / "checkpointed",
+        gradient_checkpointing=True,
+        callbacks=[checkpointed],
+        **settings,
+    )
+    assert checkpointed.model.checkpointing_activations
+    assert not plain.model.checkpointing_activations
+    for name, param in plain.model.gate.state_dict().items():
+        torch.testing.assert_close(
+            checkpointed.model.gate.state_dict()[name], param, rtol=1e-4, atol=1e-6
+        )
+    summary = json.loads((out / "training_args.json").read_text())
+    assert summary["training"]["gradient_checkpointing"] is True
+
+
 def test_resume_refuses_a_checkpoint_of_another_gate(base, data, experts, tmp_path):
     settings = {"max_steps": 2, "save_steps": 2, "eval_fraction": 0.0, **FAST}
     out = tmp_path / "gate"
@@ -320,6 +343,7 @@ def test_cli_trains_with_xlora_flags_and_reports_errors(base, data, experts, tmp
     argv += ["--xlora-dropout-p", "0.1", "--softmax-temperature", "2", "--top-k-lora", "1"]
     argv += ["--enable-softmax-topk", "--scaling-pass-value", "0.5"]
     argv += ["--global-scaling-weight", "0.9", "--balance-weight", "0.1"]
+    argv += ["--gradient-checkpointing"]
     assert main(argv) == 0
     assert "saved the X-LoRA model" in capsys.readouterr().out
     config = XLoraConfig.from_file(out)
@@ -327,6 +351,8 @@ def test_cli_trains_with_xlora_flags_and_reports_errors(base, data, experts, tmp
     assert config.xlora_dropout_p == 0.1 and config.softmax_temperature == 2
     assert config.top_k_lora == 1 and config.enable_softmax_topk
     assert config.scaling_pass_value == 0.5 and config.global_scaling_weight == 0.9
+    summary = json.loads((out / "training_args.json").read_text())
+    assert summary["training"]["gradient_checkpointing"] is True
     XLoraModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
 
     with pytest.raises(SystemExit) as info:

@@ -53,6 +53,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--weight-decay", type=float, default=t.weight_decay)
     training.add_argument("--logging-steps", type=int, default=t.logging_steps)
     training.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    training.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass: less memory, about 30%% more time",
+    )
     training.add_argument("--dtype", choices=DTYPES, default="float32", help="base weights dtype")
 
 
@@ -77,6 +82,7 @@ def training_options(args: argparse.Namespace) -> dict[str, Any]:
         "lr_scheduler",
         "weight_decay",
         "logging_steps",
+        "gradient_checkpointing",
         "resume",
         "overwrite",
     ]
