@@ -158,6 +158,26 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         for name in self.adapted_modules:
             yield self.lm.get_submodule(name)
 
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """`(trainable, all)` parameter counts, as peft's method of that name returns.
+
+        "All" counts the experts' stacked A and B too (frozen buffers here, parameters in
+        peft), so the totals compare with peft's.
+        """
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        if not self.xlora_config.use_trainable_adapters:  # otherwise already parameters
+            total += sum(m.lora_a.numel() + m.lora_b.numel() for m in self.mixed_modules())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Prints the trainable and total parameter counts, in peft's format."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
+
     def get_input_embeddings(self) -> nn.Module:
         return self.lm.get_input_embeddings()
 
@@ -184,7 +204,10 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             input_ids: `(B, T)` token ids (or give `inputs_embeds`, `(B, T, D)`).
             attention_mask: `(B, T_past + T)`, 1 for real tokens.
             labels: `(B, T)` for the causal-LM loss of the mixed pass.
-            use_cache: Whether to fill `cache`.
+            use_cache: Whether to fill `cache` (a new `XLoraCache` when none is given, returned
+                as `past_key_values`). None follows the base model's config, except in
+                training mode, where it means False: training needs no cache, and the two
+                passes' caches would only take memory.
             cache: An `XLoraCache` (see `loramix.cache`), which carries a second cache for
                 the scaling pass; any other cache object is refused, since the scaling pass
                 needs its own. `past_key_values` is accepted as an alias. While frozen or
@@ -201,6 +224,12 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         """
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
+        if cache is None and not self._adapters_disabled:
+            if use_cache is None:
+                text_config = self.lm.config.get_text_config(decoder=True)
+                use_cache = not self.training and bool(getattr(text_config, "use_cache", False))
+            if use_cache:
+                cache = self.new_cache()  # one KV cache per pass, as `generate` uses
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         if not isinstance(logits_to_keep, int) or logits_to_keep != 0:

@@ -21,6 +21,7 @@ from conftest import (
 from peft import PeftModel, get_peft_model
 
 from loramix import XLoraConfig, XLoraModel
+from loramix.cache import XLoraCache
 
 
 def randomize_gate(model: XLoraModel, seed: int = 0, std: float = 1.0) -> None:
@@ -233,6 +234,24 @@ def test_training_after_inference_mode_call(llama_experts: dict, first_call: str
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("trainable_adapters", [False, True])
+def test_parameter_counts_match_peft(llama_experts: dict, trainable_adapters: bool, capsys) -> None:
+    config = XLoraConfig(adapters=llama_experts, use_trainable_adapters=trainable_adapters)
+    model = XLoraModel(tiny_llama(), config)
+    reference = peft_xlora(tiny_llama, llama_experts, model.gate.state_dict())
+    expected_total = reference.get_nb_trainable_parameters()[1]
+    trainable, total = model.get_nb_trainable_parameters()
+    assert total == expected_total
+    gate = sum(p.numel() for p in model.gate.parameters())
+    experts = total - sum(p.numel() for p in tiny_llama().parameters()) - gate
+    assert trainable == gate + (experts if trainable_adapters else 0)
+    model.print_trainable_parameters()
+    assert capsys.readouterr().out == (
+        f"trainable params: {trainable:,d} || all params: {total:,d} || "
+        f"trainable%: {100 * trainable / total:.4f}\n"
+    )
+
+
 def test_trainable_adapters_are_parameters(llama_experts: dict[str, str]) -> None:
     model = XLoraModel(
         tiny_llama(), XLoraConfig(adapters=llama_experts, use_trainable_adapters=True)
@@ -419,6 +438,24 @@ def test_gate_weights_that_do_not_fit(llama_experts: dict[str, str], tmp_path: P
     with pytest.raises(ValueError, match=r"gate weight layers\.0\.\w+ has shape"):
         XLoraModel.from_pretrained(base, tmp_path / "s")
     assert type(base.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # restored
+
+
+def test_use_cache_returns_an_xlora_cache_that_continues(llama_experts: dict) -> None:
+    model = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts))
+    randomize_gate(model)
+    ids = random_ids(tokens=9)
+    full = model(input_ids=ids, use_cache=False)
+    assert full.past_key_values is None
+    first = model(input_ids=ids[:, :5])  # use_cache=None: the base config's True
+    assert isinstance(first.past_key_values, XLoraCache)
+    assert first.past_key_values.scaling_cache.get_seq_length() == 5
+    rest = model(input_ids=ids[:, 5:], past_key_values=first.past_key_values)
+    torch.testing.assert_close(rest.logits, full.logits[:, 5:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rest.scalings, full.scalings[:, 5:], rtol=1e-5, atol=1e-6)
+
+    model.train()  # training keeps no cache unless asked
+    assert model(input_ids=ids).past_key_values is None
+    assert isinstance(model(input_ids=ids, use_cache=True).past_key_values, XLoraCache)
 
 
 def test_plain_cache_refused(llama_experts: dict[str, str]) -> None:
