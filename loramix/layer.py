@@ -62,9 +62,8 @@ class MixingState:
     _gathers: dict[tuple, tuple[torch.Tensor, torch.Tensor, list[int]]] = field(
         default_factory=dict, init=False, repr=False
     )
-    _call: tuple[torch.Tensor | None, dict[int, torch.Tensor]] = field(
-        default=(None, {}), init=False, repr=False
-    )  # (scalings, layer index -> its rank weights) of the current call
+    # layer index -> its (B, T, R) rank weights, formed by `using` for the current call
+    _rank_weights: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def add_module(
         self, layer_index: int, expert_of_rank: list[int], scale_of_rank: list[float]
@@ -82,11 +81,7 @@ class MixingState:
         one concatenation and the gather one scatter-add (indexing per module would allocate
         a zero tensor of the full scalings' size, L times over).
         """
-        scalings, per_layer = self._call
-        if scalings is not self.scalings:  # scalings assigned directly, not through `using`
-            per_layer = self._split_rank_weights(self.scalings)
-            self._call = (self.scalings, per_layer)
-        return per_layer[layer_index]
+        return self._rank_weights[layer_index]
 
     def _split_rank_weights(self, scalings: torch.Tensor) -> dict[int, torch.Tensor]:
         """layer index -> its `(B, T, R_l)` rank weights, for `(B, T, L, E)` scalings."""
@@ -119,10 +114,10 @@ class MixingState:
         self, scalings: torch.Tensor | None, scaled_lora_b: list[torch.Tensor] | None = None
     ) -> Iterator[None]:
         """Sets the scalings (or the scaled B matrices) for the length of one forward call."""
-        call = (None, {})
+        rank_weights = {}
         if scalings is not None and scaled_lora_b is None and self._layouts:
-            call = (scalings, self._split_rank_weights(scalings))
-        with self._restoring((scalings, scaled_lora_b, call)):
+            rank_weights = self._split_rank_weights(scalings)
+        with self._restoring((scalings, scaled_lora_b, rank_weights)):
             yield
 
     def checkpoint_contexts(self) -> tuple[AbstractContextManager, AbstractContextManager]:
@@ -132,17 +127,17 @@ class MixingState:
         ended (and maybe after later forward calls). The second context puts back, for that
         recompute, the scalings and the very rank-weight tensors the layer's first run used.
         """
-        snapshot = (self.scalings, self.scaled_lora_b, self._call)
+        snapshot = (self.scalings, self.scaled_lora_b, self._rank_weights)
         return nullcontext(), self._restoring(snapshot)
 
     @contextmanager
     def _restoring(self, snapshot: tuple) -> Iterator[None]:
-        previous = self.scalings, self.scaled_lora_b, self._call
-        self.scalings, self.scaled_lora_b, self._call = snapshot
+        previous = self.scalings, self.scaled_lora_b, self._rank_weights
+        self.scalings, self.scaled_lora_b, self._rank_weights = snapshot
         try:
             yield
         finally:
-            self.scalings, self.scaled_lora_b, self._call = previous
+            self.scalings, self.scaled_lora_b, self._rank_weights = previous
 
 
 def add_up_projection(
