@@ -339,6 +339,8 @@ def generate(
             "XLoraModel.generate keeps its own XLoraCache (a dynamic cache per pass); remove "
             "`cache_implementation` from the call or the generation config."
         )
+    if model.has_fixed_scalings:  # inside `fixed_scalings`: the mix is given, nothing to freeze
+        scalings_mode = "granular"
     use_cache = kwargs.get("use_cache", config.use_cache)
     if use_cache is False:
         if scalings_mode != "granular":

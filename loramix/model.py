@@ -111,7 +111,8 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         self.scaling_pass_value = config.scaling_pass_value
         self.mixing_state = MixingState(global_scaling_weight=config.global_scaling_weight)
         self._adapters_disabled = False
-        self._fixed_scalings: torch.Tensor | None = None  # (1, 1, L, E) inside fixed_scalings()
+        self._fixed_scalings: torch.Tensor | None = None  # (1 or B, 1, L, E) in fixed_scalings()
+        self._fixed_scaled_b: list[torch.Tensor] | None = None  # per module, one shared mix
         self._latest_scalings: torch.Tensor | None = None
         self._log_scalings = False
         self._scalings_log: list[torch.Tensor] = []  # grows only while logging is enabled
@@ -131,10 +132,13 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
                 trainable=config.use_trainable_adapters,
             )
             setattr(parent, child_name, mixed)
+            if layer_index == 0:
+                self._first_mixed = [mixed]  # a list: not registered a second time
 
         weight = base_model.get_input_embeddings().weight
+        gate_dtype = torch.promote_types(weight.dtype, torch.float32)  # see loramix.gate
         self.gate = XLoraGate(config, hidden_size, self.n_layers, self.n_experts).to(
-            device=weight.device, dtype=weight.dtype
+            device=weight.device, dtype=gate_dtype
         )
         self.eval()
 
@@ -152,6 +156,16 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
     @property
     def global_scaling_weight(self) -> float:
         return self.mixing_state.global_scaling_weight
+
+    @property
+    def expert_dtype(self) -> torch.dtype:
+        """The dtype the stacked experts are stored and computed in (the base weights')."""
+        return self._first_mixed[0].lora_a.dtype
+
+    @property
+    def has_fixed_scalings(self) -> bool:
+        """Whether a `fixed_scalings` block is active (no scaling pass, no gate)."""
+        return self._fixed_scalings is not None
 
     def mixed_modules(self) -> Iterator[MixedLora]:
         """The mixing modules, in L-axis order."""
@@ -255,7 +269,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             plan = cache.freeze_plan
         if self._fixed_scalings is not None:  # a fixed mix: no scaling pass, no gate, no top-k
             batch, tokens = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-            scalings = mixing = self._fixed_scalings.expand(batch, tokens, -1, -1)  # (B, T, L, E)
+            scalings, mixing, scaled_lora_b = self._fixed_mix(batch, tokens)  # (B, T, L, E)
             self._record_scalings(scalings)
         elif plan is not None and plan.is_frozen(cache):  # frozen/merged: no scaling pass
             tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
@@ -281,7 +295,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             mixing = select_top_k(scalings, self.top_k_lora, self.enable_softmax_topk)
             if plan is not None:
                 plan.observe(self, cache, scalings, attention_mask)
-        with self.mixing_state.using(mixing, scaled_lora_b):
+        with self.mixing_state.using(mixing, scaled_lora_b, self.expert_dtype):
             output = self.lm(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -358,7 +372,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             pass_scalings = torch.full(
                 (1, 1, 1, 1), float(self.scaling_pass_value), device=reference.device
             ).expand(batch, tokens, self.n_layers, self.n_experts)  # (B, T, L, E)
-        with torch.no_grad(), self.mixing_state.using(pass_scalings):
+        with torch.no_grad(), self.mixing_state.using(pass_scalings, dtype=self.expert_dtype):
             backbone = self.lm.base_model  # the causal LM without its head
             hidden = backbone(**inputs, **{self._cache_kwarg: cache}).last_hidden_state
         scalings = self.gate(hidden)  # (B, T, L, E)
@@ -446,31 +460,74 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             self._adapters_disabled = previous
 
     @contextmanager
-    def fixed_scalings(self, weights: torch.Tensor) -> Iterator[None]:
-        """Inside this block every token is mixed with the same given weights.
+    def fixed_scalings(self, weights: torch.Tensor, per_sequence: bool = False) -> Iterator[None]:
+        """Inside this block every token is mixed with fixed, given weights.
 
         The scaling pass, the gate and top-k are skipped: `weights` are used exactly as given.
         One-hot weights give one expert alone (plain LoRA); `1 / E` each gives the uniform
         average of the experts. A cache filled inside the block has no scaling-pass half, so
-        it cannot be continued with per-token scalings outside it.
+        it cannot be continued with per-token scalings outside it. Works with `generate`
+        (every scalings mode then behaves alike: the mix is already fixed).
+
+        One mix for all sequences is folded into each module's B once per block (under
+        `no_grad`, with frozen experts), as frozen generation does. Different mixes per
+        sequence are applied as per-sequence rank weights, `(B, 1, R)` per module and call:
+        of the exact ways measured (`benchmarks/batched_mixes.py`: per-sequence scaled B or A
+        with a batched matmul), the fastest, since it reads the stacked experts once for the
+        whole batch.
 
         Args:
-            weights: `(E,)` one weight per expert, or `(L, E)` per adapted module too.
+            weights: `(E,)` one weight per expert, or `(L, E)` per adapted module too; with
+                `per_sequence=True`, `(B, E)` or `(B, L, E)`: row `b` mixes sequence `b`, and
+                every forward call inside the block must have batch `B`.
+            per_sequence: Whether the first axis of `weights` is the batch.
         """
+        n_layers, n_experts = self.n_layers, self.n_experts
         weights = torch.as_tensor(weights)
-        if weights.shape not in ((self.n_experts,), (self.n_layers, self.n_experts)):
+        if per_sequence:
+            if weights.ndim == 2 and weights.shape[1] == n_experts:
+                weights = weights[:, None].expand(-1, n_layers, -1)  # (B, L, E)
+            if weights.ndim != 3 or weights.shape[1:] != (n_layers, n_experts):
+                raise ValueError(
+                    f"per-sequence fixed scalings of shape {tuple(weights.shape)}: give "
+                    f"(B, {n_experts}) (one mix per sequence) or (B, {n_layers}, {n_experts}) "
+                    "(per module too)"
+                )
+        elif weights.shape in ((n_experts,), (n_layers, n_experts)):
+            weights = weights.expand(n_layers, n_experts)[None]  # (1, L, E)
+        else:
             raise ValueError(
-                f"fixed scalings of shape {tuple(weights.shape)}: give ({self.n_experts},) "
-                f"(one per expert) or ({self.n_layers}, {self.n_experts}) (per module too)"
+                f"fixed scalings of shape {tuple(weights.shape)}: give ({n_experts},) "
+                f"(one per expert) or ({n_layers}, {n_experts}) (per module too); for one mix "
+                "per sequence pass per_sequence=True"
             )
         reference = self.gate.layers[-1].weight
         weights = weights.to(device=reference.device, dtype=reference.dtype)
-        previous = self._fixed_scalings
-        self._fixed_scalings = weights.expand(self.n_layers, self.n_experts)[None, None]
+        previous = self._fixed_scalings, self._fixed_scaled_b
+        self._fixed_scalings = weights[:, None]  # (B or 1, 1, L, E)
+        self._fixed_scaled_b = None  # formed on first use (one mix only)
         try:
             yield
         finally:
-            self._fixed_scalings = previous
+            self._fixed_scalings, self._fixed_scaled_b = previous
+
+    def _fixed_mix(self, batch: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Inside `fixed_scalings`: scalings `(B, T, L, E)`, mixing, and maybe scaled B."""
+        fixed = self._fixed_scalings  # (1 or B, 1, L, E)
+        if fixed.shape[0] not in (1, batch):
+            raise ValueError(
+                f"fixed_scalings holds {fixed.shape[0]} per-sequence mixes but this call has "
+                f"batch {batch}; give one row per sequence of the batch"
+            )
+        scalings = fixed.expand(batch, tokens, -1, -1)  # (B, T, L, E)
+        shared = fixed.shape[0] == 1 or bool(torch.equal(fixed, fixed[:1].expand_as(fixed)))
+        if not shared or torch.is_grad_enabled() or self.xlora_config.use_trainable_adapters:
+            return scalings, fixed, None  # rank weights (B or 1, 1, R) per module
+        if self._fixed_scaled_b is None:
+            self._fixed_scaled_b = [
+                m.scaled_lora_b(fixed[0, 0, m.layer_index]) for m in self.mixed_modules()
+            ]
+        return scalings, fixed, self._fixed_scaled_b
 
     def gradient_checkpointing_enable(
         self, gradient_checkpointing_kwargs: dict | None = None, **options: Any
@@ -604,13 +661,30 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
-        cls, base_model: PreTrainedModel, save_directory: str | os.PathLike
+        cls,
+        base_model: PreTrainedModel,
+        save_directory: str | os.PathLike,
+        dtype: torch.dtype | None = None,
     ) -> XLoraModel:
         """Loads a folder written by `save_pretrained` (or by peft's X-LoRA) onto `base_model`.
 
         Expert paths in the config are resolved relative to the folder. Everything is read
         and checked before `base_model` is changed.
+
+        Args:
+            base_model: The causal LM the experts were trained on.
+            save_directory: The X-LoRA folder.
+            dtype: Casts the base model (in place) and the experts to this floating dtype,
+                once, after everything loaded; the gate stays float32 (see `loramix.gate`).
+                None keeps the base model's dtype (the experts follow it).
         """
+        if dtype is not None and (
+            not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"dtype={dtype!r} is not a floating torch dtype; pass torch.float32, "
+                "torch.float16 or torch.bfloat16 (or None to keep the base model's dtype)."
+            )
         folder = Path(save_directory)
         config = XLoraConfig.from_file(folder)
         adapters = {}
@@ -639,6 +713,8 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
                     "the base model changed?"
                 )
         model.gate.load_state_dict(gate_state)
+        if dtype is not None:
+            model.lm.to(dtype)  # base weights and the experts' stacked buffers, not the gate
         return model
 
 

@@ -559,3 +559,39 @@ def test_activation_checkpointing_refuses_what_drops_the_gradient(
     with pytest.raises(ValueError, match=field):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     assert not model.checkpointing_activations
+
+
+# ------------------------------------------------------------------ half precision
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_from_pretrained_casts_base_and_experts_once_and_keeps_the_gate_float32(
+    dtype, llama_experts: dict[str, str], tmp_path: Path
+) -> None:
+    model = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts, layerwise_scalings=True))
+    randomize_gate(model)
+    model.save_pretrained(tmp_path / "saved")
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    loaded = XLoraModel.from_pretrained(tiny_llama(), tmp_path / "saved", dtype=dtype)
+    assert loaded.lm.get_input_embeddings().weight.dtype == dtype
+    assert {m.lora_a.dtype for m in loaded.mixed_modules()} == {dtype}
+    assert {p.dtype for p in loaded.gate.parameters()} == {torch.float32}
+    with torch.no_grad():
+        output = loaded(input_ids=ids)
+    assert output.scalings.dtype == torch.float32
+    tolerance = 2e-2 if dtype == torch.float16 else 1e-1
+    scale = reference.abs().max().item()
+    torch.testing.assert_close(output.logits.float(), reference, atol=tolerance * scale, rtol=0)
+    with pytest.raises(ValueError, match="torch.float16"):
+        XLoraModel.from_pretrained(tiny_llama(), tmp_path / "saved", dtype=torch.int8)
+
+
+def test_gate_is_float32_over_a_half_precision_base(llama_experts: dict[str, str]) -> None:
+    model = XLoraModel(tiny_llama().to(torch.bfloat16), XLoraConfig(adapters=llama_experts))
+    assert model.gate.layers[-1].weight.dtype == torch.float32
+    assert model.expert_dtype == torch.bfloat16
+    scalings = model(input_ids=random_ids(1, 4)).scalings
+    assert scalings.dtype == torch.float32
+    torch.testing.assert_close(scalings.sum(-1), torch.ones(1, 4, model.n_layers))

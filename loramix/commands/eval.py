@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from loramix.commands.training_flags import DTYPES as _DTYPES
+from loramix.commands.model_flags import add_dtype_argument, dtype_from_args
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -80,12 +80,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument(
         "--no-chat", action="store_true", help="plain prompt + completion, no chat template"
     )
-    parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="base weights dtype")
+    add_dtype_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate; print the table and the targets, or the error and how to fix it."""
-    import torch
 
     from loramix.evaluation import VERIFIERS, evaluate, format_targets, load_test_set
     from loramix.model import XLoraModel
@@ -99,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             from loramix.plots import require_matplotlib
 
             require_matplotlib()  # fail before the model is loaded, not after the evaluation
-        base, tokenizer = load_base_model(args.base, dtype=getattr(torch, args.dtype))
+        base, tokenizer = load_base_model(args.base, dtype=dtype_from_args(args))
         model = XLoraModel.from_pretrained(base, args.model_dir)
         report = evaluate(
             model,

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from loramix.commands.training_flags import DTYPES as _DTYPES
+from loramix.commands.model_flags import add_dtype_argument, dtype_from_args
 
 _MODES = ("granular", "frozen", "merged")
 
@@ -57,16 +57,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with sampling)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights dtype")
+    add_dtype_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, generate, print the continuation (coloured with --show-experts)."""
-    import torch
 
     try:
         _check_args(args)
-        model, tokenizer = _load(args.model_dir, args.base, getattr(torch, args.dtype))
+        model, tokenizer = _load(args.model_dir, args.base, dtype_from_args(args))
         ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)
         new_ids, experts = _generate(model, tokenizer, ids, args)
     except (ValueError, FileNotFoundError) as error:

@@ -11,6 +11,8 @@ import sys
 import time
 from typing import Any
 
+from loramix.commands.model_flags import add_dtype_argument, dtype_from_args
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Declare `science demo` and `science retrain` and their flags."""
@@ -39,6 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     demo.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens per answer")
     demo.add_argument("--no-colour", action="store_true", help="tag tokens instead of colouring")
+    add_dtype_argument(demo)
 
     settings = RetrainSettings()
     retrain = actions.add_parser(
@@ -90,6 +93,7 @@ def _demo(args: argparse.Namespace) -> int:
             base=args.base,
             n_eval=args.n_eval,
             max_new_tokens=args.max_new_tokens,
+            dtype=dtype_from_args(args),
             log=print,
         )
     except (ValueError, FileNotFoundError, ImportError) as error:

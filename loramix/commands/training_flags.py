@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from loramix.commands.model_flags import add_dtype_argument, dtype_from_args
 from loramix.training import SCHEDULERS, TrainingConfig
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_data_arguments(group: argparse._ArgumentGroup) -> None:
@@ -58,12 +57,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="recompute activations in the backward pass: less memory, about 30%% more time",
     )
-    training.add_argument("--dtype", choices=DTYPES, default="float32", help="base weights dtype")
+    add_dtype_argument(training)
 
 
 def training_options(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments that `train_expert` and `train_gate` share, from parsed flags."""
-    import torch
 
     names = [
         "lr",
@@ -88,5 +86,5 @@ def training_options(args: argparse.Namespace) -> dict[str, Any]:
     ]
     options = {name: getattr(args, name) for name in names}
     options["progress"] = not args.no_progress
-    options["dtype"] = getattr(torch, args.dtype)
+    options["dtype"] = dtype_from_args(args)
     return options
