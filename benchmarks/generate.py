@@ -80,6 +80,9 @@ def trim_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+CLOCK = time.perf_counter  # `--clock cpu` switches to the process's CPU time
+
+
 def measure(fn: Callable[[], torch.Tensor]) -> tuple[float, int, torch.Tensor]:
     """Runs `fn` once: (seconds, peak RSS growth in bytes, its output)."""
     trim_memory()
@@ -93,9 +96,9 @@ def measure(fn: Callable[[], torch.Tensor]) -> tuple[float, int, torch.Tensor]:
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    start = time.perf_counter()
+    start = CLOCK()
     out = fn()
-    seconds = time.perf_counter() - start
+    seconds = CLOCK() - start
     stop.set()
     thread.join()
     peak[0] = max(peak[0], rss_bytes())
@@ -173,15 +176,24 @@ def main() -> int:
         help="fixed-mixes: a different given mix per sequence (fixed_scalings, per_sequence)",
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: the process's CPU time (all threads), steadier than wall time on a machine "
+        "shared with other jobs; use it with --threads 1",
+    )
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--peft-new-tokens", type=int, default=None, help="default: --new-tokens")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     print("command:", shlex.join([sys.executable, *sys.argv]))
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, {args.clock} clock"
     )
     if args.model == "synthetic":
         args.adapters = make_experts(args.experts, args.rank)

@@ -37,7 +37,7 @@ from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 
 from loramix import generation
-from loramix.cache import XLoraCache
+from loramix.cache import XLoraCache, XLoraStaticCache
 from loramix.config import CONFIG_NAME, XLoraConfig
 from loramix.experts import (
     ADAPTER_CONFIG_NAME,
@@ -277,7 +277,11 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             scalings, mixing, scaled_lora_b = plan.fixed_scalings(self, cache, tokens)
             self._record_scalings(scalings)
         else:
-            if cache is not None and scaling_cache.get_seq_length() != cache.get_seq_length():
+            if (  # a misuse check that needs the lengths as numbers: eager calls only
+                cache is not None
+                and not torch.compiler.is_compiling()
+                and scaling_cache.get_seq_length() != cache.get_seq_length()
+            ):
                 raise ValueError(
                     f"this XLoraCache's scaling pass stops at token "
                     f"{scaling_cache.get_seq_length()} but its mixed pass at "
@@ -310,9 +314,23 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         output["scalings"] = scalings
         return output
 
-    def new_cache(self) -> XLoraCache:
-        """An empty `XLoraCache` (one KV cache per pass) for `forward` or `generate`."""
-        return XLoraCache(config=self.config.get_text_config(decoder=True))
+    def new_cache(self, max_cache_len: int | None = None) -> XLoraCache | XLoraStaticCache:
+        """An empty cache (one KV cache per pass) for `forward` or `generate`.
+
+        Args:
+            max_cache_len: None for a dynamic `XLoraCache`; a number of tokens for an
+                `XLoraStaticCache` that holds that many (fixed shapes, for `torch.compile`).
+        """
+        config = self.config.get_text_config(decoder=True)
+        if max_cache_len is None:
+            return XLoraCache(config=config)
+        if (
+            isinstance(max_cache_len, bool)
+            or not isinstance(max_cache_len, int)
+            or max_cache_len < 1
+        ):
+            raise ValueError(f"max_cache_len={max_cache_len!r}: use an int >= 1 (or None)")
+        return XLoraStaticCache(config=config, max_cache_len=max_cache_len)
 
     def generate(
         self,
@@ -503,6 +521,8 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             )
         reference = self.gate.layers[-1].weight
         weights = weights.to(device=reference.device, dtype=reference.dtype)
+        if weights.shape[0] > 1 and torch.equal(weights, weights[:1].expand_as(weights)):
+            weights = weights[:1]  # (1, L, E): one mix after all, folded into B below
         previous = self._fixed_scalings, self._fixed_scaled_b
         self._fixed_scalings = weights[:, None]  # (B or 1, 1, L, E)
         self._fixed_scaled_b = None  # formed on first use (one mix only)
@@ -520,7 +540,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
                 f"batch {batch}; give one row per sequence of the batch"
             )
         scalings = fixed.expand(batch, tokens, -1, -1)  # (B, T, L, E)
-        shared = fixed.shape[0] == 1 or bool(torch.equal(fixed, fixed[:1].expand_as(fixed)))
+        shared = fixed.shape[0] == 1  # one mix for all (equal rows were folded on entry)
         if not shared or torch.is_grad_enabled() or self.xlora_config.use_trainable_adapters:
             return scalings, fixed, None  # rank weights (B or 1, 1, R) per module
         if self._fixed_scaled_b is None:

@@ -393,7 +393,10 @@ def test_bad_options_name_the_fix(expert_folders) -> None:
         model.generate(ids, scalings_mode="frozen", use_cache=False)
     with pytest.raises(ValueError, match="new_cache"):
         model.generate(ids, cache=DynamicCache())
-    with pytest.raises(ValueError, match="cache_implementation"):
+    with pytest.raises(ValueError, match="cache_implementation='static'"):
+        model.generate(ids, cache_implementation="offloaded")
+    model.generation_config.max_length = None
+    with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(ids, cache_implementation="static")
 
 
