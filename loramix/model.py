@@ -31,12 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 
-from loramix import generation
+from loramix import formats, generation
 from loramix.cache import XLoraCache
 from loramix.config import CONFIG_NAME, XLoraConfig
 from loramix.experts import (
@@ -46,6 +45,7 @@ from loramix.experts import (
     ModuleLora,
     load_expert,
 )
+from loramix.formats import hub
 from loramix.gate import XLoraGate, select_top_k
 from loramix.layer import MixedLora, MixingState, adapted_shape, make_mixed_module
 
@@ -566,15 +566,32 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
                 state[f"base_model.model.{name}.lora_B.weight"] = lora_b
         return state
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        format: str = "loramix",
+        base_model_id: str | None = None,
+        **_: Any,
+    ) -> None:
         """Writes a self-contained folder, atomically (a temporary folder, then a rename).
 
-        Layout:
+        Args:
+            save_directory: The folder; an existing one is replaced.
+            format: "loramix" (below), "peft" (`PeftModel.from_pretrained` loads it), "xlora"
+                (the original package's layout) or "mistralrs"; see `loramix.formats`.
+            base_model_id: The base model's Hub id or path, recorded by the "xlora",
+                "mistralrs" and "peft" formats; defaults to the base model's `name_or_path`.
+
+        Layout of "loramix":
             xlora_config.json                  the config, adapters -> "experts/<name>"
             gate.safetensors                   gate weights (`layers.{i}.weight/bias`)
             experts/<name>/adapter_config.json  each expert as a standard PEFT adapter
             experts/<name>/adapter_model.safetensors
         """
+        if format != "loramix":
+            formats.write_folder(self, save_directory, format, base_model_id)
+            return
         target = Path(save_directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp"))
@@ -604,22 +621,53 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
-        cls, base_model: PreTrainedModel, save_directory: str | os.PathLike
+        cls,
+        base_model: PreTrainedModel | str | os.PathLike | None,
+        save_directory: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool | None = None,
+        force_download: bool | None = None,
+        dtype: Any = None,
+        torch_dtype: Any = None,
+        device_map: Any = None,
+        **unknown: Any,
     ) -> XLoraModel:
-        """Loads a folder written by `save_pretrained` (or by peft's X-LoRA) onto `base_model`.
+        """Loads an X-LoRA folder or Hub repo of any format in `loramix.formats` onto a base.
 
-        Expert paths in the config are resolved relative to the folder. Everything is read
-        and checked before `base_model` is changed.
+        Everything is read and checked before the base model is changed.
+
+        Args:
+            base_model: A transformers causal LM; or its Hub id or folder, loaded with
+                `AutoModelForCausalLM.from_pretrained(..., dtype=, device_map=)`; or None for
+                the base model the files name (`base_model_id` of the original package and
+                mistral.rs, `base_model_name_or_path` of peft).
+            save_directory: A folder, or a Hugging Face Hub id of one (fetched into, or with
+                `HF_HUB_OFFLINE=1` read from, the Hugging Face cache).
+            revision, cache_dir, token, local_files_only, force_download: For the Hub id of
+                `save_directory`, as transformers and peft take them.
+            dtype, torch_dtype, device_map: For loading `base_model` from an id or folder
+                (`torch_dtype` is transformers' older name of `dtype`).
         """
-        folder = Path(save_directory)
-        config = XLoraConfig.from_file(folder)
-        adapters = {}
-        for name, path in config.adapters.items():
-            path = Path(path)
-            adapters[name] = str(path if path.is_absolute() else folder / path)
-        config = dataclasses.replace(config, adapters=adapters)
-        gate_state = _read_gate_state(folder)
-        experts = [load_expert(name, path) for name, path in config.adapters.items()]
+        if unknown:
+            raise TypeError(
+                f"XLoraModel.from_pretrained got unknown keyword arguments {sorted(unknown)}; "
+                "it takes revision, cache_dir, token, local_files_only, force_download (for a "
+                "Hub id) and dtype / torch_dtype, device_map (for a base model given by id)"
+            )
+        folder = hub.resolve(
+            save_directory,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+            force_download=force_download,
+        )
+        files = formats.read_folder(folder)
+        base_model = _base_model(base_model, files.base_model_id, dtype, torch_dtype, device_map)
+        config, experts, gate_state = files.config, files.experts, files.gate_state
         _plan_adapted_modules(base_model, experts)  # fail before touching the model
         model = cls(base_model, config, experts)
         expected = set(model.gate.state_dict())
@@ -628,7 +676,8 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             model.unload()
             raise ValueError(
                 f"{folder}: gate weights do not fit the config (missing keys {missing}, "
-                f"unexpected keys {unexpected}); check xlora_depth and layerwise_scalings."
+                f"unexpected keys {unexpected}); check xlora_depth, layerwise_scalings, use_bias "
+                "and enable_relu_and_dropout."
             )
         for key, value in gate_state.items():
             if value.shape != model.gate.state_dict()[key].shape:
@@ -715,32 +764,45 @@ def _plan_adapted_modules(
     return plan
 
 
+def _base_model(
+    base_model: PreTrainedModel | str | os.PathLike | None,
+    named: str | None,
+    dtype: Any,
+    torch_dtype: Any,
+    device_map: Any,
+) -> PreTrainedModel:
+    """The base model object: as given, or loaded from its id (given, or named by the files)."""
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(
+            f"dtype={dtype!r} and torch_dtype={torch_dtype!r}: give one (torch_dtype is the "
+            "older name of dtype)"
+        )
+    dtype = dtype if dtype is not None else torch_dtype
+    if isinstance(base_model, nn.Module):
+        given = [n for n, v in (("dtype", dtype), ("device_map", device_map)) if v is not None]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} apply when loramix loads the base model from an id or "
+                "folder; for a model object, load it with them yourself (or call .to())"
+            )
+        return base_model
+    if base_model is None:
+        if not named:
+            raise ValueError(
+                "base_model is None and the X-LoRA files name no base model; pass the base "
+                "model (an object, a Hub id or a folder)"
+            )
+        base_model = named
+    from transformers import AutoModelForCausalLM
+
+    options = {k: v for k, v in (("dtype", dtype), ("device_map", device_map)) if v is not None}
+    return AutoModelForCausalLM.from_pretrained(os.fspath(base_model), **options)
+
+
 def _cache_kwarg_name(base_model: nn.Module) -> str:
     """transformers >= 5.2x calls the KV cache argument `cache`; earlier, `past_key_values`."""
     parameters = inspect.signature(type(base_model).forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
-
-
-def _read_gate_state(folder: Path) -> dict[str, torch.Tensor]:
-    path = folder / GATE_WEIGHTS_NAME
-    peft_path = folder / "adapter_model.safetensors"
-    try:
-        if path.is_file():
-            return load_file(path, device="cpu")
-        if peft_path.is_file():  # a peft X-LoRA folder: the classifier's weights
-            prefix = re.compile(r"^.*internal_xlora_classifier\.")
-            state = load_file(peft_path, device="cpu")
-            gate = {prefix.sub("", k): v for k, v in state.items() if prefix.match(k)}
-            if gate:
-                return gate
-    except (SafetensorError, OSError) as error:
-        raise ValueError(
-            f"{path if path.is_file() else peft_path}: cannot read gate weights ({error}); the "
-            "file is corrupt or truncated"
-        ) from None
-    raise FileNotFoundError(
-        f"{folder}: no {GATE_WEIGHTS_NAME} found; was this folder written by save_pretrained?"
-    )
 
 
 def _folder_name(name: str, index: int) -> str:
