@@ -131,7 +131,7 @@ def write(model: XLoraModel, folder: Path, base_model_id: str) -> None:
     data.update(xlora_size=exported.xlora_size, xlora_dropout_p=0.0)
     (folder / CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
     save_file(
-        to_xlora_keys(gate_state, exported, "mistralrs"),
+        to_xlora_keys(gate_state, config, "mistralrs"),
         folder / CLASSIFIER_NAME,
         metadata={"format": "pt"},
     )
