@@ -18,11 +18,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-import json
 import logging
 import os
-import re
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,16 +28,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 
 from loramix import formats, generation
 from loramix.cache import XLoraCache
-from loramix.config import CONFIG_NAME, XLoraConfig
+from loramix.config import XLoraConfig
 from loramix.experts import (
-    ADAPTER_CONFIG_NAME,
-    SAFETENSORS_WEIGHTS_NAME,
     LoraExpert,
     ModuleLora,
     load_expert,
@@ -51,8 +45,6 @@ from loramix.layer import MixedLora, MixingState, adapted_shape, make_mixed_modu
 
 logger = logging.getLogger(__name__)
 
-GATE_WEIGHTS_NAME = "gate.safetensors"
-EXPERTS_DIR = "experts"
 
 # Forward arguments that belong to the mixed pass only.
 _MIXED_PASS_ONLY = frozenset(
@@ -589,35 +581,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             experts/<name>/adapter_config.json  each expert as a standard PEFT adapter
             experts/<name>/adapter_model.safetensors
         """
-        if format != "loramix":
-            formats.write_folder(self, save_directory, format, base_model_id)
-            return
-        target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp"))
-        try:
-            adapters = {}
-            for index, name in enumerate(self.expert_names):
-                folder = Path(EXPERTS_DIR) / _folder_name(name, index)
-                adapters[name] = folder.as_posix()
-                (staging / folder).mkdir(parents=True)
-                peft_config = dict(self._expert_configs[index])
-                (staging / folder / ADAPTER_CONFIG_NAME).write_text(_json_dumps(peft_config) + "\n")
-                save_file(
-                    self.expert_state(index),
-                    staging / folder / SAFETENSORS_WEIGHTS_NAME,
-                    metadata={"format": "pt"},
-                )
-            config = dataclasses.replace(self.current_config(), adapters=adapters)
-            (staging / CONFIG_NAME).write_text(config.to_json_string())
-            gate_state = {
-                k: v.detach().contiguous().cpu() for k, v in self.gate.state_dict().items()
-            }
-            save_file(gate_state, staging / GATE_WEIGHTS_NAME, metadata={"format": "pt"})
-            _replace_folder(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        formats.write_folder(formats.contents_of_model(self, base_model_id), save_directory, format)
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
@@ -803,24 +767,3 @@ def _cache_kwarg_name(base_model: nn.Module) -> str:
     """transformers >= 5.2x calls the KV cache argument `cache`; earlier, `past_key_values`."""
     parameters = inspect.signature(type(base_model).forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
-
-
-def _folder_name(name: str, index: int) -> str:
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")
-    return safe if safe and safe == name else f"{index}_{safe or 'expert'}"
-
-
-def _json_dumps(data: dict) -> str:
-    return json.dumps(data, indent=2, sort_keys=True)
-
-
-def _replace_folder(staging: Path, target: Path) -> None:
-    """Moves `staging` to `target`; an existing `target` is removed only after the move."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -14,7 +14,6 @@ are in the modules of this package.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -25,12 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from torch import nn
 
 from loramix.config import CONFIG_NAME, XLoraConfig
 from loramix.experts import LoraExpert, load_expert
-from loramix.formats import mistralrs, peft, xlora
+from loramix.formats import mistralrs, native, peft, xlora
+from loramix.formats.classifier import loramix_positions
 
 if TYPE_CHECKING:
     from loramix.model import XLoraModel
@@ -38,7 +37,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMATS = ("loramix", "peft", "xlora", "mistralrs")
-GATE_WEIGHTS_NAME = "gate.safetensors"
+# Formats written from the files alone; mistral.rs's needs the base model's module order.
+FILES_ONLY_FORMATS = ("loramix", "peft", "xlora")
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,82 @@ class XLoraFiles:
     base_model_id: str | None
 
 
+@dataclass(frozen=True)
+class Contents:
+    """What a writer writes: from a loaded model, or straight from another folder's files.
+
+    Attributes:
+        config: The config to record (runtime settings folded in; `adapters` is rewritten).
+        expert_names: The E axis.
+        expert_configs: Each expert's PEFT `adapter_config.json` contents.
+        expert_states: Each expert's weights under PEFT's key names.
+        gate_state: The gate's weights under loramix's keys, on the CPU.
+        adapted_modules: Adapted module paths, in the base model's `named_modules()` order
+            when a model is at hand (`model` set), else sorted.
+        base_model_id: The base model's Hub id or path, or None.
+        model: The loaded model, when there is one (mistral.rs's writer needs it).
+    """
+
+    config: XLoraConfig
+    expert_names: list[str]
+    expert_configs: list[dict]
+    expert_states: list[dict[str, torch.Tensor]]
+    gate_state: dict[str, torch.Tensor]
+    adapted_modules: list[str]
+    base_model_id: str | None
+    model: XLoraModel | None = None
+
+    @property
+    def n_experts(self) -> int:
+        return len(self.expert_names)
+
+    @property
+    def hidden_size(self) -> int:
+        """D, the gate's input width."""
+        first = loramix_positions(self.config)[0]
+        return self.gate_state[f"layers.{first}.weight"].shape[1]
+
+
+def contents_of_model(model: XLoraModel, base_model_id: str | None = None) -> Contents:
+    return Contents(
+        config=model.current_config(),
+        expert_names=list(model.expert_names),
+        expert_configs=[dict(c) for c in model._expert_configs],
+        expert_states=[model.expert_state(i) for i in range(model.n_experts)],
+        gate_state={k: v.detach().contiguous().cpu() for k, v in model.gate.state_dict().items()},
+        adapted_modules=list(model.adapted_modules),
+        base_model_id=base_model_id or getattr(model.lm, "name_or_path", "") or None,
+        model=model,
+    )
+
+
+def contents_of_files(files: XLoraFiles, base_model_id: str | None = None) -> Contents:
+    states = []
+    for expert in files.experts:
+        state = {}
+        for name, lora in expert.modules.items():
+            a, b = (
+                ("lora_embedding_A", "lora_embedding_B")
+                if lora.is_embedding
+                else (
+                    "lora_A.weight",
+                    "lora_B.weight",
+                )
+            )
+            state[f"base_model.model.{name}.{a}"] = lora.lora_a.contiguous()
+            state[f"base_model.model.{name}.{b}"] = lora.lora_b.contiguous()
+        states.append(state)
+    return Contents(
+        config=files.config,
+        expert_names=list(files.config.adapters),
+        expert_configs=[dict(e.peft_config) for e in files.experts],
+        expert_states=states,
+        gate_state={k: v.contiguous() for k, v in files.gate_state.items()},
+        adapted_modules=sorted({m for e in files.experts for m in e.modules}),
+        base_model_id=base_model_id or files.base_model_id,
+    )
+
+
 def detect_format(folder: Path) -> str:
     """The folder's format, from the files it holds.
 
@@ -69,7 +145,7 @@ def detect_format(folder: Path) -> str:
     """
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
-    if (folder / GATE_WEIGHTS_NAME).is_file() and (folder / CONFIG_NAME).is_file():
+    if native.is_native_folder(folder):
         return "loramix"
     if peft.is_peft_folder(folder):
         return "peft"
@@ -78,9 +154,9 @@ def detect_format(folder: Path) -> str:
     if xlora.is_xlora_folder(folder):
         return "xlora"
     raise FileNotFoundError(
-        f"{folder} holds no X-LoRA model: expected {CONFIG_NAME} with {GATE_WEIGHTS_NAME} "
-        "(loramix), adapter_config.json with peft_type XLORA (peft), or "
-        f"{CONFIG_NAME} with {xlora.CLASSIFIER_NAME} or {xlora.CLASSIFIER_PT_NAME} "
+        f"{folder} holds no X-LoRA model: expected {CONFIG_NAME} with "
+        f"{native.GATE_WEIGHTS_NAME} (loramix), adapter_config.json with peft_type XLORA "
+        f"(peft), or {CONFIG_NAME} with {xlora.CLASSIFIER_NAME} or {xlora.CLASSIFIER_PT_NAME} "
         f"(the original xlora package; mistral.rs adds {mistralrs.ORDERING_NAME})"
     )
 
@@ -91,8 +167,8 @@ def read_folder(folder: str | os.PathLike[str]) -> XLoraFiles:
     fmt = detect_format(folder)
     base_model_id: str | None = None
     if fmt == "loramix":
-        config = _resolve_relative(XLoraConfig.from_file(folder / CONFIG_NAME), folder)
-        gate_state = _read_safetensors(folder / GATE_WEIGHTS_NAME, "gate weights")
+        config = native.read_config(folder)
+        gate_state = native.read_gate(folder)
         experts = _load_experts(config)
     elif fmt == "peft":
         config, base_model_id = peft.read_config(folder)
@@ -116,59 +192,71 @@ def read_folder(folder: str | os.PathLike[str]) -> XLoraFiles:
     return XLoraFiles(fmt, config, experts, gate_state, base_model_id)
 
 
-def write_folder(
-    model: XLoraModel,
-    save_directory: str | os.PathLike[str],
-    format: str,
-    base_model_id: str | None = None,
-) -> None:
-    """Writes `model` in `format` (not "loramix": `XLoraModel.save_pretrained` writes that).
-
-    Args:
-        model: The model to write.
-        save_directory: The folder; it is replaced atomically if it exists.
-        format: "peft", "xlora" or "mistralrs".
-        base_model_id: The base model's Hub id or path, written into the files; defaults to
-            the base model's `name_or_path`. Required by "xlora" and "mistralrs".
+def write_folder(contents: Contents, save_directory: str | os.PathLike[str], format: str) -> None:
+    """Writes `contents` in `format`, atomically: a staging folder, then one rename.
 
     Raises:
-        ValueError: an unknown format, a missing `base_model_id`, or a model the format
-            cannot hold (the message says why and which format can); nothing is written.
+        ValueError: an unknown format, a missing base model id ("xlora", "mistralrs"), or
+            contents the format cannot hold (the message says why and which format can);
+            nothing is written then.
     """
-    if format not in FORMATS or format == "loramix":
+    if format not in FORMATS:
         raise ValueError(f"format={format!r}: use one of {FORMATS}")
-    base_model_id = base_model_id or getattr(model.lm, "name_or_path", "") or None
-    if format in ("xlora", "mistralrs") and not base_model_id:
+    if format in ("xlora", "mistralrs") and not contents.base_model_id:
         raise ValueError(
-            f"format={format!r} records the base model's id, and this base model has no "
-            "name_or_path; pass base_model_id='<hub id or folder of the base model>'"
+            f"format={format!r} records the base model's id, and none is known (the base model "
+            "has no name_or_path); pass base_model_id='<hub id or folder of the base model>'"
+        )
+    if format == "mistralrs" and contents.model is None:
+        raise ValueError(
+            "format='mistralrs' lists the adapted modules in the base model's named_modules() "
+            "order, which the files alone do not give; load the model (convert: --base)"
         )
     if format == "peft":
-        peft.check_writable(model)
+        peft.check_writable(contents)
     elif format == "mistralrs":
-        mistralrs.check_writable(model)
+        mistralrs.check_writable(contents.model)
     target = Path(save_directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp"))
     try:
-        if format == "peft":
-            peft.write(model, staging, target, base_model_id)
+        if format == "loramix":
+            native.write(contents, staging)
+        elif format == "peft":
+            peft.write(contents, staging, target)
         elif format == "xlora":
-            xlora.write(model, staging, base_model_id)
+            xlora.write(contents, staging)
         else:
-            mistralrs.write(model, staging, base_model_id)
+            mistralrs.write(contents, staging)
         _replace_folder(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
-def _resolve_relative(config: XLoraConfig, folder: Path) -> XLoraConfig:
-    adapters = {}
-    for name, path in config.adapters.items():
-        path = Path(path).expanduser()
-        adapters[name] = str(path if path.is_absolute() else folder / path)
-    return dataclasses.replace(config, adapters=adapters)
+def convert(
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    format: str,
+    base_model: nn.Module | None = None,
+    base_model_id: str | None = None,
+) -> str:
+    """Rewrites an X-LoRA folder in another format; returns the source's format.
+
+    Without `base_model` the files alone are converted (any format to loramix, peft or
+    xlora); with it the model is loaded first, which checks the experts and gate against
+    the base and is needed for mistral.rs's format.
+    """
+    files = read_folder(source)
+    if base_model is None:
+        contents = contents_of_files(files, base_model_id)
+    else:
+        from loramix.model import XLoraModel
+
+        model = XLoraModel.from_pretrained(base_model, source)
+        contents = contents_of_model(model, base_model_id or files.base_model_id)
+    write_folder(contents, target, format)
+    return files.format
 
 
 def _load_experts(config: XLoraConfig) -> list[LoraExpert]:
@@ -179,15 +267,6 @@ def _base_model_id(folder: Path) -> str | None:
     data = json.loads((folder / CONFIG_NAME).read_text())
     value = data.get("base_model_id")
     return str(value) if value else None
-
-
-def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(path, device="cpu")
-    except (SafetensorError, OSError) as error:
-        raise ValueError(
-            f"{path}: cannot read {what} ({error}); the file is corrupt or truncated"
-        ) from None
 
 
 def _replace_folder(staging: Path, target: Path) -> None:

@@ -47,6 +47,7 @@ from loramix.formats.classifier import pad_hidden_width, to_xlora_keys
 from loramix.formats.xlora import CLASSIFIER_NAME, config_dict, safe_name, write_expert
 
 if TYPE_CHECKING:
+    from loramix.formats import Contents
     from loramix.model import XLoraModel
 
 logger = logging.getLogger(__name__)
@@ -109,25 +110,26 @@ def check_writable(model: XLoraModel) -> None:
         raise ValueError("cannot save for mistral.rs:\n  " + "\n  ".join(problems))
 
 
-def write(model: XLoraModel, folder: Path, base_model_id: str) -> None:
-    """Writes the mistral.rs layout into the empty staging `folder`."""
+def write(contents: Contents, folder: Path) -> None:
+    """Writes the mistral.rs layout into the empty staging `folder` (needs `contents.model`)."""
+    model = contents.model
     check_writable(model)
-    config = model.current_config()
-    hidden_size = model.gate.linear_layers()[0].in_features
-    gate_state = pad_hidden_width(model.gate.state_dict(), config, hidden_size)
+    config = contents.config
+    hidden_size = contents.hidden_size
+    gate_state = pad_hidden_width(contents.gate_state, config, hidden_size)
     exported = dataclasses.replace(
         config,
         xlora_size=hidden_size if config.xlora_depth > 1 else config.xlora_size,
         xlora_dropout_p=0.0,
     )
-    names = adapter_names(model.expert_names)
+    names = adapter_names(contents.expert_names)
     targets = sorted({name.rsplit(".", 1)[-1] for name in model.adapted_modules})
     for index, name in enumerate(names):
         peft_config, state = padded_expert(model, index, targets)
         write_expert(
-            model, index, folder, name + CONFIG_SUFFIX, name + WEIGHTS_SUFFIX, peft_config, state
+            contents, index, folder, name + CONFIG_SUFFIX, name + WEIGHTS_SUFFIX, peft_config, state
         )
-    data = config_dict(model, base_model_id, names)
+    data = config_dict(contents, names)
     data.update(xlora_size=exported.xlora_size, xlora_dropout_p=0.0)
     (folder / CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
     save_file(
@@ -138,7 +140,7 @@ def write(model: XLoraModel, folder: Path, base_model_id: str) -> None:
     ordering = {
         "order": names,
         "layers": {name: i for i, name in enumerate(model.adapted_modules)},
-        "base_model_id": base_model_id,
+        "base_model_id": contents.base_model_id,
     }
     (folder / ORDERING_NAME).write_text(json.dumps(ordering, indent=2) + "\n")
 

@@ -34,7 +34,7 @@ from loramix.experts import ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from loramix.formats.xlora import write_expert
 
 if TYPE_CHECKING:
-    from loramix.model import XLoraModel
+    from loramix.formats import Contents
 
 NAMES_FILE = "expert_names.json"
 CLASSIFIER_PREFIX = "base_model.internal_xlora_classifier."
@@ -114,17 +114,17 @@ def read_gate(folder: Path) -> dict[str, torch.Tensor]:
     return gate
 
 
-def check_writable(model: XLoraModel) -> None:
+def check_writable(contents: Contents) -> None:
     """Raises `ValueError` naming what peft's X-LoRA cannot load, and what to do instead."""
     problems = []
-    config = model.current_config()
+    config = contents.config
     for name in ("enable_relu_and_dropout", "use_bias"):
         if not getattr(config, name):
             problems.append(
                 f"{name}=False: peft's gate always has ReLU and biases; save with "
                 "format='xlora' (the original package reads it) or 'loramix'"
             )
-    unfit = [m for m in model.adapted_modules if not peft_loads_module(m)]
+    unfit = [m for m in contents.adapted_modules if not peft_loads_module(m)]
     if unfit:
         problems.append(
             f"adapted modules {unfit[:3]}{' ...' if len(unfit) > 3 else ''} do not start with "
@@ -140,34 +140,29 @@ def peft_loads_module(path: str) -> bool:
     return path.startswith("model.") and not path.startswith("model.model.")
 
 
-def write(model: XLoraModel, staging: Path, target: Path, base_model_id: str | None) -> None:
+def write(contents: Contents, staging: Path, target: Path) -> None:
     """Writes peft's layout into the empty `staging` folder that will become `target`."""
-    check_writable(model)
+    check_writable(contents)
     adapters = {}
-    for index in range(model.n_experts):
-        write_expert(model, index, staging / str(index))
+    for index in range(contents.n_experts):
+        write_expert(contents, index, staging / str(index))
         adapters[str(index)] = str(target.resolve() / str(index))
     (staging / ADAPTER_CONFIG_NAME).write_text(
-        json.dumps(config_dict(model, adapters, base_model_id), indent=2) + "\n"
+        json.dumps(config_dict(contents, adapters), indent=2) + "\n"
     )
-    gate = {
-        CLASSIFIER_PREFIX + k: v.detach().contiguous().cpu()
-        for k, v in model.gate.state_dict().items()
-    }
+    gate = {CLASSIFIER_PREFIX + k: v for k, v in contents.gate_state.items()}
     save_file(gate, staging / SAFETENSORS_WEIGHTS_NAME, metadata={"format": "pt"})
-    names = {str(i): name for i, name in enumerate(model.expert_names)}
+    names = {str(i): name for i, name in enumerate(contents.expert_names)}
     (staging / NAMES_FILE).write_text(json.dumps(names, indent=2) + "\n")
 
 
-def config_dict(
-    model: XLoraModel, adapters: dict[str, str], base_model_id: str | None
-) -> dict[str, Any]:
-    config = model.current_config().to_dict()
-    config.update(hidden_size=model.gate.linear_layers()[0].in_features, adapters=adapters)
+def config_dict(contents: Contents, adapters: dict[str, str]) -> dict[str, Any]:
+    config = contents.config.to_dict()
+    config.update(hidden_size=contents.hidden_size, adapters=adapters)
     return {
         "peft_type": "XLORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model_id or None,
+        "base_model_name_or_path": contents.base_model_id,
         "revision": None,
         "inference_mode": True,
         **{name: config[name] for name in _PEFT_FIELDS},

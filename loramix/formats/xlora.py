@@ -27,7 +27,7 @@ from loramix.experts import ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from loramix.formats.classifier import from_xlora_keys, to_xlora_keys
 
 if TYPE_CHECKING:
-    from loramix.model import XLoraModel
+    from loramix.formats import Contents
 
 logger = logging.getLogger(__name__)
 
@@ -109,32 +109,27 @@ def read_gate(folder: Path, config: XLoraConfig) -> dict[str, torch.Tensor]:
     return from_xlora_keys(state, config, path)
 
 
-def config_dict(model: XLoraModel, base_model_id: str, names: list[str]) -> dict[str, Any]:
+def config_dict(contents: Contents, names: list[str]) -> dict[str, Any]:
     """`xlora_config.json` as the original package writes it, every field written out."""
-    config = model.current_config()
-    data = dataclasses.asdict(config)
+    data = dataclasses.asdict(contents.config)
     data.update(
-        hidden_size=model.gate.linear_layers()[0].in_features,
-        base_model_id=base_model_id,
-        adapters=names,
+        hidden_size=contents.hidden_size, base_model_id=contents.base_model_id, adapters=names
     )
     return {name: data[name] for name in ORIGINAL_FIELDS}
 
 
-def write(model: XLoraModel, folder: Path, base_model_id: str) -> None:
+def write(contents: Contents, folder: Path) -> None:
     """Writes the original layout into the empty staging `folder`."""
-    names = [safe_name(name) for name in model.expert_names]
+    names = [safe_name(name) for name in contents.expert_names]
     for index, name in enumerate(names):
-        write_expert(model, index, folder / name)
-    (folder / CONFIG_NAME).write_text(
-        json.dumps(config_dict(model, base_model_id, names), indent=2) + "\n"
-    )
-    gate = to_xlora_keys(model.gate.state_dict(), model.current_config(), "xlora")
+        write_expert(contents, index, folder / name)
+    (folder / CONFIG_NAME).write_text(json.dumps(config_dict(contents, names), indent=2) + "\n")
+    gate = to_xlora_keys(contents.gate_state, contents.config, "xlora")
     save_file(gate, folder / CLASSIFIER_NAME, metadata={"format": "pt"})
 
 
 def write_expert(
-    model: XLoraModel,
+    contents: Contents,
     index: int,
     folder: Path,
     config_name: str = ADAPTER_CONFIG_NAME,
@@ -144,9 +139,9 @@ def write_expert(
 ) -> None:
     """One expert as a PEFT adapter: its config and its weights (peft's key names)."""
     folder.mkdir(parents=True, exist_ok=True)
-    peft_config = dict(model._expert_configs[index]) if peft_config is None else peft_config
+    peft_config = contents.expert_configs[index] if peft_config is None else peft_config
     (folder / config_name).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
-    state = model.expert_state(index) if state is None else state
+    state = contents.expert_states[index] if state is None else state
     save_file(state, folder / weights_name, metadata={"format": "pt"})
 
 
