@@ -360,3 +360,32 @@ def test_gpt2_round_trips_through_the_original_layout(
     loaded = XLoraModel.from_pretrained(tiny_gpt2(), tmp_path / "x")
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=0, rtol=0)
     assert GPT2_TARGETS  # the experts adapt Conv1D modules
+
+
+def test_base_folder_for_mistralrs(llama_experts: dict[str, str], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from loramix.formats.mistralrs import write_base_folder
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    base = LlamaForCausalLM(config).eval()
+    write_base_folder(base, tmp_path / "base")
+    state = load_file(tmp_path / "base" / "model.safetensors")
+    assert torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
+    written = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert written["rope_theta"] == config.rope_parameters["rope_theta"]
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    ids = random_ids()
+    torch.testing.assert_close(logits(again, ids), logits(base, ids), atol=0, rtol=0)
+    wrapped = XLoraModel(base, XLoraConfig(adapters=llama_experts))
+    with pytest.raises(ValueError, match="unload"):
+        write_base_folder(wrapped.lm, tmp_path / "other")

@@ -19,6 +19,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -216,22 +218,15 @@ def write_folder(contents: Contents, save_directory: str | os.PathLike[str], for
         peft.check_writable(contents)
     elif format == "mistralrs":
         mistralrs.check_writable(contents.model)
-    target = Path(save_directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp"))
-    try:
+    with atomic_staging(save_directory) as staging:
         if format == "loramix":
             native.write(contents, staging)
         elif format == "peft":
-            peft.write(contents, staging, target)
+            peft.write(contents, staging, Path(save_directory))
         elif format == "xlora":
             xlora.write(contents, staging)
         else:
             mistralrs.write(contents, staging)
-        _replace_folder(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def convert(
@@ -269,12 +264,21 @@ def _base_model_id(folder: Path) -> str | None:
     return str(value) if value else None
 
 
-def _replace_folder(staging: Path, target: Path) -> None:
-    """Moves `staging` to `target`; an existing `target` is removed only after the move."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    os.replace(target, old / target.name)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
+@contextmanager
+def atomic_staging(save_directory: str | os.PathLike[str]) -> Iterator[Path]:
+    """A staging folder beside `save_directory` that replaces it when the block succeeds."""
+    target = Path(save_directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp"))
+    try:
+        yield staging
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

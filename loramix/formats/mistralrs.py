@@ -24,7 +24,8 @@ What mistral.rs (read from its source) asks of the files, and what loramix does 
 - `enable_softmax_topk` is not implemented there, nor LoRA on embeddings: both are refused.
 
 Its X-LoRA models also need, in the base model's folder: an explicit `lm_head.weight` when
-the embeddings are tied, and `rope_theta` at the top level of `config.json` (see README).
+the embeddings are tied, and `rope_theta` at the top level of `config.json` (transformers 5
+writes it inside `rope_parameters`). `write_base_folder` writes such a folder.
 """
 
 from __future__ import annotations
@@ -230,6 +231,52 @@ def padded_expert(
 def _shape(module: nn.Module) -> tuple[int, int]:
     """`(in, out)` of a mixing module's LoRA: its stacked A is `(R, in)`, B `(out, R)`."""
     return module.lora_a.shape[-1], module.lora_b.shape[-2]
+
+
+def write_base_folder(
+    base_model: nn.Module, save_directory: str | Path, tokenizer: object | None = None
+) -> Path:
+    """Saves a base model as mistral.rs's X-LoRA models load it, atomically.
+
+    The weights go to one `model.safetensors` with `lm_head.weight` written out even when it
+    is tied to the input embeddings, and `config.json` gets a top-level `rope_theta`.
+
+    Args:
+        base_model: The plain transformers causal LM (not wrapped by an `XLoraModel`).
+        save_directory: The folder; replaced if it exists.
+        tokenizer: Saved into the folder too when given.
+
+    Raises:
+        ValueError: when `base_model` holds X-LoRA mixing modules.
+    """
+    from loramix.formats import atomic_staging
+    from loramix.layer import MixedLora
+
+    if any(isinstance(module, MixedLora) for module in base_model.modules()):
+        raise ValueError(
+            "base_model holds X-LoRA mixing modules; pass the base model itself (call "
+            "`unload()` on the X-LoRA model first)"
+        )
+    with atomic_staging(save_directory) as staging:
+        base_model.save_pretrained(staging)
+        for path in list(staging.glob("model*.safetensors")) + list(staging.glob("*.index.json")):
+            path.unlink()
+        state = {k: v.detach().contiguous().cpu() for k, v in base_model.state_dict().items()}
+        output = base_model.get_output_embeddings()
+        if output is not None and "lm_head.weight" not in state:
+            state["lm_head.weight"] = output.weight.detach().cpu().clone()
+        elif "lm_head.weight" in state:
+            state["lm_head.weight"] = state["lm_head.weight"].clone()  # untie for safetensors
+        save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
+        config_path = staging / "config.json"
+        config = json.loads(config_path.read_text())
+        theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta")
+        if theta is not None:
+            config["rope_theta"] = theta
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    return Path(save_directory)
 
 
 def config_for_reading(config: XLoraConfig, order: list[str], folder: Path) -> XLoraConfig:
