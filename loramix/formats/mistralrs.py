@@ -10,7 +10,7 @@
     <name>_adapter_config.json         one LoRA adapter per expert, as flat files: mistral.rs
     <name>_adapter_model.safetensors   does not look into sub-folders
 
-Run it with `mistralrs ... x-lora -m <base_model_id> -x <folder> -o <folder>/ordering.json`.
+Run it with `mistralrs run -m <base_model_id> --xlora DIR --xlora-order DIR/ordering.json`.
 What mistral.rs (read from its source) asks of the files, and what loramix does about it:
 
 - it applies the classifier's dropout at inference, so `xlora_dropout_p` is written as 0;
