@@ -605,7 +605,8 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
 
         Args:
             base_model: A transformers causal LM; or its Hub id or folder, loaded with
-                `AutoModelForCausalLM.from_pretrained(..., dtype=, device_map=)`; or None for
+                `AutoModelForCausalLM.from_pretrained(..., dtype=, device_map=)` ("smollm2":
+                the embedded SmolLM2-135M-Instruct); or None for
                 the base model the files name (`base_model_id` of the original package and
                 mistral.rs, `base_model_name_or_path` of peft).
             save_directory: A folder, or a Hugging Face Hub id of one (fetched into, or with
@@ -757,6 +758,12 @@ def _base_model(
                 "model (an object, a Hub id or a folder)"
             )
         base_model = named
+    if os.fspath(base_model) == "smollm2":
+        from loramix.smollm2 import load_base_model
+
+        if device_map is not None:
+            raise ValueError("device_map: the embedded SmolLM2 loads on the CPU; leave it out")
+        return load_base_model("smollm2", dtype=dtype or torch.float32)[0]
     from transformers import AutoModelForCausalLM
 
     options = {k: v for k, v in (("dtype", dtype), ("device_map", device_map)) if v is not None}

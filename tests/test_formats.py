@@ -389,3 +389,26 @@ def test_base_folder_for_mistralrs(llama_experts: dict[str, str], tmp_path: Path
     wrapped = XLoraModel(base, XLoraConfig(adapters=llama_experts))
     with pytest.raises(ValueError, match="unload"):
         write_base_folder(wrapped.lm, tmp_path / "other")
+
+
+def test_original_softmax_topk_difference_is_logged(
+    llama_experts: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = build(llama_experts, top_k_lora=2, enable_softmax_topk=True)
+    model.save_pretrained(tmp_path / "x", format="xlora", base_model_id="tiny")
+    read_folder(tmp_path / "x")
+    assert "whole batch" in caplog.text
+
+
+def test_files_only_conversion_checks_the_gate_keys(
+    llama_experts: dict[str, str], tmp_path: Path
+) -> None:
+    from loramix.formats import convert
+
+    build(llama_experts, xlora_depth=2).save_pretrained(tmp_path / "s")
+    config = json.loads((tmp_path / "s" / "xlora_config.json").read_text())
+    config["xlora_depth"] = 1
+    (tmp_path / "s" / "xlora_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unexpected keys \\['layers.3.bias'"):
+        convert(tmp_path / "s", tmp_path / "t", "xlora", base_model_id="tiny")
+    assert not (tmp_path / "t").exists()

@@ -112,6 +112,26 @@ def contents_of_model(model: XLoraModel, base_model_id: str | None = None) -> Co
 
 
 def contents_of_files(files: XLoraFiles, base_model_id: str | None = None) -> Contents:
+    """What the files hold, for writing without a model; the gate's keys are checked.
+
+    Raises:
+        ValueError: when the gate's weights do not fit the config (naming the keys).
+    """
+    expected = {
+        f"layers.{position}.{part}"
+        for position in loramix_positions(files.config)
+        for part in (("weight", "bias") if files.config.use_bias else ("weight",))
+    }
+    missing, unexpected = (
+        sorted(expected - set(files.gate_state)),
+        sorted(set(files.gate_state) - expected),
+    )
+    if missing or unexpected:
+        raise ValueError(
+            f"the {files.format} folder's gate weights do not fit its config (missing keys "
+            f"{missing}, unexpected keys {unexpected}); check xlora_depth, use_bias and "
+            "enable_relu_and_dropout"
+        )
     states = []
     for expert in files.experts:
         state = {}

@@ -87,7 +87,15 @@ def read_config(folder: Path) -> tuple[XLoraConfig, list[str]]:
             "of name -> adapter folder"
         )
     data["adapters"] = {name: str(where) for name, where in paths.items()}
-    return XLoraConfig.from_dict(data, source=str(path)), list(paths)
+    config = XLoraConfig.from_dict(data, source=str(path))
+    if config.enable_softmax_topk:
+        logger.warning(
+            "%s: enable_softmax_topk is on; the original package softmaxes over the kept "
+            "scalings of the whole batch at once, loramix (like peft) per token and module, so "
+            "outputs differ from the original package's",
+            path,
+        )
+    return config, list(paths)
 
 
 def read_gate(folder: Path, config: XLoraConfig) -> dict[str, torch.Tensor]:
