@@ -412,3 +412,9 @@ def test_files_only_conversion_checks_the_gate_keys(
     with pytest.raises(ValueError, match="unexpected keys \\['layers.3.bias'"):
         convert(tmp_path / "s", tmp_path / "t", "xlora", base_model_id="tiny")
     assert not (tmp_path / "t").exists()
+
+
+def test_mistralrs_refuses_an_adapted_output_layer(tmp_path: Path) -> None:
+    experts = {"e": str(make_expert(tiny_llama, tmp_path / "e", 1, ["q_proj", "lm_head"]))}
+    with pytest.raises(ValueError, match="output layer \\['lm_head'\\]"):
+        build(experts).save_pretrained(tmp_path / "m", format="mistralrs", base_model_id="x")

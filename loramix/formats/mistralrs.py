@@ -92,6 +92,12 @@ def check_writable(model: XLoraModel) -> None:
     ]
     if embeddings:
         problems.append(f"mistral.rs has no LoRA on embeddings, and {embeddings} are adapted")
+    head = model.lm.get_output_embeddings()
+    heads = [
+        n for n, m in zip(model.adapted_modules, model.mixed_modules(), strict=True) if m is head
+    ]
+    if heads:
+        problems.append(f"mistral.rs refuses an X-LoRA adapter on the output layer {heads}")
     targets = {name.rsplit(".", 1)[-1] for name in model.adapted_modules}
     adapted = set(model.adapted_modules)
     missing = [
