@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_expert
+from helpers import LLAMA_TARGETS, make_expert
 from test_evaluation import standin_fixed_scalings
 from tiny_tokenizer import save_tiny_model
 from transformers import AutoModelForCausalLM
 
 from loramix import XLoraConfig, XLoraModel
 from loramix.cli import main
-from loramix.evaluation import EvalReport
+from loramix.evaluation.runner import EvalReport
 
 
 @pytest.fixture(autouse=True)

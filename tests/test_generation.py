@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GPT2_TARGETS, MODEL_FACTORIES, make_expert, tiny_gpt2
+from helpers import GPT2_TARGETS, MODEL_FACTORIES, make_expert, tiny_gpt2
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 

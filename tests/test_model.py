@@ -9,7 +9,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import (
+from helpers import (
     GPT2_TARGETS,
     LLAMA_TARGETS,
     MODEL_FACTORIES,

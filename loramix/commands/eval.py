@@ -15,7 +15,7 @@ from loramix.commands.training_flags import DTYPES as _DTYPES
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Declare the `eval` subcommand and its flags."""
-    from loramix.evaluation import DEFAULT_SYSTEMS, VERIFIERS
+    from loramix.evaluation.runner import DEFAULT_SYSTEMS, VERIFIERS
 
     parser = subparsers.add_parser(
         "eval",
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate; print the table and the targets, or the error and how to fix it."""
     import torch
 
-    from loramix.evaluation import VERIFIERS, evaluate, format_targets, load_test_set
+    from loramix.evaluation.runner import VERIFIERS, evaluate, format_targets, load_test_set
     from loramix.model import XLoraModel
     from loramix.smollm2 import load_base_model
 
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         domain_experts = _pairs(args.expert_for, "--expert-for", "SET=EXPERT")
         blocks = _blocks(args.blocks)
         if args.plots:
-            from loramix.plots import require_matplotlib
+            from loramix.evaluation.plots import require_matplotlib
 
             require_matplotlib()  # fail before the model is loaded, not after the evaluation
         base, tokenizer = load_base_model(args.base, dtype=getattr(torch, args.dtype))
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         )
         written = list(report.write(args.out, targets).values())
         if args.plots:
-            from loramix.plots import write_eval_plots
+            from loramix.evaluation.plots import write_eval_plots
 
             samples = {
                 name: load_test_set(

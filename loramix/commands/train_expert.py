@@ -17,7 +17,7 @@ from loramix.commands.training_flags import (
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Declare the `train-expert` subcommand and its flags."""
-    from loramix.train_expert import LLAMA_TARGETS, LoraSettings
+    from loramix.training.expert import LLAMA_TARGETS, LoraSettings
 
     lora = LoraSettings()
     parser = subparsers.add_parser(
@@ -54,7 +54,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
 
 def run(args: argparse.Namespace) -> int:
     """Train the expert; print the output folder, or the error and how to fix it."""
-    from loramix.train_expert import train_expert
+    from loramix.training.expert import train_expert
 
     try:
         out = train_expert(

@@ -115,7 +115,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
 
 def run(args: argparse.Namespace) -> int:
     """Train the gate; print the output folder, or the error and how to fix it."""
-    from loramix.train_gate import train_gate
+    from loramix.training.gate import train_gate
 
     experts: dict[str, str] = {}
     for name, folder in args.expert:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from loramix.training import SCHEDULERS, TrainingConfig
+from loramix.training.trainer import SCHEDULERS, TrainingConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -37,7 +37,7 @@ from loramix.science.registry import COMPOSITE, DOMAINS
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from loramix.evaluation import EvalReport, TargetCheck, TestExample
+    from loramix.evaluation.runner import EvalReport, TargetCheck, TestExample
     from loramix.model import XLoraModel
 
 logger = logging.getLogger(__name__)
@@ -114,9 +114,9 @@ def run_demo(
             make one).
     """
     from loramix.config import CONFIG_NAME
-    from loramix.evaluation import evaluate, load_test_set, science_verifier
+    from loramix.evaluation.plots import write_eval_plots
+    from loramix.evaluation.runner import evaluate, load_test_set, science_verifier
     from loramix.model import XLoraModel
-    from loramix.plots import write_eval_plots
     from loramix.smollm2 import load_base_model
 
     model_dir, out = Path(model_dir), Path(out_dir)

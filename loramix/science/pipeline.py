@@ -11,7 +11,7 @@ in `OUT/timings.json`:
     gate     OUT/xlora/                      the gate over the frozen experts, trained on a
                                              mix of the domains' training sets (`train_gate`)
     eval     OUT/eval/eval.{json,md}         base, each expert, uniform, X-LoRA on every test
-             OUT/eval/*.png                  set (`loramix.evaluation`), targets checked; the
+             OUT/eval/*.png                  set (`loramix.evaluation.runner`), targets checked; the
                                              scalings heatmaps and expert usage (`plots`)
     export   BUNDLE (models/science-xlora)   the X-LoRA folder in float16 with the eval files
 
@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from loramix.atomic import write_text_atomic
 from loramix.config import CONFIG_NAME
 from loramix.science.registry import COMPOSITE, DOMAINS
-from loramix.training import CHECKPOINTS, last_checkpoint
+from loramix.training.trainer import CHECKPOINTS, last_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +107,8 @@ class RetrainSettings:
             the gate always train in float32). The evaluation runs in float32.
         threads: torch CPU threads; None leaves torch's default.
         expert_workers: Experts trained side by side, each in its own process with
-            `threads // expert_workers` threads (see `loramix.jobs`: on 2 cores, two experts
-            at one thread each finish 1.7x sooner than one after the other at two); None
+            `threads // expert_workers` threads (see `loramix.training.jobs`: on 2 cores, two
+            experts at one thread each finish 1.7x sooner than one after the other at two); None
             gives one per CPU core; 1 trains them one after the other in this process.
     """
 
@@ -338,7 +338,7 @@ def _train_experts(
         The step's record besides its wall time: CPU time of all experts (the workers'
         included), workers, threads per worker, and each expert's own times.
     """
-    from loramix.jobs import run_jobs
+    from loramix.training.jobs import run_jobs
 
     workers = min(settings.expert_workers or os.cpu_count() or 1, len(domains))
     threads = max(1, (settings.threads or torch.get_num_threads()) // workers)
@@ -355,7 +355,7 @@ def _train_experts(
 
 
 def _train_expert(paths: RetrainPaths, domain: str, seed: int, settings: RetrainSettings) -> None:
-    from loramix.train_expert import train_expert
+    from loramix.training.expert import train_expert
 
     out = paths.expert(domain)
     train_expert(
@@ -385,7 +385,7 @@ def _train_expert(paths: RetrainPaths, domain: str, seed: int, settings: Retrain
 
 
 def _train_gate(paths: RetrainPaths, seed: int, settings: RetrainSettings) -> None:
-    from loramix.train_gate import train_gate
+    from loramix.training.gate import train_gate
 
     train_gate(
         settings.base,
@@ -420,10 +420,10 @@ def _train_gate(paths: RetrainPaths, seed: int, settings: RetrainSettings) -> No
 
 def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> None:
     """Evaluate the run's X-LoRA model and draw its heatmaps into `paths.eval`."""
-    from loramix.evaluation import evaluate as evaluate_model
-    from loramix.evaluation import load_test_set, science_verifier
+    from loramix.evaluation.plots import write_eval_plots
+    from loramix.evaluation.runner import evaluate as evaluate_model
+    from loramix.evaluation.runner import load_test_set, science_verifier
     from loramix.model import XLoraModel
-    from loramix.plots import write_eval_plots
     from loramix.smollm2 import load_base_model
 
     base, tokenizer = load_base_model(settings.base)

@@ -1,4 +1,4 @@
-"""Tests of loramix.train_gate and `loramix train-gate` on a tiny Llama saved to disk.
+"""Tests of loramix.training.gate and `loramix train-gate` on a tiny Llama saved to disk.
 
 The task where the gate matters: two experts, "good" (a LoRA trained on the data with
 `train_expert`) and "bad" (random, large updates). A gate that learns picks "good".
@@ -19,9 +19,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, T
 
 from loramix import XLoraConfig, XLoraModel
 from loramix.cli import main
-from loramix.data import PadCollator, load_jsonl
-from loramix.train_expert import train_expert
-from loramix.train_gate import (
+from loramix.training.data import PadCollator, load_jsonl
+from loramix.training.expert import train_expert
+from loramix.training.gate import (
     TRAINABLE_WEIGHTS_NAME,
     GateRegularizer,
     GateTrainer,

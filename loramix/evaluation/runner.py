@@ -5,7 +5,7 @@ system, two numbers:
 
     NLL       mean negative log-likelihood per completion token under teacher forcing: the
               sum over every completion token of the set divided by their count, with the
-              tokens and loss mask that `loramix.data` makes for training (so the chat
+              tokens and loss mask that `loramix.training.data` makes for training (so the chat
               template's end-of-turn token after the answer is scored too)
     accuracy  the share of greedy answers (batched, left-padded `model.generate`) that the
               verifier accepts; the default verifier compares the first line of the answer
@@ -51,7 +51,7 @@ from transformers import (
 )
 
 from loramix.atomic import write_text_atomic
-from loramix.data import (
+from loramix.training.data import (
     IGNORE_INDEX,
     PadCollator,
     pad_token_id,
@@ -116,7 +116,7 @@ VERIFIERS: dict[str, Verifier] = {"exact": exact_match, "science": science_verif
 
 @dataclass(frozen=True)
 class TestExample:
-    """One test record, tokenized as `loramix.data` tokenizes training examples.
+    """One test record, tokenized as `loramix.training.data` tokenizes training examples.
 
     Attributes:
         record: The JSON object ("prompt", "completion" and any other keys).

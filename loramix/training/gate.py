@@ -62,17 +62,17 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 import loramix
 from loramix.atomic import write_text_atomic
 from loramix.config import CONFIG_NAME, XLoraConfig
-from loramix.data import (
+from loramix.experts import load_expert
+from loramix.model import XLoraModel
+from loramix.smollm2 import load_base_model
+from loramix.training.data import (
     DataSource,
     PadCollator,
     existing_sources,
     load_training_data,
     pad_token_id,
 )
-from loramix.experts import load_expert
-from loramix.model import XLoraModel
-from loramix.smollm2 import load_base_model
-from loramix.training import (
+from loramix.training.trainer import (
     TrainingConfig,
     cpu_data_parallel,
     prepare_output,
@@ -470,7 +470,7 @@ def train_gate(
         base: "smollm2" (the embedded SmolLM2-135M-Instruct) or a local transformers folder.
         experts: Expert name -> PEFT adapter folder; the order is the expert axis.
         data: JSON Lines files, as paths, "FILE:WEIGHT" strings or `DataSource`s (see
-            `loramix.data`).
+            `loramix.training.data`).
         out: Output folder (see the module docstring for its layout).
         hidden_size, enable_softmax, enable_softmax_topk, layerwise_scalings, xlora_depth,
             xlora_size, xlora_dropout_p, use_trainable_adapters, softmax_temperature,

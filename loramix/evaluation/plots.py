@@ -257,7 +257,7 @@ def write_eval_plots(
     Returns:
         The PNG files written.
     """
-    from loramix.evaluation import example_scalings
+    from loramix.evaluation.runner import example_scalings
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -304,7 +304,7 @@ def require_matplotlib() -> tuple[Any, Any]:
         from matplotlib.figure import Figure
     except ImportError as error:
         raise ImportError(
-            f"loramix.plots needs matplotlib, which is not installed; install the plots "
+            f"loramix.evaluation.plots needs matplotlib, which is not installed; install the plots "
             f"extra: {INSTALL_HINT}"
         ) from error
     return Figure, FigureCanvasAgg

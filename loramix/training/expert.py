@@ -6,8 +6,8 @@ peft (`LoraConfig` + `get_peft_model`) and transformers' `Trainer`, and writes a
 adapter folder (`adapter_config.json` + `adapter_model.safetensors`) that `PeftModel`,
 `loramix.experts` and any PEFT tool can load.
 
-Data reading and masking live in `loramix.data`, the Trainer plumbing (checkpoints, resume,
-atomic publishing of the result) in `loramix.training`; this module only adds the LoRA part.
+Data reading and masking live in `loramix.training.data`, the Trainer plumbing (checkpoints, resume,
+atomic publishing of the result) in `loramix.training.trainer`; this module only adds the LoRA part.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel, TrainerCallback, set_seed
 
-from loramix.data import (
+from loramix.smollm2 import load_base_model
+from loramix.training.data import (
     DataSource,
     PadCollator,
     existing_sources,
     load_training_data,
     pad_token_id,
 )
-from loramix.smollm2 import load_base_model
-from loramix.training import TrainingConfig, prepare_output, publish, run_trainer
+from loramix.training.trainer import TrainingConfig, prepare_output, publish, run_trainer
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def train_expert(
     Args:
         base: "smollm2" (the embedded SmolLM2-135M-Instruct) or a local transformers folder.
         data: JSON Lines files, as paths, "FILE:WEIGHT" strings or `DataSource`s (see
-            `loramix.data` for the accepted line shapes and how weights mix files).
+            `loramix.training.data` for the accepted line shapes and how weights mix files).
         out: Output folder: the adapter files, and checkpoints in `out/checkpoints`.
         rank, alpha, targets, dropout: The adapter's shape (see `LoraSettings`).
         lr, epochs, max_steps, batch_size, grad_accum, seed, max_length, chat, eval_fraction,

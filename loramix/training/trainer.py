@@ -37,7 +37,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from loramix.data import Example, PadCollator
+from loramix.training.data import Example, PadCollator
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Tests of loramix.train_expert and `loramix train-expert` on a tiny Llama saved to disk."""
+"""Tests of loramix.training.expert and `loramix train-expert` on a tiny Llama saved to disk."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from tiny_tokenizer import save_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from loramix.cli import main
-from loramix.data import PadCollator, load_jsonl
-from loramix.train_expert import check_targets, train_expert
+from loramix.training.data import PadCollator, load_jsonl
+from loramix.training.expert import check_targets, train_expert
 
 FAST = {"batch_size": 4, "progress": False, "logging_steps": 1, "warmup": 0, "lr": 1e-2}
 

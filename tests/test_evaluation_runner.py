@@ -1,4 +1,4 @@
-"""loramix.evaluation: NLL by hand, verifier counts, expert-alone = peft, report files, targets."""
+"""loramix.evaluation.runner: NLL by hand, verifier counts, expert = peft, report, targets."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_expert
+from helpers import LLAMA_TARGETS, make_expert
 from peft import PeftModel
 from tiny_tokenizer import save_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loramix import XLoraConfig, XLoraModel
-from loramix.evaluation import (
+from loramix.evaluation.runner import (
     EvalReport,
     FirstLineDone,
     Score,

@@ -25,15 +25,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from gate_training_worker import DumpGate
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from tiny_tokenizer import save_tiny_model
+from training_gate_worker import DumpGate
 from transformers import AutoModelForCausalLM
 
-from loramix.train_gate import ScalingsLog, train_gate
+from loramix.training.gate import ScalingsLog, train_gate
 
-WORKER = Path(__file__).with_name("gate_training_worker.py")
+WORKER = Path(__file__).with_name("training_gate_worker.py")
 STEPS = 8
 
 

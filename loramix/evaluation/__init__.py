@@ -1,0 +1,1 @@
+"""Evaluation workflows: running (NLL, greedy answers), the report, plots."""

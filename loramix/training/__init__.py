@@ -1,0 +1,1 @@
+"""Training workflows: data, Trainer plumbing, one LoRA expert, the gate, worker jobs."""
