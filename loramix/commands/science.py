@@ -139,7 +139,7 @@ def format_answers(result: Any, tokenizer: Any, colour: bool = True) -> str:
 
 def format_report(result: Any, out_dir: str) -> str:
     """The quick evaluation table, X-LoRA's expert usage and the targets, as text."""
-    from loramix.evaluation.runner import format_targets
+    from loramix.evaluation.report import format_targets
 
     report = result.report
     n = report.settings.get("limit")

@@ -18,12 +18,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from loramix.atomic import atomic_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -320,17 +321,9 @@ def _figure(size: tuple[float, float], dpi: int) -> tuple[Any, Any]:
 
 
 def _save(fig: Any, path: str | os.PathLike[str], dpi: int) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def _as_array(values: Any, name: str, ndims: tuple[int, ...]) -> np.ndarray:

@@ -37,7 +37,8 @@ from loramix.science.registry import COMPOSITE, DOMAINS
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from loramix.evaluation.runner import EvalReport, TargetCheck, TestExample
+    from loramix.evaluation.report import EvalReport, TargetCheck
+    from loramix.evaluation.runner import EvalExample
     from loramix.model import XLoraModel
 
 logger = logging.getLogger(__name__)
@@ -115,8 +116,9 @@ def run_demo(
     """
     from loramix.config import CONFIG_NAME
     from loramix.evaluation.plots import write_eval_plots
-    from loramix.evaluation.runner import evaluate, load_test_set, science_verifier
+    from loramix.evaluation.runner import evaluate, load_test_set
     from loramix.model import XLoraModel
+    from loramix.science.targets import check_targets, science_verifier
     from loramix.smollm2 import load_base_model
 
     model_dir, out = Path(model_dir), Path(out_dir)
@@ -164,7 +166,7 @@ def run_demo(
             limit=n_eval,
             max_new_tokens=max_new_tokens,
         )
-        targets = report.check_targets({name: name for name in model.expert_names})
+        targets = check_targets(report, {name: name for name in model.expert_names})
         report.write(out, targets)
         seconds["eval"] = _lap(clock)
         log(f"evaluated on {n_eval} examples per test set in {seconds['eval']:.1f} s")
@@ -207,7 +209,7 @@ def write_test_sets(model_dir: Path, data_dir: Path, domains: Sequence[str]) -> 
 def answer_question(
     model: XLoraModel,
     tokenizer: PreTrainedTokenizerBase,
-    example: TestExample,
+    example: EvalExample,
     test_set: str,
     max_new_tokens: int,
 ) -> tuple[Answer, list[int]]:

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +42,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from loramix.atomic import write_text_atomic
+from loramix.atomic import atomic_folder, write_text_atomic
+from loramix.checks import is_int, is_number, raise_problems
 from loramix.config import CONFIG_NAME
 from loramix.science.registry import COMPOSITE, DOMAINS
 from loramix.training.trainer import CHECKPOINTS, last_checkpoint
@@ -156,7 +156,7 @@ class RetrainSettings:
             "max_new_tokens",
         ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 problems.append(f"{name}={value!r}: use a whole number >= 1.")
         for name in ("eval_limit", "threads", "expert_workers"):
             value = getattr(self, name)
@@ -168,14 +168,13 @@ class RetrainSettings:
         for domain, weight in self.gate_weights.items():
             if domain not in DOMAINS:  # a weight of a domain left out is not used
                 problems.append(f"gate_weights[{domain!r}]: not one of {list(DOMAINS)}.")
-            if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
+            if not is_number(weight) or not weight > 0:
                 problems.append(f"gate_weights[{domain!r}]={weight!r}: use a positive number.")
         if self.train_dtype not in _TRAIN_DTYPES:
             problems.append(f"train_dtype={self.train_dtype!r}: use one of {_TRAIN_DTYPES}.")
         if isinstance(self.targets, str) or not self.targets:
             problems.append(f"targets={self.targets!r}: give module names, e.g. ('q_proj',).")
-        if problems:
-            raise ValueError("Invalid RetrainSettings:\n  " + "\n  ".join(problems))
+        raise_problems("Invalid RetrainSettings", problems)
 
 
 @dataclass(frozen=True)
@@ -422,8 +421,9 @@ def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> None:
     """Evaluate the run's X-LoRA model and draw its heatmaps into `paths.eval`."""
     from loramix.evaluation.plots import write_eval_plots
     from loramix.evaluation.runner import evaluate as evaluate_model
-    from loramix.evaluation.runner import load_test_set, science_verifier
+    from loramix.evaluation.runner import load_test_set
     from loramix.model import XLoraModel
+    from loramix.science.targets import check_targets, science_verifier
     from loramix.smollm2 import load_base_model
 
     base, tokenizer = load_base_model(settings.base)
@@ -438,7 +438,7 @@ def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> None:
         limit=settings.eval_limit,
         max_new_tokens=settings.max_new_tokens,
     )
-    checks = report.check_targets({domain: domain for domain in settings.domains})
+    checks = check_targets(report, {domain: domain for domain in settings.domains})
     report.write(paths.eval, checks)
     logger.info("evaluation:\n%s", report.table())
     for check in checks:
@@ -494,9 +494,7 @@ def export_bundle(
             f"{source} holds no {CONFIG_NAME}: it is not an X-LoRA folder. Train the gate "
             "first (`loramix train-gate` or `loramix science retrain`)."
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_folder(target) as staging:
         files = [source / CONFIG_NAME, source / "gate.safetensors"]
         files += sorted(p for p in (source / "experts").rglob("*") if p.is_file())
         for path in files:
@@ -528,10 +526,6 @@ def export_bundle(
                 f"{max_bytes / 1e6:.2f} MB; lower the rank, adapt fewer modules "
                 "(targets) or shrink the gate (gate_size), then retrain"
             )
-        _swap_in(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("exported the bundle to %s (%.2f MB)", target, size / 1e6)
     return size
 
@@ -644,14 +638,3 @@ def _make_readable(folder: Path) -> None:
     folder.chmod(0o755)
     for path in folder.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
-
-
-def _swap_in(staging: Path, target: Path) -> None:
-    """Replace `target` by `staging`: the old folder is renamed aside, then deleted."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-        os.replace(target, old / target.name)
-    os.replace(staging, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

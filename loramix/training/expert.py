@@ -24,6 +24,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel, TrainerCallback, set_seed
 
+from loramix.checks import is_int, raise_problems
 from loramix.smollm2 import load_base_model
 from loramix.training.data import (
     DataSource,
@@ -62,7 +63,7 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         problems = []
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+        if not is_int(self.rank) or self.rank < 1:
             problems.append(f"rank={self.rank!r}: use a whole number >= 1, e.g. 8.")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             problems.append(f"alpha={self.alpha!r}: use a positive number, e.g. 2 x rank.")
@@ -73,8 +74,7 @@ class LoraSettings:
             )
         if not 0 <= self.dropout < 1:
             problems.append(f"dropout={self.dropout}: use a probability in [0, 1).")
-        if problems:
-            raise ValueError("Invalid LoraSettings:\n  " + "\n  ".join(problems))
+        raise_problems("Invalid LoraSettings", problems)
 
     def peft_config(self) -> LoraConfig:
         """The equivalent peft `LoraConfig` for a causal LM."""

@@ -61,9 +61,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import loramix
 from loramix.atomic import write_text_atomic
+from loramix.checks import is_finite, raise_problems
 from loramix.config import CONFIG_NAME, XLoraConfig
 from loramix.experts import load_expert
 from loramix.model import XLoraModel
+from loramix.saving import write_folder
 from loramix.smollm2 import load_base_model
 from loramix.training.data import (
     DataSource,
@@ -109,17 +111,16 @@ class GateRegularizer:
 
     def __post_init__(self) -> None:
         problems = []
-        if not (_is_number(self.balance_weight) and self.balance_weight >= 0):
+        if not (is_finite(self.balance_weight) and self.balance_weight >= 0):
             problems.append(
                 f"balance_weight={self.balance_weight!r}: use a number >= 0 (0 turns it off; "
                 "0.01 to 0.1 is typical)."
             )
-        if not _is_number(self.entropy_weight):
+        if not is_finite(self.entropy_weight):
             problems.append(
                 f"entropy_weight={self.entropy_weight!r}: use a finite number (0 turns it off)."
             )
-        if problems:
-            raise ValueError("Invalid GateRegularizer:\n  " + "\n  ".join(problems))
+        raise_problems("Invalid GateRegularizer", problems)
 
     @property
     def active(self) -> bool:
@@ -590,12 +591,8 @@ def train_gate(
 
 
 def _save_model(model: XLoraModel, summary: dict[str, Any], folder: Path) -> None:
-    """`publish`'s writer: the model's own atomic save, then the summary beside it."""
-    staged = folder / "model"
-    model.save_pretrained(staged)
-    for path in staged.iterdir():
-        os.replace(path, folder / path.name)
-    staged.rmdir()
+    """`publish`'s writer: the model's folder (`loramix.saving`), then the summary beside it."""
+    write_folder(model, folder)
     (folder / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
 
 
@@ -641,7 +638,3 @@ def _checkpoint_step(checkpoint: Path) -> int:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else float(f"{value:.5g}")
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
