@@ -15,16 +15,14 @@ from tiny_tokenizer import save_tiny_model
 
 from loramix.config import XLoraConfig
 from loramix.model import XLoraModel
-from loramix.science.pipeline import (
-    BUNDLE_DIR,
+from loramix.science.bundle import (
+    DEFAULT_BUNDLE,
     MAX_BUNDLE_BYTES,
     RETRAIN_JSON,
-    RetrainSettings,
-    _resume_flags,
     export_bundle,
     folder_size,
-    retrain,
 )
+from loramix.science.pipeline import RetrainSettings, resume_flags, retrain
 from loramix.smollm2 import load_base_model
 from loramix.training.trainer import CHECKPOINTS
 
@@ -106,12 +104,12 @@ def test_a_removed_step_is_redone_alone(run):
 
 
 def test_an_interrupted_step_resumes_from_its_checkpoint(tmp_path):
-    assert _resume_flags(tmp_path) == {"resume": False, "overwrite": True}
+    assert resume_flags(tmp_path) == {"resume": False, "overwrite": True}
     checkpoint = tmp_path / CHECKPOINTS / "checkpoint-4"
     checkpoint.mkdir(parents=True)
-    assert _resume_flags(tmp_path) == {"resume": False, "overwrite": True}  # incomplete
+    assert resume_flags(tmp_path) == {"resume": False, "overwrite": True}  # incomplete
     (checkpoint / "trainer_state.json").write_text("{}")
-    assert _resume_flags(tmp_path) == {"resume": True, "overwrite": False}
+    assert resume_flags(tmp_path) == {"resume": True, "overwrite": False}
 
 
 def _fp32_xlora_folder(tmp_path: Path) -> Path:
@@ -199,6 +197,9 @@ def _smollm2_available() -> bool:
     except (ImportError, FileNotFoundError):
         return False
     return True
+
+
+BUNDLE_DIR = Path(__file__).resolve().parents[1] / DEFAULT_BUNDLE  # the repository's bundle
 
 
 @pytest.mark.slow

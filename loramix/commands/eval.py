@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from loramix.commands.training_flags import DTYPES as _DTYPES
+from loramix.commands.flags import DTYPES as _DTYPES
 
 VERIFIERS = ("exact", "science")
 """exact: `loramix.evaluation.runner.exact_match`; science: `loramix.science.targets`."""

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from loramix.science.pipeline import BUNDLE_DIR, MIXED, RETRAIN_JSON, read_json
+from loramix.science.bundle import DEFAULT_BUNDLE, RETRAIN_JSON
+from loramix.science.pipeline import MIXED, read_json
 from loramix.science.registry import COMPOSITE, DOMAINS
 
 if TYPE_CHECKING:
@@ -78,7 +79,8 @@ class DemoResult:
         expert_names: The E axis (index -> expert), for the token colours.
         answers: One answer per domain and one composite answer.
         report: The quick evaluation, or None if `n_eval` was 0.
-        targets: The issue's targets checked on the quick evaluation.
+        targets: The case study's targets (`loramix.science.targets`) checked on the quick
+            evaluation.
         plots: The PNG files written.
         seconds: Wall time of each part.
     """
@@ -92,7 +94,7 @@ class DemoResult:
 
 
 def run_demo(
-    model_dir: str | os.PathLike[str] = BUNDLE_DIR,
+    model_dir: str | os.PathLike[str] = DEFAULT_BUNDLE,
     out_dir: str | os.PathLike[str] = DEFAULT_OUT,
     *,
     base: str = "smollm2",

@@ -41,7 +41,7 @@ def check_targets(
     composite: str | None = "composite",
     tolerance: float = 0.10,
 ) -> list[TargetCheck]:
-    """The science case study's targets, by NLL on held-out data (README, "Science").
+    """The science case study's targets, by NLL on held-out data (README, "The science case study").
 
     - every domain: X-LoRA's NLL <= (1 + tolerance) * that domain's own expert's NLL;
     - the mixed set: X-LoRA's NLL is below every single expert's and the uniform average's;
