@@ -31,7 +31,9 @@ from tiny_tokenizer import save_tiny_model
 from training_gate_worker import DumpGate
 from transformers import AutoModelForCausalLM
 
+from loramix.config import XLoraConfig
 from loramix.training.gate import ScalingsLog, train_gate
+from loramix.training.trainer import TrainingConfig
 
 WORKER = Path(__file__).with_name("training_gate_worker.py")
 STEPS = 8
@@ -100,7 +102,12 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
 
     single = tmp_path / "single"
     train_gate(
-        base, experts, [data], single, batch_size=4, callbacks=[DumpGate(single)], **settings
+        base,
+        XLoraConfig(adapters=experts),
+        [data],
+        single,
+        TrainingConfig(batch_size=4, **settings),
+        callbacks=[DumpGate(single)],
     )
 
     parallel = tmp_path / "parallel"

@@ -19,7 +19,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 
+from loramix.config import XLoraConfig
 from loramix.training.gate import train_gate, trainable_state
+from loramix.training.trainer import TrainingConfig
 
 
 class DumpGate(TrainerCallback):
@@ -40,11 +42,11 @@ def main() -> None:
     out = Path(spec.pop("out"))
     train_gate(
         spec.pop("base"),
-        spec.pop("experts"),
+        XLoraConfig(adapters=spec.pop("experts")),
         spec.pop("data"),
         out,
+        TrainingConfig(**spec),
         callbacks=[DumpGate(out)],
-        **spec,
     )
 
 
