@@ -10,6 +10,9 @@ linear layer without a bias, and `enable_relu_and_dropout=False` stacks the hidd
 layers with no ReLU and no dropout between them (peft has neither option: it always uses
 both). A hidden layer is followed by `ReLU` and, when `xlora_dropout_p > 0`, `Dropout`.
 
+`XLoraModel.forward` (`loramix.model`) calls it between the scaling pass and the mixed
+pass; `loramix.training.gate` trains it.
+
 Shapes: B batch, T tokens, D hidden size, L adapted modules, E experts, H `xlora_size`.
 """
 

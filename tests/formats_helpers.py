@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 from torch import nn
 
 from loramix import XLoraConfig, XLoraModel

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_expert, random_ids
+from helpers import LLAMA_TARGETS, make_expert, random_ids
 from tiny_tokenizer import save_tiny_model, tiny_llama, tiny_tokenizer
 
 from loramix import XLoraConfig, XLoraModel

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_ids, tiny_llama
 from formats_helpers import GATE_OPTIONS, build, logits
+from helpers import random_ids, tiny_llama
 
 from loramix import XLoraModel
 from loramix.formats import FORMATS, detect_format, read_folder

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_ids, tiny_llama
+from helpers import random_ids, tiny_llama
 
 from loramix import XLoraConfig, XLoraModel
 from loramix.formats import hub

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_expert, random_ids, tiny_llama
 from formats_helpers import build, logits
+from helpers import LLAMA_TARGETS, make_expert, random_ids, tiny_llama
 from safetensors.torch import load_file
 
 from loramix import XLoraConfig, XLoraModel

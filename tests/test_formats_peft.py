@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_ids, tiny_gpt2, tiny_llama
 from formats_helpers import build, logits
+from helpers import random_ids, tiny_gpt2, tiny_llama
 from peft import PeftModel
 
 from loramix import XLoraConfig, XLoraModel

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GPT2_TARGETS, random_ids, tiny_gpt2, tiny_llama
 from formats_helpers import GATE_OPTIONS, build, logits
+from helpers import GPT2_TARGETS, random_ids, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file, save_file
 from torch import nn
 

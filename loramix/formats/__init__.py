@@ -17,10 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from loramix.atomic import atomic_folder
 from loramix.config import CONFIG_NAME, XLoraConfig
 from loramix.experts import LoraExpert, load_expert
 from loramix.formats import mistralrs, native, peft, xlora
@@ -102,7 +99,7 @@ def contents_of_model(model: XLoraModel, base_model_id: str | None = None) -> Co
     return Contents(
         config=model.current_config(),
         expert_names=list(model.expert_names),
-        expert_configs=[dict(c) for c in model._expert_configs],
+        expert_configs=[dict(c) for c in model.expert_configs],
         expert_states=[model.expert_state(i) for i in range(model.n_experts)],
         gate_state={k: v.detach().contiguous().cpu() for k, v in model.gate.state_dict().items()},
         adapted_modules=list(model.adapted_modules),
@@ -238,7 +235,7 @@ def write_folder(contents: Contents, save_directory: str | os.PathLike[str], for
         peft.check_writable(contents)
     elif format == "mistralrs":
         mistralrs.check_writable(contents.model)
-    with atomic_staging(save_directory) as staging:
+    with atomic_folder(save_directory) as staging:
         if format == "loramix":
             native.write(contents, staging)
         elif format == "peft":
@@ -282,23 +279,3 @@ def _base_model_id(folder: Path) -> str | None:
     data = json.loads((folder / CONFIG_NAME).read_text())
     value = data.get("base_model_id")
     return str(value) if value else None
-
-
-@contextmanager
-def atomic_staging(save_directory: str | os.PathLike[str]) -> Iterator[Path]:
-    """A staging folder beside `save_directory` that replaces it when the block succeeds."""
-    target = Path(save_directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp"))
-    try:
-        yield staging
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional
 
+from loramix.atomic import atomic_folder
 from loramix.config import CONFIG_NAME, XLoraConfig
 from loramix.experts import LoraExpert, load_expert, module_scale
 from loramix.formats.classifier import pad_hidden_width, to_xlora_keys
@@ -195,7 +196,7 @@ def padded_expert(
     """
     modules = list(zip(model.adapted_modules, model.mixed_modules(), strict=True))
     weights = {name: module.expert_weights(index) for name, module in modules}
-    peft_config = dict(model._expert_configs[index])
+    peft_config = dict(model.expert_configs[index])
     scales = {
         name: module_scale(peft_config, name, pair[0].shape[0])
         for name, pair in weights.items()
@@ -255,7 +256,6 @@ def write_base_folder(
     Raises:
         ValueError: when `base_model` holds X-LoRA mixing modules.
     """
-    from loramix.formats import atomic_staging
     from loramix.layer import MixedLora
 
     if any(isinstance(module, MixedLora) for module in base_model.modules()):
@@ -263,7 +263,7 @@ def write_base_folder(
             "base_model holds X-LoRA mixing modules; pass the base model itself (call "
             "`unload()` on the X-LoRA model first)"
         )
-    with atomic_staging(save_directory) as staging:
+    with atomic_folder(save_directory) as staging:
         base_model.save_pretrained(staging)
         for path in list(staging.glob("model*.safetensors")) + list(staging.glob("*.index.json")):
             path.unlink()
