@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,22 @@ def test_gpt2_round_trips_through_the_original_layout(
     loaded = XLoraModel.from_pretrained(tiny_gpt2(), tmp_path / "x")
     torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=0, rtol=0)
     assert GPT2_TARGETS  # the experts adapt Conv1D modules
+
+
+def test_adapters_as_a_dict_use_the_sub_folders(
+    llama_experts: dict[str, str], tmp_path: Path
+) -> None:
+    """The paper's configs map adapter names to training-time paths that no longer exist."""
+    model = build(llama_experts)
+    folder = tmp_path / "x"
+    model.save_pretrained(folder, format="xlora", base_model_id="tiny")
+    config = json.loads((folder / "xlora_config.json").read_text())
+    config["adapters"] = {name: f"./gone/checkpoint-{name}" for name in config["adapters"]}
+    (folder / "xlora_config.json").write_text(json.dumps(config))
+    loaded = XLoraModel.from_pretrained(tiny_llama(), folder)
+    assert loaded.expert_names == ["bio", "chem", "mech"]
+    ids = random_ids()
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), atol=0, rtol=0)
+    shutil.rmtree(folder / "chem")
+    with pytest.raises(FileNotFoundError, match="adapters\[.chem.\]: neither the sub-folder"):
+        read_folder(folder)

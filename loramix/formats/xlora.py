@@ -79,8 +79,14 @@ def read_config(folder: Path) -> tuple[XLoraConfig, list[str]]:
     elif isinstance(adapters, dict):
         paths = {}
         for name, where in adapters.items():
-            sub = folder / name
-            paths[name] = sub if sub.is_dir() else folder / Path(where).expanduser()
+            sub, given = folder / name, folder / Path(str(where)).expanduser()
+            if not sub.is_dir() and not given.is_dir():
+                raise FileNotFoundError(
+                    f"{path}: adapters[{name!r}]: neither the sub-folder {sub} (where the "
+                    f"original package saves the expert) nor {given} exists; put the expert's "
+                    "PEFT adapter folder there"
+                )
+            paths[name] = sub if sub.is_dir() else given
     else:
         raise ValueError(
             f"{path}: adapters is {adapters!r}; expected the experts' names (a list) or a dict "
