@@ -1,10 +1,13 @@
 """X-LoRA folders in the layouts other tools read and write.
 
-    format      written by / for                          read   written
-    loramix     loramix (`xlora_config.json`, `gate.safetensors`, `experts/`)   yes    yes
-    peft        peft's `XLoraModel` (`PeftModel.from_pretrained` loads it)       yes    yes
-    xlora       the original `xlora` package (the paper's published models)      yes    yes
-    mistralrs   mistral.rs's X-LoRA (flat adapter files, `ordering.json`)       yes    yes
+    format      for                                                           module
+    loramix     loramix (`xlora_config.json`, `gate.safetensors`, experts/)   native.py
+    peft        peft's `XLoraModel` (`PeftModel.from_pretrained` loads it)    peft.py
+    xlora       the original `xlora` package (the paper's published models)   xlora.py
+    mistralrs   mistral.rs's X-LoRA (flat adapter files, `ordering.json`)     mistralrs.py
+
+Every format is read and written. The gate's weights are renamed between formats by
+`classifier.py`; `hub.py` turns a Hugging Face Hub id into a local folder.
 
 `read_folder` finds the format from the files and returns everything a model needs, read
 and checked, before any model is touched; `write_folder` writes a model in any format,
@@ -15,7 +18,6 @@ are in the modules of this package.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +34,6 @@ from loramix.formats.classifier import loramix_positions
 
 if TYPE_CHECKING:
     from loramix.model import XLoraModel
-
-logger = logging.getLogger(__name__)
 
 FORMATS = ("loramix", "peft", "xlora", "mistralrs")
 # Formats written from the files alone; mistral.rs's needs the base model's module order.
@@ -226,7 +226,7 @@ def write_folder(contents: Contents, save_directory: str | os.PathLike[str], for
             f"format={format!r} records the base model's id, and none is known (the base model "
             "has no name_or_path); pass base_model_id='<hub id or folder of the base model>'"
         )
-    if format == "mistralrs" and contents.model is None:
+    if format not in FILES_ONLY_FORMATS and contents.model is None:
         raise ValueError(
             "format='mistralrs' lists the adapted modules in the base model's named_modules() "
             "order, which the files alone do not give; load the model (convert: --base)"
