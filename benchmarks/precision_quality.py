@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from loramix.evaluation import completion_nll, greedy_answers, load_test_set
+from loramix.evaluation.runner import completion_nll, greedy_answers, load_test_set
 from loramix.model import XLoraModel
 from loramix.science.demo import write_test_sets
 from loramix.science.pipeline import BUNDLE_DIR

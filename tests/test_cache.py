@@ -6,7 +6,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import random_ids, tiny_llama
+from helpers import random_ids, tiny_llama
 from transformers import DynamicCache, StaticCache
 
 from loramix import XLoraConfig, XLoraModel

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from loramix.commands.model_flags import add_dtype_argument, dtype_from_args
+from loramix.commands.flags import add_dtype_argument, dtype_from_args
 
 _MODES = ("granular", "frozen", "merged")
 
