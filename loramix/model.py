@@ -679,7 +679,8 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             revision, cache_dir, token, local_files_only, force_download: For the Hub id of
                 `save_directory`, as transformers and peft take them.
             dtype, torch_dtype, device_map: For loading `base_model` from an id or folder
-                (`torch_dtype` is transformers' older name of `dtype`).
+                (`torch_dtype` is transformers' older name of `dtype`). The experts follow
+                the base model's dtype; the gate stays float32 (see `loramix.gate`).
         """
         if unknown:
             raise TypeError(
