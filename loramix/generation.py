@@ -43,9 +43,11 @@ merged
     length; where that is impossible (`return_dict_in_generate=True`, a streamer, a cache
     passed in) the call runs in frozen mode and logs a warning. It also falls back to frozen
     mode (with a warning) when an adapted weight is shared with another module (tied
-    embeddings), and when sequences end up with different fixed scalings (`freeze_after > 0`
-    with sampling or beam search). For a batch of different prompts frozen mode is usually
-    the faster one: it keeps the batch together.
+    embeddings) or offloaded by accelerate (on the meta device), and when sequences end up
+    with different fixed scalings (`freeze_after > 0` with sampling or beam search). For a
+    batch of different prompts frozen mode is usually the faster one: it keeps the batch
+    together. On a quantized base merged mode is refused (an exact merge would need the
+    weights in float); frozen mode gives the same scalings there.
 
 The scalings log (`XLoraModel.enable_scalings_logging`) keeps one `(B, T, L, E)` entry per
 forward call in every mode; in frozen and merged steps the entry is `fixed` expanded over T.
@@ -66,6 +68,7 @@ from transformers import GenerationMixin
 
 from loramix.cache import XLoraCache
 from loramix.gate import select_top_k
+from loramix.layer import is_quantized
 
 if TYPE_CHECKING:
     from loramix.model import XLoraModel
@@ -169,10 +172,22 @@ def merge_problems(model: XLoraModel) -> list[str]:
     owners: dict[int, int] = {}
     for _, param in model.lm.named_parameters(remove_duplicate=False):
         owners[id(param)] = owners.get(id(param), 0) + 1
+    problems = []
+    for name, module in zip(model.adapted_modules, model.mixed_modules(), strict=True):
+        weight = module.base_layer.weight
+        if owners.get(id(weight), 0) > 1:
+            problems.append(f"{name}.weight is shared with another module (tied weights)")
+        elif weight.device.type == "meta":
+            problems.append(f"{name}.weight is offloaded (on the meta device)")
+    return problems
+
+
+def quantized_modules(model: XLoraModel) -> list[str]:
+    """The adapted modules whose base weight is quantized (no exact merge possible)."""
     return [
-        f"{name}.weight is shared with another module (tied weights)"
+        name
         for name, module in zip(model.adapted_modules, model.mixed_modules(), strict=True)
-        if owners.get(id(module.base_layer.weight), 0) > 1
+        if is_quantized(module.base_layer)
     ]
 
 
@@ -353,6 +368,13 @@ def generate(
 
     prompt = _prompt_tensor(inputs, kwargs)
     merge = scalings_mode == "merged"
+    if merge and (quantized := quantized_modules(model)):
+        raise ValueError(
+            f"scalings_mode='merged' on a quantized base ({len(quantized)} adapted modules, "
+            f"e.g. {quantized[0]}): merging would dequantize, add and requantize the weights, "
+            "which is not exact. Use scalings_mode='frozen': the same fixed scalings, with the "
+            "experts kept beside the quantized weights."
+        )
     if merge and (problems := merge_problems(model)):
         logger.warning("merged mode impossible (%s); running in frozen mode", "; ".join(problems))
         merge = False
