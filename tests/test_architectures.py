@@ -304,3 +304,23 @@ def test_routed_expert_parameters_are_refused(tmp_path: Path) -> None:
 
 def build_mixtral() -> tf.PreTrainedModel:
     return build("mixtral")
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma3_text"])
+def test_embedding_experts_with_embedding_scaling_equal_peft(arch: str, tmp_path: Path) -> None:
+    """Gemma scales the embeddings by sqrt(D) (Gemma3 inside its embedding module): an
+    embedding expert's rows must be scaled with them, as peft does."""
+
+    def factory() -> tf.PreTrainedModel:
+        return build(arch)
+
+    folder = make_expert(factory, tmp_path / "e", 1, ["embed_tokens", "q_proj"], rank=4)
+    model = XLoraModel(factory(), XLoraConfig(adapters={"e": str(folder)}))
+    assert model.adapted_modules[0] == "model.embed_tokens"
+    reference = PeftModel.from_pretrained(factory(), folder).eval()
+    ids = random_ids(2, 5, seed=6)
+    with torch.no_grad(), model.fixed_scalings(torch.tensor([1.0])):
+        ours = model(input_ids=ids).logits
+    with torch.no_grad():
+        theirs = reference(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
