@@ -283,11 +283,12 @@ class MixedLora(nn.Module):
         """Base output plus the mixed experts.
 
         Args:
-            x: `(B, T, D_in)` activations, or `(B, T)` token ids for an embedding.
+            x: `(B, T, D_in)` activations (or `(B * T, D_in)`, flattened batch-major), or
+                `(B, T)` token ids for an embedding.
 
         Returns:
-            `(B, T, D_out)`, the base module's output when neither `state.scalings` nor
-            `state.scaled_lora_b` is set.
+            `(B, T, D_out)` (`(B * T, D_out)` for flattened input), the base module's output
+            when neither `state.scalings` nor `state.scaled_lora_b` is set.
         """
         result = self.base_layer(x, *args, **kwargs)
         state = self.state
