@@ -324,3 +324,51 @@ def test_embedding_experts_with_embedding_scaling_equal_peft(arch: str, tmp_path
     with torch.no_grad():
         theirs = reference(input_ids=ids).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------- modules that see a subset of the tokens
+
+
+class RoutedMLP(torch.nn.Module):
+    """A mixture-of-experts block with `Linear` experts, each called on its routed tokens only
+    (as custom or older MoE code does): the case per-token scalings cannot reach."""
+
+    def __init__(self, width: int = 32, n_experts: int = 2) -> None:
+        super().__init__()
+        self.router = torch.nn.Linear(width, n_experts, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(n_experts))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1])  # (B * T, D)
+        choice = self.router(flat).argmax(-1)  # (B * T,) top-1 routing
+        out = torch.zeros_like(flat)
+        for index, expert in enumerate(self.experts):
+            rows = (choice == index).nonzero().squeeze(-1)
+            out[rows] = expert(flat[rows])  # (N_index, D): only this expert's tokens
+        return out.view(hidden.shape)
+
+
+def routed_llama() -> tf.PreTrainedModel:
+    model = build("llama")
+    torch.manual_seed(1)
+    for layer in model.model.layers:
+        layer.mlp = RoutedMLP()
+    return model.eval()
+
+
+def test_linear_experts_on_routed_tokens_are_refused_by_name(tmp_path: Path) -> None:
+    targets = ["q_proj", "experts.0", "experts.1"]
+    folder = make_expert(routed_llama, tmp_path / "e", 1, targets)
+    other = make_expert(routed_llama, tmp_path / "f", 2, targets)
+    model = XLoraModel(routed_llama(), XLoraConfig(adapters={"e": str(folder), "f": str(other)}))
+    ids = random_ids(2, 6, seed=7)
+    with torch.no_grad():  # a gate whose scalings differ from token to token
+        model.gate.layers[-1].weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts\.\d was called on"):
+        model(input_ids=ids)
+    # the same tokens with one fixed mix (every token alike) are exact: peft's LoRA
+    reference = PeftModel.from_pretrained(routed_llama(), folder).eval()
+    with torch.no_grad(), model.fixed_scalings(torch.tensor([1.0, 0.0])):
+        ours = model(input_ids=ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(ours, reference(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
