@@ -172,13 +172,18 @@ def merge_problems(model: XLoraModel) -> list[str]:
     owners: dict[int, int] = {}
     for _, param in model.lm.named_parameters(remove_duplicate=False):
         owners[id(param)] = owners.get(id(param), 0) + 1
-    problems = []
+    problems, offloaded = [], []
     for name, module in zip(model.adapted_modules, model.mixed_modules(), strict=True):
         weight = module.base_layer.weight
         if owners.get(id(weight), 0) > 1:
             problems.append(f"{name}.weight is shared with another module (tied weights)")
         elif weight.device.type == "meta":
-            problems.append(f"{name}.weight is offloaded (on the meta device)")
+            offloaded.append(name)
+    if offloaded:
+        problems.append(
+            f"{len(offloaded)} adapted weights are offloaded by accelerate (on the meta "
+            f"device), e.g. {offloaded[0]}.weight"
+        )
     return problems
 
 
