@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from conftest import make_expert
+from helpers import make_expert
 from peft import PeftModel
 
 from loramix import XLoraConfig, XLoraModel

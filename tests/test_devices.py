@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import cpu_offload
-from conftest import LLAMA_TARGETS, make_expert, random_ids, tiny_llama
+from helpers import LLAMA_TARGETS, make_expert, random_ids, tiny_llama
 from transformers import AutoModelForCausalLM
 
 from loramix import XLoraConfig, XLoraModel
