@@ -19,7 +19,8 @@ Axis names used in shape comments:
 
 The scalings reach the modules through a `MixingState` that `XLoraModel` owns and sets for
 the length of one forward call (`with state.using(scalings): ...`). No hooks are involved.
-`plan_mixed_modules` decides which modules of a base model get mixed, and `replace_module`
+`plan_mixed_modules` decides which modules of a base model get mixed, `build_mixed_modules`
+builds their mixing modules (placed where each module runs), and `replace_module`
 is the one place where modules of the base model are swapped (see `loramix.model`).
 
 Token layout: a module is normally called on `(B, T, D_in)` activations, token `(b, t)` at
@@ -422,6 +423,57 @@ class MixedEmbedding(MixedLora):
     @property
     def weight_is_transposed(self) -> bool:
         return True  # (V, D): rows are looked up by the input ids
+
+
+def execution_device(root: nn.Module, module_name: str) -> torch.device | None:
+    """Where a module runs when accelerate offloaded its weight (to the meta device): the
+    `execution_device` of the nearest accelerate hook on it or above it. None otherwise."""
+    if root.get_submodule(module_name).weight.device.type != "meta":
+        return None
+    parts = module_name.split(".")
+    for end in range(len(parts), -1, -1):
+        owner = root.get_submodule(".".join(parts[:end]))
+        hook = getattr(owner, "_hf_hook", None)
+        for one in getattr(hook, "hooks", None) or [hook]:
+            device = getattr(one, "execution_device", None)
+            if device is not None:
+                return torch.device(device)
+    return None
+
+
+def head_device(base_model: nn.Module) -> torch.device:
+    """Where a causal LM's head runs (its input embeddings' when it has no head module): the
+    device the last hidden state goes to, where `XLoraModel` puts its gate."""
+    head = base_model.get_output_embeddings() or base_model.get_input_embeddings()
+    name = next(name for name, module in base_model.named_modules() if module is head)
+    device = execution_device(base_model, name)  # set when accelerate offloaded the head
+    return head.weight.device if device is None else device
+
+
+def build_mixed_modules(
+    base_model: nn.Module,
+    plan: list[tuple[str, list[tuple[int, ModuleLora]]]],
+    state: MixingState,
+    trainable: bool = False,
+) -> list[MixedLora]:
+    """One mixing module per planned module (see `plan_mixed_modules`), in plan order, each
+    with its experts where its module runs and, over a quantized weight, in the dtype of the
+    model's activations (its input embeddings' dtype). Nothing is swapped in here."""
+    weight = base_model.get_input_embeddings().weight
+    activation_dtype = weight.dtype if weight.is_floating_point() else None
+    return [
+        make_mixed_module(
+            base_model.get_submodule(name),
+            layer_index,
+            expert_loras,
+            state,
+            trainable,
+            module_name=name,
+            device=execution_device(base_model, name),
+            activation_dtype=activation_dtype,
+        )
+        for layer_index, (name, expert_loras) in enumerate(plan)
+    ]
 
 
 def make_mixed_module(

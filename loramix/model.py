@@ -42,7 +42,8 @@ from loramix.gate import XLoraGate, select_top_k
 from loramix.layer import (
     MixedLora,
     MixingState,
-    make_mixed_module,
+    build_mixed_modules,
+    head_device,
     plan_mixed_modules,
     replace_module,
 )
@@ -115,37 +116,22 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
 
         for param in base_model.parameters():
             param.requires_grad_(False)
-        weight = base_model.get_input_embeddings().weight
-        activation_dtype = weight.dtype if weight.is_floating_point() else None
-        mixed_modules = []
-        for layer_index, (module_name, expert_loras) in enumerate(adapted):
-            mixed_modules.append(
-                make_mixed_module(
-                    base_model.get_submodule(module_name),
-                    layer_index,
-                    expert_loras,
-                    self.mixing_state,
-                    trainable=config.use_trainable_adapters,
-                    module_name=module_name,
-                    device=_execution_device(base_model, module_name),
-                    activation_dtype=activation_dtype,
-                )
-            )  # all built (and checked) before the first module is replaced
-        for module_name, mixed in zip(self.adapted_modules, mixed_modules, strict=True):
-            replace_module(base_model, module_name, mixed)
+        mixed = build_mixed_modules(
+            base_model, adapted, self.mixing_state, trainable=config.use_trainable_adapters
+        )  # all built (and checked) before the first module is replaced
+        for module_name, module in zip(self.adapted_modules, mixed, strict=True):
+            replace_module(base_model, module_name, module)
 
         # The gate sits where the last hidden state goes: beside the LM head.
+        weight = base_model.get_input_embeddings().weight
         self.gate = XLoraGate(config, hidden_size, self.n_layers, self.n_experts).to(
-            device=_gate_device(base_model), dtype=weight.dtype
+            device=head_device(base_model), dtype=weight.dtype
         )
         self.eval()
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        """The experts implementation this wrapper's config copy names, kept as it is.
-
-        transformers checks it when a model is built; a mixture-of-experts base model's config
-        names its own (e.g. "grouped_mm"), which the base model, not this wrapper, runs.
-        """
+        """Kept as named: a mixture-of-experts base's config copy names the base's own
+        experts implementation (e.g. "grouped_mm"), which transformers would refuse here."""
         return requested_experts or "eager"
 
     # ------------------------------------------------------------------ properties
@@ -608,31 +594,6 @@ def _check_hidden_size(base_model: PreTrainedModel, config: XLoraConfig) -> int:
             "set hidden_size=None to infer it."
         )
     return config.hidden_size
-
-
-def _execution_device(base_model: nn.Module, module_name: str) -> torch.device | None:
-    """Where a module runs when accelerate offloaded its weight (to the meta device): the
-    `execution_device` of the nearest accelerate hook on it or above it. None otherwise."""
-    if base_model.get_submodule(module_name).weight.device.type != "meta":
-        return None
-    parts = module_name.split(".")
-    for end in range(len(parts), -1, -1):
-        owner = base_model.get_submodule(".".join(parts[:end]))
-        hook = getattr(owner, "_hf_hook", None)
-        for one in getattr(hook, "hooks", None) or [hook]:
-            device = getattr(one, "execution_device", None)
-            if device is not None:
-                return torch.device(device)
-    return None
-
-
-def _gate_device(base_model: PreTrainedModel) -> torch.device:
-    """Where the gate sits: beside the LM head, where the last hidden state goes (the input
-    embeddings' device when the model has no head module)."""
-    head = base_model.get_output_embeddings() or base_model.get_input_embeddings()
-    name = next(name for name, module in base_model.named_modules() if module is head)
-    device = _execution_device(base_model, name)  # set when accelerate offloaded the head
-    return head.weight.device if device is None else device
 
 
 def _cache_kwarg_name(base_model: nn.Module) -> str:
