@@ -12,6 +12,7 @@ for _module in ("Bio", "periodictable", "pint"):
     )
 
 from loramix.science import DOMAINS, verify, write_datasets  # noqa: E402
+from loramix.science.datasets import LIBRARIES  # noqa: E402
 
 SIZES = {"n_train": 24, "n_test": 8}
 
@@ -35,7 +36,7 @@ def test_writes_every_file_and_nothing_else(written):
     assert len(_read(paths["biology_train.jsonl"])) == SIZES["n_train"]
     assert len(_read(paths["mixed_test.jsonl"])) == SIZES["n_test"]
     manifest = json.loads(paths["manifest.json"].read_text())
-    assert set(manifest["versions"]) == {"biopython", "periodictable", "pint"}
+    assert set(manifest["versions"]) == set(LIBRARIES)
 
 
 def test_same_seed_gives_byte_identical_files(written, tmp_path):
