@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from loramix.science import (
+    bioinspired,
     biology,
     chemistry,
     composite,
@@ -20,6 +21,7 @@ DOMAINS: tuple[str, ...] = (
     "mechanics",
     "mathematics",
     "reasoning",
+    "bioinspired",
 )
 """The expert domains, in a fixed order; each gets its own training data."""
 
@@ -32,6 +34,7 @@ TASKS: dict[str, tuple[Task, ...]] = {
     mechanics.DOMAIN: mechanics.TASKS,
     mathematics.DOMAIN: mathematics.TASKS,
     reasoning.DOMAIN: reasoning.TASKS,
+    bioinspired.DOMAIN: bioinspired.TASKS,
     composite.DOMAIN: composite.TASKS,
 }
 """Domain -> its tasks; "composite" holds the held-out cross-domain questions."""
