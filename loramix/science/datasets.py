@@ -29,7 +29,7 @@ from loramix.science.task import Example, Task
 logger = logging.getLogger(__name__)
 
 MAX_DRAWS_PER_EXAMPLE = 200  # redraws allowed to find a prompt not seen before
-LIBRARIES = ("biopython", "periodictable", "pint", "sympy", "z3-solver")
+LIBRARIES = ("biopython", "periodictable", "pint", "sympy", "z3-solver", "rdkit", "tblite")
 
 
 def draw_unique(tasks: Sequence[Task], rng: random.Random, n: int, seen: set[str]) -> list[Example]:

@@ -10,6 +10,7 @@ from loramix.science import (
     mathematics,
     mechanics,
     proteins,
+    quantum,
     reasoning,
 )
 from loramix.science.task import Example, Task
@@ -19,6 +20,7 @@ DOMAINS: tuple[str, ...] = (
     "chemistry",
     "proteins",
     "mechanics",
+    "quantum",
     "mathematics",
     "reasoning",
     "bioinspired",
@@ -32,6 +34,7 @@ TASKS: dict[str, tuple[Task, ...]] = {
     chemistry.DOMAIN: chemistry.TASKS,
     proteins.DOMAIN: proteins.TASKS,
     mechanics.DOMAIN: mechanics.TASKS,
+    quantum.DOMAIN: quantum.TASKS,
     mathematics.DOMAIN: mathematics.TASKS,
     reasoning.DOMAIN: reasoning.TASKS,
     bioinspired.DOMAIN: bioinspired.TASKS,
