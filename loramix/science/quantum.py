@@ -205,7 +205,7 @@ def heavy_atoms(smiles: str) -> dict[str, int]:
     Raises:
         ValueError: If RDKit cannot read the SMILES.
     """
-    mol = _mol(smiles)
+    mol = read_smiles(smiles)
     counts: dict[str, int] = {}
     for atom in mol.GetAtoms():
         counts[atom.GetSymbol()] = counts.get(atom.GetSymbol(), 0) + 1
@@ -216,10 +216,15 @@ def heavy_atoms(smiles: str) -> dict[str, int]:
 def has_group(smiles: str, group: str) -> bool:
     """Whether RDKit finds the functional group `group` (a key of `GROUPS`) in the molecule."""
     pattern = require("rdkit.Chem").MolFromSmarts(GROUPS[group])
-    return bool(_mol(smiles).HasSubstructMatch(pattern))
+    return bool(read_smiles(smiles).HasSubstructMatch(pattern))
 
 
-def _mol(smiles: str) -> Any:
+def read_smiles(smiles: str) -> Any:
+    """RDKit's molecule (without explicit hydrogens) for a SMILES string.
+
+    Raises:
+        ValueError: If RDKit cannot read it.
+    """
     chem = require("rdkit.Chem")
     require("rdkit.RDLogger").DisableLog("rdApp.*")  # generated garbage is expected
     mol = chem.MolFromSmiles(smiles) if smiles else None
