@@ -26,6 +26,7 @@ from loramix.science.task import Task, require
 
 DOMAIN = "mathematics"
 COEFFICIENTS = tuple(c for c in range(-9, 10) if c)
+ROOTS = range(-20, 21)  # 820 pairs: enough distinct questions for 1200 examples
 _EXPRESSION = re.compile(r"[-+*/^().\dx ]+")
 
 
@@ -120,7 +121,7 @@ def _check_expand(answer: str, generated: str) -> bool:
 
 def _gen_design_quadratic(rng: random.Random) -> tuple[str, str, dict[str, Any]]:
     sympy, x = require("sympy"), symbol()
-    roots = sorted(rng.sample(range(-9, 10), 2))
+    roots = sorted(rng.sample(ROOTS, 2))
     scale = rng.choice((1, 1, 1, 2, 3))
     poly = sympy.expand(scale * (x - roots[0]) * (x - roots[1]))
     prompt = (
