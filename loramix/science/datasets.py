@@ -16,7 +16,7 @@ Each domain draws its test split first, then train, then dev, so adding the dev 
 the test and training files of earlier runs unchanged.
 
 Each record is an `Example` ({"prompt", "completion", "domain", "task", "answer"}), which
-`loramix.data` reads as a prompt/completion pair. Every random draw comes from a
+`loramix.training.data` reads as a prompt/completion pair. Every random draw comes from a
 `random.Random` seeded by (seed, domain), so the same seed gives byte-identical files.
 """
 
