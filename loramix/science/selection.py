@@ -139,7 +139,7 @@ def score_candidates(
         ValueError: If a file is not a dev file (before any model is loaded).
     """
     check_dev_files(dev_files)
-    from loramix.evaluation import completion_nll, load_test_set
+    from loramix.evaluation.runner import completion_nll, load_test_set
     from loramix.model import XLoraModel
     from loramix.smollm2 import load_base_model
 

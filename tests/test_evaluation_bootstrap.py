@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from loramix.science.bootstrap import ratio_interval
+from loramix.evaluation.bootstrap import ratio_interval
 
 
 def test_interval_holds_the_estimate_and_narrows_with_more_examples():
