@@ -113,15 +113,18 @@ class EvalReport:
     def add_system(self, name: str, scores: dict[str, Score]) -> None:
         """Add the scores of a system evaluated on another model (e.g. a multitask LoRA).
 
+        The system may cover only some of the report's test sets (its other cells stay
+        empty), never a set the report does not have.
+
         Raises:
-            ValueError: If the name is taken or the scores cover other test sets.
+            ValueError: If the name is taken or the scores name a test set not in the report.
         """
         if name in self.systems:
             raise ValueError(f"the report already holds a system named {name!r}; rename it")
-        if set(scores) != set(self.test_sets):
+        if not scores or set(scores) - set(self.test_sets):
             raise ValueError(
                 f"system {name!r} has scores for {sorted(scores)}, but the report's test sets "
-                f"are {sorted(self.test_sets)}; evaluate it on the same files"
+                f"are {sorted(self.test_sets)}; evaluate it on (some of) the same files"
             )
         self.systems.append(name)
         self.scores[name] = dict(scores)
