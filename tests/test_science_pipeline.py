@@ -357,3 +357,11 @@ def test_add_domain_cost_reads_one_runs_timings():
     assert cost["ratio"] == pytest.approx(600 / 190, abs=0.01)
     with pytest.raises(ValueError, match="lacks 'select'"):
         add_domain_cost({"experts": timings["experts"], "gates": timings["gates"]}, settings)
+
+
+def test_add_domain_cli_names_the_problem(tmp_path, capsys):
+    from loramix.cli import main
+
+    assert main(["science", "add-domain", "physics", "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "'physics' is not one of" in error and "retrain first" in error
