@@ -16,6 +16,7 @@ new requests (503, and uvicorn closes its socket), lets running ones finish, and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -220,7 +221,8 @@ async def _start(service: Service, request: Request, chat: bool) -> Response:
         budget = _budget(service, body.token_budget(), len(ids))
 
         def sink(event: Any, index: int = index) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+            with contextlib.suppress(RuntimeError):  # a closed event loop: nobody listens
+                loop.call_soon_threadsafe(queue.put_nowait, (index, event))
 
         jobs.append(
             Job(

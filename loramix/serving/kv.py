@@ -49,14 +49,10 @@ def join(
     Returns:
         `(B1 + B2, max(W1, W2))` the joined attention mask.
     """
+    _check_joinable_pair(running, new)  # before anything changes
     width = max(running_mask.shape[1], new_mask.shape[1])
     _join_layers(running, new, width)
     _join_layers(running.scaling_cache, new.scaling_cache, width)
-    if set(running.sequence_state) != set(new.sequence_state):
-        raise ValueError(
-            f"cannot join caches with different sequence state: "
-            f"{sorted(running.sequence_state)} vs {sorted(new.sequence_state)}"
-        )
     for name, tensor in new.sequence_state.items():
         running.sequence_state[name] = torch.cat([running.sequence_state[name], tensor], dim=0)
     return torch.cat([_pad_left(running_mask, width), _pad_left(new_mask, width)], dim=0)
@@ -93,16 +89,29 @@ def _filled(layer: DynamicLayer) -> bool:
     return layer.is_initialized and layer.keys is not None and layer.keys.numel() > 0
 
 
-def _join_layers(running: DynamicCache, new: DynamicCache, width: int) -> None:
-    if len(running.layers) != len(new.layers):
-        raise ValueError(
-            f"cannot join caches of {len(running.layers)} and {len(new.layers)} layers"
+def _check_joinable_pair(running: XLoraCache, new: XLoraCache) -> None:
+    problems = []
+    if set(running.sequence_state) != set(new.sequence_state):
+        problems.append(
+            f"different sequence state: {sorted(running.sequence_state)} vs "
+            f"{sorted(new.sequence_state)} (granular and frozen rows cannot share a batch)"
         )
+    for name, mine, theirs in (
+        ("mixed", running, new),
+        ("scaling", running.scaling_cache, new.scaling_cache),
+    ):
+        if len(mine.layers) != len(theirs.layers):
+            problems.append(f"{name} caches of {len(mine.layers)} and {len(theirs.layers)} layers")
+        elif any(_filled(a) != _filled(b) for a, b in zip(mine.layers, theirs.layers, strict=True)):
+            problems.append(f"a filled {name} cache layer and an empty one")
+    if problems:
+        raise ValueError("cannot join these KV caches: " + "; ".join(problems))
+
+
+def _join_layers(running: DynamicCache, new: DynamicCache, width: int) -> None:
     for mine, theirs in zip(running.layers, new.layers, strict=True):
-        if not _filled(mine) and not _filled(theirs):
+        if not _filled(mine):
             continue  # e.g. the scaling cache of a frozen batch, dropped after the prefill
-        if _filled(mine) != _filled(theirs):
-            raise ValueError("cannot join a filled KV cache layer with an empty one")
         mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
         mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
 

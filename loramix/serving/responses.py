@@ -19,7 +19,6 @@ from loramix.serving.engine import ErrorEvent, Event, FinishEvent, TokenEvent
 
 @dataclass
 class _Choice:
-    text: list[str] = field(default_factory=list)
     weights: list[list[float]] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
     finish: FinishEvent | None = None
@@ -73,7 +72,6 @@ class Answer:
             return
         choice = self.choices[index]
         if isinstance(event, TokenEvent):
-            choice.text.append(event.text)
             choice.pieces.append(event.text)
             choice.weights.append(event.weights)
         elif isinstance(event, FinishEvent):
@@ -115,7 +113,7 @@ class Answer:
         """The whole (non-streaming) response."""
         choices = []
         for index, choice in self.choices.items():
-            text = "".join(choice.text)
+            text = "".join(choice.pieces)
             reason = choice.finish.reason if choice.finish else None
             item: dict[str, Any] = {"index": index, "finish_reason": reason}
             if self.chat:
@@ -140,7 +138,7 @@ class Answer:
             opening = self.chat and not choice.started
             if end == start and not ending and not opening:
                 continue
-            text = "".join(choice.text[start:end])
+            text = "".join(choice.pieces[start:end])
             item: dict[str, Any] = {"index": index}
             if self.chat:
                 item["delta"] = {"content": text}
