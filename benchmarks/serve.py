@@ -3,11 +3,13 @@
 Starts `loramix serve models/science-xlora` (SmolLM2-135M-Instruct + 4 experts) in a
 subprocess on a free local port, then, for the granular and frozen scalings modes, runs 1, 4,
 8 and 16 concurrent clients; each client sends streaming greedy `/v1/completions` requests
-(science questions, `max_tokens` fixed) one after the other until its share of the level's
+(science questions; `ignore_eos`, so each generates exactly `max_tokens` tokens: 32, or 64
+without --quick) one after the other until its share of the level's
 requests is done. Reported per level: aggregate throughput (generated tokens/s of all clients
 over the level's wall time), p50 and p99 request latency, p50 time to first token, and how
 many greedy answers differ from the same prompt's answer at 1 client (batched answers should
-equal lone ones). Then 200 requests under 16 clients: none may be lost or fail. The server's
+equal lone ones). Then 200 requests (8 or 16 tokens each) under 16 clients: none may be lost
+or fail. The server's
 resident memory (RSS, from /proc) is read after the warm-up and at the end.
 
 Everything stops by itself: fixed request counts, plus `--time-limit` seconds overall (levels
@@ -156,7 +158,9 @@ def wait_ready(url: str, server: subprocess.Popen, seconds: float = 300) -> None
 async def benchmark(args: argparse.Namespace, url: str, pid: int) -> dict:
     deadline = time.monotonic() + args.time_limit
     scale = 1 if args.quick else 2
+    # ignore_eos: every request generates max_tokens tokens (the science answers end after ~5)
     body = {"model": "science-xlora", "max_tokens": 32 * scale, "temperature": 0}
+    body["ignore_eos"] = True
     body["stream"], body["stream_options"] = True, {"include_usage": True}
     await run_level(url, 1, 2, body, deadline)  # warm-up
     report: dict = {"rss_before_mib": rss_mib(pid), "levels": []}
@@ -178,7 +182,7 @@ async def benchmark(args: argparse.Namespace, url: str, pid: int) -> dict:
             )
             report["levels"].append({"mode": mode, **level})
             print(json.dumps(report["levels"][-1]), flush=True)
-    stress = {**body, "max_tokens": 16 * scale, "scalings_mode": "granular"}
+    stress = {**body, "max_tokens": 8 * scale, "scalings_mode": "granular"}
     level = await run_level(url, 16, 200, stress, deadline + 600)  # bounded by its 200 requests
     level.pop("answers")
     report["stress_200_requests_16_clients"] = level

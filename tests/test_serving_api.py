@@ -236,3 +236,12 @@ def test_health_and_metrics(served, client) -> None:
     assert 'loramix_requests_total{route="chat",status="200"}' in text
     unknown = httpx.get(served[0].url + "/v1/nothing")
     assert unknown.status_code == 404 and "error" in unknown.json()
+
+
+def test_ignore_eos_generates_max_tokens(client) -> None:
+    options = dict(model=MODEL_NAME, prompt="hello", max_tokens=40, temperature=0)
+    ended = client.completions.create(**options)
+    assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens < 40
+    full = client.completions.create(**options, extra_body={"ignore_eos": True})
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 40
+    assert full.choices[0].text.startswith(ended.choices[0].text)

@@ -237,6 +237,7 @@ async def _start(service: Service, request: Request, chat: bool) -> Response:
                 mode=mode,
                 fixed_weights=fixed,
                 want_layers=body.return_layer_scalings,
+                ignore_eos=body.ignore_eos,
             )
         )
     answer = Answer(
@@ -329,16 +330,24 @@ class _Events:
         self.service, self.answer, self.jobs, self.queue, self.n = service, answer, jobs, queue, n
         self.arrived = arrived
         self.first_token = False
+        self.checked = arrived  # when the client's connection was last checked
 
     async def next_batch(self, request: Request | None = None) -> bool:
-        """Waits for events, then takes all that are ready; False if the client left."""
+        """Waits for events, then takes all that are ready; False if the client left.
+
+        With `request` (plain responses), checks at most every 0.25 s whether its client is
+        still there; streams notice it when a write fails.
+        """
         while True:
+            if request is not None and time.monotonic() - self.checked > 0.25:
+                self.checked = time.monotonic()
+                if await request.is_disconnected():
+                    return False
             try:
-                item = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                item = await asyncio.wait_for(self.queue.get(), timeout=0.25)
                 break
             except TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    return False
+                continue
         self._add(*item)
         while not self.queue.empty():
             self._add(*self.queue.get_nowait())

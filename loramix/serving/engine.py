@@ -117,6 +117,7 @@ class Job:
         mode: "granular", "frozen" or "merged".
         fixed_weights: `(E,)` a fixed mix instead of the gate, or None.
         want_layers: Report each choice's `(L, E)` scalings averaged over its tokens.
+        ignore_eos: Generate `max_tokens` tokens even past the end of text (load tests).
         sink: Receives the job's events (called from the worker thread).
     """
 
@@ -131,6 +132,7 @@ class Job:
     mode: str = "granular"
     fixed_weights: tuple[float, ...] | None = None
     want_layers: bool = False
+    ignore_eos: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
 
@@ -270,14 +272,19 @@ class Engine:
             job.sink(ErrorEvent(message))
 
     def _admit(self) -> None:
+        """Prefills waiting jobs while there is room, one forward call per kind of job."""
         self._waiting = [job for job in self._waiting if not job.cancelled.is_set()]
+        running = sum(len(g.rows) for g in self._groups.values())
+        admitted: dict[tuple, list[Job]] = {}
         while self._waiting:
-            running = sum(len(g.rows) for g in self._groups.values())
             job = self._waiting[0]
             if running > 0 and running + job.n > self.max_batch:
-                return
+                break
             self._waiting.pop(0)
-            self._prefill(job)
+            admitted.setdefault(job.group_key, []).append(job)
+            running += job.n
+        for jobs in admitted.values():
+            self._prefill(jobs)
 
     # ------------------------------------------------------------- forward calls
 
@@ -294,51 +301,58 @@ class Engine:
         with self.model.fixed_scalings(weights):
             yield
 
-    def _prefill(self, job: Job) -> None:
-        ids = torch.tensor([job.prompt_ids], device=self.device)  # (1, T)
-        mask = torch.ones_like(ids)
+    def _prefill(self, jobs: list[Job]) -> None:
+        """Runs the prompts of `jobs` (one kind) together, samples, joins their group."""
+        first = jobs[0]
+        width = max(len(job.prompt_ids) for job in jobs)
+        ids = torch.zeros(len(jobs), width, dtype=torch.long, device=self.device)  # (B, T)
+        mask = torch.zeros_like(ids)
+        for row, job in enumerate(jobs):  # left padding: every prompt ends at column T - 1
+            ids[row, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids)
+            mask[row, width - len(job.prompt_ids) :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T): each prompt from 0
         cache = self.model.new_cache()
-        frozen = job.fixed_weights is None and job.mode in ("frozen", "merged")
-        if frozen:
-            cache.freeze_plan = FreezePlan(window_start=0, window_end=ids.shape[1])
-        with self._forward_context(None, job.fixed_weights):
+        frozen = first.fixed_weights is None and first.mode in ("frozen", "merged")
+        if frozen:  # averages each prompt's scalings over its real tokens
+            cache.freeze_plan = FreezePlan(window_start=0, window_end=width)
+        with self._forward_context(None, first.fixed_weights):
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask,
-                position_ids=torch.arange(ids.shape[1], device=self.device)[None],
+                position_ids=positions,
                 cache=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
         cache.freeze_plan = None  # the fixed scalings stay in cache.sequence_state
         kv.check_joinable(cache)
-        if frozen or job.fixed_weights is not None:
+        if frozen or first.fixed_weights is not None:
             cache.scaling_cache.reset()  # never read again: the scaling pass is skipped
         if self.metrics is not None:
-            self.metrics.prompt_tokens.inc(len(job.prompt_ids))
-        if job.n > 1:
-            cache.batch_repeat_interleave(job.n)
-            mask = mask.repeat(job.n, 1)
+            self.metrics.prompt_tokens.inc(sum(len(job.prompt_ids) for job in jobs))
+        source = [row for row, job in enumerate(jobs) for _ in range(job.n)]  # n rows per job
         rows = [
-            _Row(job=job, choice=i, generator=_generator(job, i), position=ids.shape[1] - 1)
+            _Row(job=job, choice=i, generator=_generator(job, i), position=len(job.prompt_ids) - 1)
+            for job in jobs
             for i in range(job.n)
         ]
-        logits = out.logits[:, -1].float().expand(job.n, -1)  # (n, V)
-        scalings = out.scalings[:, -1].float().expand(job.n, -1, -1)  # (n, L, E)
+        index = torch.tensor(source, device=self.device)
+        logits = out.logits[:, -1].float()[index]  # (n rows, V)
+        scalings = out.scalings[:, -1].float()[index]  # (n rows, L, E)
         finished = self._advance(rows, logits, scalings)
-        keep = [i for i in range(job.n) if i not in finished]
-        if not keep:
+        keep = [source[i] for i in range(len(rows)) if i not in finished]
+        rows = [row for i, row in enumerate(rows) if i not in finished]
+        if not rows:
             return
-        mask = kv.select(cache, mask, keep)
-        rows = [rows[i] for i in keep]
-        group = self._groups.get(job.group_key)
+        mask = kv.select(cache, mask, keep)  # also repeats the rows of jobs with n > 1
+        group = self._groups.get(first.group_key)
         if group is None:
-            self._groups[job.group_key] = _Group(job.group_key, rows, cache, mask)
-            self._groups[job.group_key].plan = self._new_plan(job, cache)
-            return
-        group.mask = kv.join(group.cache, group.mask, cache, mask)
-        group.rows += rows
-        group.plan = self._new_plan(job, group.cache)  # the mix of the rows has changed
+            group = _Group(first.group_key, rows, cache, mask)
+            self._groups[first.group_key] = group
+        else:
+            group.mask = kv.join(group.cache, group.mask, cache, mask)
+            group.rows += rows
+        group.plan = self._new_plan(first, group.cache)  # a new plan whenever the rows change
 
     def _new_plan(self, job: Job, cache: XLoraCache) -> FreezePlan | None:
         """The frozen/merged plan of a group (a new one whenever its rows change)."""
@@ -436,7 +450,7 @@ class Engine:
             at = text.find(stop, max(0, row.emitted - len(stop) + 1))
             if at >= 0 and at < end:
                 reason, end = "stop", at
-        if reason is None and token in self.eos_ids:
+        if reason is None and token in self.eos_ids and not job.ignore_eos:
             reason = "stop"
         elif reason is None and len(row.ids) >= job.max_tokens:
             reason = "length"

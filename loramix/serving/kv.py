@@ -59,7 +59,7 @@ def join(
 
 
 def select(cache: XLoraCache, mask: torch.Tensor, keep: list[int]) -> torch.Tensor:
-    """Keeps rows `keep` (in that order) and trims all-padding columns; returns the new mask.
+    """Keeps rows `keep` (in that order; repeats copy a row) and trims all-padding columns.
 
     Args:
         cache: Cut in place.
@@ -67,7 +67,7 @@ def select(cache: XLoraCache, mask: torch.Tensor, keep: list[int]) -> torch.Tens
         keep: Row indices to keep (not empty).
 
     Returns:
-        `(len(keep), W')` with `W' <= W`.
+        The new mask, `(len(keep), W')` with `W' <= W`.
     """
     if keep != list(range(mask.shape[0])):
         index = torch.tensor(keep, dtype=torch.long, device=mask.device)

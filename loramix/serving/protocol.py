@@ -19,6 +19,8 @@ X-LoRA extensions (extra body fields; the `openai` client passes them with `extr
     scalings_mode          "granular" | "frozen" | "merged" (default: the server's --mode)
     fixed_expert_weights   {expert name: weight}: a fixed mix instead of the gate (missing
                            experts weigh 0); the scalings mode then does not apply
+    ignore_eos             bool (as in vLLM): generate `max_tokens` tokens even past the end of
+                           text; for load tests with fixed lengths
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ class _Request(BaseModel):
     return_layer_scalings: bool = False
     scalings_mode: Literal["granular", "frozen", "merged"] | None = None
     fixed_expert_weights: dict[str, float] | None = None
+    ignore_eos: bool = False
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
