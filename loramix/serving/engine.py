@@ -198,6 +198,7 @@ class Engine:
         self.eos_ids = _eos_ids(model, tokenizer)
         self._incoming: queue.Queue[Job] = queue.Queue()
         self._waiting: list[Job] = []
+        self._admitting: list[Job] = []
         self._groups: dict[tuple, _Group] = {}
         self._closing = False
         self._stop = threading.Event()
@@ -262,12 +263,13 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         jobs = {id(r.job): r.job for g in self._groups.values() for r in g.rows}
-        jobs.update({id(j): j for j in self._waiting})
+        jobs.update({id(j): j for j in self._waiting + self._admitting})
         for group in self._groups.values():
             if group.plan is not None:
                 group.plan.close(group.cache)
         self._groups.clear()
         self._waiting.clear()
+        self._admitting = []
         for job in jobs.values():
             job.sink(ErrorEvent(message))
 
@@ -284,7 +286,9 @@ class Engine:
             admitted.setdefault(job.group_key, []).append(job)
             running += job.n
         for jobs in admitted.values():
+            self._admitting = jobs  # failed along with the others if the prefill raises
             self._prefill(jobs)
+        self._admitting = []
 
     # ------------------------------------------------------------- forward calls
 
