@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 import uvicorn
-from conftest import LLAMA_TARGETS, make_expert
+from helpers import LLAMA_TARGETS, make_expert
 from tiny_tokenizer import tiny_llama, tiny_tokenizer
 
 from loramix import XLoraConfig, XLoraModel
-from loramix.serving.app import ServeConfig, create_app
+from loramix.serving.app import create_app
+from loramix.serving.config import ServeConfig
 
 MODEL_NAME = "tiny-xlora"
 EXPERTS = ("math", "chem", "bio")

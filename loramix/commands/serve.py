@@ -2,6 +2,9 @@
 
 loramix serve models/science-xlora
 loramix serve runs/xlora --base path/to/base --port 8001 --mode frozen --max-batch 8
+
+The server's settings are `loramix.serving.config.ServeConfig`'s fields (`--mode`,
+`--max-batch`, `--default-max-tokens`, `--model-name`), declared from the dataclass.
 """
 
 from __future__ import annotations
@@ -10,9 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from loramix.commands.training_flags import DTYPES
-
-_MODES = ("granular", "frozen", "merged")
+from loramix.commands.flags import DTYPES, add_fields, from_args
+from loramix.serving.config import MODES, ServeConfig
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -24,7 +26,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
             "Serve an X-LoRA folder (written by XLoraModel.save_pretrained) over OpenAI's "
             "HTTP API (/v1/chat/completions, /v1/completions, /v1/models), with /health, "
             "/metrics and a page at / that colours each token by its dominant expert. "
-            "Concurrent requests are batched continuously. Needs the `serve` extra."
+            "Concurrent requests are batched continuously. Needs the `serve` extra. "
+            "SIGTERM: running requests finish, new ones are refused, then the server exits."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -34,16 +37,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument(
-        "--mode", choices=_MODES, default="granular", help="scalings mode of requests that set none"
-    )
-    parser.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
-    parser.add_argument(
-        "--max-tokens", type=int, default=256, help="max_tokens of requests that set none"
-    )
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype")
-    parser.add_argument("--model-name", default=None, help="model id (default: MODEL_DIR's name)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_fields(parser, ServeConfig, skip={"model_name"}, choices={"mode": MODES})
+    parser.add_argument(
+        "--model-name", default=None, help="the model id clients pass (default: MODEL_DIR's name)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     try:
-        from loramix.serving.app import ServeConfig, create_app, run_server
+        from loramix.serving.app import create_app, run_server
     except ImportError as error:
         print(f"loramix serve: error: {error}", file=sys.stderr)
         return 2
@@ -64,12 +63,8 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         if not 0 < args.port < 65536:
             raise ValueError(f"--port={args.port}: use a port between 1 and 65535")
-        config = ServeConfig(
-            model_name=args.model_name or Path(args.model_dir).resolve().name,
-            mode=args.mode,
-            max_batch=args.max_batch,
-            default_max_tokens=args.max_tokens,
-        )
+        name = args.model_name or Path(args.model_dir).resolve().name
+        config = from_args(ServeConfig, args, model_name=name)
         model, tokenizer = _load(args.model_dir, args.base, getattr(torch, args.dtype))
     except (ValueError, FileNotFoundError) as error:
         print(f"loramix serve: error: {error}", file=sys.stderr)

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from loramix.model import XLoraModel
-from loramix.serving.engine import MODES, Engine, EngineClosed, Job, TokenEvent
+from loramix.serving.config import ServeConfig
+from loramix.serving.engine import Engine, EngineClosed, Job, TokenEvent
 from loramix.serving.metrics import Metrics
 from loramix.serving.protocol import ApiError, ChatRequest, CompletionRequest, fixed_weights, parse
 from loramix.serving.responses import Answer
@@ -47,34 +48,6 @@ except ImportError as error:  # pragma: no cover - depends on the install
 logger = logging.getLogger(__name__)
 
 PAGE_DIR = Path(__file__).parent / "page"
-
-
-@dataclass
-class ServeConfig:
-    """Settings of one server.
-
-    Attributes:
-        model_name: The id clients pass as `model` (and `/v1/models` lists).
-        mode: Scalings mode of requests that do not set `scalings_mode`.
-        max_batch: Sequences decoded together at most (over all requests).
-        default_max_tokens: `max_tokens` of requests that give none (capped by the context).
-    """
-
-    model_name: str
-    mode: str = "granular"
-    max_batch: int = 16
-    default_max_tokens: int = 256
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.mode not in MODES:
-            problems.append(f"mode={self.mode!r}: use one of {', '.join(MODES)}")
-        if self.max_batch < 1:
-            problems.append(f"max_batch={self.max_batch}: use an int >= 1")
-        if self.default_max_tokens < 1:
-            problems.append(f"default_max_tokens={self.default_max_tokens}: use an int >= 1")
-        if problems:
-            raise ValueError("Invalid server settings:\n  " + "\n  ".join(problems))
 
 
 @dataclass

@@ -49,8 +49,6 @@ from loramix.serving import kv
 
 logger = logging.getLogger(__name__)
 
-MODES = ("granular", "frozen", "merged")
-
 
 # ------------------------------------------------------------------------- events
 

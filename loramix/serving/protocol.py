@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from loramix.serving.engine import MODES
+from loramix.serving.config import MODES
 
 # OpenAI parameters this server does not implement: refused when set to a non-default value.
 UNSUPPORTED = {

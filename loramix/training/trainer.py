@@ -1,4 +1,4 @@
-"""Shared training plumbing for `train-expert` and `train-gate`, on transformers' `Trainer`.
+"""Shared training plumbing of `loramix.training.expert` and `loramix.training.gate` (Trainer).
 
 What both trainers need beyond their model:
 
@@ -37,7 +37,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from loramix.data import Example, PadCollator
+from loramix.checks import is_int, raise_problems
+from loramix.training.data import Example, PadCollator
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class TrainingConfig:
         for name, value in positive.items():
             if value is None and name in optional:
                 continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 fix = "or None " if name in optional else ""
                 problems.append(f"{name}={value!r}: use a whole number >= 1 {fix}".rstrip() + ".")
         if not isinstance(self.max_length, int) or self.max_length < 2:
@@ -134,8 +135,7 @@ class TrainingConfig:
             )
         if not self.weight_decay >= 0:
             problems.append(f"weight_decay={self.weight_decay}: use a number >= 0.")
-        if problems:
-            raise ValueError("Invalid TrainingConfig:\n  " + "\n  ".join(problems))
+        raise_problems("Invalid TrainingConfig", problems)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

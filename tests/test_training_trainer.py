@@ -1,4 +1,4 @@
-"""Tests of loramix.training: config validation, output folder checks, atomic publishing."""
+"""Tests of loramix.training.trainer: config validation, output folder checks, atomic publishing."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from loramix.training import TrainingConfig, last_checkpoint, prepare_output, publish
+from loramix.training.trainer import TrainingConfig, last_checkpoint, prepare_output, publish
 
 FINAL = ("adapter_config.json", "adapter_model.safetensors")
 
