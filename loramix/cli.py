@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "science": "science",
     "generate": "generate",
     "serve": "serve",
+    "convert": "convert",
 }
 
 
