@@ -77,6 +77,7 @@ COMMANDS = {  # the arguments each command needs besides --dtype
     "generate": ["generate", "m", "--prompt", "p"],
     "eval": ["eval", "m", "--test", "a=b.jsonl", "--out", "o"],
     "science demo": ["science", "demo"],
+    "serve": ["serve", "m"],
 }
 
 
