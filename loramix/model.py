@@ -21,6 +21,7 @@ import inspect
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -37,10 +38,12 @@ from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 
 from loramix import generation
+from loramix.atomic import move_files_into
 from loramix.cache import XLoraCache
 from loramix.config import CONFIG_NAME, XLoraConfig
 from loramix.experts import (
     ADAPTER_CONFIG_NAME,
+    BIN_WEIGHTS_NAME,
     SAFETENSORS_WEIGHTS_NAME,
     LoraExpert,
     ModuleLora,
@@ -48,11 +51,27 @@ from loramix.experts import (
 )
 from loramix.gate import XLoraGate, select_top_k
 from loramix.layer import MixedLora, MixingState, adapted_shape, make_mixed_module
+from loramix.records import (
+    BASE_RECORD_NAME,
+    base_record,
+    check_base,
+    check_expert_base,
+    read_base_record,
+)
 
 logger = logging.getLogger(__name__)
 
 GATE_WEIGHTS_NAME = "gate.safetensors"
+GATE_BIN_NAME = "gate.bin"  # save_pretrained(safe_serialization=False)
 EXPERTS_DIR = "experts"
+HUB_KWARGS = ("repo_id", "commit_message", "private", "token", "create_pr")
+"""save_pretrained's keyword arguments for push_to_hub (as transformers names them)."""
+FOREIGN_MARKERS = {
+    "adapter_config.json": "a PEFT adapter (adapter_config.json)",
+    "config.json": "a transformers model (config.json)",
+}
+"""Files that say a folder holds another kind of model: save_pretrained never writes beside them."""
+EXPERT_FILES = (ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, BIN_WEIGHTS_NAME)
 
 # Forward arguments that belong to the mixed pass only.
 _MIXED_PASS_ONLY = frozenset(
@@ -99,6 +118,10 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             experts = [load_expert(name, path) for name, path in config.adapters.items()]
         hidden_size = _check_hidden_size(base_model, config)
         adapted = _plan_adapted_modules(base_model, experts)  # validates before any change
+        for expert in experts:
+            check_expert_base(
+                base_model, expert.name, expert.peft_config.get("base_model_name_or_path")
+            )
 
         super().__init__(copy.deepcopy(base_model.config))
         self.lm = base_model
@@ -566,51 +589,134 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
                 state[f"base_model.model.{name}.lora_B.weight"] = lora_b
         return state
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> None:
-        """Writes a self-contained folder, atomically (a temporary folder, then a rename).
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        safe_serialization: bool = True,
+        is_main_process: bool = True,
+        push_to_hub: bool = False,
+        **hub_kwargs: Any,
+    ) -> None:
+        """Writes a self-contained folder; into an existing folder, only loramix's own files.
 
         Layout:
             xlora_config.json                  the config, adapters -> "experts/<name>"
             gate.safetensors                   gate weights (`layers.{i}.weight/bias`)
+            base_model.json                    the base model: name, source, fingerprint
             experts/<name>/adapter_config.json  each expert as a standard PEFT adapter
             experts/<name>/adapter_model.safetensors
+
+        A new folder appears whole (written beside it, then renamed). Into an existing one,
+        as transformers and peft do, loramix's own files are replaced one rename each
+        (`xlora_config.json` last), the files of an earlier save that this one does not
+        write (experts no longer in the config, the other weight format) are removed, and
+        every other file is left alone. A folder that holds another kind of model (a PEFT
+        adapter, a transformers model) is refused before anything is written.
+
+        Args:
+            save_directory: The folder.
+            safe_serialization: False writes `gate.bin` and `adapter_model.bin` with
+                `torch.save` instead of safetensors (`from_pretrained` reads both).
+            is_main_process: False writes nothing (for the other processes of a
+                distributed run).
+            push_to_hub: Also upload loramix's files of the folder to the Hugging Face hub
+                with `huggingface_hub` (`create_repo`, then `upload_folder`).
+            **hub_kwargs: With `push_to_hub`: `repo_id` (default: the folder's name),
+                `commit_message`, `private`, `token`, `create_pr`.
+
+        Raises:
+            TypeError: On a keyword argument loramix does not support (it is named).
+            ValueError: If the folder holds another kind of model or is a file.
         """
+        unsupported = sorted(set(hub_kwargs) - set(HUB_KWARGS))
+        if unsupported:
+            raise TypeError(
+                f"save_pretrained() got unsupported keyword argument(s) {unsupported}: loramix "
+                "writes the gate and each expert as one file each (no max_shard_size, "
+                "variant, state_dict or save_function); it supports safe_serialization, "
+                f"is_main_process, push_to_hub and, with push_to_hub, {list(HUB_KWARGS)}."
+            )
+        if hub_kwargs and not push_to_hub:
+            raise TypeError(
+                f"save_pretrained(): {sorted(hub_kwargs)} only apply with push_to_hub=True."
+            )
+        if not is_main_process:
+            return
         target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp"))
+        existing = target.exists()
+        if existing:
+            _check_save_target(target)
+        parent = target if existing else target.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.tmp"))
         try:
-            adapters = {}
-            for index, name in enumerate(self.expert_names):
-                folder = Path(EXPERTS_DIR) / _folder_name(name, index)
-                adapters[name] = folder.as_posix()
-                (staging / folder).mkdir(parents=True)
-                peft_config = dict(self._expert_configs[index])
-                (staging / folder / ADAPTER_CONFIG_NAME).write_text(_json_dumps(peft_config) + "\n")
-                save_file(
-                    self.expert_state(index),
-                    staging / folder / SAFETENSORS_WEIGHTS_NAME,
-                    metadata={"format": "pt"},
-                )
-            config = dataclasses.replace(self.current_config(), adapters=adapters)
-            (staging / CONFIG_NAME).write_text(config.to_json_string())
-            gate_state = {
-                k: v.detach().contiguous().cpu() for k, v in self.gate.state_dict().items()
-            }
-            save_file(gate_state, staging / GATE_WEIGHTS_NAME, metadata={"format": "pt"})
-            _replace_folder(staging, target)
+            written = self._write_files(staging, safe_serialization)
+            if existing:
+                stale = [p for p in _own_files(target) if p not in written]
+                move_files_into(staging, target, marker=CONFIG_NAME, remove=stale)
+            else:
+                os.replace(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        if push_to_hub:
+            _push_to_hub(target, [p.as_posix() for p in written], **hub_kwargs)
+
+    def _write_files(self, folder: Path, safe_serialization: bool) -> set[Path]:
+        """Writes the saved folder's files into `folder`; returns their relative paths."""
+        base = base_record(self.lm)
+        gate_state = {k: v.detach().contiguous().cpu() for k, v in self.gate.state_dict().items()}
+        written = {Path(CONFIG_NAME), Path(BASE_RECORD_NAME)}
+        adapters = {}
+        for index, name in enumerate(self.expert_names):
+            relative = Path(EXPERTS_DIR) / _folder_name(name, index)
+            adapters[name] = relative.as_posix()
+            (folder / relative).mkdir(parents=True)
+            peft_config = dict(self._expert_configs[index])
+            if base["name"] is not None:
+                peft_config["base_model_name_or_path"] = base["name"]
+            (folder / relative / ADAPTER_CONFIG_NAME).write_text(_json_dumps(peft_config) + "\n")
+            weights = SAFETENSORS_WEIGHTS_NAME if safe_serialization else BIN_WEIGHTS_NAME
+            _save_weights(self.expert_state(index), folder / relative / weights)
+            written |= {relative / ADAPTER_CONFIG_NAME, relative / weights}
+        gate_name = GATE_WEIGHTS_NAME if safe_serialization else GATE_BIN_NAME
+        _save_weights(gate_state, folder / gate_name)
+        written.add(Path(gate_name))
+        (folder / BASE_RECORD_NAME).write_text(_json_dumps(base) + "\n")
+        config = dataclasses.replace(self.current_config(), adapters=adapters)
+        (folder / CONFIG_NAME).write_text(config.to_json_string())
+        return written
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
-        cls, base_model: PreTrainedModel, save_directory: str | os.PathLike
+        cls,
+        base_model: PreTrainedModel | str | os.PathLike,
+        save_directory: str | os.PathLike,
+        *,
+        dtype: torch.dtype | None = None,
     ) -> XLoraModel:
         """Loads a folder written by `save_pretrained` (or by peft's X-LoRA) onto `base_model`.
 
         Expert paths in the config are resolved relative to the folder. Everything is read
         and checked before `base_model` is changed.
+
+        Args:
+            base_model: A transformers causal LM, or a name that `load_base_model` takes
+                ("smollm2", its hub name, or a local transformers folder), loaded here.
+            save_directory: The folder.
+            dtype: With a name for `base_model`: the dtype to load it in (default float32).
+
+        Raises:
+            ValueError: If the base model's architecture or sizes differ from the ones the
+                folder's `base_model.json` records (a different name alone is a warning).
         """
+        if isinstance(base_model, str | os.PathLike):
+            from loramix.smollm2 import load_base_model
+
+            base_model = load_base_model(base_model, dtype or torch.float32)[0]
+        elif dtype is not None:
+            raise TypeError("from_pretrained(dtype=...) applies only to a base model given by name")
         folder = Path(save_directory)
         config = XLoraConfig.from_file(folder)
         adapters = {}
@@ -618,6 +724,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             path = Path(path)
             adapters[name] = str(path if path.is_absolute() else folder / path)
         config = dataclasses.replace(config, adapters=adapters)
+        check_base(base_model, read_base_record(folder), str(folder))
         gate_state = _read_gate_state(folder)
         experts = [load_expert(name, path) for name, path in config.adapters.items()]
         _plan_adapted_modules(base_model, experts)  # fail before touching the model
@@ -727,19 +834,23 @@ def _read_gate_state(folder: Path) -> dict[str, torch.Tensor]:
     try:
         if path.is_file():
             return load_file(path, device="cpu")
+        if (folder / GATE_BIN_NAME).is_file():
+            path = folder / GATE_BIN_NAME
+            return torch.load(path, map_location="cpu", weights_only=True)
         if peft_path.is_file():  # a peft X-LoRA folder: the classifier's weights
             prefix = re.compile(r"^.*internal_xlora_classifier\.")
             state = load_file(peft_path, device="cpu")
             gate = {prefix.sub("", k): v for k, v in state.items() if prefix.match(k)}
             if gate:
                 return gate
-    except (SafetensorError, OSError) as error:
+    except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as error:
         raise ValueError(
             f"{path if path.is_file() else peft_path}: cannot read gate weights ({error}); the "
             "file is corrupt or truncated"
         ) from None
     raise FileNotFoundError(
-        f"{folder}: no {GATE_WEIGHTS_NAME} found; was this folder written by save_pretrained?"
+        f"{folder}: no {GATE_WEIGHTS_NAME} (or {GATE_BIN_NAME}) found; was this folder written "
+        "by save_pretrained?"
     )
 
 
@@ -752,13 +863,61 @@ def _json_dumps(data: dict) -> str:
     return json.dumps(data, indent=2, sort_keys=True)
 
 
-def _replace_folder(staging: Path, target: Path) -> None:
-    """Moves `staging` to `target`; an existing `target` is removed only after the move."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
+def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    if path.suffix == ".bin":
+        torch.save(state, path)
+    else:
+        save_file(state, path, metadata={"format": "pt"})
+
+
+def _check_save_target(target: Path) -> None:
+    """Refuse a save into a file, or into a folder that holds another kind of model."""
+    if not target.is_dir():
+        raise ValueError(f"save_pretrained: {target} is a file; pass a folder path.")
+    found = [what for name, what in FOREIGN_MARKERS.items() if (target / name).exists()]
+    if found:
+        raise ValueError(
+            f"save_pretrained: {target} holds {' and '.join(found)}; an X-LoRA saved beside it "
+            "would make a folder that no loader reads as either. Nothing was written: save to "
+            "another folder."
+        )
+    for name in (CONFIG_NAME, GATE_WEIGHTS_NAME, GATE_BIN_NAME, BASE_RECORD_NAME, EXPERTS_DIR):
+        path = target / name
+        if path.exists() and (path.is_dir() != (name == EXPERTS_DIR)):
+            raise ValueError(
+                f"save_pretrained: {path} is in the way (a {'folder' if path.is_dir() else 'file'}"
+                " where loramix writes the other); move it away. Nothing was written."
+            )
+
+
+def _own_files(folder: Path) -> list[Path]:
+    """loramix's files in an earlier save (relative paths); other files are never listed."""
+    own = [Path(name) for name in (CONFIG_NAME, GATE_WEIGHTS_NAME, GATE_BIN_NAME, BASE_RECORD_NAME)]
+    experts = folder / EXPERTS_DIR
+    if experts.is_dir():
+        for expert in sorted(p for p in experts.iterdir() if p.is_dir()):
+            own += [Path(EXPERTS_DIR) / expert.name / name for name in EXPERT_FILES]
+    return [path for path in own if (folder / path).is_file()]
+
+
+def _push_to_hub(
+    folder: Path,
+    files: list[str],
+    repo_id: str | None = None,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    create_pr: bool = False,
+) -> None:
+    """Uploads `files` of `folder` to a hub model repository, created if needed."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo = api.create_repo(repo_id or folder.resolve().name, private=private, exist_ok=True)
+    api.upload_folder(
+        repo_id=getattr(repo, "repo_id", None) or repo_id or folder.resolve().name,
+        folder_path=folder,
+        commit_message=commit_message or "Upload X-LoRA model (loramix)",
+        allow_patterns=files,
+        create_pr=create_pr,
+    )
