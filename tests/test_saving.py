@@ -151,13 +151,17 @@ def test_base_is_recorded_and_from_pretrained_loads_a_named_base(tmp_path) -> No
     assert torch.equal(outputs(reloaded), outputs(model))
 
 
+def edit_base_record(folder: Path, name: str, **fingerprint) -> None:
+    path = folder / "base_model.json"
+    record = json.loads(path.read_text())
+    record["name"] = name
+    record["fingerprint"].update(fingerprint)
+    path.write_text(json.dumps(record))
+
+
 def test_a_base_with_other_sizes_is_refused(llama_experts, tmp_path) -> None:
     saved_model(llama_experts).save_pretrained(tmp_path / "saved")
-    record_path = tmp_path / "saved" / "base_model.json"
-    record = json.loads(record_path.read_text())
-    record["fingerprint"]["vocab_size"] = 1000
-    record["name"] = "someone/else"
-    record_path.write_text(json.dumps(record))
+    edit_base_record(tmp_path / "saved", "someone/else", vocab_size=1000)
     with pytest.raises(
         ValueError, match=r"vocab_size 1000 \(recorded\) vs 97.*--base someone/else"
     ):
@@ -166,12 +170,8 @@ def test_a_base_with_other_sizes_is_refused(llama_experts, tmp_path) -> None:
 
 def test_another_base_name_with_the_same_shapes_warns(llama_experts, tmp_path, caplog) -> None:
     saved_model(llama_experts).save_pretrained(tmp_path / "saved")
-    record_path = tmp_path / "saved" / "base_model.json"
-    record = json.loads(record_path.read_text())
-    record["name"] = "someone/else"
-    record_path.write_text(json.dumps(record))
-    base = tiny_llama()
-    base.config.name_or_path = "me/mine"
+    edit_base_record(tmp_path / "saved", "someone/else")
+    base = tiny_llama_named("me/mine")
     with caplog.at_level(logging.WARNING, logger="loramix.records"):
         XLoraModel.from_pretrained(base, tmp_path / "saved")
     assert "saved with base model someone/else but is loaded on me/mine" in caplog.text
@@ -183,8 +183,7 @@ def test_an_expert_trained_on_another_base_warns_naming_both(tmp_path, caplog) -
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = "someone/other-base"
     config_path.write_text(json.dumps(config))
-    base = tiny_llama()
-    base.config.name_or_path = "smollm2"
+    base = tiny_llama_named("smollm2")
     with caplog.at_level(logging.WARNING, logger="loramix.records"):
         XLoraModel(base, XLoraConfig(adapters={"e": str(expert)}))
     assert "someone/other-base" in caplog.text and CANONICAL_NAME in caplog.text
