@@ -59,7 +59,6 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-import loramix
 from loramix.atomic import write_text_atomic
 from loramix.config import CONFIG_NAME, XLoraConfig
 from loramix.data import (
@@ -71,11 +70,19 @@ from loramix.data import (
 )
 from loramix.experts import load_expert
 from loramix.model import XLoraModel
+from loramix.outputs import (
+    check_output,
+    data_settings,
+    finished_record,
+    folder_digest,
+    start_output,
+    training_settings,
+)
+from loramix.records import base_record, prompt_record
 from loramix.smollm2 import load_base_model
 from loramix.training import (
     TrainingConfig,
     cpu_data_parallel,
-    prepare_output,
     publish,
     run_trainer,
 )
@@ -85,6 +92,7 @@ logger = logging.getLogger(__name__)
 TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
 """The only weights file in a gate-training checkpoint."""
 
+COMMAND = "train-gate"
 SCALINGS_LOG_NAME = "scalings_log.jsonl"
 SUMMARY_NAME = "training_args.json"
 GATE_FILES = (CONFIG_NAME, "gate.safetensors", "experts", SUMMARY_NAME, SCALINGS_LOG_NAME)
@@ -493,7 +501,8 @@ def train_gate(
     Raises:
         ValueError: On invalid settings, an unreadable expert, experts that do not fit the
             base model, malformed data (naming file and line), or an output folder that holds
-            an earlier run (see `prepare_output`).
+            an earlier run or foreign content, or a resumed run whose experts, data or settings
+            differ (see `loramix.outputs`).
         FileNotFoundError: If the base model, an expert folder or a data file does not exist.
     """
     started = time.time()
@@ -536,14 +545,12 @@ def train_gate(
     )
     out = Path(out)
     sources = existing_sources(data)  # before loading anything
+    plan = check_output(
+        out, command=COMMAND, resume=resume, overwrite=overwrite, final_files=GATE_FILES
+    )
     loaded = [load_expert(name, path) for name, path in xlora.adapters.items()]
 
     state = PartialState(cpu=cpu_data_parallel())  # under torchrun: joins the process group
-    with state.main_process_first():  # process 0 prepares `out`, the others then find it ready
-        resume_from = prepare_output(
-            out, resume=resume, overwrite=overwrite, final_files=GATE_FILES
-        )
-
     base_model, tokenizer = load_base_model(base, dtype=dtype)
     train, held_out = load_training_data(
         sources,
@@ -556,6 +563,12 @@ def train_gate(
     set_seed(config.seed)  # the gate's initial weights: the same on every process
     model = XLoraModel(base_model, xlora, loaded)
     model.gate.to(torch.float32)
+    run = _run_settings(base_model, tokenizer, xlora, sources, config, regularizer, dtype)
+    with state.main_process_first():  # process 0 prepares `out`, the others then find it ready
+        go = start_output(plan, run, config, write=state.is_main_process)
+    if not go:  # a finished run, and no more steps asked for
+        return out
+    resume_from = plan.resume_from
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if state.is_main_process:
         logger.info(
@@ -581,7 +594,7 @@ def train_gate(
     )
     if state.is_main_process:
         summary = _summary(
-            base, xlora, sources, config, regularizer, dtype, model, trainer, started
+            base, xlora, sources, config, regularizer, dtype, model, trainer, started, run
         )
         publish(out, partial(_save_model, model, summary), marker=CONFIG_NAME)
         logger.info("saved the X-LoRA model to %s", out)
@@ -609,29 +622,45 @@ def _summary(
     model: XLoraModel,
     trainer: Trainer,
     started: float,
+    run: dict[str, Any],
 ) -> dict[str, Any]:
-    history = trainer.state.log_history
-    losses = [entry["loss"] for entry in history if "loss" in entry]
-    evals = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
     return {
-        "loramix_version": loramix.__version__,
-        "base": os.fspath(base),
+        **finished_record(COMMAND, base, run, config, trainer.state),
         "experts": xlora.adapters,
         "data": [{"path": str(s.path), "weight": s.weight} for s in sources],
         "xlora": {k: v for k, v in xlora.to_dict().items() if k != "adapters"},
-        "training": dataclasses.asdict(config),
         "regularizer": dataclasses.asdict(regularizer),
         "dtype": str(dtype).removeprefix("torch."),
         "world_size": trainer.args.world_size,
         "global_batch": config.batch_size * config.grad_accum * trainer.args.world_size,
-        "global_step": trainer.state.global_step,
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
-        "first_eval_loss": evals[0] if evals else None,
-        "last_eval_loss": evals[-1] if evals else None,
         "seconds": round(time.time() - started, 1),
         "expert_names": model.expert_names,
         "adapted_modules": model.adapted_modules,
+    }
+
+
+def _run_settings(
+    base_model: nn.Module,
+    tokenizer: Any,
+    xlora: XLoraConfig,
+    sources: Sequence[DataSource],
+    config: TrainingConfig,
+    regularizer: GateRegularizer,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    """What a resumed run must share with the checkpoint's run (see `loramix.outputs`)."""
+    return {
+        "base_model": base_record(base_model),
+        "experts": {
+            name: {"path": str(Path(path).resolve()), "sha256": folder_digest(path)}
+            for name, path in xlora.adapters.items()
+        },
+        "data": data_settings(sources),
+        "xlora": {k: v for k, v in xlora.to_dict().items() if k != "adapters"},
+        "training": training_settings(config),
+        "regularizer": dataclasses.asdict(regularizer),
+        "dtype": str(dtype).removeprefix("torch."),
+        "prompts": prompt_record(tokenizer, config.chat),
     }
 
 

@@ -59,6 +59,7 @@ def test_loss_drops_and_adapter_loads_with_peft(base, data, tmp_path):
         "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
+        "training_args.json",
     ]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8
@@ -71,7 +72,11 @@ def test_loss_drops_and_adapter_loads_with_peft(base, data, tmp_path):
         "up_proj",
         "down_proj",
     }
-    assert config["base_model_name_or_path"] == str(base)
+    assert config["base_model_name_or_path"] == str(base.resolve())
+    record = json.loads((out / "training_args.json").read_text())
+    assert record["command"] == "train-expert" and record["status"] == "finished"
+    assert record["global_step"] == 20
+    assert record["prompts"]["chat"] is False
 
     before = mean_loss(AutoModelForCausalLM.from_pretrained(base), base, data)
     expert = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
@@ -131,7 +136,7 @@ def test_bad_data_fails_before_training(base, tmp_path):
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl, line 2"):
         train_expert(base, [bad], tmp_path / "out", max_steps=1, **FAST)
-    assert not (tmp_path / "out" / "checkpoints").exists()
+    assert not (tmp_path / "out").exists()  # validated before the folder is made
 
 
 def test_cli_trains_and_reports_errors(base, data, tmp_path, capsys):

@@ -241,18 +241,17 @@ def test_resume_refuses_a_checkpoint_of_another_gate(base, data, experts, tmp_pa
     settings = {"max_steps": 2, "save_steps": 2, "eval_fraction": 0.0, **FAST}
     out = tmp_path / "gate"
     train_gate(base, experts, [data], out, **settings)
+    other = {**settings, "max_steps": 4, "xlora_depth": 2, "xlora_size": 8}
+    named = r"differs .* in xlora.xlora_depth: 1 -> 2; xlora.xlora_size: 2048 -> 8"
+    with pytest.raises(ValueError, match=named):
+        train_gate(base, experts, [data], out, resume=True, **other)
+    # A record without settings (an older loramix): the checkpoint's own check still refuses.
+    record = json.loads((out / "training_args.json").read_text())
+    del record["run"]
+    (out / "training_args.json").write_text(json.dumps(record))
     fix = r"missing keys \['gate.layers.3.bias'.*wrong shapes \['gate.layers.0.bias'.*same experts"
     with pytest.raises(ValueError, match=fix):
-        train_gate(
-            base,
-            experts,
-            [data],
-            out,
-            resume=True,
-            **{**settings, "max_steps": 4},
-            xlora_depth=2,
-            xlora_size=8,
-        )
+        train_gate(base, experts, [data], out, resume=True, **other)
 
 
 def test_scaling_terms_formulas():
@@ -367,3 +366,71 @@ def test_cli_trains_with_xlora_flags_and_reports_errors(base, data, experts, tmp
     # An earlier run is refused with the fix.
     assert main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_out_over_an_expert_is_refused_even_with_overwrite(base, data, experts, tmp_path, capsys):
+    good = Path(experts["good"])
+    before = {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()}
+    argv = ["train-gate", "--base", str(base), "--data", str(data), "--out", str(good)]
+    argv += ["--expert", f"bad={experts['bad']}", "--expert", f"good={good}"]
+    argv += ["--max-steps", "1", "--batch-size", "4", "--no-progress", "--overwrite"]
+    assert main(argv) == 2
+    assert "output of `loramix train-expert`" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()} == before
+    assert (good / "checkpoints").is_dir()  # the expert's checkpoints are still there
+    with pytest.raises(ValueError, match="a PEFT adapter"):  # an adapter from elsewhere
+        train_gate(base, experts, [data], experts["bad"], overwrite=True, max_steps=1, **FAST)
+
+
+def test_expert_over_an_xlora_folder_is_refused(base, data, experts, tmp_path):
+    out = train_gate(
+        base, experts, [data], tmp_path / "gate", max_steps=1, eval_fraction=0.0, **FAST
+    )
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(ValueError, match="output of `loramix train-gate`"):
+        train_expert(base, [data], out, overwrite=True, max_steps=1, **FAST)
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_failed_run_leaves_no_folder(base, data, experts, tmp_path):
+    from conftest import LLAMA_TARGETS, make_expert, tiny_llama
+
+    wrong = make_expert(tiny_llama, tmp_path / "wrong", 1, LLAMA_TARGETS)  # other MLP width
+    with pytest.raises(ValueError, match="experts do not fit the base model"):
+        train_gate(base, {**experts, "wrong": str(wrong)}, [data], tmp_path / "out", **FAST)
+    assert not (tmp_path / "out").exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl, line 1"):
+        train_gate(base, experts, [bad], tmp_path / "out", **FAST)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_finished_run_is_finished(base, data, experts, tmp_path):
+    settings = {"max_steps": 2, "save_steps": 1, "eval_fraction": 0.0, **FAST}
+    out = train_gate(base, experts, [data], tmp_path / "gate", **settings)
+    gate = (out / "gate.safetensors").read_bytes()
+    steps = RecordSteps()
+    train_gate(base, experts, [data], out, resume=True, callbacks=[steps], **settings)
+    assert steps.steps == []  # no step past max_steps
+    assert (out / "gate.safetensors").read_bytes() == gate
+    assert json.loads((out / "training_args.json").read_text())["global_step"] == 2
+    # Raising max_steps continues the run.
+    train_gate(
+        base, experts, [data], out, resume=True, callbacks=[steps], **{**settings, "max_steps": 3}
+    )
+    assert steps.steps == [3]
+
+
+def test_resume_with_other_experts_or_data_says_which_differ(base, data, experts, tmp_path):
+    settings = {"max_steps": 2, "save_steps": 1, "eval_fraction": 0.0, **FAST}
+    out = train_gate(base, experts, [data], tmp_path / "gate", **settings)
+    more = {**settings, "max_steps": 4}
+    with pytest.raises(ValueError, match=r"experts.bad: .* -> null"):
+        train_gate(base, {"good": experts["good"]}, [data], out, resume=True, **more)
+    other = tmp_path / "other.jsonl"
+    other.write_text(data.read_text().replace("paris", "lyon"))
+    with pytest.raises(ValueError, match=r"^cannot resume .* data: "):
+        train_gate(base, experts, [other], out, resume=True, **more)
+    with pytest.raises(ValueError, match=r"training.lr: 0.05 -> 0.1"):
+        train_gate(base, experts, [data], out, resume=True, **{**more, "lr": 0.1})
