@@ -173,6 +173,38 @@ def default_base(folder: str | os.PathLike[str]) -> str | None:
     return name
 
 
+def base_to_load(folder: str | os.PathLike[str], given: str | None) -> str:
+    """The base model for a folder: `given` (a command-line choice) or the recorded one.
+
+    With neither, the embedded SmolLM2 ("smollm2"), as before folders recorded their base.
+    A given base with another name than the recorded one gets a warning naming both (the
+    fingerprints are compared when the folder loads).
+
+    Raises:
+        FileNotFoundError: If the recorded base is a folder that does not exist here.
+    """
+    recorded = default_base(folder)
+    if given is None:
+        if recorded is None:
+            return DEFAULT_MODEL
+        if recorded != DEFAULT_MODEL and not Path(recorded).is_dir():
+            raise FileNotFoundError(
+                f"{folder} records its base model as {recorded}, which is not on this machine "
+                "(nothing is downloaded); pass --base with that model's local folder."
+            )
+        logger.info("base model: %s (recorded in %s)", recorded, folder)
+        return recorded
+    if recorded is not None and canonical_base_name(given) != canonical_base_name(recorded):
+        logger.warning(
+            "%s was trained on %s but --base %s was given; using %s as asked",
+            folder,
+            canonical_base_name(recorded),
+            given,
+            given,
+        )
+    return given
+
+
 # --------------------------------------------------------------------- prompt rendering
 
 
@@ -225,8 +257,9 @@ def choose_chat(
         chat = recorded["chat"]
     elif chat != recorded["chat"]:
         logger.warning(
-            "%s was trained with %s prompts but %s are used as asked; the results will "
-            "differ from what training measured (leave the flag out to follow training)",
+            "%s: training rendered prompts %s, but they are rendered %s as asked; the "
+            "results will differ from what training measured (leave the flag out to follow "
+            "training)",
             folder,
             _rendering(recorded["chat"]),
             _rendering(chat),
@@ -242,7 +275,7 @@ def choose_chat(
 
 
 def _rendering(chat: bool) -> str:
-    return "chat-template" if chat else "plain (no chat template)"
+    return "with the chat template" if chat else "plain (no chat template)"
 
 
 def _read_json_object(path: Path) -> dict[str, Any] | None:
