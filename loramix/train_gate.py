@@ -30,9 +30,10 @@ the frozen base model or experts.
 
 Output folder layout:
 
-    OUT/xlora_config.json, OUT/gate.safetensors, OUT/experts/<name>/...
+    OUT/xlora_config.json, OUT/gate.safetensors, OUT/base_model.json, OUT/experts/<name>/...
                                    the trained model, for `XLoraModel.from_pretrained(base, OUT)`
-    OUT/training_args.json         settings, data, step count and losses of the run
+    OUT/training_args.json         the run record (see `loramix.outputs`): command, status,
+                                   settings, data, base model, prompt rendering, steps, losses
     OUT/scalings_log.jsonl         one line per logging step (see `ScalingsLog`)
     OUT/checkpoints/               Trainer checkpoints
 """
@@ -78,7 +79,7 @@ from loramix.outputs import (
     start_output,
     training_settings,
 )
-from loramix.records import base_record, prompt_record
+from loramix.records import BASE_RECORD_NAME, base_record, prompt_record
 from loramix.smollm2 import load_base_model
 from loramix.training import (
     TrainingConfig,
@@ -95,7 +96,14 @@ TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
 COMMAND = "train-gate"
 SCALINGS_LOG_NAME = "scalings_log.jsonl"
 SUMMARY_NAME = "training_args.json"
-GATE_FILES = (CONFIG_NAME, "gate.safetensors", "experts", SUMMARY_NAME, SCALINGS_LOG_NAME)
+GATE_FILES = (
+    CONFIG_NAME,
+    "gate.safetensors",
+    BASE_RECORD_NAME,
+    "experts",
+    SUMMARY_NAME,
+    SCALINGS_LOG_NAME,
+)
 """Files of the result; `xlora_config.json` is moved into place last and marks it complete."""
 
 

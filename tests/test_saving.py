@@ -216,3 +216,19 @@ def test_folder_without_records_still_loads(llama_experts, tmp_path) -> None:
     assert torch.equal(
         outputs(XLoraModel.from_pretrained(tiny_llama(), tmp_path / "saved")), outputs(model)
     )
+
+
+BUNDLE = Path(__file__).resolve().parents[1] / "models" / "science-xlora"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (BUNDLE / "xlora_config.json").is_file(), reason="no bundled model")
+def test_from_pretrained_loads_the_embedded_base_by_name() -> None:
+    from loramix.records import prompt_rendering
+
+    model = XLoraModel.from_pretrained("smollm2", BUNDLE)
+    assert model.lm.config.name_or_path == CANONICAL_NAME
+    assert default_base(BUNDLE) == "smollm2"
+    assert prompt_rendering(BUNDLE)["chat"] is False  # the science experts trained plain
+    for path in (BUNDLE / "experts").glob("*/adapter_config.json"):
+        assert json.loads(path.read_text())["base_model_name_or_path"] == CANONICAL_NAME
