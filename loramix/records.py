@@ -113,11 +113,11 @@ def check_base(model: nn.Module, record: dict[str, Any] | None, where: str) -> N
         return
     given = base_record(model)
     recorded_print = record.get("fingerprint") or {}
-    differing = [
-        f"{field} {recorded_print[field]!r} (recorded) vs {given['fingerprint'].get(field)!r}"
-        for field in FINGERPRINT_FIELDS
-        if field in recorded_print and recorded_print[field] != given["fingerprint"].get(field)
-    ]
+    differing = []
+    for field in FINGERPRINT_FIELDS:  # skipped where either side lacks it (e.g. no
+        old, new = recorded_print.get(field), given["fingerprint"].get(field)  # architectures)
+        if old not in (None, []) and new not in (None, []) and old != new:
+            differing.append(f"{field} {old!r} (recorded) vs {new!r}")
     recorded_name = canonical_base_name(record.get("name"))
     if differing:
         raise ValueError(

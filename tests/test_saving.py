@@ -232,3 +232,14 @@ def test_from_pretrained_loads_the_embedded_base_by_name() -> None:
     assert prompt_rendering(BUNDLE)["chat"] is False  # the science experts trained plain
     for path in (BUNDLE / "experts").glob("*/adapter_config.json"):
         assert json.loads(path.read_text())["base_model_name_or_path"] == CANONICAL_NAME
+
+
+def test_a_base_built_in_memory_loads_a_folder_saved_from_disk(tmp_path) -> None:
+    base_dir = save_tiny_model(tmp_path / "tiny-base")
+    make = lambda: AutoModelForCausalLM.from_pretrained(base_dir)  # noqa: E731
+    expert = make_expert(make, tmp_path / "e", 1, ["q_proj"])
+    model = XLoraModel(make(), XLoraConfig(adapters={"e": str(expert)}))
+    model.save_pretrained(tmp_path / "saved")  # records architectures ["LlamaForCausalLM"]
+    in_memory = AutoModelForCausalLM.from_config(make().config)
+    in_memory.config.architectures = None
+    XLoraModel.from_pretrained(in_memory, tmp_path / "saved")  # no architectures: not compared
