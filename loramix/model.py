@@ -55,7 +55,7 @@ from loramix.records import (
     BASE_RECORD_NAME,
     base_record,
     check_base,
-    check_expert_base,
+    check_experts_base,
     read_base_record,
 )
 
@@ -118,10 +118,9 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             experts = [load_expert(name, path) for name, path in config.adapters.items()]
         hidden_size = _check_hidden_size(base_model, config)
         adapted = _plan_adapted_modules(base_model, experts)  # validates before any change
-        for expert in experts:
-            check_expert_base(
-                base_model, expert.name, expert.peft_config.get("base_model_name_or_path")
-            )
+        check_experts_base(
+            base_model, {e.name: e.peft_config.get("base_model_name_or_path") for e in experts}
+        )
 
         super().__init__(copy.deepcopy(base_model.config))
         self.lm = base_model

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -136,16 +137,24 @@ def check_base(model: nn.Module, record: dict[str, Any] | None, where: str) -> N
         )
 
 
-def check_expert_base(model: nn.Module, expert_name: str, recorded: str | None) -> None:
-    """Warn when an expert's `base_model_name_or_path` names another base than `model`'s."""
-    recorded_name = canonical_base_name(recorded)
+def check_experts_base(model: nn.Module, recorded: Mapping[str, str | None]) -> None:
+    """One warning for the experts whose `base_model_name_or_path` names another base.
+
+    Args:
+        model: The base model they are mixed into.
+        recorded: Expert name -> its adapter config's `base_model_name_or_path`.
+    """
     given = canonical_base_name(getattr(model.config, "name_or_path", None))
-    if recorded_name and given and recorded_name != given:
+    others = {
+        name: canonical_base_name(base)
+        for name, base in recorded.items()
+        if given and canonical_base_name(base) and canonical_base_name(base) != given
+    }
+    if others:
         logger.warning(
-            "expert %r was trained on %s (its adapter_config.json base_model_name_or_path) but "
-            "is mixed into %s; the shapes fit, so it is used, but it was not trained for this base",
-            expert_name,
-            recorded_name,
+            "expert(s) %s were trained on another base model than %s (their "
+            "adapter_config.json base_model_name_or_path); the shapes fit, so they are used",
+            ", ".join(f"{name!r} ({base})" for name, base in others.items()),
             given,
         )
 
