@@ -11,6 +11,11 @@ https://arxiv.org/abs/2402.07148):
 
 The base model's adapted modules are replaced by mixing modules that keep the original
 module inside (`unload()` puts them back); no class or method of the base model is patched.
+
+Where the rest lives: the gate in `loramix.gate`, the mixing modules and the experts'
+stacked weights in `loramix.layer`, the two-pass KV cache in `loramix.cache`, generation
+modes in `loramix.generation`, saving and loading in `loramix.saving`, training in
+`loramix.training` (the trainer plumbing is `loramix.training.trainer`).
 """
 
 from __future__ import annotations
@@ -18,60 +23,33 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-import json
 import logging
 import os
-import pickle
-import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 
-from loramix import generation
-from loramix.atomic import move_files_into
+from loramix import generation, saving
 from loramix.cache import XLoraCache
-from loramix.config import CONFIG_NAME, XLoraConfig
-from loramix.experts import (
-    ADAPTER_CONFIG_NAME,
-    BIN_WEIGHTS_NAME,
-    SAFETENSORS_WEIGHTS_NAME,
-    LoraExpert,
-    ModuleLora,
-    load_expert,
-)
+from loramix.checks import is_int, is_number
+from loramix.config import XLoraConfig
+from loramix.experts import LoraExpert, load_expert
 from loramix.gate import XLoraGate, select_top_k
-from loramix.layer import MixedLora, MixingState, adapted_shape, make_mixed_module
-from loramix.records import (
-    BASE_RECORD_NAME,
-    base_record,
-    check_base,
-    check_experts_base,
-    read_base_record,
+from loramix.layer import (
+    MixedLora,
+    MixingState,
+    make_mixed_module,
+    plan_mixed_modules,
+    replace_module,
 )
+from loramix.records import check_experts_base
 
 logger = logging.getLogger(__name__)
-
-GATE_WEIGHTS_NAME = "gate.safetensors"
-GATE_BIN_NAME = "gate.bin"  # save_pretrained(safe_serialization=False)
-EXPERTS_DIR = "experts"
-HUB_KWARGS = ("repo_id", "commit_message", "private", "token", "create_pr")
-"""save_pretrained's keyword arguments for push_to_hub (as transformers names them)."""
-FOREIGN_MARKERS = {
-    "adapter_config.json": "a PEFT adapter (adapter_config.json)",
-    "config.json": "a transformers model (config.json)",
-}
-"""Files that say a folder holds another kind of model: save_pretrained never writes beside them."""
-EXPERT_FILES = (ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, BIN_WEIGHTS_NAME)
 
 # Forward arguments that belong to the mixed pass only.
 _MIXED_PASS_ONLY = frozenset(
@@ -117,7 +95,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         if experts is None:
             experts = [load_expert(name, path) for name, path in config.adapters.items()]
         hidden_size = _check_hidden_size(base_model, config)
-        adapted = _plan_adapted_modules(base_model, experts)  # validates before any change
+        adapted = plan_mixed_modules(base_model, experts)  # validates before any change
         check_experts_base(
             base_model, {e.name: e.peft_config.get("base_model_name_or_path") for e in experts}
         )
@@ -137,22 +115,20 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         self._latest_scalings: torch.Tensor | None = None
         self._log_scalings = False
         self._scalings_log: list[torch.Tensor] = []  # grows only while logging is enabled
-        self._expert_configs = [expert.peft_config for expert in experts]
+        self.expert_configs = [expert.peft_config for expert in experts]
         self._cache_kwarg = _cache_kwarg_name(base_model)
 
         for param in base_model.parameters():
             param.requires_grad_(False)
         for layer_index, (module_name, expert_loras) in enumerate(adapted):
-            parent_name, _, child_name = module_name.rpartition(".")
-            parent = base_model.get_submodule(parent_name)
             mixed = make_mixed_module(
-                getattr(parent, child_name),
+                base_model.get_submodule(module_name),
                 layer_index,
                 expert_loras,
                 self.mixing_state,
                 trainable=config.use_trainable_adapters,
             )
-            setattr(parent, child_name, mixed)
+            replace_module(base_model, module_name, mixed)
 
         weight = base_model.get_input_embeddings().weight
         self.gate = XLoraGate(config, hidden_size, self.n_layers, self.n_experts).to(
@@ -275,16 +251,9 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
                     "`cache=model.new_cache()` (an XLoraCache) or no cache at all."
                 )
             plan = cache.freeze_plan
-        if self._fixed_scalings is not None:  # a fixed mix: no scaling pass, no gate, no top-k
-            batch, tokens = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-            scalings = mixing = self._fixed_scalings.expand(batch, tokens, -1, -1)  # (B, T, L, E)
-            self._record_scalings(scalings)
-        elif plan is not None and plan.is_frozen(cache):  # frozen/merged: no scaling pass
-            tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            # mixing (B, 1, L, E) and the modules' scaled B fixed for the call; None once merged
-            scalings, mixing, scaled_lora_b = plan.fixed_scalings(self, cache, tokens)
-            self._record_scalings(scalings)
-        else:
+
+        def granular() -> tuple[torch.Tensor, torch.Tensor]:
+            """Scaling pass and gate: `(B, T, L, E)` scalings and their top-k mixing."""
             if cache is not None and scaling_cache.get_seq_length() != cache.get_seq_length():
                 raise ValueError(
                     f"this XLoraCache's scaling pass stops at token "
@@ -300,9 +269,22 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
                 cache=scaling_cache,
                 **kwargs,
             )  # (B, T, L, E)
-            mixing = select_top_k(scalings, self.top_k_lora, self.enable_softmax_topk)
-            if plan is not None:
-                plan.observe(self, cache, scalings, attention_mask)
+            return scalings, select_top_k(scalings, self.top_k_lora, self.enable_softmax_topk)
+
+        if self._fixed_scalings is not None:  # a fixed mix: no scaling pass, no gate, no top-k
+            batch, tokens = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+            scalings = mixing = self._fixed_scalings.expand(batch, tokens, -1, -1)  # (B, T, L, E)
+            self._record_scalings(scalings)
+        elif plan is not None:  # frozen/merged generation: the plan decides, in one call
+            tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            # fixed: mixing (B, 1, L, E) and the modules' scaled B; both None once merged
+            scalings, mixing, scaled_lora_b, fixed = plan.scalings(
+                self, cache, tokens, attention_mask, granular
+            )
+            if fixed:  # `granular` (compute_scalings) records the scalings it computes
+                self._record_scalings(scalings)
+        else:
+            scalings, mixing = granular()
         with self.mixing_state.using(mixing, scaled_lora_b):
             output = self.lm(
                 input_ids=input_ids,
@@ -415,29 +397,12 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         self._scalings_log.clear()
 
     def save_scalings_log(self, path: str | os.PathLike) -> None:
-        """Writes the log as `.npz`: `scalings_{i}` arrays `(B, T, L, E)`, plus the axes.
-
-        The file also holds `expert_names` and `adapted_modules` so it can be read alone.
-        """
-        arrays = {f"scalings_{i}": s.float().numpy() for i, s in enumerate(self.get_scalings_log())}
-        arrays["expert_names"] = np.array(self.expert_names)
-        arrays["adapted_modules"] = np.array(self.adapted_modules)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-        os.close(fd)
-        try:
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Writes the log as `.npz` (see `loramix.saving.save_scalings_log`), atomically."""
+        saving.save_scalings_log(self, path)
 
     def set_topk_lora(self, value: int | None) -> None:
         """Keeps only the `value` largest scalings per token and module (None keeps all)."""
-        if value is not None and not (
-            isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= self.n_experts
-        ):
+        if value is not None and not (is_int(value) and 1 <= value <= self.n_experts):
             raise ValueError(
                 f"top_k_lora={value!r}: use None or an int between 1 and {self.n_experts}"
             )
@@ -445,7 +410,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
 
     def set_global_scaling_weight(self, weight: float) -> None:
         """Sets `g`, the factor on every module's mixed LoRA term."""
-        if isinstance(weight, bool) or not isinstance(weight, int | float):
+        if not is_number(weight):
             raise ValueError(f"global_scaling_weight={weight!r}: use a number")
         self.mixing_state.global_scaling_weight = float(weight)
 
@@ -453,7 +418,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         """Sets the experts' scaling in the scaling pass; None means 1 / n_experts."""
         if value is None:
             value = 1.0 / self.n_experts
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if not is_number(value):
             raise ValueError(f"scaling_pass_value={value!r}: use a number or None")
         self.scaling_pass_value = float(value)
 
@@ -564,29 +529,32 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         """
         if self.checkpointing_activations:
             self.gradient_checkpointing_disable()
-        for name in self.adapted_modules:
-            parent_name, _, child_name = name.rpartition(".")
-            parent = self.lm.get_submodule(parent_name)
-            setattr(parent, child_name, getattr(parent, child_name).base_layer)
+        for name, module in zip(self.adapted_modules, list(self.mixed_modules()), strict=True):
+            replace_module(self.lm, name, module.base_layer)
         return self.lm
 
-    # ------------------------------------------------------------------- save/load
+    def swap_module(self, name: str, module: nn.Module) -> nn.Module:
+        """Puts `module` at `name` (an entry of `adapted_modules`); returns the one it replaces.
 
-    def expert_state(self, expert_index: int) -> dict[str, torch.Tensor]:
-        """One expert's weights with PEFT's key names, read back from the stacked modules."""
-        state = {}
-        for name, module in zip(self.adapted_modules, self.mixed_modules(), strict=True):
-            weights = module.expert_weights(expert_index)
-            if weights is None:
-                continue
-            lora_a, lora_b = (w.detach().contiguous().cpu() for w in weights)
-            if isinstance(module.base_layer, nn.Embedding):
-                state[f"base_model.model.{name}.lora_embedding_A"] = lora_a
-                state[f"base_model.model.{name}.lora_embedding_B"] = lora_b
-            else:
-                state[f"base_model.model.{name}.lora_A.weight"] = lora_a
-                state[f"base_model.model.{name}.lora_B.weight"] = lora_b
-        return state
+        Merged generation uses it to stand the base modules in for the mixing modules for the
+        length of a call (and to put the mixing modules back).
+        """
+        if name not in self.adapted_modules:
+            raise ValueError(f"{name!r} is not an adapted module; see `adapted_modules`")
+        return replace_module(self.lm, name, module)
+
+    def tied_adapted_weights(self) -> list[str]:
+        """Adapted modules whose weight is shared with another module (tied embeddings)."""
+        owners: dict[int, int] = {}
+        for _, param in self.lm.named_parameters(remove_duplicate=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+        return [
+            name
+            for name, module in zip(self.adapted_modules, self.mixed_modules(), strict=True)
+            if owners.get(id(module.base_layer.weight), 0) > 1
+        ]
+
+    # ------------------------------------------------------------------- save/load
 
     def save_pretrained(
         self,
@@ -599,19 +567,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
     ) -> None:
         """Writes a self-contained folder; into an existing folder, only loramix's own files.
 
-        Layout:
-            xlora_config.json                  the config, adapters -> "experts/<name>"
-            gate.safetensors                   gate weights (`layers.{i}.weight/bias`)
-            base_model.json                    the base model: name, source, fingerprint
-            experts/<name>/adapter_config.json  each expert as a standard PEFT adapter
-            experts/<name>/adapter_model.safetensors
-
-        A new folder appears whole (written beside it, then renamed). Into an existing one,
-        as transformers and peft do, loramix's own files are replaced one rename each
-        (`xlora_config.json` last), the files of an earlier save that this one does not
-        write (experts no longer in the config, the other weight format) are removed, and
-        every other file is left alone. A folder that holds another kind of model (a PEFT
-        adapter, a transformers model) is refused before anything is written.
+        See `loramix.saving.save_folder` for the layout and how an existing folder is treated.
 
         Args:
             save_directory: The folder.
@@ -628,64 +584,12 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             TypeError: On a keyword argument loramix does not support (it is named).
             ValueError: If the folder holds another kind of model or is a file.
         """
-        unsupported = sorted(set(hub_kwargs) - set(HUB_KWARGS))
-        if unsupported:
-            raise TypeError(
-                f"save_pretrained() got unsupported keyword argument(s) {unsupported}: loramix "
-                "writes the gate and each expert as one file each (no max_shard_size, "
-                "variant, state_dict or save_function); it supports safe_serialization, "
-                f"is_main_process, push_to_hub and, with push_to_hub, {list(HUB_KWARGS)}."
-            )
-        if hub_kwargs and not push_to_hub:
-            raise TypeError(
-                f"save_pretrained(): {sorted(hub_kwargs)} only apply with push_to_hub=True."
-            )
+        saving.check_save_arguments(push_to_hub, hub_kwargs)
         if not is_main_process:
             return
-        target = Path(save_directory)
-        existing = target.exists()
-        if existing:
-            _check_save_target(target)
-        parent = target if existing else target.parent
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.tmp"))
-        try:
-            written = self._write_files(staging, safe_serialization)
-            if existing:
-                stale = [p for p in _own_files(target) if p not in written]
-                move_files_into(staging, target, marker=CONFIG_NAME, remove=stale)
-            else:
-                os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        written = saving.save_folder(self, save_directory, safe_serialization=safe_serialization)
         if push_to_hub:
-            _push_to_hub(target, [p.as_posix() for p in written], **hub_kwargs)
-
-    def _write_files(self, folder: Path, safe_serialization: bool) -> set[Path]:
-        """Writes the saved folder's files into `folder`; returns their relative paths."""
-        base = base_record(self.lm)
-        gate_state = {k: v.detach().contiguous().cpu() for k, v in self.gate.state_dict().items()}
-        written = {Path(CONFIG_NAME), Path(BASE_RECORD_NAME)}
-        adapters = {}
-        for index, name in enumerate(self.expert_names):
-            relative = Path(EXPERTS_DIR) / _folder_name(name, index)
-            adapters[name] = relative.as_posix()
-            (folder / relative).mkdir(parents=True)
-            peft_config = dict(self._expert_configs[index])
-            if base["name"] is not None:
-                peft_config["base_model_name_or_path"] = base["name"]
-            (folder / relative / ADAPTER_CONFIG_NAME).write_text(_json_dumps(peft_config) + "\n")
-            weights = SAFETENSORS_WEIGHTS_NAME if safe_serialization else BIN_WEIGHTS_NAME
-            _save_weights(self.expert_state(index), folder / relative / weights)
-            written |= {relative / ADAPTER_CONFIG_NAME, relative / weights}
-        gate_name = GATE_WEIGHTS_NAME if safe_serialization else GATE_BIN_NAME
-        _save_weights(gate_state, folder / gate_name)
-        written.add(Path(gate_name))
-        (folder / BASE_RECORD_NAME).write_text(_json_dumps(base) + "\n")
-        config = dataclasses.replace(self.current_config(), adapters=adapters)
-        (folder / CONFIG_NAME).write_text(config.to_json_string())
-        return written
+            saving.push_to_hub(Path(save_directory), written, **hub_kwargs)
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
@@ -698,7 +602,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         """Loads a folder written by `save_pretrained` (or by peft's X-LoRA) onto `base_model`.
 
         Expert paths in the config are resolved relative to the folder. Everything is read
-        and checked before `base_model` is changed.
+        and checked before `base_model` is changed (see `loramix.saving`).
 
         Args:
             base_model: A transformers causal LM, or a name that `load_base_model` takes
@@ -716,36 +620,11 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             base_model = load_base_model(base_model, dtype or torch.float32)[0]
         elif dtype is not None:
             raise TypeError("from_pretrained(dtype=...) applies only to a base model given by name")
-        folder = Path(save_directory)
-        config = XLoraConfig.from_file(folder)
-        adapters = {}
-        for name, path in config.adapters.items():
-            path = Path(path)
-            adapters[name] = str(path if path.is_absolute() else folder / path)
-        config = dataclasses.replace(config, adapters=adapters)
-        check_base(base_model, read_base_record(folder), str(folder))
-        gate_state = _read_gate_state(folder)
-        experts = [load_expert(name, path) for name, path in config.adapters.items()]
-        _plan_adapted_modules(base_model, experts)  # fail before touching the model
-        model = cls(base_model, config, experts)
-        expected = set(model.gate.state_dict())
-        missing, unexpected = sorted(expected - set(gate_state)), sorted(set(gate_state) - expected)
-        if missing or unexpected:
-            model.unload()
-            raise ValueError(
-                f"{folder}: gate weights do not fit the config (missing keys {missing}, "
-                f"unexpected keys {unexpected}); check xlora_depth and layerwise_scalings."
-            )
-        for key, value in gate_state.items():
-            if value.shape != model.gate.state_dict()[key].shape:
-                model.unload()
-                raise ValueError(
-                    f"{folder}: gate weight {key} has shape {tuple(value.shape)}, the config "
-                    f"needs {tuple(model.gate.state_dict()[key].shape)}; were the experts or "
-                    "the base model changed?"
-                )
-        model.gate.load_state_dict(gate_state)
-        return model
+        return saving.load_folder(cls, base_model, save_directory)
+
+    def expert_state(self, expert_index: int) -> dict[str, torch.Tensor]:
+        """One expert's weights with PEFT's key names, read back from the stacked modules."""
+        return saving.expert_state(self, expert_index)
 
 
 # ------------------------------------------------------------------------ helpers
@@ -769,154 +648,7 @@ def _check_hidden_size(base_model: PreTrainedModel, config: XLoraConfig) -> int:
     return config.hidden_size
 
 
-def _plan_adapted_modules(
-    base_model: nn.Module, experts: list[LoraExpert]
-) -> list[tuple[str, list[tuple[int, ModuleLora]]]]:
-    """Which modules get mixed, with which experts, in `named_modules()` order.
-
-    Raises:
-        ValueError: listing every expert module that is missing from the base model, of an
-            unsupported type, or of the wrong shape.
-    """
-    if not experts:
-        raise ValueError("no experts: give at least one adapter in XLoraConfig.adapters")
-    modules = dict(base_model.named_modules())
-    problems = []
-    for expert in experts:
-        for name, lora in expert.modules.items():
-            module = modules.get(name)
-            if module is None:
-                problems.append(
-                    f"expert {expert.name!r} ({expert.path}) adapts {name!r}, which matches no "
-                    "module of the base model; was it trained on another architecture?"
-                )
-                continue
-            shape = adapted_shape(module)
-            if shape is None:
-                problems.append(
-                    f"expert {expert.name!r} adapts {name!r}, a {type(module).__name__}; "
-                    "only Linear, Conv1D and Embedding modules can be mixed"
-                )
-                continue
-            if isinstance(module, nn.Embedding) != lora.is_embedding:
-                problems.append(
-                    f"expert {expert.name!r}: module {name!r} is a {type(module).__name__} but "
-                    "the adapter stores it as "
-                    + ("an embedding" if lora.is_embedding else "a linear layer")
-                )
-                continue
-            got = (lora.lora_a.shape[1], lora.lora_b.shape[0])
-            if got != shape:
-                problems.append(
-                    f"expert {expert.name!r}: module {name!r} has (in, out) = {shape} in the "
-                    f"base model but the adapter's lora_A/lora_B give {got}"
-                )
-    if problems:
-        raise ValueError("experts do not fit the base model:\n  " + "\n  ".join(problems))
-    plan = []
-    for name in modules:
-        loras = [(i, e.modules[name]) for i, e in enumerate(experts) if name in e.modules]
-        if loras:
-            plan.append((name, loras))
-    return plan
-
-
 def _cache_kwarg_name(base_model: nn.Module) -> str:
     """transformers >= 5.2x calls the KV cache argument `cache`; earlier, `past_key_values`."""
     parameters = inspect.signature(type(base_model).forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
-
-
-def _read_gate_state(folder: Path) -> dict[str, torch.Tensor]:
-    path = folder / GATE_WEIGHTS_NAME
-    peft_path = folder / "adapter_model.safetensors"
-    try:
-        if path.is_file():
-            return load_file(path, device="cpu")
-        if (folder / GATE_BIN_NAME).is_file():
-            path = folder / GATE_BIN_NAME
-            return torch.load(path, map_location="cpu", weights_only=True)
-        if peft_path.is_file():  # a peft X-LoRA folder: the classifier's weights
-            prefix = re.compile(r"^.*internal_xlora_classifier\.")
-            state = load_file(peft_path, device="cpu")
-            gate = {prefix.sub("", k): v for k, v in state.items() if prefix.match(k)}
-            if gate:
-                return gate
-    except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as error:
-        raise ValueError(
-            f"{path if path.is_file() else peft_path}: cannot read gate weights ({error}); the "
-            "file is corrupt or truncated"
-        ) from None
-    raise FileNotFoundError(
-        f"{folder}: no {GATE_WEIGHTS_NAME} (or {GATE_BIN_NAME}) found; was this folder written "
-        "by save_pretrained?"
-    )
-
-
-def _folder_name(name: str, index: int) -> str:
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")
-    return safe if safe and safe == name else f"{index}_{safe or 'expert'}"
-
-
-def _json_dumps(data: dict) -> str:
-    return json.dumps(data, indent=2, sort_keys=True)
-
-
-def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
-    if path.suffix == ".bin":
-        torch.save(state, path)
-    else:
-        save_file(state, path, metadata={"format": "pt"})
-
-
-def _check_save_target(target: Path) -> None:
-    """Refuse a save into a file, or into a folder that holds another kind of model."""
-    if not target.is_dir():
-        raise ValueError(f"save_pretrained: {target} is a file; pass a folder path.")
-    found = [what for name, what in FOREIGN_MARKERS.items() if (target / name).exists()]
-    if found:
-        raise ValueError(
-            f"save_pretrained: {target} holds {' and '.join(found)}; an X-LoRA saved beside it "
-            "would make a folder that no loader reads as either. Nothing was written: save to "
-            "another folder."
-        )
-    for name in (CONFIG_NAME, GATE_WEIGHTS_NAME, GATE_BIN_NAME, BASE_RECORD_NAME, EXPERTS_DIR):
-        path = target / name
-        if path.exists() and (path.is_dir() != (name == EXPERTS_DIR)):
-            raise ValueError(
-                f"save_pretrained: {path} is in the way (a {'folder' if path.is_dir() else 'file'}"
-                " where loramix writes the other); move it away. Nothing was written."
-            )
-
-
-def _own_files(folder: Path) -> list[Path]:
-    """loramix's files in an earlier save (relative paths); other files are never listed."""
-    own = [Path(name) for name in (CONFIG_NAME, GATE_WEIGHTS_NAME, GATE_BIN_NAME, BASE_RECORD_NAME)]
-    experts = folder / EXPERTS_DIR
-    if experts.is_dir():
-        for expert in sorted(p for p in experts.iterdir() if p.is_dir()):
-            own += [Path(EXPERTS_DIR) / expert.name / name for name in EXPERT_FILES]
-    return [path for path in own if (folder / path).is_file()]
-
-
-def _push_to_hub(
-    folder: Path,
-    files: list[str],
-    repo_id: str | None = None,
-    commit_message: str | None = None,
-    private: bool | None = None,
-    token: str | bool | None = None,
-    create_pr: bool = False,
-) -> None:
-    """Uploads `files` of `folder` to a hub model repository, created if needed."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    repo = api.create_repo(repo_id or folder.resolve().name, private=private, exist_ok=True)
-    api.upload_folder(
-        repo_id=getattr(repo, "repo_id", None) or repo_id or folder.resolve().name,
-        folder_path=folder,
-        commit_message=commit_message or "Upload X-LoRA model (loramix)",
-        allow_patterns=files,
-        create_pr=create_pr,
-    )

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from loramix.commands.training_flags import DTYPES as _DTYPES
+from loramix.commands.flags import DTYPES as _DTYPES
 
 _MODES = ("granular", "frozen", "merged")
 

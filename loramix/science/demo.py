@@ -31,13 +31,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from loramix.science.pipeline import BUNDLE_DIR, MIXED, RETRAIN_JSON, read_json
+from loramix.science.bundle import DEFAULT_BUNDLE, RETRAIN_JSON
+from loramix.science.pipeline import MIXED, read_json
 from loramix.science.registry import COMPOSITE, DOMAINS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from loramix.evaluation import EvalReport, TargetCheck, TestExample
+    from loramix.evaluation.report import EvalReport, TargetCheck
+    from loramix.evaluation.runner import EvalExample
     from loramix.model import XLoraModel
 
 logger = logging.getLogger(__name__)
@@ -77,7 +79,8 @@ class DemoResult:
         expert_names: The E axis (index -> expert), for the token colours.
         answers: One answer per domain and one composite answer.
         report: The quick evaluation, or None if `n_eval` was 0.
-        targets: The issue's targets checked on the quick evaluation.
+        targets: The case study's targets (`loramix.science.targets`) checked on the quick
+            evaluation.
         plots: The PNG files written.
         seconds: Wall time of each part.
     """
@@ -91,7 +94,7 @@ class DemoResult:
 
 
 def run_demo(
-    model_dir: str | os.PathLike[str] = BUNDLE_DIR,
+    model_dir: str | os.PathLike[str] = DEFAULT_BUNDLE,
     out_dir: str | os.PathLike[str] = DEFAULT_OUT,
     *,
     base: str = "smollm2",
@@ -114,9 +117,10 @@ def run_demo(
             make one).
     """
     from loramix.config import CONFIG_NAME
-    from loramix.evaluation import evaluate, load_test_set, science_verifier
+    from loramix.evaluation.plots import write_eval_plots
+    from loramix.evaluation.runner import evaluate, load_test_set
     from loramix.model import XLoraModel
-    from loramix.plots import write_eval_plots
+    from loramix.science.targets import check_targets, science_verifier
     from loramix.smollm2 import load_base_model
 
     model_dir, out = Path(model_dir), Path(out_dir)
@@ -164,7 +168,7 @@ def run_demo(
             limit=n_eval,
             max_new_tokens=max_new_tokens,
         )
-        targets = report.check_targets({name: name for name in model.expert_names})
+        targets = check_targets(report, {name: name for name in model.expert_names})
         report.write(out, targets)
         seconds["eval"] = _lap(clock)
         log(f"evaluated on {n_eval} examples per test set in {seconds['eval']:.1f} s")
@@ -207,7 +211,7 @@ def write_test_sets(model_dir: Path, data_dir: Path, domains: Sequence[str]) -> 
 def answer_question(
     model: XLoraModel,
     tokenizer: PreTrainedTokenizerBase,
-    example: TestExample,
+    example: EvalExample,
     test_set: str,
     max_new_tokens: int,
 ) -> tuple[Answer, list[int]]:

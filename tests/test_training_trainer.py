@@ -1,4 +1,4 @@
-"""Tests of loramix.training: config validation, checkpoints, atomic publishing."""
+"""Tests of loramix.training.trainer: config validation, checkpoints, atomic publishing."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from loramix.training import TrainingConfig, last_checkpoint, publish
+from loramix.training.trainer import TrainingConfig, last_checkpoint, publish
 
 FINAL = ("adapter_config.json", "adapter_model.safetensors")
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from loramix.atomic import write_text_atomic
 from loramix.records import TRAINING_RECORD_NAME, read_training_record
-from loramix.training import CHECKPOINTS, PUBLISH_PREFIX, TrainingConfig, last_checkpoint
+from loramix.training.trainer import CHECKPOINTS, PUBLISH_PREFIX, TrainingConfig, last_checkpoint
 
 logger = logging.getLogger(__name__)
 

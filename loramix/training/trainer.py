@@ -1,10 +1,10 @@
-"""Shared training plumbing for `train-expert` and `train-gate`, on transformers' `Trainer`.
+"""Shared training plumbing of `loramix.training.expert` and `loramix.training.gate` (Trainer).
 
 What both trainers need beyond their model:
 
 * `TrainingConfig`: validated hyperparameters (schedule, batch, checkpoints, data options).
-* `last_checkpoint`: the checkpoint to resume from (`loramix.outputs` checks the output folder
-  and the resumed run's settings).
+* `last_checkpoint`: the checkpoint to resume from (`loramix.training.outputs` checks the
+  output folder and the resumed run's settings).
 * `run_trainer`: runs `Trainer` with gradient accumulation, an LR schedule with warmup,
   held-out loss every `eval_steps`, checkpoints in `OUT/checkpoints` every `save_steps`, and a
   progress bar.
@@ -37,7 +37,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from loramix.data import Example, PadCollator
+from loramix.checks import is_int, raise_problems
+from loramix.training.data import Example, PadCollator
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class TrainingConfig:
         for name, value in positive.items():
             if value is None and name in optional:
                 continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 fix = "or None " if name in optional else ""
                 problems.append(f"{name}={value!r}: use a whole number >= 1 {fix}".rstrip() + ".")
         if not isinstance(self.max_length, int) or self.max_length < 2:
@@ -134,8 +135,7 @@ class TrainingConfig:
             )
         if not self.weight_decay >= 0:
             problems.append(f"weight_decay={self.weight_decay}: use a number >= 0.")
-        if problems:
-            raise ValueError("Invalid TrainingConfig:\n  " + "\n  ".join(problems))
+        raise_problems("Invalid TrainingConfig", problems)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -239,7 +239,7 @@ def run_trainer(
         collator: Pads examples into batches.
         config: Hyperparameters.
         out: The output folder; checkpoints go to `out/checkpoints`.
-        resume_from: A checkpoint to continue from (see `loramix.outputs`).
+        resume_from: A checkpoint to continue from (see `loramix.training.outputs`).
         callbacks: Extra `TrainerCallback`s (e.g. to log elsewhere, or to stop early).
         trainer_class: `Trainer` or a subclass (or a factory taking Trainer's keyword
             arguments), e.g. one that saves only some weights in checkpoints.

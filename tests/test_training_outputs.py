@@ -1,4 +1,5 @@
-"""Tests of loramix.outputs: whose output folder it is, what overwrite replaces, what resumes."""
+"""Tests of loramix.training.outputs: whose output folder it is, what overwrite replaces,
+what a resumed run must share."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from loramix.outputs import check_output, finished, run_differences, start_output
-from loramix.training import TrainingConfig
+from loramix.training.outputs import check_output, finished, run_differences, start_output
+from loramix.training.trainer import TrainingConfig
 
 FINAL = ("adapter_config.json", "adapter_model.safetensors")
 RUN = {"data": [{"path": "/d/a.jsonl", "sha256": "aa"}], "training": {"lr": 0.1}}
