@@ -208,3 +208,24 @@ def test_gradient_checkpointing_trains_the_same_adapter(base, data, tmp_path):
     assert expected.keys() == got.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_saving_the_adapter_never_asks_the_hub(base, data, tmp_path, monkeypatch):
+    import peft.utils.save_and_load as peft_saving
+
+    import loramix.training.expert as expert_module
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"looked up the model hub: {args}")
+
+    monkeypatch.setattr(peft_saving, "check_file_exists_on_hf_hub", no_hub)
+    real_record = expert_module.base_record
+
+    def hub_named(model):  # as for the embedded SmolLM2: a hub name, not a local folder
+        return {**real_record(model), "name": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+    monkeypatch.setattr(expert_module, "base_record", hub_named)
+    out = train_expert(base, [data], tmp_path / "e", training=fast(max_steps=1, eval_fraction=0.0))
+    assert (out / "adapter_model.safetensors").is_file()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

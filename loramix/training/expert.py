@@ -214,5 +214,7 @@ def check_targets(model: PreTrainedModel, targets: Sequence[str]) -> None:
 
 
 def _save_adapter(model: PeftModel, record: dict, folder: Path) -> None:
-    model.save_pretrained(str(folder))
+    # The targets are linear layers (`check_targets`), so there are no embedding weights to
+    # save; saying so keeps peft from looking the base model's name up on the model hub.
+    model.save_pretrained(str(folder), save_embedding_layers=False)
     write_record(folder, record)
