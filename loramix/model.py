@@ -27,7 +27,6 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -556,40 +555,14 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------- save/load
 
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        *,
-        safe_serialization: bool = True,
-        is_main_process: bool = True,
-        push_to_hub: bool = False,
-        **hub_kwargs: Any,
-    ) -> None:
-        """Writes a self-contained folder; into an existing folder, only loramix's own files.
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Writes a self-contained folder; into an existing one, only loramix's own files.
 
-        See `loramix.saving.save_folder` for the layout and how an existing folder is treated.
-
-        Args:
-            save_directory: The folder.
-            safe_serialization: False writes `gate.bin` and `adapter_model.bin` with
-                `torch.save` instead of safetensors (`from_pretrained` reads both).
-            is_main_process: False writes nothing (for the other processes of a
-                distributed run).
-            push_to_hub: Also upload loramix's files of the folder to the Hugging Face hub
-                with `huggingface_hub` (`create_repo`, then `upload_folder`).
-            **hub_kwargs: With `push_to_hub`: `repo_id` (default: the folder's name),
-                `commit_message`, `private`, `token`, `create_pr`.
-
-        Raises:
-            TypeError: On a keyword argument loramix does not support (it is named).
-            ValueError: If the folder holds another kind of model or is a file.
+        Takes transformers' `safe_serialization`, `is_main_process` and `push_to_hub` (with
+        `repo_id`, `commit_message`, `private`, `token`, `create_pr`) and refuses any other
+        keyword by name; see `loramix.saving.save_pretrained`.
         """
-        saving.check_save_arguments(push_to_hub, hub_kwargs)
-        if not is_main_process:
-            return
-        written = saving.save_folder(self, save_directory, safe_serialization=safe_serialization)
-        if push_to_hub:
-            saving.push_to_hub(Path(save_directory), written, **hub_kwargs)
+        saving.save_pretrained(self, save_directory, **kwargs)
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
@@ -601,18 +574,11 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
     ) -> XLoraModel:
         """Loads a folder written by `save_pretrained` (or by peft's X-LoRA) onto `base_model`.
 
-        Expert paths in the config are resolved relative to the folder. Everything is read
-        and checked before `base_model` is changed (see `loramix.saving`).
-
-        Args:
-            base_model: A transformers causal LM, or a name that `load_base_model` takes
-                ("smollm2", its hub name, or a local transformers folder), loaded here.
-            save_directory: The folder.
-            dtype: With a name for `base_model`: the dtype to load it in (default float32).
-
-        Raises:
-            ValueError: If the base model's architecture or sizes differ from the ones the
-                folder's `base_model.json` records (a different name alone is a warning).
+        `base_model` is a transformers causal LM or a name that `load_base_model` takes
+        ("smollm2", its hub name, a local folder), then loaded in `dtype` (default float32).
+        Everything is read and checked before the base model is changed; a base whose
+        architecture or sizes differ from the folder's `base_model.json` is refused (see
+        `loramix.saving`).
         """
         if isinstance(base_model, str | os.PathLike):
             from loramix.smollm2 import load_base_model

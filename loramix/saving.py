@@ -36,7 +36,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -77,13 +77,13 @@ FOREIGN_MARKERS = {
 """Files that say a folder holds another kind of model: no loramix folder is saved beside them."""
 EXPERT_FILES = (ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, BIN_WEIGHTS_NAME)
 
-__all__ = [
+__all__ = [  # prompt_rendering and read_training_record: for front ends (see loramix.records)
     "check_save_arguments",
     "load_folder",
     "prompt_rendering",
-    "push_to_hub",
     "read_training_record",
     "save_folder",
+    "save_pretrained",
     "write_folder",
 ]
 
@@ -103,6 +103,40 @@ def expert_state(model: XLoraModel, expert_index: int) -> dict[str, torch.Tensor
             state[f"base_model.model.{name}.lora_A.weight"] = lora_a
             state[f"base_model.model.{name}.lora_B.weight"] = lora_b
     return state
+
+
+def save_pretrained(
+    model: XLoraModel,
+    save_directory: str | os.PathLike[str],
+    *,
+    safe_serialization: bool = True,
+    is_main_process: bool = True,
+    push_to_hub: bool = False,
+    **hub_kwargs: Any,
+) -> None:
+    """`XLoraModel.save_pretrained`: `save_folder` with transformers' keyword arguments.
+
+    Args:
+        model: The model.
+        save_directory: The folder.
+        safe_serialization: False writes `gate.bin` and `adapter_model.bin` with `torch.save`
+            instead of safetensors (`load_folder` reads both).
+        is_main_process: False writes nothing (the other processes of a distributed run).
+        push_to_hub: Also upload loramix's files of the folder to the Hugging Face hub with
+            `huggingface_hub` (`create_repo`, then `upload_folder`).
+        **hub_kwargs: With `push_to_hub`: `repo_id` (default: the folder's name),
+            `commit_message`, `private`, `token`, `create_pr`.
+
+    Raises:
+        TypeError: On a keyword argument loramix does not support (it is named).
+        ValueError: If the folder holds another kind of model or is a file.
+    """
+    check_save_arguments(push_to_hub, hub_kwargs)
+    if not is_main_process:
+        return
+    written = save_folder(model, save_directory, safe_serialization=safe_serialization)
+    if push_to_hub:
+        _push_to_hub(Path(save_directory), written, **hub_kwargs)
 
 
 def check_save_arguments(push_to_hub: bool, hub_kwargs: dict[str, object]) -> None:
@@ -184,7 +218,7 @@ def write_folder(model: XLoraModel, folder: Path, *, safe_serialization: bool = 
     return written
 
 
-def push_to_hub(
+def _push_to_hub(
     folder: Path,
     files: list[str],
     repo_id: str | None = None,

@@ -532,9 +532,7 @@ def train_gate(
         trainer_class=partial(GateTrainer, regularizer=regularizer, scalings_log=scalings_log),
     )
     if state.is_main_process:
-        summary = _summary(
-            base, xlora, sources, config, regularizer, dtype, model, trainer, started, run
-        )
+        summary = _summary(base, run, config, model, trainer, started)
         publish(out, partial(_save_model, model, summary), marker=CONFIG_NAME)
         logger.info("saved the X-LoRA model to %s", out)
     state.wait_for_everyone()
@@ -549,23 +547,17 @@ def _save_model(model: XLoraModel, summary: dict[str, Any], folder: Path) -> Non
 
 def _summary(
     base: str | os.PathLike[str],
-    xlora: XLoraConfig,
-    sources: Sequence[DataSource],
+    run: dict[str, Any],
     config: TrainingConfig,
-    regularizer: GateRegularizer,
-    dtype: torch.dtype,
     model: XLoraModel,
     trainer: Trainer,
     started: float,
-    run: dict[str, Any],
 ) -> dict[str, Any]:
     return {
         **finished_record(COMMAND, base, run, config, trainer.state),
-        "experts": xlora.adapters,
-        "data": [{"path": str(s.path), "weight": s.weight} for s in sources],
-        "xlora": {k: v for k, v in xlora.to_dict().items() if k != "adapters"},
-        "regularizer": dataclasses.asdict(regularizer),
-        "dtype": str(dtype).removeprefix("torch."),
+        **{key: run[key] for key in ("xlora", "regularizer", "dtype")},
+        "experts": model.xlora_config.adapters,
+        "data": [{"path": s["path"], "weight": s["weight"]} for s in run["data"]],
         "world_size": trainer.args.world_size,
         "global_batch": config.batch_size * config.grad_accum * trainer.args.world_size,
         "seconds": round(time.time() - started, 1),
