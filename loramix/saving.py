@@ -1,17 +1,20 @@
-"""Saving and loading an `XLoraModel`: the loramix folder, peft's X-LoRA folder, the scalings log.
+"""Saving and loading an `XLoraModel` in any X-LoRA format, and the scalings log.
 
 `XLoraModel.save_pretrained` and `XLoraModel.from_pretrained` call the functions here; the
-model class keeps only the model's own logic (`loramix.model`). The folder layout:
+model class keeps only the model's own logic (`loramix.model`). The layouts themselves
+(loramix's folder, peft's, the original `xlora` package's, mistral.rs's) are in
+`loramix.formats`; loramix's own:
 
     xlora_config.json                        the config, adapters -> "experts/<name>"
     gate.safetensors                         gate weights (`layers.{i}.weight/bias`)
-    base_model.json                          the base model: name, source, fingerprint
     experts/<name>/adapter_config.json       each expert as a standard PEFT adapter
     experts/<name>/adapter_model.safetensors
 
+    base_model.json                          the base model: name, source, fingerprint
+
 With `safe_serialization=False` the weights are `gate.bin` and `adapter_model.bin`
-(`torch.save`); both formats load. `base_model.json` and the training record beside it are
-described in `loramix.records`.
+(`torch.save`); both load. `base_model.json` and the training record beside it are described
+in `loramix.records`; `from_pretrained` checks the base model against `base_model.json`.
 
 A new folder appears whole (written beside it, then renamed). Into an existing folder, as
 transformers and peft do, loramix's own files are replaced one rename each
@@ -19,20 +22,16 @@ transformers and peft do, loramix's own files are replaced one rename each
 save), the files of an earlier save that this one does not write (experts no longer in the
 config, the other weight format) are removed, and every other file is left alone. A folder
 that holds another kind of model (a PEFT adapter, a transformers model) is refused before
-anything is written.
+anything is written. (The other formats of `loramix.formats` replace the folder whole.)
 
-A folder written by peft's X-LoRA is read too: its config through `XLoraConfig.from_file`,
-its gate from the classifier weights inside `adapter_model.safetensors`. Every write goes
-through `loramix.atomic`, every read is checked before the base model is changed.
+Every write goes through `loramix.atomic`, every read is checked before the base model is
+changed.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import pickle
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,23 +39,23 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
 
+from loramix import formats
 from loramix.atomic import atomic_file, move_files_into
-from loramix.config import CONFIG_NAME, XLoraConfig
-from loramix.experts import (
-    ADAPTER_CONFIG_NAME,
-    BIN_WEIGHTS_NAME,
-    SAFETENSORS_WEIGHTS_NAME,
-    load_expert,
-)
+from loramix.config import CONFIG_NAME
+from loramix.experts import ADAPTER_CONFIG_NAME, BIN_WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME
+from loramix.formats import hub, native
 from loramix.records import (
     BASE_RECORD_NAME,
+    CANONICAL_NAME,
+    DEFAULT_MODEL,
     base_record,
+    canonical_base_name,
     check_base,
+    default_base,
     prompt_rendering,
     read_base_record,
     read_training_record,
@@ -65,9 +64,9 @@ from loramix.records import (
 if TYPE_CHECKING:
     from loramix.model import XLoraModel
 
-GATE_WEIGHTS_NAME = "gate.safetensors"
-GATE_BIN_NAME = "gate.bin"  # save_pretrained(safe_serialization=False)
-EXPERTS_DIR = "experts"
+GATE_WEIGHTS_NAME = native.GATE_WEIGHTS_NAME
+GATE_BIN_NAME = native.GATE_BIN_NAME  # save_pretrained(safe_serialization=False)
+EXPERTS_DIR = native.EXPERTS_DIR
 HUB_KWARGS = ("repo_id", "commit_message", "private", "token", "create_pr")
 """save_pretrained's keyword arguments for push_to_hub (as transformers names them)."""
 FOREIGN_MARKERS = {
@@ -108,6 +107,8 @@ def expert_state(model: XLoraModel, expert_index: int) -> dict[str, torch.Tensor
 def save_pretrained(
     model: XLoraModel,
     save_directory: str | os.PathLike[str],
+    format: str = "loramix",
+    base_model_id: str | None = None,
     *,
     safe_serialization: bool = True,
     is_main_process: bool = True,
@@ -119,10 +120,11 @@ def save_pretrained(
     Args:
         model: The model.
         save_directory: The folder.
+        format, base_model_id: See `save_folder`.
         safe_serialization: False writes `gate.bin` and `adapter_model.bin` with `torch.save`
-            instead of safetensors (`load_folder` reads both).
+            instead of safetensors (loramix's format only; `load_folder` reads both).
         is_main_process: False writes nothing (the other processes of a distributed run).
-        push_to_hub: Also upload loramix's files of the folder to the Hugging Face hub with
+        push_to_hub: Also upload the files written to the Hugging Face hub with
             `huggingface_hub` (`create_repo`, then `upload_folder`).
         **hub_kwargs: With `push_to_hub`: `repo_id` (default: the folder's name),
             `commit_message`, `private`, `token`, `create_pr`.
@@ -132,9 +134,11 @@ def save_pretrained(
         ValueError: If the folder holds another kind of model or is a file.
     """
     check_save_arguments(push_to_hub, hub_kwargs)
+    if not safe_serialization and format != "loramix":
+        raise ValueError(f"safe_serialization=False applies to format='loramix', not {format!r}")
     if not is_main_process:
         return
-    written = save_folder(model, save_directory, safe_serialization=safe_serialization)
+    written = save_folder(model, save_directory, format, base_model_id, safe_serialization)
     if push_to_hub:
         _push_to_hub(Path(save_directory), written, **hub_kwargs)
 
@@ -150,8 +154,9 @@ def check_save_arguments(push_to_hub: bool, hub_kwargs: dict[str, object]) -> No
         raise TypeError(
             f"save_pretrained() got unsupported keyword argument(s) {unsupported}: loramix "
             "writes the gate and each expert as one file each (no max_shard_size, variant, "
-            "state_dict or save_function); it supports safe_serialization, is_main_process, "
-            f"push_to_hub and, with push_to_hub, {list(HUB_KWARGS)}."
+            "state_dict or save_function); it supports format, base_model_id, "
+            "safe_serialization, is_main_process, push_to_hub and, with push_to_hub, "
+            f"{list(HUB_KWARGS)}."
         )
     if hub_kwargs and not push_to_hub:
         raise TypeError(
@@ -160,15 +165,25 @@ def check_save_arguments(push_to_hub: bool, hub_kwargs: dict[str, object]) -> No
 
 
 def save_folder(
-    model: XLoraModel, save_directory: str | os.PathLike[str], *, safe_serialization: bool = True
+    model: XLoraModel,
+    save_directory: str | os.PathLike[str],
+    format: str = "loramix",
+    base_model_id: str | None = None,
+    safe_serialization: bool = True,
 ) -> list[str]:
-    """Writes the model's folder (see the module docstring); returns the files written.
+    """Writes the model's folder in `format` (see `loramix.formats`); returns the files.
+
+    loramix's format keeps an existing folder's other files (see the module docstring); the
+    other formats replace the folder whole (`loramix.formats.write_folder`).
 
     Raises:
         ValueError: If `save_directory` is a file or holds another kind of model (nothing is
             written).
     """
     target = Path(save_directory)
+    if format != "loramix":
+        formats.write_folder(formats.contents_of_model(model, base_model_id), target, format)
+        return sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
     existing = target.exists()
     if existing:
         _check_save_target(target)
@@ -189,80 +204,57 @@ def save_folder(
 
 
 def write_folder(model: XLoraModel, folder: Path, *, safe_serialization: bool = True) -> set[Path]:
-    """Writes the model's files into an existing, empty `folder` (not atomic by itself).
+    """Writes loramix's folder into an existing, empty `folder` (not atomic by itself).
+
+    The experts' `base_model_name_or_path` names the base model (see `loramix.records`), and
+    `base_model.json` records it.
 
     Returns:
         The relative paths of the files written.
     """
     base = base_record(model.lm)
-    written = {Path(CONFIG_NAME), Path(BASE_RECORD_NAME)}
-    weights_name = SAFETENSORS_WEIGHTS_NAME if safe_serialization else BIN_WEIGHTS_NAME
-    adapters = {}
-    for index, name in enumerate(model.expert_names):
-        expert_folder = Path(EXPERTS_DIR) / _folder_name(name, index)
-        adapters[name] = expert_folder.as_posix()
-        (folder / expert_folder).mkdir(parents=True)
-        peft_config = dict(model.expert_configs[index])
-        if base["name"] is not None:  # a real name, which peft's loaders and ours understand
-            peft_config["base_model_name_or_path"] = base["name"]
-        (folder / expert_folder / ADAPTER_CONFIG_NAME).write_text(_json_dumps(peft_config) + "\n")
-        _save_weights(expert_state(model, index), folder / expert_folder / weights_name)
-        written |= {expert_folder / ADAPTER_CONFIG_NAME, expert_folder / weights_name}
-    gate_state = {k: v.detach().contiguous().cpu() for k, v in model.gate.state_dict().items()}
-    gate_name = GATE_WEIGHTS_NAME if safe_serialization else GATE_BIN_NAME
-    _save_weights(gate_state, folder / gate_name)
-    written.add(Path(gate_name))
-    (folder / BASE_RECORD_NAME).write_text(_json_dumps(base) + "\n")
-    config = dataclasses.replace(model.current_config(), adapters=adapters)
-    (folder / CONFIG_NAME).write_text(config.to_json_string())
-    return written
-
-
-def _push_to_hub(
-    folder: Path,
-    files: list[str],
-    repo_id: str | None = None,
-    commit_message: str | None = None,
-    private: bool | None = None,
-    token: str | bool | None = None,
-    create_pr: bool = False,
-) -> None:
-    """Uploads `files` of `folder` to a hub model repository (created if needed)."""
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    name = repo_id or folder.resolve().name
-    repo = api.create_repo(name, private=private, exist_ok=True)
-    api.upload_folder(
-        repo_id=getattr(repo, "repo_id", None) or name,
-        folder_path=folder,
-        commit_message=commit_message or "Upload X-LoRA model (loramix)",
-        allow_patterns=files,
-        create_pr=create_pr,
-    )
+    contents = formats.contents_of_model(model)
+    if base["name"] is not None:  # a real name, which peft's loaders and ours understand
+        for config in contents.expert_configs:
+            config["base_model_name_or_path"] = base["name"]
+    native.write(contents, folder)
+    (folder / BASE_RECORD_NAME).write_text(json.dumps(base, indent=2, sort_keys=True) + "\n")
+    if not safe_serialization:  # the same tensors, written with torch.save
+        for path in sorted(folder.rglob("*.safetensors")):
+            torch.save(load_file(path), path.with_suffix(".bin"))
+            path.unlink()
+    return {p.relative_to(folder) for p in folder.rglob("*") if p.is_file()}
 
 
 def load_folder(
-    cls: type[XLoraModel], base_model: PreTrainedModel, save_directory: str | os.PathLike[str]
+    cls: type[XLoraModel],
+    base_model: PreTrainedModel | str | os.PathLike[str] | None,
+    save_directory: str | os.PathLike[str],
+    *,
+    hub_options: dict[str, Any] | None = None,
+    dtype: Any = None,
+    device_map: Any = None,
 ) -> XLoraModel:
-    """Loads a folder written by `save_folder` (or by peft's X-LoRA) onto `base_model`.
+    """Loads an X-LoRA folder (or Hub id) of any format onto a base model.
 
-    Expert paths in the config are resolved relative to the folder. Everything is read and
-    checked before `base_model` is changed; a gate that does not fit puts the base model's
-    modules back before the error.
+    Everything is read and checked before the base model is changed; a gate that does not
+    fit puts the base model's modules back before the error.
+
+    Args:
+        cls: `XLoraModel`.
+        base_model: A causal LM; its Hub id or folder ("smollm2": the embedded model); or
+            None for the base model the files name.
+        save_directory: A folder, or a Hugging Face Hub id.
+        hub_options: For `loramix.formats.hub.resolve` (`revision`, `cache_dir`, ...).
+        dtype, device_map: For loading `base_model` from an id or folder.
     """
-    folder = Path(save_directory)
-    config = XLoraConfig.from_file(folder)
-    adapters = {}
-    for name, path in config.adapters.items():
-        path = Path(path)
-        adapters[name] = str(path if path.is_absolute() else folder / path)
-    config = dataclasses.replace(config, adapters=adapters)
+    folder = hub.resolve(save_directory, **(hub_options or {}))
+    files = formats.read_folder(folder)
+    named = files.base_model_id or default_base(folder)
+    base_model = _base_model(base_model, named, dtype, device_map)
     check_base(base_model, read_base_record(folder), str(folder))
-    gate_state = read_gate_state(folder)
-    experts = [load_expert(name, path) for name, path in config.adapters.items()]
-    model = cls(base_model, config, experts)  # checks the experts before any change
-    expected = model.gate.state_dict()
+    model = cls(base_model, files.config, files.experts)  # checks the experts first
+    gate_state, expected = files.gate_state, model.gate.state_dict()
     missing, unexpected = (
         sorted(set(expected) - set(gate_state)),
         sorted(set(gate_state) - set(expected)),
@@ -271,7 +263,8 @@ def load_folder(
         model.unload()
         raise ValueError(
             f"{folder}: gate weights do not fit the config (missing keys {missing}, "
-            f"unexpected keys {unexpected}); check xlora_depth and layerwise_scalings."
+            f"unexpected keys {unexpected}); check xlora_depth, layerwise_scalings, use_bias "
+            "and enable_relu_and_dropout."
         )
     for key, value in gate_state.items():
         if value.shape != expected[key].shape:
@@ -285,50 +278,38 @@ def load_folder(
     return model
 
 
-def read_gate_state(folder: Path) -> dict[str, torch.Tensor]:
-    """The gate's weights from `gate.safetensors`, or from a peft X-LoRA folder's classifier."""
-    path = folder / GATE_WEIGHTS_NAME
-    peft_path = folder / "adapter_model.safetensors"
-    try:
-        if path.is_file():
-            return load_file(path, device="cpu")
-        if (folder / GATE_BIN_NAME).is_file():
-            path = folder / GATE_BIN_NAME
-            return torch.load(path, map_location="cpu", weights_only=True)
-        if peft_path.is_file():  # a peft X-LoRA folder: the classifier's weights
-            prefix = re.compile(r"^.*internal_xlora_classifier\.")
-            state = load_file(peft_path, device="cpu")
-            gate = {prefix.sub("", k): v for k, v in state.items() if prefix.match(k)}
-            if gate:
-                return gate
-    except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as error:
-        raise ValueError(
-            f"{path if path.is_file() else peft_path}: cannot read gate weights ({error}); the "
-            "file is corrupt or truncated"
-        ) from None
-    raise FileNotFoundError(
-        f"{folder}: no {GATE_WEIGHTS_NAME} (or {GATE_BIN_NAME}) found; was this folder written "
-        "by save_pretrained?"
-    )
+def _base_model(
+    base_model: PreTrainedModel | str | os.PathLike[str] | None,
+    named: str | None,
+    dtype: Any,
+    device_map: Any,
+) -> PreTrainedModel:
+    """The base model object: as given, or loaded from its id (given, or named by the files)."""
+    if isinstance(base_model, nn.Module):
+        given = [n for n, v in (("dtype", dtype), ("device_map", device_map)) if v is not None]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} apply when loramix loads the base model from an id or "
+                "folder; for a model object, load it with them yourself (or call .to())"
+            )
+        return base_model
+    if base_model is None:
+        if not named:
+            raise ValueError(
+                "base_model is None and the X-LoRA files name no base model; pass the base "
+                "model (an object, a Hub id or a folder)"
+            )
+        base_model = named
+    if canonical_base_name(base_model) == CANONICAL_NAME:  # "smollm2" or its hub name
+        from loramix.smollm2 import load_base_model
 
+        if device_map is not None:
+            raise ValueError("device_map: the embedded SmolLM2 loads on the CPU; leave it out")
+        return load_base_model(DEFAULT_MODEL, dtype=dtype or torch.float32)[0]
+    from transformers import AutoModelForCausalLM
 
-def save_scalings_log(model: XLoraModel, path: str | os.PathLike[str]) -> None:
-    """Writes the scalings log as `.npz`: `scalings_{i}` arrays `(B, T, L, E)`, plus the axes.
-
-    The file also holds `expert_names` and `adapted_modules` so it can be read alone.
-    """
-    arrays = {f"scalings_{i}": s.float().numpy() for i, s in enumerate(model.get_scalings_log())}
-    arrays["expert_names"] = np.array(model.expert_names)
-    arrays["adapted_modules"] = np.array(model.adapted_modules)
-    with atomic_file(path, suffix=".npz") as tmp:  # np.savez adds .npz to other names
-        np.savez(tmp, **arrays)
-
-
-def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
-    if path.suffix == ".bin":
-        torch.save(state, path)
-    else:
-        save_file(state, path, metadata={"format": "pt"})
+    options = {k: v for k, v in (("dtype", dtype), ("device_map", device_map)) if v is not None}
+    return AutoModelForCausalLM.from_pretrained(os.fspath(base_model), **options)
 
 
 def _check_save_target(target: Path) -> None:
@@ -363,10 +344,37 @@ def _own_files(folder: Path) -> list[Path]:
     return [path for path in own if (folder / path).is_file()]
 
 
-def _folder_name(name: str, index: int) -> str:
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")
-    return safe if safe and safe == name else f"{index}_{safe or 'expert'}"
+def _push_to_hub(
+    folder: Path,
+    files: list[str],
+    repo_id: str | None = None,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    create_pr: bool = False,
+) -> None:
+    """Uploads `files` of `folder` to a hub model repository (created if needed)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    name = repo_id or folder.resolve().name
+    repo = api.create_repo(name, private=private, exist_ok=True)
+    api.upload_folder(
+        repo_id=getattr(repo, "repo_id", None) or name,
+        folder_path=folder,
+        commit_message=commit_message or "Upload X-LoRA model (loramix)",
+        allow_patterns=files,
+        create_pr=create_pr,
+    )
 
 
-def _json_dumps(data: dict) -> str:
-    return json.dumps(data, indent=2, sort_keys=True)
+def save_scalings_log(model: XLoraModel, path: str | os.PathLike[str]) -> None:
+    """Writes the scalings log as `.npz`: `scalings_{i}` arrays `(B, T, L, E)`, plus the axes.
+
+    The file also holds `expert_names` and `adapted_modules` so it can be read alone.
+    """
+    arrays = {f"scalings_{i}": s.float().numpy() for i, s in enumerate(model.get_scalings_log())}
+    arrays["expert_names"] = np.array(model.expert_names)
+    arrays["adapted_modules"] = np.array(model.adapted_modules)
+    with atomic_file(path, suffix=".npz") as tmp:  # np.savez adds .npz to other names
+        np.savez(tmp, **arrays)
