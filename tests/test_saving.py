@@ -348,3 +348,13 @@ def test_a_base_built_in_memory_loads_a_folder_saved_from_disk(tmp_path) -> None
     in_memory = AutoModelForCausalLM.from_config(make().config)
     in_memory.config.architectures = None
     XLoraModel.from_pretrained(in_memory, tmp_path / "saved")  # no architectures: not compared
+
+
+def test_from_pretrained_without_a_base_loads_the_recorded_one(tmp_path) -> None:
+    base_dir = save_tiny_model(tmp_path / "tiny-base")
+    make = lambda: AutoModelForCausalLM.from_pretrained(base_dir)  # noqa: E731
+    expert = make_expert(make, tmp_path / "e", 1, ["q_proj", "v_proj"])
+    model = XLoraModel(make(), XLoraConfig(adapters={"e": str(expert)}))
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = XLoraModel.from_pretrained(None, tmp_path / "saved")  # base_model.json's base
+    assert torch.equal(outputs(reloaded), outputs(model))
