@@ -37,7 +37,6 @@ _UNMIXABLE_LORA_OPTIONS = (
     "monteclora_config",
     "arrow_config",
     "trainable_token_indices",
-    "target_parameters",
 )
 
 _KEY_PATTERN = re.compile(
@@ -190,6 +189,15 @@ def _read_adapter_config(name: str, path: Path) -> dict:
         problems.append(
             f"modules_to_save is {config['modules_to_save']!r}; fully trained modules cannot be "
             "mixed per token, retrain without modules_to_save"
+        )
+    if config.get("target_parameters"):
+        problems.append(
+            f"target_parameters is {config['target_parameters']!r}: LoRA on a "
+            "mixture-of-experts block's routed expert weights (3-D parameters) or its router "
+            "cannot be mixed per token (each token reaches only its routed experts). Retrain "
+            "without target_parameters, with target_modules listed explicitly (e.g. the "
+            "attention and shared-expert projections): peft adds target_parameters by itself "
+            "for target_modules='all-linear' on Mixtral-style models"
         )
     for option in _UNMIXABLE_LORA_OPTIONS:
         if config.get(option):

@@ -42,7 +42,8 @@ from loramix.gate import XLoraGate, select_top_k
 from loramix.layer import (
     MixedLora,
     MixingState,
-    make_mixed_module,
+    build_mixed_modules,
+    head_device,
     plan_mixed_modules,
     replace_module,
 )
@@ -119,21 +120,23 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
 
         for param in base_model.parameters():
             param.requires_grad_(False)
-        for layer_index, (module_name, expert_loras) in enumerate(adapted):
-            mixed = make_mixed_module(
-                base_model.get_submodule(module_name),
-                layer_index,
-                expert_loras,
-                self.mixing_state,
-                trainable=config.use_trainable_adapters,
-            )
-            replace_module(base_model, module_name, mixed)
+        mixed = build_mixed_modules(
+            base_model, adapted, self.mixing_state, trainable=config.use_trainable_adapters
+        )  # all built (and checked) before the first module is replaced
+        for module_name, module in zip(self.adapted_modules, mixed, strict=True):
+            replace_module(base_model, module_name, module)
 
+        # The gate sits where the last hidden state goes: beside the LM head.
         weight = base_model.get_input_embeddings().weight
         self.gate = XLoraGate(config, hidden_size, self.n_layers, self.n_experts).to(
-            device=weight.device, dtype=weight.dtype
+            device=head_device(base_model), dtype=weight.dtype
         )
         self.eval()
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """Kept as named: a mixture-of-experts base's config copy names the base's own
+        experts implementation (e.g. "grouped_mm"), which transformers would refuse here."""
+        return requested_experts or "eager"
 
     # ------------------------------------------------------------------ properties
 
@@ -364,7 +367,8 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         with torch.no_grad(), self.mixing_state.using(pass_scalings):
             backbone = self.lm.base_model  # the causal LM without its head
             hidden = backbone(**inputs, **{self._cache_kwarg: cache}).last_hidden_state
-        scalings = self.gate(hidden)  # (B, T, L, E)
+        gate_device = self.gate.layers[-1].weight.device
+        scalings = self.gate(hidden.to(gate_device))  # (B, T, L, E), no-op on one device
         self._record_scalings(scalings)
         return scalings
 

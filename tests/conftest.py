@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import GPT2_TARGETS, LLAMA_TARGETS, make_expert, tiny_gpt2, tiny_llama
 
 
@@ -28,3 +29,13 @@ def gpt2_experts(tmp_path: Path) -> dict[str, str]:
         "a": str(make_expert(tiny_gpt2, tmp_path / "a", 1, GPT2_TARGETS, rank=4)),
         "b": str(make_expert(tiny_gpt2, tmp_path / "b", 2, GPT2_TARGETS, rank=2)),
     }
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`@pytest.mark.cuda` tests are skipped where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
