@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "eval": "eval",
     "science": "science",
     "generate": "generate",
+    "serve": "serve",
     "convert": "convert",
 }
 
