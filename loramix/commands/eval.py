@@ -35,7 +35,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="an X-LoRA folder (save_pretrained)")
     parser.add_argument(
-        "--base", default="smollm2", help="'smollm2' (embedded) or a local transformers folder"
+        "--base",
+        default=None,
+        help="'smollm2' (embedded) or a local transformers folder (default: the base recorded "
+        "in MODEL_DIR, else smollm2)",
     )
     parser.add_argument(
         "--test",
@@ -81,7 +84,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per model call")
     parser.add_argument("--max-length", type=int, default=1024, help="tokens per example")
     parser.add_argument(
-        "--no-chat", action="store_true", help="plain prompt + completion, no chat template"
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="render prompts with the chat template, or plain with --no-chat (default: as in "
+        "training, from MODEL_DIR/training_args.json; chat if unrecorded)",
     )
     add_dtype_argument(parser)
 
@@ -92,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     from loramix.evaluation.report import format_targets
     from loramix.evaluation.runner import evaluate, exact_match, load_test_set
     from loramix.model import XLoraModel
+    from loramix.records import base_to_load, choose_chat
     from loramix.science.targets import check_targets, science_verifier
     from loramix.smollm2 import load_base_model
 
@@ -103,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
             from loramix.evaluation.plots import require_matplotlib
 
             require_matplotlib()  # fail before the model is loaded, not after the evaluation
-        base, tokenizer = load_base_model(args.base, dtype=dtype_from_args(args))
+        base_name = base_to_load(args.model_dir, args.base)
+        base, tokenizer = load_base_model(base_name, dtype=dtype_from_args(args))
+        chat = choose_chat(args.model_dir, args.chat, tokenizer, fallback=True)
         model = XLoraModel.from_pretrained(base, args.model_dir)
         report = evaluate(
             model,
@@ -111,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             {name: Path(path) for name, path in tests.items()},
             args.systems,
             max_new_tokens=args.max_new_tokens,
-            chat=not args.no_chat,
+            chat=chat,
             verifier=science_verifier if args.verifier == "science" else exact_match,
             limit=args.limit,
             batch_size=args.batch_size,
@@ -138,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
 
             samples = {
                 name: load_test_set(
-                    path, tokenizer, chat=not args.no_chat, limit=1, max_length=args.max_length
+                    path, tokenizer, chat=chat, limit=1, max_length=args.max_length
                 )[0].input_ids
                 for name, path in tests.items()
             }

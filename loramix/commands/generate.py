@@ -37,7 +37,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="an X-LoRA folder (save_pretrained)")
     parser.add_argument("--prompt", required=True, help="the text to continue")
     parser.add_argument(
-        "--chat", action="store_true", help="wrap the prompt as a user turn of the chat template"
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap the prompt as a user turn of the chat template (default: as in training, "
+        "from MODEL_DIR/training_args.json; plain if unrecorded)",
     )
     parser.add_argument("--mode", choices=_MODES, default="granular", help="scalings mode")
     parser.add_argument(
@@ -51,7 +55,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "--show-experts", action="store_true", help="colour each token by its dominant expert"
     )
     parser.add_argument(
-        "--base", default="smollm2", help="'smollm2' (embedded) or a local transformers folder"
+        "--base",
+        default=None,
+        help="'smollm2' (embedded) or a local transformers folder (default: the base recorded "
+        "in MODEL_DIR, else smollm2)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling")
@@ -63,10 +70,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
 def run(args: argparse.Namespace) -> int:
     """Load the model, generate, print the continuation (coloured with --show-experts)."""
 
+    from loramix.records import choose_chat
+
     try:
         _check_args(args)
         model, tokenizer = _load(args.model_dir, args.base, dtype_from_args(args))
-        ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)
+        chat = choose_chat(args.model_dir, args.chat, tokenizer, fallback=False)
+        ids = encode_prompt(tokenizer, args.prompt, chat=chat)
         new_ids, experts = _generate(model, tokenizer, ids, args)
     except (ValueError, FileNotFoundError) as error:
         print(f"loramix generate: error: {error}", file=sys.stderr)
@@ -92,11 +102,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("; ".join(problems))
 
 
-def _load(model_dir: str, base_name: str, dtype: Any) -> tuple[Any, Any]:
+def _load(model_dir: str, base_name: str | None, dtype: Any) -> tuple[Any, Any]:
     from pathlib import Path
 
     from loramix.config import XLoraConfig
     from loramix.model import XLoraModel
+    from loramix.records import base_to_load
     from loramix.smollm2 import load_base_model
 
     if not Path(model_dir).is_dir():
@@ -105,7 +116,7 @@ def _load(model_dir: str, base_name: str, dtype: Any) -> tuple[Any, Any]:
             "XLoraModel.save_pretrained (e.g. by `loramix train-gate`)"
         )
     XLoraConfig.from_file(model_dir)  # a bad folder fails before the base model loads
-    base, tokenizer = load_base_model(base_name, dtype)
+    base, tokenizer = load_base_model(base_to_load(model_dir, base_name), dtype)
     return XLoraModel.from_pretrained(base, model_dir), tokenizer
 
 
@@ -113,7 +124,7 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> Any:
     """`(1, T)` prompt ids; with `chat`, the prompt as a user turn plus the assistant header."""
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("--chat: this tokenizer has no chat template; drop --chat")
+            raise ValueError("--chat: this tokenizer has no chat template; pass --no-chat")
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
