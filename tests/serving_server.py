@@ -49,8 +49,15 @@ def free_port() -> int:
 class ServerThread:
     """uvicorn serving `create_app(...)` in a background thread; `stop()` shuts it down."""
 
-    def __init__(self, model: XLoraModel, tokenizer: object, **settings: object) -> None:
-        self.app = create_app(model, tokenizer, ServeConfig(model_name=MODEL_NAME, **settings))
+    def __init__(
+        self,
+        model: XLoraModel,
+        tokenizer: object,
+        prompt_rendering: dict | None = None,
+        **settings: object,
+    ) -> None:
+        config = ServeConfig(model_name=MODEL_NAME, **settings)
+        self.app = create_app(model, tokenizer, config, prompt_rendering=prompt_rendering)
         self.port = free_port()
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,9 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from serving_server import free_port, tiny_xlora
 from tiny_tokenizer import save_tiny_model
 
+import loramix.serving.app as app_module
 from loramix.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,3 +96,25 @@ def test_bad_folder_and_flags_fail_with_the_fix(tmp_path: Path, capsys) -> None:
     assert "--port=0" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--max-batch", "0"]) == 2
     assert "max_batch=0" in capsys.readouterr().err
+
+
+def test_serves_on_the_recorded_base_and_rendering(folders, tmp_path, monkeypatch, caplog) -> None:
+    """No --base: the base recorded in the folder loads; the card shows training's rendering."""
+    base, xlora = folders
+    folder = tmp_path / "plain"
+    shutil.copytree(xlora, folder)
+    record = json.loads((folder / "base_model.json").read_text())
+    (folder / "base_model.json").write_text(json.dumps({**record, "name": str(base)}))
+    prompts = {"chat": False, "chat_template": None}
+    (folder / "training_args.json").write_text(json.dumps({"prompts": prompts}))
+    served = []
+    monkeypatch.setattr(app_module, "run_server", lambda app, **_: served.append(app))
+    with caplog.at_level("INFO"):
+        assert main(["serve", str(folder), "--threads", "1"]) == 0
+    service = served[0].state.service
+    assert service.model.base_model.config.name_or_path == str(base)  # not the default smollm2
+    assert f"base model: {base}" in caplog.text
+    (card,) = TestClient(served[0]).get("/v1/models").json()["data"]
+    assert card["prompt_rendering"] == {"chat": False}
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert sum("/v1/completions matches its training" in w for w in warnings) == 1

@@ -47,6 +47,7 @@ def test_models_lists_the_model_and_its_experts(client) -> None:
     assert card.id == MODEL_NAME
     assert card.model_extra["experts"] == list(EXPERTS)
     assert len(card.model_extra["adapted_modules"]) == 14  # 7 modules x 2 blocks
+    assert card.model_extra["prompt_rendering"] is None  # not recorded
 
 
 @pytest.mark.parametrize("mode", ["granular", "frozen", "merged"])

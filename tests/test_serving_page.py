@@ -29,23 +29,36 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    model, tokenizer = tiny_xlora(tmp_path_factory.mktemp("page"))
-    server = ServerThread(model, tokenizer).start()
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    return tiny_xlora(tmp_path_factory.mktemp("page"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    server = ServerThread(*tiny).start()
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1100, "height": 900})
-        page.goto(server.url + "/")
-        page.wait_for_selector("body[data-ready=true]")
-        yield page
+        yield browser
         browser.close()
+
+
+def open_page(browser, url: str):
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    page.goto(url + "/")
+    page.wait_for_selector("body[data-ready=true]")
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    return open_page(browser, server.url)
 
 
 def test_static_files_ship_with_the_package(server) -> None:
@@ -108,3 +121,13 @@ def test_switching_to_frozen_and_to_a_fixed_mix(page) -> None:
         "els => els.map(e => e.dataset.expert)"
     )
     assert set(experts) == {"2"}
+
+
+@pytest.mark.parametrize("chat", [None, False, True])
+def test_chat_template_box_follows_training(tiny, browser, chat) -> None:
+    rendering = None if chat is None else {"chat": chat, "chat_template": None}
+    server = ServerThread(*tiny, prompt_rendering=rendering).start()
+    try:  # unknown: checked, as the page ships
+        assert open_page(browser, server.url).is_checked("#use-chat") == (chat is not False)
+    finally:
+        server.stop()

@@ -1,6 +1,6 @@
 """`loramix serve`: an OpenAI-compatible server for an X-LoRA folder, with a page at `/`.
 
-loramix serve models/science-xlora
+loramix serve models/science-xlora      # on the base and prompt rendering it was trained with
 loramix serve runs/xlora --base path/to/base --port 8001 --mode frozen --max-batch 8
 
 The server's settings are `loramix.serving.config.ServeConfig`'s fields (`--mode`,
@@ -33,7 +33,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="an X-LoRA folder (save_pretrained)")
     parser.add_argument(
-        "--base", default="smollm2", help="'smollm2' (embedded) or a local transformers folder"
+        "--base",
+        default=None,
+        help="'smollm2' (embedded) or a local transformers folder (default: the base recorded "
+        "in MODEL_DIR, else smollm2)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000)
@@ -55,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"loramix serve: error: {error}", file=sys.stderr)
         return 2
     from loramix.commands.generate import _load
+    from loramix.records import choose_chat, prompt_rendering
 
     try:
         if args.threads is not None:
@@ -66,8 +70,11 @@ def run(args: argparse.Namespace) -> int:
         name = args.model_name or Path(args.model_dir).resolve().name
         config = from_args(ServeConfig, args, model_name=name)
         model, tokenizer = _load(args.model_dir, args.base, dtype_from_args(args))
+        rendering = prompt_rendering(args.model_dir)  # the page and the model card follow it
+        choose_chat(args.model_dir, None, tokenizer, fallback=True)  # warns on another template
     except (ValueError, FileNotFoundError) as error:
         print(f"loramix serve: error: {error}", file=sys.stderr)
         return 2
-    run_server(create_app(model, tokenizer, config), host=args.host, port=args.port)
+    app = create_app(model, tokenizer, config, prompt_rendering=rendering)
+    run_server(app, host=args.host, port=args.port)
     return 0

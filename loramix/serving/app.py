@@ -2,7 +2,8 @@
 
 Routes:
     GET  /                     the page (static files in `loramix/serving/page/`)
-    GET  /v1/models            the one model served, with its experts and adapted modules
+    GET  /v1/models            the one model served, with its experts, adapted modules and
+                               the prompt rendering training used (`prompt_rendering`)
     POST /v1/chat/completions  chat template, `stream`, the X-LoRA extensions
     POST /v1/completions       text prompts (a string, a list of strings, or token ids)
     GET  /health               200 {"status": "ok", ...}; 503 while draining
@@ -57,6 +58,7 @@ class Service:
     model: XLoraModel
     tokenizer: Any
     config: ServeConfig
+    prompt_rendering: dict[str, Any] | None = None
     metrics: Metrics = field(default_factory=Metrics)
     draining: bool = False
     engine: Engine = field(init=False)
@@ -67,9 +69,32 @@ class Service:
         self.context = int(getattr(text_config, "max_position_embeddings", 2048))
 
 
-def create_app(model: XLoraModel, tokenizer: Any, config: ServeConfig) -> FastAPI:
-    """A FastAPI app serving `model`; its engine starts and stops with the app's lifespan."""
-    service = Service(model, tokenizer, config)
+def create_app(
+    model: XLoraModel,
+    tokenizer: Any,
+    config: ServeConfig,
+    *,
+    prompt_rendering: dict[str, Any] | None = None,
+) -> FastAPI:
+    """A FastAPI app serving `model`; its engine starts and stops with the app's lifespan.
+
+    Args:
+        model: The X-LoRA model.
+        tokenizer: Its tokenizer.
+        config: The server's settings.
+        prompt_rendering: How training rendered prompts (`loramix.records.prompt_rendering`
+            of the model's folder: `{"chat": bool, ...}`), or None when unknown. The model
+            card shows it and the page follows it; a model trained on plain prompts gets a
+            warning that `/v1/completions` matches its training.
+    """
+    service = Service(model, tokenizer, config, prompt_rendering=prompt_rendering)
+    if prompt_rendering is not None and not prompt_rendering.get("chat"):
+        logger.warning(
+            "%s was trained on plain prompts (no chat template): /v1/completions matches its "
+            "training; /v1/chat/completions renders the chat template, which training did not "
+            "use, so its answers may be worse",
+            config.model_name,
+        )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -140,7 +165,14 @@ def _model_card(service: Service) -> dict[str, Any]:
         "adapted_modules": service.model.adapted_modules,
         "scalings_mode": service.config.mode,
         "max_context_length": service.context,
+        "prompt_rendering": _rendering_card(service.prompt_rendering),
     }
+
+
+def _rendering_card(rendering: dict[str, Any] | None) -> dict[str, bool] | None:
+    """`{"chat": bool}` as training rendered prompts (the template itself stays out); None if
+    unknown."""
+    return None if rendering is None else {"chat": bool(rendering.get("chat"))}
 
 
 def _check_model(service: Service, name: str) -> None:

@@ -31,6 +31,8 @@ async function loadModel() {
     `${card.adapted_modules.length} adapted modules`;
   const mode = document.querySelector(`input[name=mode][value=${card.scalings_mode}]`);
   if (mode) mode.checked = true;
+  // Render prompts as training did (the chat template or plain text); unknown: as the page is
+  if (card.prompt_rendering) $("use-chat").checked = Boolean(card.prompt_rendering.chat);
   const legend = $("legend");
   const sliders = $("sliders");
   state.experts.forEach((name, i) => {
