@@ -92,6 +92,35 @@ def test_batched_answers_equal_lone_answers(server) -> None:
         assert_same(answer, alone[key])
 
 
+MIXES = [
+    {"math": 1.0},
+    {"chem": 0.5, "bio": 0.5},
+    {"math": 0.25, "chem": 0.75},
+    {"bio": 2.0},
+    {"math": 0.1, "chem": 0.2, "bio": 0.7},
+    {"chem": 1.0},
+]
+
+
+def test_different_fixed_mixes_share_a_batch_and_equal_lone_answers(server) -> None:
+    work = list(zip(PROMPTS, MIXES, strict=True))
+    alone = {p: complete(server, p, {"fixed_expert_weights": mix}) for p, mix in work}
+    steps, single = batch_steps(server)
+    with ThreadPoolExecutor(len(work)) as pool:
+        futures = {
+            p: pool.submit(complete, server, p, {"fixed_expert_weights": mix}) for p, mix in work
+        }
+        together = {p: future.result() for p, future in futures.items()}
+    steps_after, single_after = batch_steps(server)
+    assert steps_after - steps > single_after - single  # different mixes stepped together
+    for prompt, mix in work:
+        assert_same(together[prompt], alone[prompt])
+        given = [mix.get(name, 0.0) for name in ("math", "chem", "bio")]
+        np.testing.assert_allclose(
+            together[prompt][1], [given] * len(together[prompt][1]), atol=1e-6
+        )  # its own mix
+
+
 def test_late_request_joins_the_running_batch(server) -> None:
     long_alone = complete(server, PROMPTS[2], {}, max_tokens=80)
     short_alone = complete(server, PROMPTS[1], {}, max_tokens=10)

@@ -18,8 +18,10 @@ its scalings one way for all its rows:
                    scaling pass skipped; the prefill's `FreezePlan` forms them
     merged         one request per group: its fixed mix folded into the base weights while
                    that group steps (restored, bit for bit, before any other forward call)
-    fixed mix      `fixed_expert_weights`: one group per distinct mix, no scaling pass, no
-                   gate (`XLoraModel.fixed_scalings`); the scalings mode does not apply
+    fixed mix      `fixed_expert_weights`: one group for all given mixes, each row its own
+                   (`XLoraModel.fixed_scalings(..., per_sequence=True)`: one mix for all rows
+                   is folded into B, different ones are per-sequence rank weights); no scaling
+                   pass, no gate; the scalings mode does not apply
 
 Each loop iteration admits waiting jobs (while fewer than `max_batch` sequences run), then
 steps every group once. Events (tokens, finishes, errors) go back through each job's `sink`,
@@ -141,7 +143,7 @@ class Job:
     @property
     def group_key(self) -> tuple:
         if self.fixed_weights is not None:
-            return ("fixed", self.fixed_weights)
+            return ("fixed",)
         if self.mode == "merged":
             return ("merged", id(self))
         return (self.mode,)
@@ -291,16 +293,21 @@ class Engine:
     # ------------------------------------------------------------- forward calls
 
     @contextmanager
-    def _forward_context(self, group: _Group | None, fixed: tuple[float, ...] | None) -> Iterator:
-        """Unmerges every other group's weights; sets a fixed mix when the group has one."""
+    def _forward_context(self, group: _Group | None, jobs: list[Job]) -> Iterator:
+        """Unmerges every other group's weights; sets the fixed mixes of a fixed-mix batch.
+
+        Args:
+            group: The group about to step (None for a prefill).
+            jobs: The job of each row of the forward call.
+        """
         for other in self._groups.values():
             if other is not group and other.plan is not None and other.plan.weights is not None:
                 other.plan.weights.restore()
-        if fixed is None:
+        if jobs[0].fixed_weights is None:
             yield
             return
-        weights = torch.tensor(fixed, dtype=torch.float32)
-        with self.model.fixed_scalings(weights):
+        mixes = torch.tensor([job.fixed_weights for job in jobs], dtype=torch.float32)  # (B, E)
+        with self.model.fixed_scalings(mixes, per_sequence=True):
             yield
 
     def _prefill(self, jobs: list[Job]) -> None:
@@ -317,7 +324,7 @@ class Engine:
         frozen = first.fixed_weights is None and first.mode in ("frozen", "merged")
         if frozen:  # averages each prompt's scalings over its real tokens
             cache.freeze_plan = FreezePlan(window_start=0, window_end=width)
-        with self._forward_context(None, first.fixed_weights):
+        with self._forward_context(None, jobs):
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -375,7 +382,7 @@ class Engine:
         mask = torch.cat([group.mask, torch.ones_like(inputs)], dim=1)  # (B, W + 1)
         group.cache.freeze_plan = group.plan
         try:
-            with self._forward_context(group, group.key[1] if group.key[0] == "fixed" else None):
+            with self._forward_context(group, [row.job for row in rows]):
                 out = self.model(
                     input_ids=inputs,
                     attention_mask=mask,
