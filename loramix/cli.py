@@ -2,16 +2,29 @@
 
 Each subcommand lives in its own module under `loramix.commands` and exposes
 `add_parser(subparsers)` (declares its flags) and `run(args) -> int` (calls the library).
-This module only collects them; it holds no logic of its own.
+This module collects them and owns the command's manners:
+
+* a mistake in the input (`UsageError`, and the library's `ValueError`s, missing files and
+  missing optional packages, whose messages name the fix) is one line on stderr and exit
+  status 2; `-v` adds the traceback. Any other exception is a bug and keeps its traceback.
+* Ctrl-C is one line and exit status 130; during training it says where the run stopped,
+  which checkpoint is safe and the exact command that resumes it.
+* stdout is line-buffered, so that its lines and the log lines on stderr keep their order
+  when both go to one pipe or file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import shlex
 import sys
+import traceback
 from collections.abc import Sequence
+
+from loramix.errors import TrainingInterrupted
 
 # Subcommand name -> module under loramix.commands. Imported lazily so that
 # `loramix --help` stays fast and optional dependencies load only when used.
@@ -23,13 +36,21 @@ SUBCOMMANDS: dict[str, str] = {
     "generate": "generate",
 }
 
+USER_ERRORS = (ValueError, OSError, ImportError)
+"""Exceptions whose message is the whole story: shown as one line, exit status 2."""
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loramix",
         description="Build, train, run and evaluate X-LoRA mixtures of LoRA experts.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log debug messages; tracebacks on errors"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in SUBCOMMANDS.values():
         module = importlib.import_module(f"loramix.commands.{module_name}")
@@ -38,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _line_buffered_stdout()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -46,9 +69,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command is None:
         parser.print_help()
-        return 2
-    module = importlib.import_module(f"loramix.commands.{SUBCOMMANDS[args.command]}")
-    return int(module.run(args) or 0)
+        return EXIT_USAGE
+    action = getattr(args, "science_command", None)  # commands with actions: name both
+    name = f"loramix {args.command}" + (f" {action}" if action else "")
+    try:
+        module = importlib.import_module(f"loramix.commands.{SUBCOMMANDS[args.command]}")
+        return int(module.run(args) or 0)
+    except TrainingInterrupted as stop:
+        print(f"{name}: {interrupted_message(stop, argv)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except USER_ERRORS as error:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"{name}: error: {one_line(error)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a list of problems is joined with spaces)."""
+    text = str(error)
+    if isinstance(error, KeyError) and error.args:  # str() of a KeyError is its repr
+        text = str(error.args[0])
+    parts = [part.strip() for part in text.splitlines() if part.strip()]
+    return " ".join(parts) or type(error).__name__
+
+
+def interrupted_message(stop: TrainingInterrupted, argv: Sequence[str]) -> str:
+    """`stopped at step N; checkpoint X is safe; resume with: loramix ... --resume`."""
+    resume = [arg for arg in argv if arg != "--overwrite"]
+    if "--resume" not in resume:
+        resume.append("--resume")
+    if stop.checkpoint is None:
+        again = [arg for arg in argv if arg != "--resume"]
+        if "--overwrite" not in again:
+            again.append("--overwrite")
+        return (
+            f"interrupted at step {stop.step}, before the first checkpoint, so there is "
+            f"nothing to resume in {stop.out}. Start again with: loramix {shlex.join(again)}"
+        )
+    return (
+        f"interrupted at step {stop.step}; the last checkpoint {stop.checkpoint} is safe. "
+        f"Resume with: loramix {shlex.join(resume)}"
+    )
+
+
+def _line_buffered_stdout() -> None:
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        with contextlib.suppress(ValueError):  # a stream that cannot change (e.g. detached)
+            reconfigure(line_buffering=True)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,7 +34,13 @@ from loramix.data import (
     pad_token_id,
 )
 from loramix.smollm2 import load_base_model
-from loramix.training import TrainingConfig, prepare_output, publish, run_trainer
+from loramix.training import (
+    TrainingConfig,
+    prepare_output,
+    progress_bars,
+    publish,
+    run_trainer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +182,8 @@ def train_expert(
     sources = existing_sources(data)  # before loading anything
     resume_from = prepare_output(out, resume=resume, overwrite=overwrite, final_files=ADAPTER_FILES)
 
-    model, tokenizer = load_base_model(base, dtype=dtype)
+    with progress_bars(config.progress):
+        model, tokenizer = load_base_model(base, dtype=dtype)
     check_targets(model, lora.targets)
     train, held_out = load_training_data(
         sources,
@@ -185,7 +194,16 @@ def train_expert(
         seed=config.seed,
     )
     set_seed(config.seed)  # the adapter's initial A matrices
-    peft_model = get_peft_model(model, lora.peft_config())
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` alias; nothing the
+        # user or loramix can change, and harmless until transformers 6 removes it.
+        warnings.filterwarnings(
+            "ignore",
+            message="`is_gradient_checkpointing` is deprecated",
+            category=FutureWarning,
+            module="transformers.modeling_utils",
+        )
+        peft_model = get_peft_model(model, lora.peft_config())
     trainable, total = peft_model.get_nb_trainable_parameters()
     logger.info("LoRA r=%d on %s: %d trainable of %d parameters", rank, targets, trainable, total)
 
@@ -200,7 +218,8 @@ def train_expert(
         callbacks=callbacks,
     )
     peft_model.peft_config["default"].base_model_name_or_path = os.fspath(base)
-    publish(out, lambda folder: _save_adapter(peft_model, folder), marker="adapter_config.json")
+    with progress_bars(config.progress):
+        publish(out, partial(_save_adapter, peft_model), marker="adapter_config.json")
     logger.info("saved the adapter to %s", out)
     return out
 
@@ -223,4 +242,7 @@ def check_targets(model: PreTrainedModel, targets: Sequence[str]) -> None:
 
 
 def _save_adapter(model: PeftModel, folder: Path) -> None:
-    model.save_pretrained(str(folder))
+    # The embeddings are never adapted nor resized here (targets are linear layers), so peft
+    # need not look the base model up (on the model hub, for a name that is not a folder)
+    # to find out whether to save them.
+    model.save_pretrained(str(folder), save_embedding_layers=False)

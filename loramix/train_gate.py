@@ -76,6 +76,7 @@ from loramix.training import (
     TrainingConfig,
     cpu_data_parallel,
     prepare_output,
+    progress_bars,
     publish,
     run_trainer,
 )
@@ -544,7 +545,8 @@ def train_gate(
             out, resume=resume, overwrite=overwrite, final_files=GATE_FILES
         )
 
-    base_model, tokenizer = load_base_model(base, dtype=dtype)
+    with progress_bars(config.progress):
+        base_model, tokenizer = load_base_model(base, dtype=dtype)
     train, held_out = load_training_data(
         sources,
         tokenizer,
@@ -583,7 +585,8 @@ def train_gate(
         summary = _summary(
             base, xlora, sources, config, regularizer, dtype, model, trainer, started
         )
-        publish(out, partial(_save_model, model, summary), marker=CONFIG_NAME)
+        with progress_bars(config.progress):
+            publish(out, partial(_save_model, model, summary), marker=CONFIG_NAME)
         logger.info("saved the X-LoRA model to %s", out)
     state.wait_for_everyone()
     return out

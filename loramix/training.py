@@ -26,7 +26,8 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -36,8 +37,10 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging as hf_logging
 
 from loramix.data import Example, PadCollator
+from loramix.errors import TrainingInterrupted
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +219,24 @@ def last_checkpoint(checkpoints: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+@contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' and huggingface_hub's progress bars on or off inside the block.
+
+    They cover what happens outside the Trainer's own bar (which `disable_tqdm` controls):
+    loading the weights, writing them. The previous setting is restored afterwards.
+    """
+    before = hf_logging.is_progress_bar_enabled()
+    if enabled == before:
+        yield
+        return
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+
+
 def cpu_data_parallel() -> bool:
     """Whether this process is one of several (torchrun) on a machine without accelerator.
 
@@ -300,6 +321,10 @@ def run_trainer(
 
     Returns:
         The Trainer after training; `trainer.state.log_history` holds the losses.
+
+    Raises:
+        TrainingInterrupted: On Ctrl-C (a `KeyboardInterrupt` that names the step reached
+            and the newest complete checkpoint).
     """
     if held_out is not None and len(held_out) == 0:  # type: ignore[arg-type]
         held_out = None
@@ -315,7 +340,12 @@ def run_trainer(
     if not config.progress:  # Trainer would print() its logs; send them to logging instead
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(LogCallback())
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        with progress_bars(config.progress), _without_mtime_notice():
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except KeyboardInterrupt:
+        checkpoint = last_checkpoint(out / CHECKPOINTS)
+        raise TrainingInterrupted(trainer.state.global_step, checkpoint, out) from None
     if not trainer.is_world_process_zero():  # under torchrun, report once
         return trainer
     logger.info(
@@ -327,6 +357,32 @@ def run_trainer(
     if evals:
         logger.info("held-out loss %.4f (first measured: %.4f)", evals[-1], evals[0])
     return trainer
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+@contextmanager
+def _without_mtime_notice() -> Iterator[None]:
+    """Drop transformers' "mtime may not be reliable" notice for the length of the block.
+
+    Trainer orders checkpoints by modification time, and says so when two are under a second
+    apart (as on a small model) before it falls back to their step numbers, which is what
+    loramix relies on (`last_checkpoint`). Nothing for the user to act on.
+    """
+    drop = _DropMessage("mtime may not be reliable")
+    source = logging.getLogger("transformers.trainer_utils")
+    source.addFilter(drop)
+    try:
+        yield
+    finally:
+        source.removeFilter(drop)
 
 
 class LogCallback(TrainerCallback):

@@ -17,7 +17,10 @@ from loramix.commands.generate import (
     colour_tokens,
     encode_prompt,
     legend,
+    plain_legend,
+    tagged_tokens,
     token_pieces,
+    use_colour,
 )
 from loramix.generation import dominant_experts, generated_token_scalings
 from loramix.smollm2 import load_base_model
@@ -76,7 +79,7 @@ def run_cli(folders: tuple[Path, Path], *flags: str) -> int:
 
 @pytest.mark.parametrize("mode", ["granular", "merged"])
 def test_show_experts_colours_each_token(folders, mode, capsys) -> None:
-    assert run_cli(folders, "--show-experts", "--mode", mode) == 0
+    assert run_cli(folders, "--show-experts", "--mode", mode, "--colour", "always") == 0
     tokenizer, new_ids, experts, names = reference(folders, mode)
     assert len(set(experts)) >= 1 and len(experts) == len(new_ids)
     lines = capsys.readouterr().out.splitlines()
@@ -84,6 +87,29 @@ def test_show_experts_colours_each_token(folders, mode, capsys) -> None:
     assert f"{colour(0)}\u25a0 math{RESET}" in lines[0] and "chem" in lines[0]
     expected = colour_tokens(token_pieces(tokenizer, new_ids), experts)
     assert "\n".join(lines[1:]) == expected
+
+
+def test_show_experts_in_a_pipe_tags_tokens_without_colours(folders, capsys) -> None:
+    assert run_cli(folders, "--show-experts") == 0  # capsys: stdout is not a terminal
+    tokenizer, new_ids, experts, names = reference(folders, "granular")
+    out = capsys.readouterr().out
+    assert "\x1b[" not in out
+    pieces = token_pieces(tokenizer, new_ids)
+    assert out == f"{plain_legend(names)}\n{tagged_tokens(pieces, experts)}\n"
+
+
+class Terminal:
+    def isatty(self) -> bool:
+        return True
+
+
+def test_colours_only_on_a_terminal_without_no_color(monkeypatch) -> None:
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert use_colour("auto", Terminal())
+    assert not use_colour("auto", object())  # no isatty: a pipe-like stream
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not use_colour("auto", Terminal())
+    assert use_colour("always", object()) and not use_colour("never", Terminal())
 
 
 @pytest.mark.parametrize("mode", ["granular", "frozen"])
@@ -120,3 +146,12 @@ def test_errors_name_the_fix(folders, tmp_path: Path, capsys) -> None:
     assert run_cli(folders, "--max-new-tokens", "0", "--top-p", "2") == 2
     err = capsys.readouterr().err
     assert "--max-new-tokens=0" in err and "--top-p=2" in err
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_empty_prompt_is_a_one_line_error(folders, prompt, capsys) -> None:
+    base_dir, model_dir = folders
+    argv = ["generate", str(model_dir), "--prompt", prompt, "--base", str(base_dir)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--prompt is empty" in err and "Traceback" not in err

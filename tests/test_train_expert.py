@@ -198,3 +198,33 @@ def test_gradient_checkpointing_trains_the_same_adapter(base, data, tmp_path):
     assert expected.keys() == got.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+class MoveBase(TrainerCallback):
+    """Moves the base model's folder away once training ends, as if it named a hub model."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.folder.rename(self.folder.with_name("moved"))
+
+
+def test_saving_never_looks_up_the_base_model(data, tmp_path, monkeypatch):
+    """peft would ask the model hub for the base's config to decide on saving embeddings."""
+    base = save_tiny_model(tmp_path / "base")
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("looked up the model hub")
+
+    monkeypatch.setattr("peft.utils.save_and_load.check_file_exists_on_hf_hub", no_hub)
+    out = train_expert(
+        base,
+        [data],
+        tmp_path / "out",
+        max_steps=1,
+        eval_fraction=0.0,
+        callbacks=[MoveBase(base)],
+        **FAST,
+    )
+    assert (out / "adapter_model.safetensors").is_file()

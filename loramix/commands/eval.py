@@ -7,7 +7,6 @@ loramix eval runs/xlora --base smollm2 --test biology=data/biology_test.jsonl \
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from loramix.commands.training_flags import DTYPES as _DTYPES
@@ -91,58 +90,52 @@ def run(args: argparse.Namespace) -> int:
     from loramix.model import XLoraModel
     from loramix.smollm2 import load_base_model
 
-    try:
-        tests = _pairs(args.test, "--test", "NAME=FILE")
-        domain_experts = _pairs(args.expert_for, "--expert-for", "SET=EXPERT")
-        blocks = _blocks(args.blocks)
-        if args.plots:
-            from loramix.plots import require_matplotlib
+    tests = _pairs(args.test, "--test", "NAME=FILE")
+    domain_experts = _pairs(args.expert_for, "--expert-for", "SET=EXPERT")
+    blocks = _blocks(args.blocks)
+    if args.plots:
+        from loramix.plots import require_matplotlib
 
-            require_matplotlib()  # fail before the model is loaded, not after the evaluation
-        base, tokenizer = load_base_model(args.base, dtype=getattr(torch, args.dtype))
-        model = XLoraModel.from_pretrained(base, args.model_dir)
-        report = evaluate(
-            model,
-            tokenizer,
-            {name: Path(path) for name, path in tests.items()},
-            args.systems,
-            max_new_tokens=args.max_new_tokens,
-            chat=not args.no_chat,
-            verifier=VERIFIERS[args.verifier],
-            limit=args.limit,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
+        require_matplotlib()  # fail before the model is loaded, not after the evaluation
+    base, tokenizer = load_base_model(args.base, dtype=getattr(torch, args.dtype))
+    model = XLoraModel.from_pretrained(base, args.model_dir)
+    report = evaluate(
+        model,
+        tokenizer,
+        {name: Path(path) for name, path in tests.items()},
+        args.systems,
+        max_new_tokens=args.max_new_tokens,
+        chat=not args.no_chat,
+        verifier=VERIFIERS[args.verifier],
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+    )
+    domain_experts = domain_experts or {name: name for name in tests if name in model.expert_names}
+    unknown = sorted(set(domain_experts.values()) - set(model.expert_names))
+    if unknown:
+        raise ValueError(
+            f"--expert-for names unknown expert(s) {', '.join(unknown)}; the model's "
+            f"experts are {', '.join(model.expert_names)}"
         )
-        domain_experts = domain_experts or {
-            name: name for name in tests if name in model.expert_names
+    targets = report.check_targets(
+        {d: e for d, e in domain_experts.items() if d in tests},
+        mixed=args.mixed if args.mixed in tests else None,
+        composite=args.composite if args.composite in tests else None,
+    )
+    written = list(report.write(args.out, targets).values())
+    if args.plots:
+        from loramix.plots import write_eval_plots
+
+        samples = {
+            name: load_test_set(
+                path, tokenizer, chat=not args.no_chat, limit=1, max_length=args.max_length
+            )[0].input_ids
+            for name, path in tests.items()
         }
-        unknown = sorted(set(domain_experts.values()) - set(model.expert_names))
-        if unknown:
-            raise ValueError(
-                f"--expert-for names unknown expert(s) {', '.join(unknown)}; the model's "
-                f"experts are {', '.join(model.expert_names)}"
-            )
-        targets = report.check_targets(
-            {d: e for d, e in domain_experts.items() if d in tests},
-            mixed=args.mixed if args.mixed in tests else None,
-            composite=args.composite if args.composite in tests else None,
+        written += write_eval_plots(
+            model, tokenizer, samples, args.out, usage=report.usage or None, blocks=blocks
         )
-        written = list(report.write(args.out, targets).values())
-        if args.plots:
-            from loramix.plots import write_eval_plots
-
-            samples = {
-                name: load_test_set(
-                    path, tokenizer, chat=not args.no_chat, limit=1, max_length=args.max_length
-                )[0].input_ids
-                for name, path in tests.items()
-            }
-            written += write_eval_plots(
-                model, tokenizer, samples, args.out, usage=report.usage or None, blocks=blocks
-            )
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"loramix eval: error: {error}", file=sys.stderr)
-        return 2
     print(report.table())
     if targets:
         print()

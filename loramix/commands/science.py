@@ -7,13 +7,13 @@ loramix science retrain [--out DIR] [--seed N]        data, experts, gate, eval,
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from typing import Any
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Declare `science demo` and `science retrain` and their flags."""
+    from loramix.commands.generate import add_colour_argument
     from loramix.science.pipeline import BUNDLE_DIR, RetrainSettings
 
     parser = subparsers.add_parser(
@@ -38,7 +38,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "--n-eval", type=int, default=4, help="examples per test set in the quick evaluation"
     )
     demo.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens per answer")
-    demo.add_argument("--no-colour", action="store_true", help="tag tokens instead of colouring")
+    add_colour_argument(demo)
+    demo.add_argument(
+        "--no-colour", action="store_true", help="same as --colour never: tag tokens by index"
+    )
 
     settings = RetrainSettings()
     retrain = actions.add_parser(
@@ -83,20 +86,19 @@ def _demo(args: argparse.Namespace) -> int:
     from loramix.science.demo import run_demo
 
     start = time.perf_counter()
-    try:
-        result = run_demo(
-            args.model,
-            args.out,
-            base=args.base,
-            n_eval=args.n_eval,
-            max_new_tokens=args.max_new_tokens,
-            log=print,
-        )
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"loramix science demo: error: {error}", file=sys.stderr)
-        return 2
+    result = run_demo(
+        args.model,
+        args.out,
+        base=args.base,
+        n_eval=args.n_eval,
+        max_new_tokens=args.max_new_tokens,
+        log=print,
+    )
     print()
-    print(format_answers(result, tokenizer_of(args.base), colour=not args.no_colour))
+    from loramix.commands.generate import use_colour
+
+    coloured = not args.no_colour and use_colour(args.colour)
+    print(format_answers(result, tokenizer_of(args.base), colour=coloured))
     if result.report is not None:
         print(format_report(result, args.out))
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
@@ -115,19 +117,19 @@ def format_answers(result: Any, tokenizer: Any, colour: bool = True) -> str:
 
     Without `colour`, each token is followed by its expert's index in brackets.
     """
-    from loramix.commands.generate import colour_tokens, legend, token_pieces
+    from loramix.commands.generate import (
+        colour_tokens,
+        legend,
+        plain_legend,
+        tagged_tokens,
+        token_pieces,
+    )
 
     names = result.expert_names
-    if colour:
-        lines = [legend(names), ""]
-    else:
-        lines = ["experts: " + "  ".join(f"[{i}] {name}" for i, name in enumerate(names)), ""]
+    lines = [legend(names) if colour else plain_legend(names), ""]
     for answer in result.answers:
         pieces = token_pieces(tokenizer, answer.token_ids)
-        if colour:
-            shown = colour_tokens(pieces, answer.experts)
-        else:
-            shown = "".join(f"{p}[{e}]" for p, e in zip(pieces, answer.experts, strict=True))
+        shown = (colour_tokens if colour else tagged_tokens)(pieces, answer.experts)
         lines += [
             f"[{answer.test_set}] {answer.prompt}",
             f"  reference: {answer.reference}",
@@ -167,24 +169,20 @@ def _retrain(args: argparse.Namespace) -> int:
 
     from loramix.science.pipeline import RetrainSettings, retrain
 
-    try:
-        settings = dataclasses.replace(
-            RetrainSettings(),
-            expert_steps=args.expert_steps,
-            gate_steps=args.gate_steps,
-            eval_limit=args.eval_limit,
-            threads=args.threads,
-            expert_workers=args.expert_workers,
-        )
-        timings = retrain(
-            args.out,
-            seed=args.seed,
-            settings=settings,
-            bundle_dir=None if args.no_export else args.bundle,
-        )
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"loramix science retrain: error: {error}", file=sys.stderr)
-        return 2
+    settings = dataclasses.replace(
+        RetrainSettings(),
+        expert_steps=args.expert_steps,
+        gate_steps=args.gate_steps,
+        eval_limit=args.eval_limit,
+        threads=args.threads,
+        expert_workers=args.expert_workers,
+    )
+    timings = retrain(
+        args.out,
+        seed=args.seed,
+        settings=settings,
+        bundle_dir=None if args.no_export else args.bundle,
+    )
     for step, seconds in timings.items():
         print(f"{step:20} {'already done' if seconds is None else f'{seconds:.0f} s'}")
     spent = sum(s for s in timings.values() if s is not None)

@@ -6,7 +6,6 @@ loramix train-expert --base smollm2 --data math.jsonl:2 --data chat.jsonl --out 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from loramix.commands.training_flags import (
     add_data_arguments,
@@ -56,19 +55,15 @@ def run(args: argparse.Namespace) -> int:
     """Train the expert; print the output folder, or the error and how to fix it."""
     from loramix.train_expert import train_expert
 
-    try:
-        out = train_expert(
-            args.base,
-            args.data,
-            args.out,
-            rank=args.rank,
-            alpha=args.alpha,
-            targets=args.targets,
-            dropout=args.dropout,
-            **training_options(args),
-        )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"loramix train-expert: error: {error}", file=sys.stderr)
-        return 2
+    out = train_expert(
+        args.base,
+        args.data,
+        args.out,
+        rank=args.rank,
+        alpha=args.alpha,
+        targets=args.targets,
+        dropout=args.dropout,
+        **training_options(args),
+    )
     print(f"saved the LoRA adapter to {out}")
     return 0

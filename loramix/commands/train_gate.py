@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from loramix.commands.training_flags import (
     add_data_arguments,
@@ -20,6 +19,7 @@ from loramix.commands.training_flags import (
     training_options,
 )
 from loramix.config import XLoraConfig
+from loramix.errors import UsageError
 
 
 def parse_expert(spec: str) -> tuple[str, str]:
@@ -120,37 +120,30 @@ def run(args: argparse.Namespace) -> int:
     experts: dict[str, str] = {}
     for name, folder in args.expert:
         if name in experts:
-            print(
-                f"loramix train-gate: error: expert name {name!r} is given twice; give each "
-                "--expert a different NAME.",
-                file=sys.stderr,
+            raise UsageError(
+                f"expert name {name!r} is given twice; give each --expert a different NAME."
             )
-            return 2
         experts[name] = folder
-    try:
-        out = train_gate(
-            args.base,
-            experts,
-            args.data,
-            args.out,
-            layerwise_scalings=args.layerwise_scalings,
-            xlora_depth=args.xlora_depth,
-            xlora_size=args.xlora_size,
-            xlora_dropout_p=args.xlora_dropout_p,
-            softmax_temperature=args.softmax_temperature,
-            top_k_lora=args.top_k_lora,
-            enable_softmax_topk=args.enable_softmax_topk,
-            enable_softmax=not args.no_softmax,
-            scaling_pass_value=args.scaling_pass_value,
-            global_scaling_weight=args.global_scaling_weight,
-            use_trainable_adapters=args.use_trainable_adapters,
-            balance_weight=args.balance_weight,
-            entropy_weight=args.entropy_weight,
-            **training_options(args),
-        )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"loramix train-gate: error: {error}", file=sys.stderr)
-        return 2
+    out = train_gate(
+        args.base,
+        experts,
+        args.data,
+        args.out,
+        layerwise_scalings=args.layerwise_scalings,
+        xlora_depth=args.xlora_depth,
+        xlora_size=args.xlora_size,
+        xlora_dropout_p=args.xlora_dropout_p,
+        softmax_temperature=args.softmax_temperature,
+        top_k_lora=args.top_k_lora,
+        enable_softmax_topk=args.enable_softmax_topk,
+        enable_softmax=not args.no_softmax,
+        scaling_pass_value=args.scaling_pass_value,
+        global_scaling_weight=args.global_scaling_weight,
+        use_trainable_adapters=args.use_trainable_adapters,
+        balance_weight=args.balance_weight,
+        entropy_weight=args.entropy_weight,
+        **training_options(args),
+    )
     if os.environ.get("RANK", "0") == "0":  # once under torchrun
         print(f"saved the X-LoRA model to {out}")
     return 0
