@@ -5,8 +5,10 @@ Each subcommand lives in its own module under `loramix.commands` and exposes
 This module collects them and owns the command's manners:
 
 * a mistake in the input (`UsageError`, and the library's `ValueError`s, missing files and
-  missing optional packages, whose messages name the fix) is one line on stderr and exit
-  status 2; `-v` adds the traceback. Any other exception is a bug and keeps its traceback.
+  missing optional packages, whose messages name the fix) is one message on stderr, with no
+  traceback, and exit status 2: one line, or a first line followed by one line per problem
+  when the library found several (every bad line of a data file, every invalid setting).
+  `-v` adds the traceback. Any other exception is a bug and keeps its traceback.
 * Ctrl-C is one line and exit status 130; during training it says where the run stopped,
   which checkpoint is safe and the exact command that resumes it.
 * stdout is line-buffered, so that its lines and the log lines on stderr keep their order
@@ -84,17 +86,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as error:
         if args.verbose:
             traceback.print_exc()
-        print(f"{name}: error: {one_line(error)}", file=sys.stderr)
+        print(f"{name}: error: {error_text(error)}", file=sys.stderr)
         return EXIT_USAGE
 
 
-def one_line(error: BaseException) -> str:
-    """The error's message on one line (a list of problems is joined with spaces)."""
+def error_text(error: BaseException) -> str:
+    """The error's message without blank lines; a list of problems keeps one per line."""
     text = str(error)
     if isinstance(error, KeyError) and error.args:  # str() of a KeyError is its repr
         text = str(error.args[0])
-    parts = [part.strip() for part in text.splitlines() if part.strip()]
-    return " ".join(parts) or type(error).__name__
+    lines = [line.rstrip() for line in text.splitlines() if line.strip()]
+    return "\n".join(lines) or type(error).__name__
 
 
 def interrupted_message(stop: TrainingInterrupted, argv: Sequence[str]) -> str:

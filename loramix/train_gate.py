@@ -515,6 +515,14 @@ def train_gate(
     )
     regularizer = GateRegularizer(balance_weight=balance_weight, entropy_weight=entropy_weight)
     regularizer.check(xlora)
+    if len(xlora.adapters) == 1 and xlora.enable_softmax:
+        logger.warning(
+            "X-LoRA over one expert (%s) with the softmax on: every scaling is 1, so the gate "
+            "has nothing to choose and training cannot change the model (it stays the expert "
+            "alone). Add experts, or turn the softmax off (enable_softmax=False, --no-softmax) "
+            "to learn how strongly to apply this expert per token.",
+            next(iter(xlora.adapters)),
+        )
     config = TrainingConfig(
         lr=lr,
         epochs=epochs,
