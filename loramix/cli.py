@@ -26,6 +26,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
+from loramix.commands.help_format import DefaultsHelpFormatter
 from loramix.errors import TrainingInterrupted
 
 # Subcommand name -> module under loramix.commands. Imported lazily so that
@@ -57,7 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     for module_name in SUBCOMMANDS.values():
         module = importlib.import_module(f"loramix.commands.{module_name}")
         module.add_parser(subparsers)
+    _set_formatter(parser)
     return parser
+
+
+def _set_formatter(parser: argparse.ArgumentParser) -> None:
+    """Every (sub)command's help shows real defaults only (see `DefaultsHelpFormatter`)."""
+    parser.formatter_class = DefaultsHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _set_formatter(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

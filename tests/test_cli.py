@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from tiny_tokenizer import save_tiny_model
 from transformers import Trainer
 
-from loramix.cli import main
+from loramix.cli import build_parser, main
 
 LINE = '{"prompt": "what is two plus two? ", "completion": "four."}\n'
 
@@ -161,3 +162,28 @@ def test_training_prints_no_warning_and_no_progress_bar_with_no_progress(
     assert "it/s" not in err and "Loading weights" not in err and "Writing" not in err
     assert "mtime" not in err and "Warning" not in err
     assert "trained 3 step(s)" in caplog.text  # the log lines stay
+
+
+def all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += all_parsers(sub)
+    return found
+
+
+def test_help_shows_real_defaults_only():
+    parsers = all_parsers(build_parser())[1:]
+    assert {p.prog for p in parsers} >= {"loramix train-gate", "loramix science demo"}
+    for parser in parsers:
+        text = " ".join(parser.format_help().split())  # one line: wrapped help joined
+        for noise in ("(default: None)", "(default: False)", "(default: [])", "same name) (def"):
+            assert noise not in text, (parser.prog, noise)
+        for action in parser._actions:
+            if action.option_strings and action.nargs != 0 and not action.required:
+                assert action.help, f"{parser.prog} {action.option_strings[0]} has no help"
+    helps = {p.prog: " ".join(p.format_help().split()) for p in parsers}
+    assert "--lr LR peak learning rate (default: 0.0002)" in helps["loramix train-gate"]
+    targets = "(default: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)"
+    assert targets in helps["loramix train-expert"]

@@ -27,7 +27,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
             "scalings. Test sets named like an expert (or given with --expert-for), 'mixed' "
             "and 'composite' are checked against the X-LoRA targets."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="an X-LoRA folder (save_pretrained)")
     parser.add_argument(

@@ -35,7 +35,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
             "each generated token by the expert with the largest scaling (averaged over the "
             "adapted modules) when it was written."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="an X-LoRA folder (save_pretrained)")
     parser.add_argument("--prompt", required=True, help="the text to continue")
@@ -57,7 +56,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument(
         "--base", default="smollm2", help="'smollm2' (embedded) or a local transformers folder"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=128, help="tokens to generate at most"
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with sampling)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")

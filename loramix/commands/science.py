@@ -29,7 +29,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     demo = actions.add_parser(
         "demo",
         help="answer a question of each domain with the bundled model, evaluate, draw heatmaps",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     demo.add_argument("--model", default=str(BUNDLE_DIR), help="the X-LoRA folder to run")
     demo.add_argument("--out", default="runs/demo", help="folder for eval files and heatmaps")
@@ -51,7 +50,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
             "Every step skips itself when its output exists in --out, so running the same "
             "command again resumes an interrupted retrain."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     retrain.add_argument("--out", default="runs/retrain", help="the run's working folder")
     retrain.add_argument("--seed", type=int, default=0, help="seed of data, experts and gate")
@@ -59,8 +57,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "--bundle", default=str(BUNDLE_DIR), help="where to export the float16 model"
     )
     retrain.add_argument("--no-export", action="store_true", help="do not touch the bundle")
-    retrain.add_argument("--expert-steps", type=int, default=settings.expert_steps)
-    retrain.add_argument("--gate-steps", type=int, default=settings.gate_steps)
+    retrain.add_argument(
+        "--expert-steps", type=int, default=settings.expert_steps, help="steps per expert"
+    )
+    retrain.add_argument(
+        "--gate-steps", type=int, default=settings.gate_steps, help="gate training steps"
+    )
     retrain.add_argument(
         "--eval-limit", type=int, default=settings.eval_limit, help="examples per test set"
     )

@@ -28,7 +28,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
             '{"prompt", "completion"} (loss on the completion), {"messages": [...]} '
             '(chat template; loss on assistant turns) or {"text"} (loss on all tokens).'
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     io = parser.add_argument_group("input and output")
     io.add_argument(

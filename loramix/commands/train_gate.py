@@ -48,7 +48,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
             "of the mixed pass, and write a folder that XLoraModel.from_pretrained reads. "
             "Data lines are as for train-expert. Runs unchanged under torchrun."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     io = parser.add_argument_group("input and output")
     io.add_argument(
@@ -73,7 +72,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     xlora.add_argument(
         "--xlora-dropout-p", type=float, default=x.xlora_dropout_p, help="gate dropout"
     )
-    xlora.add_argument("--softmax-temperature", type=float, default=x.softmax_temperature)
+    xlora.add_argument(
+        "--softmax-temperature",
+        type=float,
+        default=x.softmax_temperature,
+        help="divides the gate's logits before the softmax",
+    )
     xlora.add_argument(
         "--top-k-lora", type=int, default=x.top_k_lora, help="keep the k largest scalings"
     )

@@ -35,7 +35,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--max-steps", type=int, default=t.max_steps, help="overrides --epochs")
     training.add_argument("--batch-size", type=int, default=t.batch_size, help="per process")
     training.add_argument("--grad-accum", type=int, default=t.grad_accum, help="steps per update")
-    training.add_argument("--seed", type=int, default=t.seed)
+    training.add_argument("--seed", type=int, default=t.seed, help="seed of init, split, mix")
     training.add_argument("--max-length", type=int, default=t.max_length, help="tokens per example")
     training.add_argument(
         "--chat", action="store_true", help="render prompt/completion with the chat template"
@@ -43,16 +43,26 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument(
         "--eval-fraction", type=float, default=t.eval_fraction, help="share held out per file"
     )
-    training.add_argument("--save-steps", type=int, default=t.save_steps)
+    training.add_argument(
+        "--save-steps", type=int, default=t.save_steps, help="steps between checkpoints"
+    )
     training.add_argument(
         "--eval-steps", type=int, default=t.eval_steps, help="--save-steps if unset"
     )
-    training.add_argument("--save-total-limit", type=int, default=t.save_total_limit)
+    training.add_argument(
+        "--save-total-limit", type=int, default=t.save_total_limit, help="checkpoints kept"
+    )
     training.add_argument("--warmup", type=float, default=t.warmup, help="fraction (<1) or steps")
-    training.add_argument("--lr-scheduler", choices=SCHEDULERS, default=t.lr_scheduler)
-    training.add_argument("--weight-decay", type=float, default=t.weight_decay)
-    training.add_argument("--logging-steps", type=int, default=t.logging_steps)
-    training.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    training.add_argument(
+        "--lr-scheduler", choices=SCHEDULERS, default=t.lr_scheduler, help="after warmup"
+    )
+    training.add_argument(
+        "--weight-decay", type=float, default=t.weight_decay, help="AdamW weight decay"
+    )
+    training.add_argument(
+        "--logging-steps", type=int, default=t.logging_steps, help="steps between loss logs"
+    )
+    training.add_argument("--no-progress", action="store_true", help="hide every progress bar")
     training.add_argument(
         "--gradient-checkpointing",
         action="store_true",
