@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -446,7 +446,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             self._adapters_disabled = previous
 
     @contextmanager
-    def fixed_scalings(self, weights: torch.Tensor) -> Iterator[None]:
+    def fixed_scalings(self, weights: torch.Tensor | Mapping[str, float]) -> Iterator[None]:
         """Inside this block every token is mixed with the same given weights.
 
         The scaling pass, the gate and top-k are skipped: `weights` are used exactly as given.
@@ -455,22 +455,83 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         it cannot be continued with per-token scalings outside it.
 
         Args:
-            weights: `(E,)` one weight per expert, or `(L, E)` per adapted module too.
+            weights: `(E,)` one weight per expert, `(L, E)` per adapted module too, or a dict
+                expert name -> weight (experts left out weigh 0).
         """
-        weights = torch.as_tensor(weights)
+        mix = self.mix_weights(weights)  # (L, E)
+        reference = self.gate.layers[-1].weight
+        mix = mix.to(device=reference.device, dtype=reference.dtype)
+        previous = self._fixed_scalings
+        self._fixed_scalings = mix[None, None]  # (1, 1, L, E)
+        try:
+            yield
+        finally:
+            self._fixed_scalings = previous
+
+    def mix_weights(self, weights: torch.Tensor | Mapping[str, float]) -> torch.Tensor:
+        """`(L, E)` float32 weights of a fixed mix given as `(E,)`, `(L, E)` or a dict.
+
+        Raises:
+            ValueError: On another shape, or a dict naming an unknown expert or a weight that
+                is not a finite number.
+        """
+        if isinstance(weights, Mapping):
+            unknown = sorted(set(weights) - set(self.expert_names))
+            bad = {k: v for k, v in weights.items() if not _is_finite_number(v)}
+            if unknown or bad:
+                raise ValueError(
+                    f"mix weights: unknown expert(s) {unknown} (the experts are "
+                    f"{self.expert_names}); weights that are not finite numbers {bad}. Give "
+                    "expert name -> number; experts left out weigh 0."
+                )
+            weights = torch.tensor([float(weights.get(n, 0.0)) for n in self.expert_names])
+        weights = torch.as_tensor(weights, dtype=torch.float32)
         if weights.shape not in ((self.n_experts,), (self.n_layers, self.n_experts)):
             raise ValueError(
                 f"fixed scalings of shape {tuple(weights.shape)}: give ({self.n_experts},) "
                 f"(one per expert) or ({self.n_layers}, {self.n_experts}) (per module too)"
             )
-        reference = self.gate.layers[-1].weight
-        weights = weights.to(device=reference.device, dtype=reference.dtype)
-        previous = self._fixed_scalings
-        self._fixed_scalings = weights.expand(self.n_layers, self.n_experts)[None, None]
-        try:
-            yield
-        finally:
-            self._fixed_scalings = previous
+        return weights.expand(self.n_layers, self.n_experts)  # (L, E)
+
+    def merge_and_unload(self, weights: torch.Tensor | Mapping[str, float]) -> PreTrainedModel:
+        """Folds a fixed mix of the experts into the base weights; returns the base model.
+
+        Every adapted module `l` gets `W + g * sum_i w[l, i] * scale_i * B_i A_i` and is put
+        back as the original `nn.Linear` / `Conv1D` / `nn.Embedding`, so the result is a
+        plain transformers model for any runtime (`save_pretrained`, export, serving). It
+        computes what `with model.fixed_scalings(weights):` computes (no gate, no scaling
+        pass), up to float rounding. The base model's weights are changed in place; this
+        X-LoRA model is unusable afterwards (as peft's `merge_and_unload`).
+
+        Args:
+            weights: `(E,)` one weight per expert (e.g. one-hot: one expert alone; `1 / E`
+                each: the uniform average), `(L, E)` per adapted module too, or a dict
+                expert name -> weight (experts left out weigh 0).
+
+        Raises:
+            ValueError: On weights of another shape or with unknown names, or when an adapted
+                module shares its weight with another module (tied input and output
+                embeddings: merging would change both, the mix changes only one).
+        """
+        mix = self.mix_weights(weights)  # (L, E)
+        shared = _shared_parameters(self.lm)
+        tied = [
+            name
+            for name, module in zip(self.adapted_modules, self.mixed_modules(), strict=True)
+            if id(module.base_layer.weight) in shared
+        ]
+        if tied:
+            raise ValueError(
+                f"merge_and_unload: the weights of {tied} are tied to another module (e.g. the "
+                "output layer shares the input embeddings), so folding the mix into them would "
+                "change that module too. Untie them first (copy the weight into a new "
+                "nn.Parameter on one side), or mix with `fixed_scalings` instead."
+            )
+        with torch.no_grad():
+            for layer, module in enumerate(self.mixed_modules()):
+                merged = module.merged_weight(mix[layer].to(module.lora_a.device))
+                module.base_layer.weight.copy_(merged)
+        return self.unload()
 
     def gradient_checkpointing_enable(
         self, gradient_checkpointing_kwargs: dict | None = None, **options: Any
@@ -643,6 +704,18 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
 
 
 # ------------------------------------------------------------------------ helpers
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _shared_parameters(module: nn.Module) -> set[int]:
+    """`id`s of the parameters that more than one module holds (tied weights)."""
+    seen: dict[int, int] = {}
+    for _, param in module.named_parameters(remove_duplicate=False):
+        seen[id(param)] = seen.get(id(param), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
 
 
 def _check_hidden_size(base_model: PreTrainedModel, config: XLoraConfig) -> int:
