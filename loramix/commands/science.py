@@ -101,7 +101,9 @@ def _demo(args: argparse.Namespace) -> int:
 
     coloured = not args.no_colour and use_colour(args.colour)
     print(format_answers(result, tokenizer_of(args.base), colour=coloured))
+    print(format_verdicts(result, args.model))
     if result.report is not None:
+        print()
         print(format_report(result, args.out))
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
     return 0
@@ -141,25 +143,37 @@ def format_answers(result: Any, tokenizer: Any, colour: bool = True) -> str:
     return "\n".join(lines)
 
 
-def format_report(result: Any, out_dir: str) -> str:
-    """The quick evaluation table, X-LoRA's expert usage and the targets, as text."""
+def format_verdicts(result: Any, model_dir: str) -> str:
+    """The bundle's full evaluation verdicts (from its eval.json), one line per target."""
     from loramix.evaluation import format_targets
 
+    if not result.verdicts:
+        return f"{model_dir} has no eval.json, so no full evaluation to show."
+    n = result.verdict_examples
+    held_out = f"{n} held-out examples per test set" if n else "every held-out example"
+    return "\n".join(
+        [
+            f"Targets, from the bundle's full evaluation ({held_out}; {model_dir}/eval.md):",
+            format_targets(result.verdicts),
+        ]
+    )
+
+
+def format_report(result: Any, out_dir: str) -> str:
+    """The sample evaluation table and X-LoRA's expert usage on it, with no verdicts."""
     report = result.report
     n = report.settings.get("limit")
     return "\n".join(
         [
-            f"Quick evaluation, {n} held-out examples per test set (cells: mean completion "
-            "NLL / share of verified greedy answers):",
+            f"A sample, the first {n} held-out examples of each test set, scored here to show "
+            "the evaluation running (too few to judge the targets on; no pass/fail). Cells: "
+            "mean completion NLL / share of verified greedy answers:",
             "",
             report.table(),
             "",
-            "X-LoRA expert usage (mean scalings):",
+            "X-LoRA expert usage on the sample (mean scalings):",
             "",
             report.usage_table(),
-            "",
-            f"Targets on these {n} examples (the bundle's eval.md has the full evaluation):",
-            format_targets(result.targets),
             "",
             f"wrote eval.md, eval.json and {len(result.plots)} heatmaps to {out_dir}",
         ]

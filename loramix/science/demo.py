@@ -8,9 +8,12 @@
    over the adapted modules, of the forward call that wrote the token, as
    `loramix generate --show-experts` colours them) and the verdict of the domain library's
    verifier;
-2. scores base, each expert, their uniform average and X-LoRA on the first `n_eval` examples
-   of every test set (a quick version of the retrain's evaluation, same data and settings);
-3. writes the heatmaps of the scalings (per layer and per token, for each question and its
+2. reads the bundle's full evaluation verdicts (its `eval.json`, written by the retrain on
+   every held-out example): these say whether the targets are met;
+3. scores base, each expert, their uniform average and X-LoRA on the first `n_eval` examples
+   of every test set: a sample that shows the evaluation running here, too small to judge the
+   targets on, so it carries no pass/fail;
+4. writes the heatmaps of the scalings (per layer and per token, for each question and its
    answer; expert usage per test set) into the output folder.
 
 The test sets are regenerated from the seed and sizes recorded in the bundle's
@@ -76,8 +79,12 @@ class DemoResult:
     Attributes:
         expert_names: The E axis (index -> expert), for the token colours.
         answers: One answer per domain and one composite answer.
-        report: The quick evaluation, or None if `n_eval` was 0.
-        targets: The issue's targets checked on the quick evaluation.
+        report: The sample evaluation (first `n_eval` examples per set), or None if `n_eval`
+            was 0. It has no verdicts: too few examples to judge the targets on.
+        verdicts: The targets as the bundle's full evaluation (`eval.json`) checked them;
+            empty if the folder has none.
+        verdict_examples: Held-out examples per test set behind `verdicts` (the smallest
+            count over the sets), or None.
         plots: The PNG files written.
         seconds: Wall time of each part.
     """
@@ -85,7 +92,8 @@ class DemoResult:
     expert_names: list[str]
     answers: list[Answer]
     report: EvalReport | None
-    targets: list[TargetCheck]
+    verdicts: list[TargetCheck]
+    verdict_examples: int | None
     plots: list[Path]
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -152,7 +160,8 @@ def run_demo(
     seconds["answers"] = _lap(clock)
     log(f"answered {len(answers)} questions in {seconds['answers']:.1f} s")
 
-    report, targets = None, []
+    verdicts, verdict_examples = bundle_verdicts(model_dir)
+    report = None
     if n_eval > 0:
         clock = time.perf_counter()
         report = evaluate(
@@ -164,17 +173,38 @@ def run_demo(
             limit=n_eval,
             max_new_tokens=max_new_tokens,
         )
-        targets = report.check_targets({name: name for name in model.expert_names})
-        report.write(out, targets)
+        report.write(out)  # a sample: no verdicts
         seconds["eval"] = _lap(clock)
-        log(f"evaluated on {n_eval} examples per test set in {seconds['eval']:.1f} s")
+        log(f"scored a sample of {n_eval} examples per test set in {seconds['eval']:.1f} s")
 
     clock = time.perf_counter()
     plots = write_eval_plots(
         model, tokenizer, samples, out, usage=report.usage if report is not None else None
     )
     seconds["plots"] = _lap(clock)
-    return DemoResult(list(model.expert_names), answers, report, targets, plots, seconds)
+    return DemoResult(
+        list(model.expert_names), answers, report, verdicts, verdict_examples, plots, seconds
+    )
+
+
+def bundle_verdicts(model_dir: Path) -> tuple[list[TargetCheck], int | None]:
+    """The targets as checked by the bundle's full evaluation, from its `eval.json`.
+
+    Returns:
+        The checks (empty without `eval.json`), and the fewest held-out examples of any test
+        set behind them (None if not recorded).
+    """
+    from loramix.evaluation import TargetCheck
+
+    recorded = read_json(model_dir / "eval.json")
+    checks = [TargetCheck(**entry) for entry in recorded.get("targets", [])]
+    counts = [
+        score["n_examples"]
+        for per_set in recorded.get("scores", {}).values()
+        for score in per_set.values()
+        if "n_examples" in score
+    ]
+    return checks, (min(counts) if counts else None)
 
 
 def write_test_sets(model_dir: Path, data_dir: Path, domains: Sequence[str]) -> dict[str, Path]:
