@@ -683,8 +683,11 @@ def completion_nll(
                 for ex in batch_examples
             ]
         )
+        device = model.get_input_embeddings().weight.device
         output = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            use_cache=False,
         )
         logits = output.logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
         targets = batch["labels"][:, 1:].to(logits.device)  # (B, T-1)

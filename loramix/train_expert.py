@@ -33,7 +33,7 @@ from loramix.data import (
     load_training_data,
     pad_token_id,
 )
-from loramix.smollm2 import load_base_model
+from loramix.smollm2 import load_base_model, resolve_device
 from loramix.training import (
     TrainingConfig,
     prepare_output,
@@ -127,6 +127,8 @@ def train_expert(
     logging_steps: int = _T.logging_steps,
     progress: bool = _T.progress,
     gradient_checkpointing: bool = _T.gradient_checkpointing,
+    device: str = _T.device,
+    report_to: str = _T.report_to,
     resume: bool = False,
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
@@ -142,7 +144,8 @@ def train_expert(
         rank, alpha, targets, dropout: The adapter's shape (see `LoraSettings`).
         lr, epochs, max_steps, batch_size, grad_accum, seed, max_length, chat, eval_fraction,
             save_steps, eval_steps, save_total_limit, warmup, lr_scheduler, logging_steps,
-            progress, gradient_checkpointing: Training settings (see `TrainingConfig`).
+            progress, gradient_checkpointing, device, report_to: Training settings (see
+            `TrainingConfig`).
         resume: Continue from the newest checkpoint in `out/checkpoints`; give the same data
             and settings as the interrupted run (max_steps may be raised).
         overwrite: Replace an earlier run in `out` instead of refusing.
@@ -177,8 +180,11 @@ def train_expert(
         logging_steps=logging_steps,
         progress=progress,
         gradient_checkpointing=gradient_checkpointing,
+        device=device,
+        report_to=report_to,
     )
     out = Path(out)
+    resolve_device(config.device)  # an unavailable device fails before anything loads
     sources = existing_sources(data)  # before loading anything
     resume_from = prepare_output(out, resume=resume, overwrite=overwrite, final_files=ADAPTER_FILES)
 

@@ -71,7 +71,7 @@ from loramix.data import (
 )
 from loramix.experts import load_expert
 from loramix.model import XLoraModel
-from loramix.smollm2 import load_base_model
+from loramix.smollm2 import load_base_model, resolve_device
 from loramix.training import (
     TrainingConfig,
     cpu_data_parallel,
@@ -457,6 +457,8 @@ def train_gate(
     logging_steps: int = _T.logging_steps,
     progress: bool = _T.progress,
     gradient_checkpointing: bool = _T.gradient_checkpointing,
+    device: str = _T.device,
+    report_to: str = _T.report_to,
     resume: bool = False,
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
@@ -480,8 +482,8 @@ def train_gate(
         balance_weight, entropy_weight: Optional loss terms (see `GateRegularizer`).
         lr, epochs, max_steps, batch_size, grad_accum, seed, max_length, chat, eval_fraction,
             save_steps, eval_steps, save_total_limit, warmup, lr_scheduler, weight_decay,
-            logging_steps, progress, gradient_checkpointing: Training settings (see
-            `TrainingConfig`); `batch_size` is per process.
+            logging_steps, progress, gradient_checkpointing, device, report_to: Training
+            settings (see `TrainingConfig`); `batch_size` is per process.
         resume: Continue from the newest checkpoint in `out/checkpoints`; give the same
             experts, data and settings as the interrupted run (max_steps may be raised).
         overwrite: Replace an earlier run in `out` instead of refusing.
@@ -542,8 +544,11 @@ def train_gate(
         logging_steps=logging_steps,
         progress=progress,
         gradient_checkpointing=gradient_checkpointing,
+        device=device,
+        report_to=report_to,
     )
     out = Path(out)
+    resolve_device(config.device)  # an unavailable device fails before anything loads
     sources = existing_sources(data)  # before loading anything
     loaded = [load_expert(name, path) for name, path in xlora.adapters.items()]
 

@@ -21,6 +21,7 @@ Output folder layout:
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -41,6 +42,7 @@ from transformers.utils import logging as hf_logging
 
 from loramix.data import Example, PadCollator
 from loramix.errors import TrainingInterrupted
+from loramix.smollm2 import DEVICES
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ CHECKPOINTS = "checkpoints"
 
 _COMPLETE = "trainer_state.json"  # Trainer writes it last into a checkpoint
 _PUBLISH_PREFIX = ".publish-"  # temporary folders of `publish`
+REPORTERS = ("none", "tensorboard", "wandb")
+"""Where Trainer can send its logs besides the console (`TrainingConfig.report_to`)."""
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts")
 
 
@@ -77,6 +81,10 @@ class TrainingConfig:
         progress: Show a progress bar.
         gradient_checkpointing: Recompute each layer's activations in the backward pass
             instead of keeping them: less memory for about one more forward pass of time.
+        device: Where to train: "auto" (a GPU if there is one, else the CPU), "cpu", "cuda"
+            or "mps".
+        report_to: Where Trainer also sends its logs: "none", "tensorboard" (event files in
+            OUT/checkpoints/runs) or "wandb" (Weights & Biases); the package must be installed.
     """
 
     lr: float = 2e-4
@@ -97,9 +105,20 @@ class TrainingConfig:
     logging_steps: int = 10
     progress: bool = True
     gradient_checkpointing: bool = False
+    device: str = "auto"
+    report_to: str = "none"
 
     def __post_init__(self) -> None:
         problems = []
+        if self.device not in DEVICES:
+            problems.append(f"device={self.device!r}: use one of {', '.join(DEVICES)}.")
+        if self.report_to not in REPORTERS:
+            problems.append(f"report_to={self.report_to!r}: use one of {', '.join(REPORTERS)}.")
+        elif self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
+            problems.append(
+                f"report_to={self.report_to!r}: the {self.report_to} package is not installed; "
+                f"install it (pip install {self.report_to}) or use report_to='none'."
+            )
         if not (math.isfinite(self.lr) and self.lr > 0):
             problems.append(f"lr={self.lr}: use a positive learning rate, e.g. 2e-4.")
         if not (math.isfinite(self.epochs) and self.epochs > 0):
@@ -284,11 +303,11 @@ def training_arguments(
         logging_strategy="steps",
         logging_steps=config.logging_steps,
         disable_tqdm=not config.progress,
-        report_to="none",
+        report_to=config.report_to,
         remove_unused_columns=False,  # the collator already yields exactly the model's inputs
         label_names=["labels"],
         dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=on_cpus,
+        use_cpu=on_cpus or config.device == "cpu",
         ddp_backend="gloo" if on_cpus else None,
     )
 

@@ -155,3 +155,10 @@ def test_empty_prompt_is_a_one_line_error(folders, prompt, capsys) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--prompt is empty" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no GPU")
+def test_unavailable_device_is_a_one_line_error(folders, capsys) -> None:
+    assert run_cli(folders, "--device", "cuda") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA device is available" in err

@@ -618,3 +618,18 @@ def test_merge_and_unload_refuses_tied_weights_and_bad_mixes(tmp_path: Path) -> 
         model.merge_and_unload({"f": 1.0})
     with pytest.raises(ValueError, match=r"give \(1,\)"):
         model.merge_and_unload(torch.ones(2))
+
+
+def test_experts_and_gate_follow_the_base_models_device(llama_experts: dict[str, str]) -> None:
+    base = tiny_llama().to("meta")  # any device but the CPU the experts are read on
+    model = XLoraModel(base, XLoraConfig(adapters=llama_experts))
+    devices = {t.device.type for t in [*model.parameters(), *model.buffers()]}
+    assert devices == {"meta"}
+    assert model.gate.layers[0].weight.device.type == "meta"
+
+
+def test_a_base_spread_over_devices_is_refused(llama_experts: dict[str, str]) -> None:
+    base = tiny_llama()
+    base.lm_head.to("meta")
+    with pytest.raises(ValueError, match=r"spread over \['cpu', 'meta'\].* load it on one"):
+        XLoraModel(base, XLoraConfig(adapters=llama_experts))

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from loramix.commands.training_flags import DTYPES as _DTYPES
+from loramix.commands.training_flags import add_device_argument
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -79,6 +80,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "--no-chat", action="store_true", help="plain prompt + completion, no chat template"
     )
     parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="base weights dtype")
+    add_device_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
         from loramix.plots import require_matplotlib
 
         require_matplotlib()  # fail before the model is loaded, not after the evaluation
-    base, tokenizer = load_base_model(args.base, dtype=getattr(torch, args.dtype))
+    base, tokenizer = load_base_model(
+        args.base, dtype=getattr(torch, args.dtype), device_map=args.device
+    )
     model = XLoraModel.from_pretrained(base, args.model_dir)
     report = evaluate(
         model,

@@ -12,6 +12,7 @@ import sys
 from typing import Any, TextIO
 
 from loramix.commands.training_flags import DTYPES as _DTYPES
+from loramix.commands.training_flags import add_device_argument
 from loramix.errors import UsageError
 
 _MODES = ("granular", "frozen", "merged")
@@ -63,6 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with sampling)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights dtype")
+    add_device_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     _check_args(args)
-    model, tokenizer = _load(args.model_dir, args.base, getattr(torch, args.dtype))
-    ids = encode_prompt(tokenizer, args.prompt, chat=args.chat)
+    model, tokenizer = _load(args.model_dir, args.base, getattr(torch, args.dtype), args.device)
+    ids = encode_prompt(tokenizer, args.prompt, chat=args.chat).to(model.device)
     new_ids, experts = _generate(model, tokenizer, ids, args)
     if args.show_experts:
         pieces = token_pieces(tokenizer, new_ids)
@@ -97,7 +99,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("; ".join(problems))
 
 
-def _load(model_dir: str, base_name: str, dtype: Any) -> tuple[Any, Any]:
+def _load(model_dir: str, base_name: str, dtype: Any, device: str) -> tuple[Any, Any]:
     from pathlib import Path
 
     from loramix.config import XLoraConfig
@@ -110,7 +112,7 @@ def _load(model_dir: str, base_name: str, dtype: Any) -> tuple[Any, Any]:
             "XLoraModel.save_pretrained (e.g. by `loramix train-gate`)"
         )
     XLoraConfig.from_file(model_dir)  # a bad folder fails before the base model loads
-    base, tokenizer = load_base_model(base_name, dtype)
+    base, tokenizer = load_base_model(base_name, dtype, device_map=device)
     return XLoraModel.from_pretrained(base, model_dir), tokenizer
 
 

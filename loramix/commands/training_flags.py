@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from loramix.training import SCHEDULERS, TrainingConfig
+from loramix.smollm2 import DEVICES
+from loramix.training import REPORTERS, SCHEDULERS, TrainingConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -69,6 +70,23 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         help="recompute activations in the backward pass: less memory, about 30%% more time",
     )
     training.add_argument("--dtype", choices=DTYPES, default="float32", help="base weights dtype")
+    add_device_argument(training)
+    training.add_argument(
+        "--report-to",
+        choices=REPORTERS,
+        default=t.report_to,
+        help="also send the training logs to TensorBoard or Weights & Biases (package needed)",
+    )
+
+
+def add_device_argument(group: argparse._ActionsContainer) -> None:
+    """`--device auto|cpu|cuda|mps`: where the model runs (auto: a GPU if there is one)."""
+    group.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where the model runs: auto = CUDA if available, else MPS, else the CPU",
+    )
 
 
 def training_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -93,6 +111,8 @@ def training_options(args: argparse.Namespace) -> dict[str, Any]:
         "weight_decay",
         "logging_steps",
         "gradient_checkpointing",
+        "device",
+        "report_to",
         "resume",
         "overwrite",
     ]

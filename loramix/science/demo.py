@@ -105,6 +105,7 @@ def run_demo(
     base: str = "smollm2",
     n_eval: int = 4,
     max_new_tokens: int = 16,
+    device: str = "cpu",
     log: Callable[[str], None] = logger.info,
 ) -> DemoResult:
     """Answer, evaluate and draw with the bundled science X-LoRA (see the module docstring).
@@ -115,6 +116,7 @@ def run_demo(
         base: The base model the bundle was trained on.
         n_eval: Examples per test set in the quick evaluation; 0 skips it.
         max_new_tokens: Greedy tokens per answer.
+        device: Where the model runs ("auto", "cpu", "cuda", "mps").
         log: Receives one line per finished part (the CLI prints them).
 
     Raises:
@@ -137,7 +139,7 @@ def run_demo(
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
-    base_model, tokenizer = load_base_model(base)
+    base_model, tokenizer = load_base_model(base, device_map=device)
     model = XLoraModel.from_pretrained(base_model, model_dir)
     seconds["load"] = _lap(clock)
     log(
@@ -250,7 +252,7 @@ def answer_question(
     from loramix.science.registry import verify
 
     prompt = example.input_ids[: example.prompt_length]
-    ids = torch.tensor([prompt])  # (1, P)
+    ids = torch.tensor([prompt], device=model.device)  # (1, P)
     eos = tokenizer.eos_token_id
     model.clear_scalings_log()
     model.enable_scalings_logging()
