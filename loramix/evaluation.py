@@ -53,6 +53,7 @@ from transformers import (
 from loramix.atomic import write_text_atomic
 from loramix.data import (
     IGNORE_INDEX,
+    BadLines,
     PadCollator,
     pad_token_id,
     read_records,
@@ -155,18 +156,24 @@ def load_test_set(
         ValueError: On a malformed line (naming file and line), or if no example is left.
     """
     examples = []
-    for number, record in read_records(path):
+    bad = BadLines(path)
+    for number, record in read_records(path, bad):
         if limit is not None and len(examples) >= limit:
             break
         if "prompt" not in record or "completion" not in record:
-            raise ValueError(
-                f'{path}, line {number}: test records need "prompt" and "completion" (the '
-                f"reference answer); found the keys {', '.join(sorted(record)) or 'none'}"
+            bad.add(
+                number,
+                'test records need "prompt" and "completion" (the reference answer); found '
+                f"the keys {', '.join(sorted(record)) or 'none'}",
             )
+            continue
         try:
             rendered = render_record(record, tokenizer, chat=chat)
         except ValueError as error:
-            raise ValueError(f"{path}, line {number}: {error}") from None
+            bad.add(number, str(error))
+            continue
+        if bad.problems:  # only checking the rest of the file
+            continue
         tokens = tokenize_rendered(rendered, tokenizer, max_length)
         if tokens is None:
             logger.warning(
@@ -179,6 +186,7 @@ def load_test_set(
         labels = tokens["labels"]
         start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
         examples.append(TestExample(record, tokens["input_ids"], labels, start))
+    bad.check()
     if not examples:
         raise ValueError(f"{path} holds no test example; check the file (and max_length)")
     return examples
