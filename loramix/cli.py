@@ -24,7 +24,7 @@ import logging
 import shlex
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from loramix.commands.help_format import DefaultsHelpFormatter
 from loramix.errors import TrainingInterrupted
@@ -87,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = f"loramix {args.command}" + (f" {action}" if action else "")
     try:
         module = importlib.import_module(f"loramix.commands.{SUBCOMMANDS[args.command]}")
-        return int(module.run(args) or 0)
+        with _progress_bars(not getattr(args, "no_progress", False)):
+            return int(module.run(args) or 0)
     except TrainingInterrupted as stop:
         print(f"{name}: {interrupted_message(stop, argv)}", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -127,6 +128,23 @@ def interrupted_message(stop: TrainingInterrupted, argv: Sequence[str]) -> str:
         f"interrupted at step {stop.step}; the last checkpoint {stop.checkpoint} is safe. "
         f"Resume with: loramix {shlex.join(resume)}"
     )
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """With `--no-progress`, no progress bar at all (weight loading, saving) while it runs."""
+    if enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before:
+            hf_logging.enable_progress_bar()
 
 
 def _line_buffered_stdout() -> None:

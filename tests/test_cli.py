@@ -109,7 +109,7 @@ def test_verbose_adds_the_traceback(files, tmp_path, capsys):
     argv = train_expert_argv(files, tmp_path)
     assert main(["-v", *argv, "--lr", "0"]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" in err and err.splitlines()[-1].startswith("loramix train-expert: error:")
+    assert err.startswith("Traceback") and "\nloramix train-expert: error: Invalid Train" in err
 
 
 def test_bugs_keep_their_traceback(monkeypatch):

@@ -162,3 +162,11 @@ def test_unavailable_device_is_a_one_line_error(folders, capsys) -> None:
     assert run_cli(folders, "--device", "cuda") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no CUDA device is available" in err
+
+
+def test_no_progress_hides_the_weight_loading_bar(folders, capfd) -> None:
+    capfd.readouterr()
+    assert run_cli(folders, "--no-progress") == 0
+    assert "Loading weights" not in capfd.readouterr().err
+    assert run_cli(folders) == 0  # and only for that command
+    assert "Loading weights" in capfd.readouterr().err

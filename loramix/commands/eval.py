@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from loramix.commands.training_flags import DTYPES as _DTYPES
-from loramix.commands.training_flags import add_device_argument
+from loramix.commands.training_flags import add_device_argument, add_progress_argument
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -81,6 +81,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="base weights dtype")
     add_device_argument(parser)
+    add_progress_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import sys
 from typing import Any, TextIO
 
 from loramix.commands.training_flags import DTYPES as _DTYPES
-from loramix.commands.training_flags import add_device_argument
+from loramix.commands.training_flags import add_device_argument, add_progress_argument
 from loramix.errors import UsageError
 
 _MODES = ("granular", "frozen", "merged")
@@ -65,6 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights dtype")
     add_device_argument(parser)
+    add_progress_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

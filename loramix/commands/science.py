@@ -14,7 +14,7 @@ from typing import Any
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Declare `science demo` and `science retrain` and their flags."""
     from loramix.commands.generate import add_colour_argument
-    from loramix.commands.training_flags import add_device_argument
+    from loramix.commands.training_flags import add_device_argument, add_progress_argument
     from loramix.science.pipeline import BUNDLE_DIR, RetrainSettings
 
     parser = subparsers.add_parser(
@@ -40,6 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     demo.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens per answer")
     add_colour_argument(demo)
     add_device_argument(demo)
+    add_progress_argument(demo)
     demo.add_argument(
         "--no-colour", action="store_true", help="same as --colour never: tag tokens by index"
     )

@@ -63,7 +63,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument(
         "--logging-steps", type=int, default=t.logging_steps, help="steps between loss logs"
     )
-    training.add_argument("--no-progress", action="store_true", help="hide every progress bar")
+    add_progress_argument(training)
     training.add_argument(
         "--gradient-checkpointing",
         action="store_true",
@@ -76,6 +76,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         choices=REPORTERS,
         default=t.report_to,
         help="also send the training logs to TensorBoard or Weights & Biases (package needed)",
+    )
+
+
+def add_progress_argument(group: argparse._ActionsContainer) -> None:
+    """`--no-progress`: no progress bar at all (the `loramix` command turns them off)."""
+    group.add_argument(
+        "--no-progress", action="store_true", help="hide every progress bar (weight loading too)"
     )
 
 
