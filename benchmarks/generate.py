@@ -1,6 +1,6 @@
 """Generation speed of loramix's X-LoRA against its base model and peft's X-LoRA, in one run.
 
-Setup (issue 4): a random-weight model with SmolLM2-135M's config (a 30-layer Llama, hidden
+Setup: a random-weight model with SmolLM2-135M's config (a 30-layer Llama, hidden
 576, intermediate 1536, 9 heads, 3 KV heads, vocabulary 49152, tied embeddings), 8 random
 experts of rank 8 on all seven projections, a 64-token prompt, 128 new tokens, greedy, two
 CPU threads. Tokens/s count generated tokens of all sequences over the whole `generate` call

@@ -1,26 +1,87 @@
-"""Atomic file writes: a temporary file in the same folder, then one rename over the target.
+"""Atomic writes of files and folders: everything is written beside the target, then renamed.
 
-A reader sees the old file or the new one, never half of either, and an interrupted write
-leaves the old file untouched.
+A reader sees the old file (or folder) or the new one, never half of either, and an
+interrupted write leaves the old one untouched. Every write of a result in loramix goes
+through this module:
+
+    write_text_atomic(path, text)       a text file
+    with atomic_file(path) as tmp:      any file a library writes to a path (PNG, .npz)
+    with atomic_folder(path) as tmp:    a whole folder (a saved model, the bundle, a cache)
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path beside `path`; renamed over `path` when the block ends without error.
+
+    Args:
+        path: The file to write; its folder is created if needed.
+        suffix: The temporary file's suffix (some writers insist on one, e.g. `.npz`).
+
+    Yields:
+        The temporary path to write; it is removed if the block raises.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """Writes `text` (UTF-8, `\\n` line ends) to `path`, creating its folder if needed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+        handle.write(text)
     return path
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike[str], *, replace: bool = True) -> Iterator[Path]:
+    """A fresh staging folder beside `path`; it becomes `path` when the block ends.
+
+    Args:
+        path: The folder to write; its parent is created if needed.
+        replace: Replace an existing `path` (the old folder is renamed aside, then deleted);
+            False lets the final rename fail with `OSError` if `path` exists and is not empty.
+
+    Yields:
+        The staging folder; it is deleted if the block (or the rename) raises.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp"))
+    try:
+        yield staging
+        if replace:
+            replace_folder(staging, target)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Moves `staging` to `target`; an existing `target` is renamed aside and deleted after."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        os.replace(target, old / target.name)
+    os.replace(staging, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

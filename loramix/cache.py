@@ -16,15 +16,57 @@ cropping, batch repeat or selection, reset) is applied to both, and to `sequence
 per-sequence tensors (leading batch axis `B`) that frozen and merged generation keep beside
 the cache (see `loramix.generation`), so beams and sequences never lose their scalings.
 
+`XLoraModel.forward` (`loramix.model`) fills both caches; frozen and merged generation hand
+it a `ScalingsPlan` on `freeze_plan`, which it calls once per step.
+
 Axis names: B batch (sequences or beams), T tokens.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from transformers import DynamicCache, PreTrainedConfig
+
+if TYPE_CHECKING:
+    from loramix.model import XLoraModel
+
+
+class ScalingsPlan(Protocol):
+    """How one `generate` call forms its scalings; `XLoraModel.forward` calls it once per step.
+
+    `loramix.generation.FreezePlan` (frozen and merged modes) is the implementation. The plan
+    either runs `granular` (the scaling pass and the gate) and watches its scalings, or, once
+    it has fixed them, returns the fixed ones without a scaling pass.
+    """
+
+    def scalings(
+        self,
+        model: XLoraModel,
+        cache: XLoraCache,
+        tokens: int,
+        attention_mask: torch.Tensor | None,
+        granular: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor] | None, bool]:
+        """The scalings of `tokens` new tokens.
+
+        Args:
+            model: The X-LoRA model running the step.
+            cache: The step's cache (this plan's per-sequence tensors live in it).
+            tokens: T, the new tokens of the step.
+            attention_mask: `(B, T_past + T)` or None.
+            granular: Runs the scaling pass and the gate: `(B, T, L, E)` scalings and their
+                top-k mixing.
+
+        Returns:
+            `(scalings, mixing, scaled_lora_b, fixed)`: the `(B, T, L, E)` scalings to report
+            (before top-k); the mixing the modules use (`(B, T or 1, L, E)`, None once merged);
+            each module's B with the scalings folded in, or None; whether the scalings were
+            fixed (no scaling pass ran).
+        """
+        ...
 
 
 class XLoraCache(DynamicCache):
@@ -39,14 +81,14 @@ class XLoraCache(DynamicCache):
         sequence_state: Name -> tensor with a leading batch axis `(B, ...)`; every batch
             operation of the cache is applied to these tensors too.
         freeze_plan: Set by frozen/merged generation for the length of one `generate` call
-            (a `loramix.generation.FreezePlan`); None means granular scalings.
+            (a `ScalingsPlan`: `loramix.generation.FreezePlan`); None means granular scalings.
     """
 
     def __init__(self, config: PreTrainedConfig | None = None, **kwargs: Any) -> None:
         super().__init__(config=config, **kwargs)
         self.scaling_cache = DynamicCache(config=config, **kwargs)
         self.sequence_state: dict[str, torch.Tensor] = {}
-        self.freeze_plan: Any = None
+        self.freeze_plan: ScalingsPlan | None = None
 
     def __repr__(self) -> str:
         return (

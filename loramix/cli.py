@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = f"loramix {args.command}" + (f" {action}" if action else "")
     try:
         module = importlib.import_module(f"loramix.commands.{SUBCOMMANDS[args.command]}")
-        with _progress_bars(not getattr(args, "no_progress", False)):
+        with _progress_bars(getattr(args, "progress", True)):
             return int(module.run(args) or 0)
     except TrainingInterrupted as stop:
         print(f"{name}: {interrupted_message(stop, argv)}", file=sys.stderr)

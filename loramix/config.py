@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from loramix.atomic import write_text_atomic
+from loramix.checks import is_int, is_number, raise_problems
 
 logger = logging.getLogger(__name__)
 
@@ -106,37 +107,36 @@ class XLoraConfig:
             "give at least one expert",
         )
         check(
-            self.hidden_size is None or _is_int(self.hidden_size) and self.hidden_size > 0,
+            self.hidden_size is None or is_int(self.hidden_size) and self.hidden_size > 0,
             "hidden_size",
             "use a positive int, or None to infer it from the base model",
         )
         for name in ("enable_softmax", "enable_softmax_topk", "layerwise_scalings"):
             check(isinstance(getattr(self, name), bool), name, "use True or False")
         check(isinstance(self.use_trainable_adapters, bool), "use_trainable_adapters", "use a bool")
-        check(_is_int(self.xlora_depth) and self.xlora_depth >= 1, "xlora_depth", "use an int >= 1")
-        check(_is_int(self.xlora_size) and self.xlora_size >= 1, "xlora_size", "use an int >= 1")
+        check(is_int(self.xlora_depth) and self.xlora_depth >= 1, "xlora_depth", "use an int >= 1")
+        check(is_int(self.xlora_size) and self.xlora_size >= 1, "xlora_size", "use an int >= 1")
         check(
-            _is_number(self.xlora_dropout_p) and 0.0 <= self.xlora_dropout_p < 1.0,
+            is_number(self.xlora_dropout_p) and 0.0 <= self.xlora_dropout_p < 1.0,
             "xlora_dropout_p",
             "use a probability in [0, 1)",
         )
         check(
-            _is_number(self.softmax_temperature) and self.softmax_temperature > 0,
+            is_number(self.softmax_temperature) and self.softmax_temperature > 0,
             "softmax_temperature",
             "use a number > 0",
         )
         n_experts = len(self.adapters) if isinstance(self.adapters, dict) else 0
         check(
             self.top_k_lora is None
-            or _is_int(self.top_k_lora)
+            or is_int(self.top_k_lora)
             and 1 <= self.top_k_lora <= max(n_experts, 1),
             "top_k_lora",
             f"use None or an int between 1 and the number of experts ({n_experts})",
         )
-        check(_is_number(self.scaling_pass_value), "scaling_pass_value", "use a number")
-        check(_is_number(self.global_scaling_weight), "global_scaling_weight", "use a number")
-        if problems:
-            raise ValueError("Invalid XLoraConfig:\n  " + "\n  ".join(problems))
+        check(is_number(self.scaling_pass_value), "scaling_pass_value", "use a number")
+        check(is_number(self.global_scaling_weight), "global_scaling_weight", "use a number")
+        raise_problems("Invalid XLoraConfig", problems)
 
     # ----------------------------------------------------------------- serialisation
 
@@ -222,11 +222,3 @@ class XLoraConfig:
 
 
 CONFIG_NAME = "xlora_config.json"
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -5,6 +5,9 @@ module and expert. Its parameters live in `layers`, an `nn.Sequential` laid out 
 peft's `XLoraClassifier.layers`, so gate weights move between peft and loramix unchanged:
 `layers.{i}.weight` / `layers.{i}.bias`.
 
+`XLoraModel.forward` (`loramix.model`) calls it between the scaling pass and the mixed
+pass; `loramix.training.gate` trains it.
+
 Shapes: B batch, T tokens, D hidden size, L adapted modules, E experts, H `xlora_size`.
 """
 

@@ -56,6 +56,7 @@ Axis names: B batch (sequences or beams), T tokens, L adapted modules, E experts
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +66,7 @@ from torch import nn
 from transformers import GenerationMixin
 
 from loramix.cache import XLoraCache
+from loramix.checks import is_int, raise_problems
 from loramix.gate import select_top_k
 
 if TYPE_CHECKING:
@@ -86,13 +88,12 @@ def check_generation_options(scalings_mode: str, freeze_after: int) -> None:
     problems = []
     if scalings_mode not in SCALINGS_MODES:
         problems.append(f"scalings_mode={scalings_mode!r}: use one of {', '.join(SCALINGS_MODES)}")
-    if isinstance(freeze_after, bool) or not isinstance(freeze_after, int) or freeze_after < 0:
+    if not is_int(freeze_after) or freeze_after < 0:
         problems.append(
             f"freeze_after={freeze_after!r}: use an int >= 0 (0 averages the prompt's scalings, "
             "k > 0 those of the first k generated tokens)"
         )
-    if problems:
-        raise ValueError("Invalid generation options:\n  " + "\n  ".join(problems))
+    raise_problems("Invalid generation options", problems)
 
 
 # ------------------------------------------------------------------ merged weights
@@ -113,7 +114,7 @@ class MergedWeights:
     def __init__(self, model: XLoraModel) -> None:
         self.model = model
         self._saved: list[tuple[nn.Parameter, torch.Tensor]] = []
-        self._unwrapped: list[tuple[nn.Module, str, nn.Module]] = []
+        self._unwrapped: list[tuple[str, nn.Module]] = []  # (module path, mixing module)
 
     @property
     def merged(self) -> bool:
@@ -136,12 +137,11 @@ class MergedWeights:
                     merged = torch.empty_like(weight).copy_(merged)
                 self._saved.append((weight, weight.data))
                 weight.data = merged
-            for name in self.model.adapted_modules:
-                parent_name, _, child_name = name.rpartition(".")
-                parent = self.model.lm.get_submodule(parent_name)
-                mixed = getattr(parent, child_name)
-                self._unwrapped.append((parent, child_name, mixed))
-                setattr(parent, child_name, mixed.base_layer)
+            for name, mixed in zip(
+                self.model.adapted_modules, list(self.model.mixed_modules()), strict=True
+            ):
+                self.model.swap_module(name, mixed.base_layer)
+                self._unwrapped.append((name, mixed))
         except BaseException:
             self.restore()
             raise
@@ -150,8 +150,8 @@ class MergedWeights:
         """Puts the mixing modules and every original weight tensor back (no-op if unmerged)."""
         try:
             while self._unwrapped:
-                parent, child_name, mixed = self._unwrapped.pop()
-                setattr(parent, child_name, mixed)
+                name, mixed = self._unwrapped.pop()
+                self.model.swap_module(name, mixed)
         finally:
             while self._saved:
                 weight, original = self._saved.pop()
@@ -166,13 +166,9 @@ class MergedWeights:
 
 def merge_problems(model: XLoraModel) -> list[str]:
     """Why the model's adapted weights cannot be merged in place (empty if they can)."""
-    owners: dict[int, int] = {}
-    for _, param in model.lm.named_parameters(remove_duplicate=False):
-        owners[id(param)] = owners.get(id(param), 0) + 1
     return [
         f"{name}.weight is shared with another module (tied weights)"
-        for name, module in zip(model.adapted_modules, model.mixed_modules(), strict=True)
-        if owners.get(id(module.base_layer.weight), 0) > 1
+        for name in model.tied_adapted_weights()
     ]
 
 
@@ -183,8 +179,9 @@ def merge_problems(model: XLoraModel) -> list[str]:
 class FreezePlan:
     """When and how one `generate` call fixes its scalings; lives on `XLoraCache.freeze_plan`.
 
-    `XLoraModel.forward` asks `is_frozen`; until then it runs both passes and hands the
-    scalings to `observe`, afterwards it takes `fixed_scalings` and skips the scaling pass.
+    `XLoraModel.forward` calls `scalings` once per step (the `loramix.cache.ScalingsPlan`
+    protocol): until the window ends it runs both passes and `observe`s the scalings,
+    afterwards it returns `fixed_scalings` and the scaling pass is skipped.
     The per-sequence tensors live in the cache's `sequence_state`, so beam search reorders
     them with the keys and values.
 
@@ -204,9 +201,20 @@ class FreezePlan:
     _merge_refused: bool = field(default=False, repr=False)
     _scaled_lora_b: list[torch.Tensor] | None = field(default=None, repr=False)
 
-    @staticmethod
-    def is_frozen(cache: XLoraCache) -> bool:
-        return _MIXING in cache.sequence_state
+    def scalings(
+        self,
+        model: XLoraModel,
+        cache: XLoraCache,
+        tokens: int,
+        attention_mask: torch.Tensor | None,
+        granular: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor] | None, bool]:
+        """`loramix.cache.ScalingsPlan`: the fixed scalings once formed, else `granular`'s."""
+        if _MIXING in cache.sequence_state:  # fixed: no scaling pass
+            return (*self.fixed_scalings(model, cache, tokens), True)
+        scalings, mixing = granular()  # (B, T, L, E) each
+        self.observe(model, cache, scalings, attention_mask)
+        return scalings, mixing, None, False
 
     def observe(
         self,

@@ -19,6 +19,8 @@ Axis names used in shape comments:
 
 The scalings reach the modules through a `MixingState` that `XLoraModel` owns and sets for
 the length of one forward call (`with state.using(scalings): ...`). No hooks are involved.
+`plan_mixed_modules` decides which modules of a base model get mixed, and `replace_module`
+is the one place where modules of the base model are swapped (see `loramix.model`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from loramix.experts import ModuleLora
+from loramix.checks import raise_problems
+from loramix.experts import LoraExpert, ModuleLora
 
 
 @dataclass
@@ -356,3 +359,68 @@ def make_mixed_module(
     """Builds the mixing module that fits `base_layer`'s type."""
     cls = MixedEmbedding if isinstance(base_layer, nn.Embedding) else MixedLinear
     return cls(base_layer, layer_index, expert_loras, state, trainable)
+
+
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Puts `module` at path `name` under `root` and returns the module that stood there.
+
+    The one place where loramix swaps modules in a base model's tree: `XLoraModel` puts the
+    mixing modules in (and back out in `unload`), merged generation swaps the base modules
+    in for the length of a call.
+    """
+    parent_name, _, child_name = name.rpartition(".")
+    parent = root.get_submodule(parent_name)
+    previous = getattr(parent, child_name)
+    setattr(parent, child_name, module)
+    return previous
+
+
+def plan_mixed_modules(
+    base_model: nn.Module, experts: list[LoraExpert]
+) -> list[tuple[str, list[tuple[int, ModuleLora]]]]:
+    """Which modules get mixed, with which experts, in `named_modules()` order.
+
+    Raises:
+        ValueError: listing every expert module that is missing from the base model, of an
+            unsupported type, or of the wrong shape.
+    """
+    if not experts:
+        raise ValueError("no experts: give at least one adapter in XLoraConfig.adapters")
+    modules = dict(base_model.named_modules())
+    problems = []
+    for expert in experts:
+        for name, lora in expert.modules.items():
+            module = modules.get(name)
+            if module is None:
+                problems.append(
+                    f"expert {expert.name!r} ({expert.path}) adapts {name!r}, which matches no "
+                    "module of the base model; was it trained on another architecture?"
+                )
+                continue
+            shape = adapted_shape(module)
+            if shape is None:
+                problems.append(
+                    f"expert {expert.name!r} adapts {name!r}, a {type(module).__name__}; "
+                    "only Linear, Conv1D and Embedding modules can be mixed"
+                )
+                continue
+            if isinstance(module, nn.Embedding) != lora.is_embedding:
+                problems.append(
+                    f"expert {expert.name!r}: module {name!r} is a {type(module).__name__} but "
+                    "the adapter stores it as "
+                    + ("an embedding" if lora.is_embedding else "a linear layer")
+                )
+                continue
+            got = (lora.lora_a.shape[1], lora.lora_b.shape[0])
+            if got != shape:
+                problems.append(
+                    f"expert {expert.name!r}: module {name!r} has (in, out) = {shape} in the "
+                    f"base model but the adapter's lora_A/lora_B give {got}"
+                )
+    raise_problems("experts do not fit the base model", problems)
+    plan = []
+    for name in modules:
+        loras = [(i, e.modules[name]) for i, e in enumerate(experts) if name in e.modules]
+        if loras:
+            plan.append((name, loras))
+    return plan

@@ -11,6 +11,11 @@ https://arxiv.org/abs/2402.07148):
 
 The base model's adapted modules are replaced by mixing modules that keep the original
 module inside (`unload()` puts them back); no class or method of the base model is patched.
+
+Where the rest lives: the gate in `loramix.gate`, the mixing modules and the experts'
+stacked weights in `loramix.layer`, the two-pass KV cache in `loramix.cache`, generation
+modes in `loramix.generation`, saving and loading in `loramix.saving`, training in
+`loramix.training` (the trainer plumbing is `loramix.training.trainer`).
 """
 
 from __future__ import annotations
@@ -18,41 +23,31 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-import json
 import logging
 import os
-import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 
-from loramix import generation
+from loramix import generation, saving
 from loramix.cache import XLoraCache
-from loramix.config import CONFIG_NAME, XLoraConfig
-from loramix.experts import (
-    ADAPTER_CONFIG_NAME,
-    SAFETENSORS_WEIGHTS_NAME,
-    LoraExpert,
-    ModuleLora,
-    load_expert,
-)
+from loramix.checks import is_finite, is_int, is_number
+from loramix.config import XLoraConfig
+from loramix.experts import LoraExpert, load_expert
 from loramix.gate import XLoraGate, select_top_k
-from loramix.layer import MixedLora, MixingState, adapted_shape, make_mixed_module
+from loramix.layer import (
+    MixedLora,
+    MixingState,
+    make_mixed_module,
+    plan_mixed_modules,
+    replace_module,
+)
 
 logger = logging.getLogger(__name__)
-
-GATE_WEIGHTS_NAME = "gate.safetensors"
-EXPERTS_DIR = "experts"
 
 # Forward arguments that belong to the mixed pass only.
 _MIXED_PASS_ONLY = frozenset(
@@ -104,7 +99,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
                 "on one device: load it on one (load_base_model(..., device_map='cuda'))."
             )
         hidden_size = _check_hidden_size(base_model, config)
-        adapted = _plan_adapted_modules(base_model, experts)  # validates before any change
+        adapted = plan_mixed_modules(base_model, experts)  # validates before any change
 
         super().__init__(copy.deepcopy(base_model.config))
         self.lm = base_model
@@ -121,22 +116,20 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         self._latest_scalings: torch.Tensor | None = None
         self._log_scalings = False
         self._scalings_log: list[torch.Tensor] = []  # grows only while logging is enabled
-        self._expert_configs = [expert.peft_config for expert in experts]
+        self.expert_configs = [expert.peft_config for expert in experts]
         self._cache_kwarg = _cache_kwarg_name(base_model)
 
         for param in base_model.parameters():
             param.requires_grad_(False)
         for layer_index, (module_name, expert_loras) in enumerate(adapted):
-            parent_name, _, child_name = module_name.rpartition(".")
-            parent = base_model.get_submodule(parent_name)
             mixed = make_mixed_module(
-                getattr(parent, child_name),
+                base_model.get_submodule(module_name),
                 layer_index,
                 expert_loras,
                 self.mixing_state,
                 trainable=config.use_trainable_adapters,
             )
-            setattr(parent, child_name, mixed)
+            replace_module(base_model, module_name, mixed)
 
         weight = base_model.get_input_embeddings().weight
         self.gate = XLoraGate(config, hidden_size, self.n_layers, self.n_experts).to(
@@ -259,16 +252,9 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
                     "`cache=model.new_cache()` (an XLoraCache) or no cache at all."
                 )
             plan = cache.freeze_plan
-        if self._fixed_scalings is not None:  # a fixed mix: no scaling pass, no gate, no top-k
-            batch, tokens = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-            scalings = mixing = self._fixed_scalings.expand(batch, tokens, -1, -1)  # (B, T, L, E)
-            self._record_scalings(scalings)
-        elif plan is not None and plan.is_frozen(cache):  # frozen/merged: no scaling pass
-            tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            # mixing (B, 1, L, E) and the modules' scaled B fixed for the call; None once merged
-            scalings, mixing, scaled_lora_b = plan.fixed_scalings(self, cache, tokens)
-            self._record_scalings(scalings)
-        else:
+
+        def granular() -> tuple[torch.Tensor, torch.Tensor]:
+            """Scaling pass and gate: `(B, T, L, E)` scalings and their top-k mixing."""
             if cache is not None and scaling_cache.get_seq_length() != cache.get_seq_length():
                 raise ValueError(
                     f"this XLoraCache's scaling pass stops at token "
@@ -284,9 +270,22 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
                 cache=scaling_cache,
                 **kwargs,
             )  # (B, T, L, E)
-            mixing = select_top_k(scalings, self.top_k_lora, self.enable_softmax_topk)
-            if plan is not None:
-                plan.observe(self, cache, scalings, attention_mask)
+            return scalings, select_top_k(scalings, self.top_k_lora, self.enable_softmax_topk)
+
+        if self._fixed_scalings is not None:  # a fixed mix: no scaling pass, no gate, no top-k
+            batch, tokens = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+            scalings = mixing = self._fixed_scalings.expand(batch, tokens, -1, -1)  # (B, T, L, E)
+            self._record_scalings(scalings)
+        elif plan is not None:  # frozen/merged generation: the plan decides, in one call
+            tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            # fixed: mixing (B, 1, L, E) and the modules' scaled B; both None once merged
+            scalings, mixing, scaled_lora_b, fixed = plan.scalings(
+                self, cache, tokens, attention_mask, granular
+            )
+            if fixed:  # `granular` (compute_scalings) records the scalings it computes
+                self._record_scalings(scalings)
+        else:
+            scalings, mixing = granular()
         with self.mixing_state.using(mixing, scaled_lora_b):
             output = self.lm(
                 input_ids=input_ids,
@@ -399,29 +398,12 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         self._scalings_log.clear()
 
     def save_scalings_log(self, path: str | os.PathLike) -> None:
-        """Writes the log as `.npz`: `scalings_{i}` arrays `(B, T, L, E)`, plus the axes.
-
-        The file also holds `expert_names` and `adapted_modules` so it can be read alone.
-        """
-        arrays = {f"scalings_{i}": s.float().numpy() for i, s in enumerate(self.get_scalings_log())}
-        arrays["expert_names"] = np.array(self.expert_names)
-        arrays["adapted_modules"] = np.array(self.adapted_modules)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-        os.close(fd)
-        try:
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Writes the log as `.npz` (see `loramix.saving.save_scalings_log`), atomically."""
+        saving.save_scalings_log(self, path)
 
     def set_topk_lora(self, value: int | None) -> None:
         """Keeps only the `value` largest scalings per token and module (None keeps all)."""
-        if value is not None and not (
-            isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= self.n_experts
-        ):
+        if value is not None and not (is_int(value) and 1 <= value <= self.n_experts):
             raise ValueError(
                 f"top_k_lora={value!r}: use None or an int between 1 and {self.n_experts}"
             )
@@ -429,7 +411,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
 
     def set_global_scaling_weight(self, weight: float) -> None:
         """Sets `g`, the factor on every module's mixed LoRA term."""
-        if isinstance(weight, bool) or not isinstance(weight, int | float):
+        if not is_number(weight):
             raise ValueError(f"global_scaling_weight={weight!r}: use a number")
         self.mixing_state.global_scaling_weight = float(weight)
 
@@ -437,7 +419,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         """Sets the experts' scaling in the scaling pass; None means 1 / n_experts."""
         if value is None:
             value = 1.0 / self.n_experts
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if not is_number(value):
             raise ValueError(f"scaling_pass_value={value!r}: use a number or None")
         self.scaling_pass_value = float(value)
 
@@ -483,7 +465,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         """
         if isinstance(weights, Mapping):
             unknown = sorted(set(weights) - set(self.expert_names))
-            bad = {k: v for k, v in weights.items() if not _is_finite_number(v)}
+            bad = {k: v for k, v in weights.items() if not is_finite(v)}
             if unknown or bad:
                 raise ValueError(
                     f"mix weights: unknown expert(s) {unknown} (the experts are "
@@ -520,12 +502,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
                 embeddings: merging would change both, the mix changes only one).
         """
         mix = self.mix_weights(weights)  # (L, E)
-        shared = _shared_parameters(self.lm)
-        tied = [
-            name
-            for name, module in zip(self.adapted_modules, self.mixed_modules(), strict=True)
-            if id(module.base_layer.weight) in shared
-        ]
+        tied = self.tied_adapted_weights()
         if tied:
             raise ValueError(
                 f"merge_and_unload: the weights of {tied} are tied to another module (e.g. the "
@@ -609,65 +586,36 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         """
         if self.checkpointing_activations:
             self.gradient_checkpointing_disable()
-        for name in self.adapted_modules:
-            parent_name, _, child_name = name.rpartition(".")
-            parent = self.lm.get_submodule(parent_name)
-            setattr(parent, child_name, getattr(parent, child_name).base_layer)
+        for name, module in zip(self.adapted_modules, list(self.mixed_modules()), strict=True):
+            replace_module(self.lm, name, module.base_layer)
         return self.lm
+
+    def swap_module(self, name: str, module: nn.Module) -> nn.Module:
+        """Puts `module` at `name` (an entry of `adapted_modules`); returns the one it replaces.
+
+        Merged generation uses it to stand the base modules in for the mixing modules for the
+        length of a call (and to put the mixing modules back).
+        """
+        if name not in self.adapted_modules:
+            raise ValueError(f"{name!r} is not an adapted module; see `adapted_modules`")
+        return replace_module(self.lm, name, module)
+
+    def tied_adapted_weights(self) -> list[str]:
+        """Adapted modules whose weight is shared with another module (tied embeddings)."""
+        owners: dict[int, int] = {}
+        for _, param in self.lm.named_parameters(remove_duplicate=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+        return [
+            name
+            for name, module in zip(self.adapted_modules, self.mixed_modules(), strict=True)
+            if owners.get(id(module.base_layer.weight), 0) > 1
+        ]
 
     # ------------------------------------------------------------------- save/load
 
-    def expert_state(self, expert_index: int) -> dict[str, torch.Tensor]:
-        """One expert's weights with PEFT's key names, read back from the stacked modules."""
-        state = {}
-        for name, module in zip(self.adapted_modules, self.mixed_modules(), strict=True):
-            weights = module.expert_weights(expert_index)
-            if weights is None:
-                continue
-            lora_a, lora_b = (w.detach().contiguous().cpu() for w in weights)
-            if isinstance(module.base_layer, nn.Embedding):
-                state[f"base_model.model.{name}.lora_embedding_A"] = lora_a
-                state[f"base_model.model.{name}.lora_embedding_B"] = lora_b
-            else:
-                state[f"base_model.model.{name}.lora_A.weight"] = lora_a
-                state[f"base_model.model.{name}.lora_B.weight"] = lora_b
-        return state
-
     def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> None:
-        """Writes a self-contained folder, atomically (a temporary folder, then a rename).
-
-        Layout:
-            xlora_config.json                  the config, adapters -> "experts/<name>"
-            gate.safetensors                   gate weights (`layers.{i}.weight/bias`)
-            experts/<name>/adapter_config.json  each expert as a standard PEFT adapter
-            experts/<name>/adapter_model.safetensors
-        """
-        target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp"))
-        try:
-            adapters = {}
-            for index, name in enumerate(self.expert_names):
-                folder = Path(EXPERTS_DIR) / _folder_name(name, index)
-                adapters[name] = folder.as_posix()
-                (staging / folder).mkdir(parents=True)
-                peft_config = dict(self._expert_configs[index])
-                (staging / folder / ADAPTER_CONFIG_NAME).write_text(_json_dumps(peft_config) + "\n")
-                save_file(
-                    self.expert_state(index),
-                    staging / folder / SAFETENSORS_WEIGHTS_NAME,
-                    metadata={"format": "pt"},
-                )
-            config = dataclasses.replace(self.current_config(), adapters=adapters)
-            (staging / CONFIG_NAME).write_text(config.to_json_string())
-            gate_state = {
-                k: v.detach().contiguous().cpu() for k, v in self.gate.state_dict().items()
-            }
-            save_file(gate_state, staging / GATE_WEIGHTS_NAME, metadata={"format": "pt"})
-            _replace_folder(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        """Writes a self-contained folder, atomically; see `loramix.saving` for the layout."""
+        saving.save_folder(self, save_directory)
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
@@ -676,52 +624,16 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         """Loads a folder written by `save_pretrained` (or by peft's X-LoRA) onto `base_model`.
 
         Expert paths in the config are resolved relative to the folder. Everything is read
-        and checked before `base_model` is changed.
+        and checked before `base_model` is changed (see `loramix.saving`).
         """
-        folder = Path(save_directory)
-        config = XLoraConfig.from_file(folder)
-        adapters = {}
-        for name, path in config.adapters.items():
-            path = Path(path)
-            adapters[name] = str(path if path.is_absolute() else folder / path)
-        config = dataclasses.replace(config, adapters=adapters)
-        gate_state = _read_gate_state(folder)
-        experts = [load_expert(name, path) for name, path in config.adapters.items()]
-        _plan_adapted_modules(base_model, experts)  # fail before touching the model
-        model = cls(base_model, config, experts)
-        expected = set(model.gate.state_dict())
-        missing, unexpected = sorted(expected - set(gate_state)), sorted(set(gate_state) - expected)
-        if missing or unexpected:
-            model.unload()
-            raise ValueError(
-                f"{folder}: gate weights do not fit the config (missing keys {missing}, "
-                f"unexpected keys {unexpected}); check xlora_depth and layerwise_scalings."
-            )
-        for key, value in gate_state.items():
-            if value.shape != model.gate.state_dict()[key].shape:
-                model.unload()
-                raise ValueError(
-                    f"{folder}: gate weight {key} has shape {tuple(value.shape)}, the config "
-                    f"needs {tuple(model.gate.state_dict()[key].shape)}; were the experts or "
-                    "the base model changed?"
-                )
-        model.gate.load_state_dict(gate_state)
-        return model
+        return saving.load_folder(cls, base_model, save_directory)
+
+    def expert_state(self, expert_index: int) -> dict[str, torch.Tensor]:
+        """One expert's weights with PEFT's key names, read back from the stacked modules."""
+        return saving.expert_state(self, expert_index)
 
 
 # ------------------------------------------------------------------------ helpers
-
-
-def _is_finite_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
-
-
-def _shared_parameters(module: nn.Module) -> set[int]:
-    """`id`s of the parameters that more than one module holds (tied weights)."""
-    seen: dict[int, int] = {}
-    for _, param in module.named_parameters(remove_duplicate=False):
-        seen[id(param)] = seen.get(id(param), 0) + 1
-    return {key for key, count in seen.items() if count > 1}
 
 
 def _check_hidden_size(base_model: PreTrainedModel, config: XLoraConfig) -> int:
@@ -742,102 +654,7 @@ def _check_hidden_size(base_model: PreTrainedModel, config: XLoraConfig) -> int:
     return config.hidden_size
 
 
-def _plan_adapted_modules(
-    base_model: nn.Module, experts: list[LoraExpert]
-) -> list[tuple[str, list[tuple[int, ModuleLora]]]]:
-    """Which modules get mixed, with which experts, in `named_modules()` order.
-
-    Raises:
-        ValueError: listing every expert module that is missing from the base model, of an
-            unsupported type, or of the wrong shape.
-    """
-    if not experts:
-        raise ValueError("no experts: give at least one adapter in XLoraConfig.adapters")
-    modules = dict(base_model.named_modules())
-    problems = []
-    for expert in experts:
-        for name, lora in expert.modules.items():
-            module = modules.get(name)
-            if module is None:
-                problems.append(
-                    f"expert {expert.name!r} ({expert.path}) adapts {name!r}, which matches no "
-                    "module of the base model; was it trained on another architecture?"
-                )
-                continue
-            shape = adapted_shape(module)
-            if shape is None:
-                problems.append(
-                    f"expert {expert.name!r} adapts {name!r}, a {type(module).__name__}; "
-                    "only Linear, Conv1D and Embedding modules can be mixed"
-                )
-                continue
-            if isinstance(module, nn.Embedding) != lora.is_embedding:
-                problems.append(
-                    f"expert {expert.name!r}: module {name!r} is a {type(module).__name__} but "
-                    "the adapter stores it as "
-                    + ("an embedding" if lora.is_embedding else "a linear layer")
-                )
-                continue
-            got = (lora.lora_a.shape[1], lora.lora_b.shape[0])
-            if got != shape:
-                problems.append(
-                    f"expert {expert.name!r}: module {name!r} has (in, out) = {shape} in the "
-                    f"base model but the adapter's lora_A/lora_B give {got}"
-                )
-    if problems:
-        raise ValueError("experts do not fit the base model:\n  " + "\n  ".join(problems))
-    plan = []
-    for name in modules:
-        loras = [(i, e.modules[name]) for i, e in enumerate(experts) if name in e.modules]
-        if loras:
-            plan.append((name, loras))
-    return plan
-
-
 def _cache_kwarg_name(base_model: nn.Module) -> str:
     """transformers >= 5.2x calls the KV cache argument `cache`; earlier, `past_key_values`."""
     parameters = inspect.signature(type(base_model).forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
-
-
-def _read_gate_state(folder: Path) -> dict[str, torch.Tensor]:
-    path = folder / GATE_WEIGHTS_NAME
-    peft_path = folder / "adapter_model.safetensors"
-    try:
-        if path.is_file():
-            return load_file(path, device="cpu")
-        if peft_path.is_file():  # a peft X-LoRA folder: the classifier's weights
-            prefix = re.compile(r"^.*internal_xlora_classifier\.")
-            state = load_file(peft_path, device="cpu")
-            gate = {prefix.sub("", k): v for k, v in state.items() if prefix.match(k)}
-            if gate:
-                return gate
-    except (SafetensorError, OSError) as error:
-        raise ValueError(
-            f"{path if path.is_file() else peft_path}: cannot read gate weights ({error}); the "
-            "file is corrupt or truncated"
-        ) from None
-    raise FileNotFoundError(
-        f"{folder}: no {GATE_WEIGHTS_NAME} found; was this folder written by save_pretrained?"
-    )
-
-
-def _folder_name(name: str, index: int) -> str:
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")
-    return safe if safe and safe == name else f"{index}_{safe or 'expert'}"
-
-
-def _json_dumps(data: dict) -> str:
-    return json.dumps(data, indent=2, sort_keys=True)
-
-
-def _replace_folder(staging: Path, target: Path) -> None:
-    """Moves `staging` to `target`; an existing `target` is removed only after the move."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)

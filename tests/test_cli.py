@@ -184,6 +184,6 @@ def test_help_shows_real_defaults_only():
             if action.option_strings and action.nargs != 0 and not action.required:
                 assert action.help, f"{parser.prog} {action.option_strings[0]} has no help"
     helps = {p.prog: " ".join(p.format_help().split()) for p in parsers}
-    assert "--lr LR peak learning rate (default: 0.0002)" in helps["loramix train-gate"]
+    assert "--lr LR Peak learning rate. (default: 0.0002)" in helps["loramix train-gate"]
     targets = "(default: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)"
     assert targets in helps["loramix train-expert"]

@@ -7,20 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_expert
-from test_evaluation import standin_fixed_scalings
+from helpers import LLAMA_TARGETS, make_expert
 from tiny_tokenizer import save_tiny_model
 from transformers import AutoModelForCausalLM
 
 from loramix import XLoraConfig, XLoraModel
 from loramix.cli import main
-from loramix.evaluation import EvalReport
-
-
-@pytest.fixture(autouse=True)
-def fixed_scalings_api(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not hasattr(XLoraModel, "fixed_scalings"):
-        monkeypatch.setattr(XLoraModel, "fixed_scalings", standin_fixed_scalings, raising=False)
+from loramix.evaluation.report import EvalReport
 
 
 @pytest.fixture(scope="module")

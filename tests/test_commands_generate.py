@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_expert
+from helpers import LLAMA_TARGETS, make_expert
 from tiny_tokenizer import save_tiny_model, tiny_llama, tiny_tokenizer
 
 from loramix import XLoraConfig, XLoraModel
@@ -78,9 +79,11 @@ def run_cli(folders: tuple[Path, Path], *flags: str) -> int:
 
 
 @pytest.mark.parametrize("mode", ["granular", "merged"])
-def test_show_experts_colours_each_token(folders, mode, capsys) -> None:
+def test_show_experts_colours_each_token(folders, mode, capsys, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="loramix.generation")
     assert run_cli(folders, "--show-experts", "--mode", mode, "--colour", "always") == 0
     tokenizer, new_ids, experts, names = reference(folders, mode)
+    assert "frozen mode" not in caplog.text  # merged mode really merged, no fallback
     assert len(set(experts)) >= 1 and len(experts) == len(new_ids)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == legend(names)

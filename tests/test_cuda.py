@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_expert, random_ids, tiny_llama
+from helpers import LLAMA_TARGETS, make_expert, random_ids, tiny_llama
 from tiny_tokenizer import save_tiny_model, tiny_tokenizer
 from tiny_tokenizer import tiny_llama as tiny_llama_for
 

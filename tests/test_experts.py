@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_expert, tiny_gpt2, tiny_llama
+from helpers import LLAMA_TARGETS, make_expert, tiny_gpt2, tiny_llama
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file

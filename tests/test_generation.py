@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GPT2_TARGETS, MODEL_FACTORIES, make_expert, tiny_gpt2
+from helpers import GPT2_TARGETS, MODEL_FACTORIES, make_expert, tiny_gpt2
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
@@ -76,6 +76,27 @@ def step_logits(out) -> torch.Tensor:
     return torch.stack(out.logits, dim=1)  # (B, N, V)
 
 
+@pytest.fixture
+def merges(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> list[int]:
+    """Records every real merge, so a merged-mode test fails if the call fell back to frozen."""
+    calls: list[int] = []
+    original = MergedWeights.merge
+
+    def counted(self: MergedWeights, expert_scalings: torch.Tensor) -> None:
+        calls.append(1)
+        original(self, expert_scalings)
+
+    monkeypatch.setattr(MergedWeights, "merge", counted)
+    caplog.set_level(logging.WARNING, logger="loramix.generation")
+    return calls
+
+
+def assert_merged(merges: list[int], caplog: pytest.LogCaptureFixture, expected: int) -> None:
+    """Merged mode merged `expected` times and never warned about running in frozen mode."""
+    assert len(merges) == expected
+    assert "frozen mode" not in caplog.text
+
+
 def generate(model: XLoraModel, ids, mask, **kwargs):
     kwargs.setdefault("max_new_tokens", NEW)
     kwargs.setdefault("do_sample", False)
@@ -100,7 +121,7 @@ def test_cached_logits_equal_full_recomputation(arch, lengths, expert_folders) -
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("mode", ["granular", "frozen", "merged"])
-def test_batched_padded_equals_one_by_one(arch, mode, expert_folders) -> None:
+def test_batched_padded_equals_one_by_one(arch, mode, expert_folders, merges, caplog) -> None:
     model = make_model(arch, expert_folders)
     lengths = [7, 3, 5]
     ids, mask = left_padded(lengths)
@@ -108,6 +129,8 @@ def test_batched_padded_equals_one_by_one(arch, mode, expert_folders) -> None:
     for row, length in enumerate(lengths):
         alone = generate(model, ids[row : row + 1, -length:], None, scalings_mode=mode)
         assert torch.equal(batched[row, -length - NEW :], alone[0]), f"row {row}"
+    # merged: the batch is merged row by row (3), then each row alone (3)
+    assert_merged(merges, caplog, 6 if mode == "merged" else 0)
 
 
 def test_beam_search_cached_equals_uncached(expert_folders) -> None:
@@ -251,7 +274,7 @@ def assert_restored(snapshot) -> None:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_merged_equals_frozen_and_restores_exactly(arch, expert_folders) -> None:
+def test_merged_equals_frozen_and_restores_exactly(arch, expert_folders, merges, caplog) -> None:
     model = make_model(arch, expert_folders)
     ids, _ = left_padded([7])
     snapshot = weight_snapshot(model)
@@ -259,18 +282,20 @@ def test_merged_equals_frozen_and_restores_exactly(arch, expert_folders) -> None
     frozen = generate(model, ids, None, scalings_mode="frozen", **kwargs)
     model.enable_scalings_logging()
     merged = generate(model, ids, None, scalings_mode="merged", **kwargs)
+    assert_merged(merges, caplog, 1)
     assert torch.equal(frozen.sequences, merged.sequences)
     torch.testing.assert_close(step_logits(merged), step_logits(frozen), atol=1e-4, rtol=0)
     assert len(model.get_scalings_log()) == NEW  # the fixed scalings are logged per step
     assert_restored(snapshot)
 
 
-def test_merged_beams_share_one_merge(expert_folders) -> None:
+def test_merged_beams_share_one_merge(expert_folders, merges, caplog) -> None:
     model = make_model("gpt2", expert_folders)
     ids, _ = left_padded([5])
     beams = dict(num_beams=3, num_return_sequences=3)
     frozen = generate(model, ids, None, scalings_mode="frozen", **beams)
     merged = generate(model, ids, None, scalings_mode="merged", **beams)
+    assert_merged(merges, caplog, 1)
     assert torch.equal(frozen, merged)
 
 
@@ -329,12 +354,13 @@ def test_merged_weights_restored_when_merging_fails(expert_folders, monkeypatch)
     assert_restored(snapshot)
 
 
-def test_merged_different_prompts_run_one_by_one(expert_folders) -> None:
+def test_merged_different_prompts_run_one_by_one(expert_folders, merges, caplog) -> None:
     model = make_model("llama", expert_folders)
     ids, mask = left_padded([6, 4, 5])
     frozen = generate(model, ids, mask, scalings_mode="frozen")
     model.enable_scalings_logging()
     merged = generate(model, ids, mask, scalings_mode="merged")
+    assert_merged(merges, caplog, 3)
     assert torch.equal(frozen, merged)
     log = model.get_scalings_log()
     assert len(log) == 3 * NEW and {entry.shape[0] for entry in log} == {1}  # one row per call

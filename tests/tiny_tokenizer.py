@@ -2,7 +2,8 @@
 
 `tiny_tokenizer()` is a byte-level BPE (so decoding gives back the exact text) with the
 ChatML special tokens and SmolLM2's chat template, which has no `{% generation %}` tags and
-adds a default system prompt: the case the prefix-by-prefix masking in `loramix.data` is for.
+adds a default system prompt: the case the prefix-by-prefix masking in
+`loramix.training.data` is for.
 `save_tiny_model(folder)` writes a 2-layer `LlamaForCausalLM` and that tokenizer as a local
 transformers folder, loadable by `loramix.smollm2.load_base_model(folder)`.
 """

@@ -9,13 +9,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from loramix.commands.training_flags import DTYPES as _DTYPES
-from loramix.commands.training_flags import add_device_argument, add_progress_argument
+from loramix.commands.flags import DTYPES as _DTYPES
+from loramix.commands.flags import add_device_argument, add_progress_argument
+
+VERIFIERS = ("exact", "science")
+"""exact: `loramix.evaluation.runner.exact_match`; science: `loramix.science.targets`."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Declare the `eval` subcommand and its flags."""
-    from loramix.evaluation import DEFAULT_SYSTEMS, VERIFIERS
+    from loramix.evaluation.runner import DEFAULT_SYSTEMS
 
     parser = subparsers.add_parser(
         "eval",
@@ -88,15 +91,17 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate; print the table and the targets, or the error and how to fix it."""
     import torch
 
-    from loramix.evaluation import VERIFIERS, evaluate, format_targets, load_test_set
+    from loramix.evaluation.report import format_targets
+    from loramix.evaluation.runner import evaluate, exact_match, load_test_set
     from loramix.model import XLoraModel
+    from loramix.science.targets import check_targets, science_verifier
     from loramix.smollm2 import load_base_model
 
     tests = _pairs(args.test, "--test", "NAME=FILE")
     domain_experts = _pairs(args.expert_for, "--expert-for", "SET=EXPERT")
     blocks = _blocks(args.blocks)
     if args.plots:
-        from loramix.plots import require_matplotlib
+        from loramix.evaluation.plots import require_matplotlib
 
         require_matplotlib()  # fail before the model is loaded, not after the evaluation
     base, tokenizer = load_base_model(
@@ -110,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         args.systems,
         max_new_tokens=args.max_new_tokens,
         chat=not args.no_chat,
-        verifier=VERIFIERS[args.verifier],
+        verifier=science_verifier if args.verifier == "science" else exact_match,
         limit=args.limit,
         batch_size=args.batch_size,
         max_length=args.max_length,
@@ -122,14 +127,15 @@ def run(args: argparse.Namespace) -> int:
             f"--expert-for names unknown expert(s) {', '.join(unknown)}; the model's "
             f"experts are {', '.join(model.expert_names)}"
         )
-    targets = report.check_targets(
+    targets = check_targets(
+        report,
         {d: e for d, e in domain_experts.items() if d in tests},
         mixed=args.mixed if args.mixed in tests else None,
         composite=args.composite if args.composite in tests else None,
     )
     written = list(report.write(args.out, targets).values())
     if args.plots:
-        from loramix.plots import write_eval_plots
+        from loramix.evaluation.plots import write_eval_plots
 
         samples = {
             name: load_test_set(

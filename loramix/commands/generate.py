@@ -11,8 +11,8 @@ import os
 import sys
 from typing import Any, TextIO
 
-from loramix.commands.training_flags import DTYPES as _DTYPES
-from loramix.commands.training_flags import add_device_argument, add_progress_argument
+from loramix.commands.flags import DTYPES as _DTYPES
+from loramix.commands.flags import add_device_argument, add_progress_argument
 from loramix.errors import UsageError
 
 _MODES = ("granular", "frozen", "merged")

@@ -1,4 +1,4 @@
-"""`loramix science`: the science case study (issue 5), the project's main job.
+"""`loramix science`: the science case study, the project's main job.
 
 loramix science demo [--model DIR] [--out DIR]        answer, colour, evaluate, draw
 loramix science retrain [--out DIR] [--seed N]        data, experts, gate, eval, bundle
@@ -13,9 +13,10 @@ from typing import Any
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Declare `science demo` and `science retrain` and their flags."""
+    from loramix.commands.flags import add_device_argument, add_progress_argument
     from loramix.commands.generate import add_colour_argument
-    from loramix.commands.training_flags import add_device_argument, add_progress_argument
-    from loramix.science.pipeline import BUNDLE_DIR, RetrainSettings
+    from loramix.science.bundle import DEFAULT_BUNDLE
+    from loramix.science.pipeline import RetrainSettings
 
     parser = subparsers.add_parser(
         "science",
@@ -31,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "demo",
         help="answer a question of each domain with the bundled model, evaluate, draw heatmaps",
     )
-    demo.add_argument("--model", default=str(BUNDLE_DIR), help="the X-LoRA folder to run")
+    demo.add_argument("--model", default=str(DEFAULT_BUNDLE), help="the X-LoRA folder to run")
     demo.add_argument("--out", default="runs/demo", help="folder for eval files and heatmaps")
     demo.add_argument("--base", default="smollm2", help="the base model the bundle was made on")
     demo.add_argument(
@@ -57,7 +58,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     retrain.add_argument("--out", default="runs/retrain", help="the run's working folder")
     retrain.add_argument("--seed", type=int, default=0, help="seed of data, experts and gate")
     retrain.add_argument(
-        "--bundle", default=str(BUNDLE_DIR), help="where to export the float16 model"
+        "--bundle", default=str(DEFAULT_BUNDLE), help="where to export the float16 model"
     )
     retrain.add_argument("--no-export", action="store_true", help="do not touch the bundle")
     retrain.add_argument(
@@ -149,7 +150,7 @@ def format_answers(result: Any, tokenizer: Any, colour: bool = True) -> str:
 
 def format_verdicts(result: Any, model_dir: str) -> str:
     """The bundle's full evaluation verdicts (from its eval.json), one line per target."""
-    from loramix.evaluation import format_targets
+    from loramix.evaluation.report import format_targets
 
     if not result.verdicts:
         return f"{model_dir} has no eval.json, so no full evaluation to show."

@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import argparse
 
-from loramix.commands.training_flags import (
+from loramix.commands.flags import (
     add_data_arguments,
+    add_fields,
     add_training_arguments,
-    training_options,
+    from_args,
+    run_options,
 )
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Declare the `train-expert` subcommand and its flags."""
-    from loramix.train_expert import LLAMA_TARGETS, LoraSettings
+    """Declare the `train-expert` subcommand and its flags (`LoraSettings`, `TrainingConfig`)."""
+    from loramix.training.expert import LoraSettings
 
-    lora = LoraSettings()
     parser = subparsers.add_parser(
         "train-expert",
         help="train one LoRA expert on JSON Lines data",
@@ -34,35 +35,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "--base", default="smollm2", help="'smollm2' (embedded) or a local transformers folder"
     )
     add_data_arguments(io)
-
-    adapter = parser.add_argument_group("adapter")
-    adapter.add_argument("--rank", type=int, default=lora.rank, help="LoRA rank r")
-    adapter.add_argument("--alpha", type=float, default=lora.alpha, help="LoRA alpha")
-    adapter.add_argument(
-        "--targets",
-        nargs="+",
-        default=list(LLAMA_TARGETS),
-        metavar="NAME",
-        help="linear modules to adapt",
-    )
-    adapter.add_argument("--dropout", type=float, default=lora.dropout, help="LoRA dropout")
-
+    add_fields(parser.add_argument_group("adapter"), LoraSettings)
     add_training_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Train the expert; print the output folder, or the error and how to fix it."""
-    from loramix.train_expert import train_expert
+    from loramix.training.expert import LoraSettings, train_expert
+    from loramix.training.trainer import TrainingConfig
 
     out = train_expert(
         args.base,
         args.data,
         args.out,
-        rank=args.rank,
-        alpha=args.alpha,
-        targets=args.targets,
-        dropout=args.dropout,
-        **training_options(args),
+        from_args(LoraSettings, args),
+        from_args(TrainingConfig, args),
+        **run_options(args),
     )
     print(f"saved the LoRA adapter to {out}")
     return 0

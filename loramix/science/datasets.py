@@ -8,7 +8,7 @@
     manifest.json                 seed, sizes, tasks and the library versions that made them
 
 Each record is an `Example` ({"prompt", "completion", "domain", "task", "answer"}), which
-`loramix.data` reads as a prompt/completion pair. Every random draw comes from a
+`loramix.training.data` reads as a prompt/completion pair. Every random draw comes from a
 `random.Random` seeded by (seed, domain), so the same seed gives byte-identical files.
 """
 

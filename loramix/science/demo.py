@@ -34,13 +34,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from loramix.science.pipeline import BUNDLE_DIR, MIXED, RETRAIN_JSON, read_json
+from loramix.science.bundle import DEFAULT_BUNDLE, RETRAIN_JSON
+from loramix.science.pipeline import MIXED, read_json
 from loramix.science.registry import COMPOSITE, DOMAINS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from loramix.evaluation import EvalReport, TargetCheck, TestExample
+    from loramix.evaluation.report import EvalReport, TargetCheck
+    from loramix.evaluation.runner import EvalExample
     from loramix.model import XLoraModel
 
 logger = logging.getLogger(__name__)
@@ -99,7 +101,7 @@ class DemoResult:
 
 
 def run_demo(
-    model_dir: str | os.PathLike[str] = BUNDLE_DIR,
+    model_dir: str | os.PathLike[str] = DEFAULT_BUNDLE,
     out_dir: str | os.PathLike[str] = DEFAULT_OUT,
     *,
     base: str = "smollm2",
@@ -124,9 +126,10 @@ def run_demo(
             make one).
     """
     from loramix.config import CONFIG_NAME
-    from loramix.evaluation import evaluate, load_test_set, science_verifier
+    from loramix.evaluation.plots import write_eval_plots
+    from loramix.evaluation.runner import evaluate, load_test_set
     from loramix.model import XLoraModel
-    from loramix.plots import write_eval_plots
+    from loramix.science.targets import science_verifier
     from loramix.smollm2 import load_base_model
 
     model_dir, out = Path(model_dir), Path(out_dir)
@@ -196,7 +199,7 @@ def bundle_verdicts(model_dir: Path) -> tuple[list[TargetCheck], int | None]:
         The checks (empty without `eval.json`), and the fewest held-out examples of any test
         set behind them (None if not recorded).
     """
-    from loramix.evaluation import TargetCheck
+    from loramix.evaluation.report import TargetCheck
 
     recorded = read_json(model_dir / "eval.json")
     checks = [TargetCheck(**entry) for entry in recorded.get("targets", [])]
@@ -239,7 +242,7 @@ def write_test_sets(model_dir: Path, data_dir: Path, domains: Sequence[str]) -> 
 def answer_question(
     model: XLoraModel,
     tokenizer: PreTrainedTokenizerBase,
-    example: TestExample,
+    example: EvalExample,
     test_set: str,
     max_new_tokens: int,
 ) -> tuple[Answer, list[int]]:

@@ -11,15 +11,17 @@ in `OUT/timings.json`:
     gate     OUT/xlora/                      the gate over the frozen experts, trained on a
                                              mix of the domains' training sets (`train_gate`)
     eval     OUT/eval/eval.{json,md}         base, each expert, uniform, X-LoRA on every test
-             OUT/eval/*.png                  set (`loramix.evaluation`), targets checked; the
+             OUT/eval/*.png                  set (`loramix.evaluation.runner`), targets checked; the
                                              scalings heatmaps and expert usage (`plots`)
     export   BUNDLE (models/science-xlora)   the X-LoRA folder in float16 with the eval files
+                                             (`loramix.science.bundle`)
 
 `OUT/run.json` records the seed and settings; a later call with others is refused, so that
 no step of one run is silently reused by another.
 
 The bundle is always re-exported (it is cheap), so it is the output of the run in `OUT`.
-`export_bundle` converts every weight to float16 and refuses a bundle above `max_bytes`;
+`export_bundle` (`loramix.science.bundle`) converts every weight to float16 and refuses a
+bundle above `max_bytes`;
 `XLoraModel.from_pretrained` upcasts the weights to the base model's dtype when loading.
 
 Prompts and answers are plain text (no chat template): the science answers are short and
@@ -33,7 +35,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,28 +42,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from loramix.atomic import write_text_atomic
-from loramix.config import CONFIG_NAME
+from loramix.checks import is_int, is_number, raise_problems
+from loramix.config import CONFIG_NAME, XLoraConfig
+from loramix.science.bundle import DEFAULT_BUNDLE, MAX_BUNDLE_BYTES, export_bundle
 from loramix.science.registry import COMPOSITE, DOMAINS
-from loramix.training import CHECKPOINTS, last_checkpoint
+from loramix.training.trainer import CHECKPOINTS, TrainingConfig, last_checkpoint
 
 logger = logging.getLogger(__name__)
-
-BUNDLE_DIR = Path(__file__).resolve().parents[2] / "models" / "science-xlora"
-"""Where the repository keeps the trained experts and gate (the output of `retrain`)."""
-
-MAX_BUNDLE_BYTES = 20_000_000
-"""The bundle's size limit: 20 MB (decimal) of half precision weights, configs and reports."""
-
-RETRAIN_JSON = "retrain.json"
-"""Settings, data manifest and step timings of the run that made a bundle."""
 
 TIMINGS_JSON = "timings.json"
 RUN_JSON = "run.json"  # the seed and settings of a run folder
 MIXED = "mixed"
-_WEIGHT_SUFFIX = ".safetensors"
 _ADAPTER_CONFIG = "adapter_config.json"
 _BUNDLED_REPORTS = ("eval.json", "eval.md")
 _TRAIN_DTYPES = ("float32", "bfloat16")
@@ -72,8 +64,8 @@ _TRAIN_DTYPES = ("float32", "bfloat16")
 class RetrainSettings:
     """Everything `retrain` does besides the seed and the folders.
 
-    The defaults are the bundled model's settings, sized so that the whole retrain takes
-    45 minutes on a 2-core CPU (see README).
+    The defaults are the bundled model's settings, sized for a small CPU (step times in
+    BENCHMARKS.md, "Science retrain").
 
     Attributes:
         base: "smollm2" or a local transformers folder.
@@ -103,13 +95,13 @@ class RetrainSettings:
         eval_limit: Examples per test set in the evaluation; None uses all.
         max_new_tokens: Greedy tokens per answer in the evaluation.
         train_dtype: Dtype of the frozen base model while experts and gate train ("bfloat16"
-            is about 1.6x faster than "float32" on CPUs with AVX512-BF16; the LoRA weights and
-            the gate always train in float32). The evaluation runs in float32.
+            is faster than "float32" on CPUs with AVX512-BF16; the LoRA weights and the gate
+            always train in float32). The evaluation runs in float32.
         threads: torch CPU threads; None leaves torch's default.
         expert_workers: Experts trained side by side, each in its own process with
-            `threads // expert_workers` threads (see `loramix.jobs`: on 2 cores, two experts
-            at one thread each finish 1.7x sooner than one after the other at two); None
-            gives one per CPU core; 1 trains them one after the other in this process.
+            `threads // expert_workers` threads (see `loramix.training.jobs`: on a small CPU
+            this finishes sooner than one after the other); None gives one per CPU core; 1
+            trains them one after the other in this process.
     """
 
     base: str = "smollm2"
@@ -156,7 +148,7 @@ class RetrainSettings:
             "max_new_tokens",
         ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 problems.append(f"{name}={value!r}: use a whole number >= 1.")
         for name in ("eval_limit", "threads", "expert_workers"):
             value = getattr(self, name)
@@ -168,14 +160,13 @@ class RetrainSettings:
         for domain, weight in self.gate_weights.items():
             if domain not in DOMAINS:  # a weight of a domain left out is not used
                 problems.append(f"gate_weights[{domain!r}]: not one of {list(DOMAINS)}.")
-            if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
+            if not is_number(weight) or not weight > 0:
                 problems.append(f"gate_weights[{domain!r}]={weight!r}: use a positive number.")
         if self.train_dtype not in _TRAIN_DTYPES:
             problems.append(f"train_dtype={self.train_dtype!r}: use one of {_TRAIN_DTYPES}.")
         if isinstance(self.targets, str) or not self.targets:
             problems.append(f"targets={self.targets!r}: give module names, e.g. ('q_proj',).")
-        if problems:
-            raise ValueError("Invalid RetrainSettings:\n  " + "\n  ".join(problems))
+        raise_problems("Invalid RetrainSettings", problems)
 
 
 @dataclass(frozen=True)
@@ -219,7 +210,7 @@ def retrain(
     seed: int = 0,
     settings: RetrainSettings | None = None,
     *,
-    bundle_dir: str | os.PathLike[str] | None = BUNDLE_DIR,
+    bundle_dir: str | os.PathLike[str] | None = DEFAULT_BUNDLE,
     max_bundle_bytes: int = MAX_BUNDLE_BYTES,
 ) -> dict[str, float | None]:
     """Run (or resume) every step of the retrain; see the module docstring.
@@ -228,7 +219,8 @@ def retrain(
         out_dir: The run's folder (created if missing); outputs already there are kept.
         seed: Seed of the data, every expert and the gate.
         settings: Sizes and hyperparameters; the bundled model's settings if None.
-        bundle_dir: Where to export the float16 bundle; None skips the export.
+        bundle_dir: Where to export the float16 bundle (relative to the working
+            directory, see `loramix.science.bundle`); None skips the export.
         max_bundle_bytes: The export refuses a bundle larger than this.
 
     Returns:
@@ -315,7 +307,7 @@ def _write_data(paths: RetrainPaths, seed: int, settings: RetrainSettings) -> No
     )
 
 
-def _resume_flags(out: Path) -> dict[str, bool]:
+def resume_flags(out: Path) -> dict[str, bool]:
     """Resume from a checkpoint if one exists; otherwise start over (replacing leftovers)."""
     resume = last_checkpoint(out / CHECKPOINTS) is not None
     return {"resume": resume, "overwrite": not resume}
@@ -338,7 +330,7 @@ def _train_experts(
         The step's record besides its wall time: CPU time of all experts (the workers'
         included), workers, threads per worker, and each expert's own times.
     """
-    from loramix.jobs import run_jobs
+    from loramix.training.jobs import run_jobs
 
     workers = min(settings.expert_workers or os.cpu_count() or 1, len(domains))
     threads = max(1, (settings.threads or torch.get_num_threads()) // workers)
@@ -354,76 +346,75 @@ def _train_experts(
     return {"cpu_s": cpu_s, "workers": workers, "threads": threads, "each": each}
 
 
+def training_config(
+    settings: RetrainSettings, seed: int, *, lr: float, steps: int
+) -> TrainingConfig:
+    """The one `TrainingConfig` of the run; experts and gate differ in `lr` and `steps` only."""
+    return TrainingConfig(
+        lr=lr,
+        max_steps=steps,
+        batch_size=settings.batch_size,
+        seed=seed,
+        max_length=settings.max_length,
+        chat=False,
+        eval_fraction=0.0,
+        save_steps=settings.save_steps,
+        save_total_limit=1,
+        warmup=0.05,
+        lr_scheduler=settings.lr_scheduler,
+        logging_steps=25,
+        progress=False,
+    )
+
+
 def _train_expert(paths: RetrainPaths, domain: str, seed: int, settings: RetrainSettings) -> None:
-    from loramix.train_expert import train_expert
+    from loramix.training.expert import LoraSettings, train_expert
 
     out = paths.expert(domain)
     train_expert(
         settings.base,
         [paths.train_file(domain)],
         out,
-        rank=settings.rank,
-        alpha=settings.alpha,
-        targets=settings.targets,
-        lr=settings.expert_lr,
-        max_steps=settings.expert_steps,
-        batch_size=settings.batch_size,
-        seed=seed,
-        max_length=settings.max_length,
-        chat=False,
-        eval_fraction=0.0,
-        save_steps=settings.save_steps,
-        save_total_limit=1,
-        warmup=0.05,
-        lr_scheduler=settings.lr_scheduler,
-        logging_steps=25,
-        progress=False,
+        LoraSettings(rank=settings.rank, alpha=settings.alpha, targets=settings.targets),
+        training_config(settings, seed, lr=settings.expert_lr, steps=settings.expert_steps),
         dtype=getattr(torch, settings.train_dtype),
-        **_resume_flags(out),
+        **resume_flags(out),
     )
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the adapter is complete
 
 
 def _train_gate(paths: RetrainPaths, seed: int, settings: RetrainSettings) -> None:
-    from loramix.train_gate import train_gate
+    from loramix.training.gate import train_gate
 
+    xlora = XLoraConfig(
+        adapters={domain: str(paths.expert(domain)) for domain in settings.domains},
+        layerwise_scalings=settings.layerwise,
+        xlora_depth=settings.gate_depth,
+        xlora_size=settings.gate_size,
+        xlora_dropout_p=0.0,
+    )
     train_gate(
         settings.base,
-        {domain: paths.expert(domain) for domain in settings.domains},
+        xlora,
         [
             f"{paths.train_file(domain)}:{settings.gate_weights.get(domain, 1)}"
             for domain in settings.domains
         ],
         paths.xlora,
-        layerwise_scalings=settings.layerwise,
-        xlora_depth=settings.gate_depth,
-        xlora_size=settings.gate_size,
-        xlora_dropout_p=0.0,
-        lr=settings.gate_lr,
-        max_steps=settings.gate_steps,
-        batch_size=settings.batch_size,
-        seed=seed,
-        max_length=settings.max_length,
-        chat=False,
-        eval_fraction=0.0,
-        save_steps=settings.save_steps,
-        save_total_limit=1,
-        warmup=0.05,
-        lr_scheduler=settings.lr_scheduler,
-        logging_steps=25,
-        progress=False,
+        training_config(settings, seed, lr=settings.gate_lr, steps=settings.gate_steps),
         dtype=getattr(torch, settings.train_dtype),
-        **_resume_flags(paths.xlora),
+        **resume_flags(paths.xlora),
     )
     shutil.rmtree(paths.xlora / CHECKPOINTS, ignore_errors=True)
 
 
 def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> None:
     """Evaluate the run's X-LoRA model and draw its heatmaps into `paths.eval`."""
-    from loramix.evaluation import evaluate as evaluate_model
-    from loramix.evaluation import load_test_set, science_verifier
+    from loramix.evaluation.plots import write_eval_plots
+    from loramix.evaluation.runner import evaluate as evaluate_model
+    from loramix.evaluation.runner import load_test_set
     from loramix.model import XLoraModel
-    from loramix.plots import write_eval_plots
+    from loramix.science.targets import check_targets, science_verifier
     from loramix.smollm2 import load_base_model
 
     base, tokenizer = load_base_model(settings.base)
@@ -438,7 +429,7 @@ def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> None:
         limit=settings.eval_limit,
         max_new_tokens=settings.max_new_tokens,
     )
-    checks = report.check_targets({domain: domain for domain in settings.domains})
+    checks = check_targets(report, {domain: domain for domain in settings.domains})
     report.write(paths.eval, checks)
     logger.info("evaluation:\n%s", report.table())
     for check in checks:
@@ -449,109 +440,6 @@ def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> None:
         if name != MIXED
     }
     write_eval_plots(model, tokenizer, samples, paths.eval, usage=report.usage)
-
-
-# ----------------------------------------------------------------------------- export
-
-
-def export_bundle(
-    xlora_dir: str | os.PathLike[str],
-    bundle_dir: str | os.PathLike[str],
-    *,
-    reports: Sequence[str | os.PathLike[str]] = (),
-    provenance: dict[str, Any] | None = None,
-    dtype: torch.dtype = torch.float16,
-    max_bytes: int = MAX_BUNDLE_BYTES,
-) -> int:
-    """Copy an X-LoRA folder into `bundle_dir` with every floating weight cast to `dtype`.
-
-    Configs are copied as they are (peft adapter configs with `target_modules` sorted, so
-    that the same run gives the same bytes); `*.safetensors` files of the gate and the
-    experts are rewritten with floating tensors in `dtype`; training logs and checkpoints
-    are left out.
-    `reports` (e.g. `eval.md`) are copied beside the model, and `provenance` is written as
-    `retrain.json` with a short `README.md`. The bundle is assembled in a temporary folder
-    beside `bundle_dir` and swapped in only when complete and within `max_bytes`.
-
-    Args:
-        xlora_dir: A folder written by `XLoraModel.save_pretrained` (or `train_gate`).
-        bundle_dir: The bundle folder; replaced as a whole.
-        reports: Files to copy into the bundle (missing ones are skipped with a warning).
-        provenance: JSON-able record of how the model was made.
-        dtype: Dtype of the exported floating weights.
-        max_bytes: Largest allowed total size of the bundle.
-
-    Returns:
-        The bundle's size in bytes.
-
-    Raises:
-        FileNotFoundError: If `xlora_dir` holds no `xlora_config.json`.
-        ValueError: If the bundle would exceed `max_bytes` (the old bundle is kept).
-    """
-    source, target = Path(xlora_dir), Path(bundle_dir)
-    if not (source / CONFIG_NAME).is_file():
-        raise FileNotFoundError(
-            f"{source} holds no {CONFIG_NAME}: it is not an X-LoRA folder. Train the gate "
-            "first (`loramix train-gate` or `loramix science retrain`)."
-        )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        files = [source / CONFIG_NAME, source / "gate.safetensors"]
-        files += sorted(p for p in (source / "experts").rglob("*") if p.is_file())
-        for path in files:
-            dest = staging / path.relative_to(source)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if path.suffix == _WEIGHT_SUFFIX:
-                tensors = {
-                    name: t.to(dtype) if t.is_floating_point() else t
-                    for name, t in load_file(path).items()
-                }
-                save_file(tensors, dest, metadata={"format": "pt"})
-            elif path.name == _ADAPTER_CONFIG:
-                dest.write_text(_stable_adapter_config(path.read_text()))
-            else:
-                shutil.copyfile(path, dest)
-        for report in map(Path, reports):
-            if report.is_file():
-                shutil.copyfile(report, staging / report.name)
-            else:
-                logger.warning("export: %s does not exist; not bundled", report)
-        if provenance is not None:
-            (staging / RETRAIN_JSON).write_text(json.dumps(provenance, indent=2) + "\n")
-            (staging / "README.md").write_text(_bundle_readme(provenance))
-        _make_readable(staging)
-        size = folder_size(staging)
-        if size > max_bytes:
-            raise ValueError(
-                f"the bundle would take {size / 1e6:.2f} MB, above the limit of "
-                f"{max_bytes / 1e6:.2f} MB; lower the rank, adapt fewer modules "
-                "(targets) or shrink the gate (gate_size), then retrain"
-            )
-        _swap_in(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    logger.info("exported the bundle to %s (%.2f MB)", target, size / 1e6)
-    return size
-
-
-def _stable_adapter_config(text: str) -> str:
-    """A peft adapter config with `target_modules` sorted.
-
-    peft writes the set of target modules in the process's hash order, so the same training
-    would otherwise give a different file in every run; sorted, a retrain reproduces the
-    bundle byte for byte.
-    """
-    config = json.loads(text)
-    if isinstance(config.get("target_modules"), list):
-        config["target_modules"] = sorted(config["target_modules"])
-    return json.dumps(config, indent=2, sort_keys=True) + "\n"
-
-
-def folder_size(folder: str | os.PathLike[str]) -> int:
-    """Total bytes of the files under `folder`."""
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -604,54 +492,9 @@ def _provenance(
     }
 
 
-def _bundle_readme(provenance: dict[str, Any]) -> str:
-    settings = provenance.get("settings", {})
-    domains = ", ".join(settings.get("domains", ()))
-    return f"""# science-xlora
-
-An X-LoRA model over SmolLM2-135M-Instruct: {len(settings.get("domains", ()))} rank-\
-{settings.get("rank")} LoRA experts ({domains}) and the gate that mixes them per token and
-per adapted module, all weights in float16. It is the output of `{provenance.get("command")}`
-(`make retrain`); settings, data sizes and step times are in `retrain.json`, the evaluation
-of base, experts, uniform average and X-LoRA on held-out data in `eval.md`.
-
-    loramix science demo --model models/science-xlora
-    loramix generate models/science-xlora --show-experts \\
-        --prompt "What peptide do the DNA codons ATG GCC TTT encode?"
-
-```python
-from loramix.model import XLoraModel
-from loramix.smollm2 import load_base_model
-
-base, tokenizer = load_base_model("smollm2")
-model = XLoraModel.from_pretrained(base, "models/science-xlora")  # weights upcast to float32
-```
-
-Prompts are plain text, without the chat template (as in training).
-"""
-
-
 def read_json(path: Path) -> dict[str, Any]:
     """The JSON object in `path`, or {} if it is missing or unreadable."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _make_readable(folder: Path) -> None:
-    """Ordinary repository permissions (mkdtemp and safetensors create owner-only ones)."""
-    folder.chmod(0o755)
-    for path in folder.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-
-
-def _swap_in(staging: Path, target: Path) -> None:
-    """Replace `target` by `staging`: the old folder is renamed aside, then deleted."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-        os.replace(target, old / target.name)
-    os.replace(staging, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Tests of loramix.train_gate and `loramix train-gate` on a tiny Llama saved to disk.
+"""Tests of loramix.training.gate and `loramix train-gate` on a tiny Llama saved to disk.
 
 The task where the gate matters: two experts, "good" (a LoRA trained on the data with
 `train_expert`) and "bad" (random, large updates). A gate that learns picks "good".
@@ -6,6 +6,7 @@ The task where the gate matters: two experts, "good" (a LoRA trained on the data
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -19,9 +20,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, T
 
 from loramix import XLoraConfig, XLoraModel
 from loramix.cli import main
-from loramix.data import PadCollator, load_jsonl
-from loramix.train_expert import train_expert
-from loramix.train_gate import (
+from loramix.training.data import PadCollator, load_jsonl
+from loramix.training.expert import LoraSettings, train_expert
+from loramix.training.gate import (
     TRAINABLE_WEIGHTS_NAME,
     GateRegularizer,
     GateTrainer,
@@ -29,15 +30,16 @@ from loramix.train_gate import (
     scaling_terms,
     train_gate,
 )
+from loramix.training.trainer import TrainingConfig
 
-FAST = {
-    "batch_size": 4,
-    "progress": False,
-    "logging_steps": 1,
-    "warmup": 0,
-    "lr": 5e-2,
-    "lr_scheduler": "constant",
-}
+FAST = TrainingConfig(
+    batch_size=4, progress=False, logging_steps=1, warmup=0, lr=5e-2, lr_scheduler="constant"
+)
+
+
+def fast(**changes) -> TrainingConfig:
+    """`FAST` with some settings changed."""
+    return dataclasses.replace(FAST, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +65,10 @@ def experts(base, data, tmp_path_factory) -> dict[str, str]:
         base,
         [data],
         folder / "good",
-        max_steps=20,
-        eval_fraction=0.0,
-        rank=4,
-        alpha=8,
-        batch_size=4,
-        progress=False,
-        warmup=0,
-        lr=1e-2,
+        LoraSettings(rank=4, alpha=8),
+        TrainingConfig(
+            max_steps=20, eval_fraction=0.0, batch_size=4, progress=False, warmup=0, lr=1e-2
+        ),
     )
     model = AutoModelForCausalLM.from_pretrained(base)
     torch.manual_seed(11)
@@ -136,15 +134,11 @@ def test_gate_learns_the_good_expert_and_only_the_gate_changes(base, data, exper
     kept = KeepModel()
     out = train_gate(
         base,
-        experts,
+        XLoraConfig(adapters=experts, layerwise_scalings=True),
         [data],
         tmp_path / "gate",
-        max_steps=12,
-        save_steps=6,
-        eval_fraction=0.0,
-        layerwise_scalings=True,
+        fast(max_steps=12, save_steps=6, eval_fraction=0.0),
         callbacks=[kept],
-        **FAST,
     )
     batch = batch_of(base, data)
     before = fresh_model(base, experts, layerwise_scalings=True)
@@ -190,20 +184,21 @@ def test_gate_learns_the_good_expert_and_only_the_gate_changes(base, data, exper
 
 
 def test_resume_gives_the_uninterrupted_gate(base, data, experts, tmp_path):
-    settings = {"max_steps": 6, "save_steps": 2, "eval_fraction": 0.25, **FAST}
+    settings = fast(max_steps=6, save_steps=2, eval_fraction=0.25)
+    xlora = XLoraConfig(adapters=experts)
     straight = KeepModel()
-    train_gate(base, experts, [data], tmp_path / "straight", callbacks=[straight], **settings)
+    train_gate(base, xlora, [data], tmp_path / "straight", settings, callbacks=[straight])
 
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        train_gate(base, experts, [data], out, callbacks=[StopAt(3)], **settings)
+        train_gate(base, xlora, [data], out, settings, callbacks=[StopAt(3)])
     assert (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
     assert not (out / "xlora_config.json").exists()  # no half-written result
     with pytest.raises(ValueError, match="--resume"):
-        train_gate(base, experts, [data], out, **settings)
+        train_gate(base, xlora, [data], out, settings)
 
     steps, resumed = RecordSteps(), KeepModel()
-    train_gate(base, experts, [data], out, resume=True, callbacks=[steps, resumed], **settings)
+    train_gate(base, xlora, [data], out, settings, resume=True, callbacks=[steps, resumed])
     assert steps.steps == [3, 4, 5, 6]
     for name, param in straight.model.gate.state_dict().items():
         assert torch.equal(param, resumed.model.gate.state_dict()[name]), name
@@ -215,17 +210,17 @@ def test_resume_gives_the_uninterrupted_gate(base, data, experts, tmp_path):
 
 
 def test_gradient_checkpointing_trains_the_same_gate(base, data, experts, tmp_path):
-    settings = {"max_steps": 3, "eval_fraction": 0.0, **FAST}
+    settings = fast(max_steps=3, eval_fraction=0.0)
+    xlora = XLoraConfig(adapters=experts)
     plain, checkpointed = KeepModel(), KeepModel()
-    train_gate(base, experts, [data], tmp_path / "plain", callbacks=[plain], **settings)
+    train_gate(base, xlora, [data], tmp_path / "plain", settings, callbacks=[plain])
     out = train_gate(
         base,
-        experts,
+        xlora,
         [data],
         tmp_path / "checkpointed",
-        gradient_checkpointing=True,
+        dataclasses.replace(settings, gradient_checkpointing=True),
         callbacks=[checkpointed],
-        **settings,
     )
     assert checkpointed.model.checkpointing_activations
     assert not plain.model.checkpointing_activations
@@ -238,20 +233,18 @@ def test_gradient_checkpointing_trains_the_same_gate(base, data, experts, tmp_pa
 
 
 def test_resume_refuses_a_checkpoint_of_another_gate(base, data, experts, tmp_path):
-    settings = {"max_steps": 2, "save_steps": 2, "eval_fraction": 0.0, **FAST}
+    settings = fast(max_steps=2, save_steps=2, eval_fraction=0.0)
     out = tmp_path / "gate"
-    train_gate(base, experts, [data], out, **settings)
+    train_gate(base, XLoraConfig(adapters=experts), [data], out, settings)
     fix = r"missing keys \['gate.layers.3.bias'.*wrong shapes \['gate.layers.0.bias'.*same experts"
     with pytest.raises(ValueError, match=fix):
         train_gate(
             base,
-            experts,
+            XLoraConfig(adapters=experts, xlora_depth=2, xlora_size=8),
             [data],
             out,
+            dataclasses.replace(settings, max_steps=4),
             resume=True,
-            **{**settings, "max_steps": 4},
-            xlora_depth=2,
-            xlora_size=8,
         )
 
 
@@ -302,11 +295,16 @@ def test_balance_term_changes_the_gradient_only_when_weighted(
 
 
 def test_balance_term_keeps_both_experts_in_use(base, data, experts, tmp_path):
-    settings = {"max_steps": 8, "save_steps": 100, "eval_fraction": 0.0, **FAST}
+    settings = fast(max_steps=8, save_steps=100, eval_fraction=0.0)
     shares = {}
     for weight in (0.0, 2.0):
         out = train_gate(
-            base, experts, [data], tmp_path / f"w{weight}", balance_weight=weight, **settings
+            base,
+            XLoraConfig(adapters=experts),
+            [data],
+            tmp_path / f"w{weight}",
+            settings,
+            GateRegularizer(balance_weight=weight),
         )
         last = ScalingsLog(out / "scalings_log.jsonl", ["bad", "good"], False).read()[-1]
         shares[weight] = last["experts"]["good"]
@@ -315,11 +313,17 @@ def test_balance_term_keeps_both_experts_in_use(base, data, experts, tmp_path):
 
 def test_settings_errors_name_the_fix(base, data, experts, tmp_path):
     with pytest.raises(ValueError, match="enable the softmax or set both weights to 0"):
-        train_gate(base, experts, [data], tmp_path / "a", enable_softmax=False, balance_weight=0.1)
+        train_gate(
+            base,
+            XLoraConfig(adapters=experts, enable_softmax=False),
+            [data],
+            tmp_path / "a",
+            regularizer=GateRegularizer(balance_weight=0.1),
+        )
     with pytest.raises(ValueError, match=r"balance_weight=-1: use a number >= 0"):
         GateRegularizer(balance_weight=-1)
     with pytest.raises(ValueError, match="top_k_lora=3: use None or an int between 1 and"):
-        train_gate(base, experts, [data], tmp_path / "b", top_k_lora=3)
+        train_gate(base, XLoraConfig(adapters=experts, top_k_lora=3), [data], tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -327,13 +331,12 @@ def test_settings_errors_name_the_fix(base, data, experts, tmp_path):
 def test_one_expert_with_softmax_warns_that_the_gate_has_nothing_to_choose(
     base, data, experts, tmp_path, caplog, softmax
 ):
-    one = {"good": experts["good"]}
-    settings = {**FAST, "max_steps": 1, "eval_fraction": 0.0}
-    train_gate(base, one, [data], tmp_path / "one", enable_softmax=softmax, **settings)
+    one = XLoraConfig(adapters={"good": experts["good"]}, enable_softmax=softmax)
+    train_gate(base, one, [data], tmp_path / "one", fast(max_steps=1, eval_fraction=0.0))
     warned = [r for r in caplog.records if "nothing to choose" in r.getMessage()]
     assert len(warned) == (1 if softmax else 0)
     if softmax:
-        assert warned[0].levelname == "WARNING" and "--no-softmax" in warned[0].getMessage()
+        assert warned[0].levelname == "WARNING" and "--no-enable-softmax" in warned[0].getMessage()
 
 
 def test_scalings_log_truncate_drops_later_and_broken_lines(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of loramix.jobs: jobs in this process or in spawned workers with their own threads."""
+"""Tests of loramix.training.jobs: jobs in this process or in spawned workers with threads."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from loramix.jobs import JobError, run_jobs
+from loramix.training.jobs import JobError, run_jobs
 
 
 def describe(value: int) -> tuple[int, int, int]:

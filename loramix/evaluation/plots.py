@@ -18,12 +18,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from loramix.atomic import atomic_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -257,7 +258,7 @@ def write_eval_plots(
     Returns:
         The PNG files written.
     """
-    from loramix.evaluation import example_scalings
+    from loramix.evaluation.runner import example_scalings
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -304,7 +305,7 @@ def require_matplotlib() -> tuple[Any, Any]:
         from matplotlib.figure import Figure
     except ImportError as error:
         raise ImportError(
-            f"loramix.plots needs matplotlib, which is not installed; install the plots "
+            f"loramix.evaluation.plots needs matplotlib, which is not installed; install the plots "
             f"extra: {INSTALL_HINT}"
         ) from error
     return Figure, FigureCanvasAgg
@@ -320,17 +321,9 @@ def _figure(size: tuple[float, float], dpi: int) -> tuple[Any, Any]:
 
 
 def _save(fig: Any, path: str | os.PathLike[str], dpi: int) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def _as_array(values: Any, name: str, ndims: tuple[int, ...]) -> np.ndarray:

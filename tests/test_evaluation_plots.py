@@ -1,4 +1,4 @@
-"""loramix.plots: PNG files of the requested pixel size, readable labels, clear errors."""
+"""loramix.evaluation.plots: PNG files of the requested pixel size, labels, clear errors."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_expert
+from helpers import LLAMA_TARGETS, make_expert
 from tiny_tokenizer import tiny_llama, tiny_tokenizer
 
 from loramix import XLoraConfig, XLoraModel
-from loramix.plots import (
+from loramix.evaluation.plots import (
     block_index,
     plot_expert_usage,
     plot_layer_scalings,

@@ -2,9 +2,8 @@
 
 On a small CPU, trainings of a small model run side by side with one thread each finish
 sooner than one after the other with all threads each: their matrix products are too small
-to keep several threads busy. Measured on this project's 2-core machine with SmolLM2-135M
-expert training: two experts side by side at one thread each took 85 s for 40 steps, one
-expert alone at two threads 74 s, so two experts side by side take 1.74x less time.
+to keep several threads busy (measured for SmolLM2-135M expert training: BENCHMARKS.md,
+"Science retrain").
 
     for done in run_jobs(train_one, {"biology": ("biology",), "chemistry": ("chemistry",)},
                          workers=2, threads=1):
@@ -27,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from loramix.checks import is_int
 
 _LOG_FORMAT = "%(levelname)s %(processName)s %(name)s: %(message)s"
 
@@ -70,7 +71,7 @@ def run_jobs(
         ValueError: If `workers` or `threads` is below 1.
     """
     for name, value in (("workers", workers), ("threads", threads)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name}={value!r}: use a whole number >= 1.")
     if workers == 1 or len(jobs) <= 1:
         for name, args in jobs.items():

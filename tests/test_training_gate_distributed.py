@@ -25,15 +25,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from gate_training_worker import DumpGate
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from tiny_tokenizer import save_tiny_model
+from training_gate_worker import DumpGate
 from transformers import AutoModelForCausalLM
 
-from loramix.train_gate import ScalingsLog, train_gate
+from loramix.config import XLoraConfig
+from loramix.training.gate import ScalingsLog, train_gate
+from loramix.training.trainer import TrainingConfig
 
-WORKER = Path(__file__).with_name("gate_training_worker.py")
+WORKER = Path(__file__).with_name("training_gate_worker.py")
 STEPS = 8
 
 
@@ -100,7 +102,12 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
 
     single = tmp_path / "single"
     train_gate(
-        base, experts, [data], single, batch_size=4, callbacks=[DumpGate(single)], **settings
+        base,
+        XLoraConfig(adapters=experts),
+        [data],
+        single,
+        TrainingConfig(batch_size=4, **settings),
+        callbacks=[DumpGate(single)],
     )
 
     parallel = tmp_path / "parallel"

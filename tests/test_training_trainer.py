@@ -1,4 +1,4 @@
-"""Tests of loramix.training: config validation, output folder checks, atomic publishing."""
+"""Tests of loramix.training.trainer: config validation, output folder checks, atomic publishing."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from loramix.training import TrainingConfig, last_checkpoint, prepare_output, publish
+from loramix.training.trainer import TrainingConfig, last_checkpoint, prepare_output, publish
 
 FINAL = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -101,7 +101,7 @@ def test_publish_after_interrupted_write_keeps_old_result(tmp_path):
 def test_report_to_needs_its_package_and_reaches_the_trainer(monkeypatch, tmp_path: Path):
     import importlib.util
 
-    from loramix.training import training_arguments
+    from loramix.training.trainer import training_arguments
 
     with pytest.raises(ValueError, match="report_to='nowhere': use one of none, tensorboard"):
         TrainingConfig(report_to="nowhere")

@@ -5,11 +5,12 @@ system, two numbers:
 
     NLL       mean negative log-likelihood per completion token under teacher forcing: the
               sum over every completion token of the set divided by their count, with the
-              tokens and loss mask that `loramix.data` makes for training (so the chat
+              tokens and loss mask that `loramix.training.data` makes for training (so the chat
               template's end-of-turn token after the answer is scored too)
     accuracy  the share of greedy answers (batched, left-padded `model.generate`) that the
               verifier accepts; the default verifier compares the first line of the answer
-              with the completion, `science_verifier` re-checks it with the domain library
+              with the completion (`loramix.science.targets.science_verifier` re-checks it
+              with the domain library)
 
 The systems all run on the same model object:
 
@@ -22,8 +23,8 @@ For X-LoRA the report also holds each expert's usage per test set: its scalings 
 gate's softmax, before top-k) averaged over the adapted layers and over the real prompt and
 completion tokens of the NLL pass.
 
-`EvalReport` renders the Markdown table, writes `eval.json` and `eval.md`, and checks the
-targets of the science case study (`check_targets`).
+The numbers land in an `EvalReport` (`loramix.evaluation.report`: tables, `eval.json`,
+`eval.md`); the science case study's targets and verifier are in `loramix.science.targets`.
 
 Axis names: B batch, T tokens, V vocabulary, L adapted modules, E experts.
 """
@@ -31,14 +32,11 @@ Axis names: B batch, T tokens, V vocabulary, L adapted modules, E experts.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,8 +48,9 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from loramix.atomic import write_text_atomic
-from loramix.data import (
+from loramix.checks import is_int, raise_problems
+from loramix.evaluation.report import EvalReport, Score
+from loramix.training.data import (
     IGNORE_INDEX,
     BadLines,
     PadCollator,
@@ -66,9 +65,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-REPORT_JSON = "eval.json"
-REPORT_MD = "eval.md"
-REPORT_FORMAT = "loramix-eval/1"
 BASE, UNIFORM, XLORA, EXPERTS = "base", "uniform", "xlora", "experts"
 EXPERT_PREFIX = "expert:"
 DEFAULT_SYSTEMS = (BASE, EXPERTS, UNIFORM, XLORA)
@@ -76,7 +72,6 @@ DEFAULT_SYSTEMS = (BASE, EXPERTS, UNIFORM, XLORA)
 
 Verifier = Callable[[Mapping[str, Any], str], bool]
 """(test record, generated text) -> whether the text answers the record's question."""
-
 
 # ------------------------------------------------------------------------ verifiers
 
@@ -91,33 +86,12 @@ def exact_match(example: Mapping[str, Any], generated: str) -> bool:
     return first_line(generated) == str(example["completion"]).strip()
 
 
-def science_verifier(example: Mapping[str, Any], generated: str) -> bool:
-    """`loramix.science.verify`: the example's own task re-checks the answer.
-
-    Raises:
-        ValueError: If the record lacks the "domain" and "task" keys that science data has.
-    """
-    missing = [key for key in ("domain", "task", "answer") if key not in example]
-    if missing:
-        raise ValueError(
-            f"the science verifier needs the keys domain, task and answer, but a record lacks "
-            f"{', '.join(missing)}; use records written by `loramix.science.write_datasets`, "
-            "or the exact-match verifier"
-        )
-    from loramix.science import verify  # optional dependencies: the science extra
-
-    return verify(example, generated)  # type: ignore[arg-type]
-
-
-VERIFIERS: dict[str, Verifier] = {"exact": exact_match, "science": science_verifier}
-
-
 # ------------------------------------------------------------------------ test data
 
 
 @dataclass(frozen=True)
-class TestExample:
-    """One test record, tokenized as `loramix.data` tokenizes training examples.
+class EvalExample:
+    """One test record, tokenized as `loramix.training.data` tokenizes training examples.
 
     Attributes:
         record: The JSON object ("prompt", "completion" and any other keys).
@@ -125,8 +99,6 @@ class TestExample:
         labels: `(T,)` `input_ids` on the completion, `IGNORE_INDEX` elsewhere.
         prompt_length: Tokens before the first completion token: the generation prompt.
     """
-
-    __test__ = False  # not a pytest test class
 
     record: dict[str, Any]
     input_ids: list[int]
@@ -141,7 +113,7 @@ def load_test_set(
     chat: bool = True,
     limit: int | None = None,
     max_length: int = 1024,
-) -> list[TestExample]:
+) -> list[EvalExample]:
     """Read and tokenize a test set of prompt/completion records.
 
     Args:
@@ -185,311 +157,11 @@ def load_test_set(
             continue
         labels = tokens["labels"]
         start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
-        examples.append(TestExample(record, tokens["input_ids"], labels, start))
+        examples.append(EvalExample(record, tokens["input_ids"], labels, start))
     bad.check()
     if not examples:
         raise ValueError(f"{path} holds no test example; check the file (and max_length)")
     return examples
-
-
-# ------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class Score:
-    """One system on one test set.
-
-    Attributes:
-        nll: Mean NLL per completion token.
-        accuracy: Share of verified greedy answers, or None when nothing was generated.
-        n_examples: Test examples.
-        n_tokens: Completion tokens the NLL averages over.
-        n_correct: Verified answers (0 when nothing was generated).
-        seconds: Wall time of the NLL pass and the generation together.
-    """
-
-    nll: float
-    accuracy: float | None
-    n_examples: int
-    n_tokens: int
-    n_correct: int = 0
-    seconds: float = 0.0
-
-    def cell(self) -> str:
-        """ "0.123 / 45%" ("0.123 / -" without generation)."""
-        accuracy = "-" if self.accuracy is None else f"{100 * self.accuracy:.0f}%"
-        return f"{self.nll:.3f} / {accuracy}"
-
-
-@dataclass(frozen=True)
-class TargetCheck:
-    """One target of the science case study, checked on a report.
-
-    Attributes:
-        target: What is claimed, e.g. "biology: X-LoRA NLL within 10% of expert:biology".
-        status: "pass", "fail", or "missing" (the report lacks a system or test set it needs).
-        detail: The numbers behind the verdict.
-    """
-
-    target: str
-    status: str
-    detail: str
-
-    @property
-    def passed(self) -> bool:
-        return self.status == "pass"
-
-    def line(self) -> str:
-        return f"{self.status.upper():7} {self.target}: {self.detail}"
-
-
-@dataclass
-class EvalReport:
-    """The scores of every system on every test set, and X-LoRA's expert usage.
-
-    Attributes:
-        expert_names: The experts, in the model's order (the E axis).
-        test_sets: Test set name -> its file (as given).
-        systems: System names, in evaluation order (rows of the table).
-        scores: System -> test set -> score.
-        usage: Test set -> expert -> X-LoRA's mean scaling (empty without the xlora system).
-        settings: How the numbers were made (verifier, max_new_tokens, chat, limit, ...).
-    """
-
-    expert_names: list[str]
-    test_sets: dict[str, str]
-    systems: list[str]
-    scores: dict[str, dict[str, Score]]
-    usage: dict[str, dict[str, float]] = field(default_factory=dict)
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def score(self, system: str, test_set: str) -> Score:
-        return self.scores[system][test_set]
-
-    # ------------------------------------------------------------------ rendering
-
-    def table(self) -> str:
-        """Markdown: rows are systems, columns test sets, cells "NLL / accuracy".
-
-        The lowest NLL of each column is bold.
-        """
-        names = list(self.test_sets)
-        best = {
-            name: min(self.scores[s][name].nll for s in self.systems if name in self.scores[s])
-            for name in names
-        }
-        lines = [
-            "| system | " + " | ".join(names) + " |",
-            "|:--|" + "--:|" * len(names),
-        ]
-        for system in self.systems:
-            cells = []
-            for name in names:
-                score = self.scores[system].get(name)
-                if score is None:
-                    cells.append("")
-                    continue
-                cell = score.cell()
-                if score.nll == best[name]:
-                    nll, _, rest = cell.partition(" / ")
-                    cell = f"**{nll}** / {rest}"
-                cells.append(cell)
-            lines.append(f"| {system} | " + " | ".join(cells) + " |")
-        return "\n".join(lines)
-
-    def usage_table(self) -> str:
-        """Markdown: rows are test sets, columns experts, cells X-LoRA's mean scalings."""
-        if not self.usage:
-            return ""
-        lines = [
-            "| test set | " + " | ".join(self.expert_names) + " |",
-            "|:--|" + "--:|" * len(self.expert_names),
-        ]
-        for name, by_expert in self.usage.items():
-            top = max(by_expert.values())
-            cells = [
-                f"**{by_expert[e]:.3f}**" if by_expert[e] == top else f"{by_expert[e]:.3f}"
-                for e in self.expert_names
-            ]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        return "\n".join(lines)
-
-    def to_markdown(self, targets: Sequence[TargetCheck] = ()) -> str:
-        """The whole report: scores, expert usage, targets (if given) and settings."""
-        sizes = ", ".join(
-            f"{name} {next(iter(self.scores.values()))[name].n_examples}" for name in self.test_sets
-        )
-        parts = [
-            "# Evaluation",
-            "",
-            self.table(),
-            "",
-            "Cells: mean NLL per completion token (teacher forcing; lower is better; lowest in "
-            "bold) / share of greedy answers the verifier "
-            f"({self.settings.get('verifier', '?')}) accepts. Examples per test set: {sizes}.",
-        ]
-        if self.usage:
-            parts += [
-                "",
-                "## X-LoRA expert usage",
-                "",
-                self.usage_table(),
-                "",
-                "Mean scalings (after the gate's softmax, before top-k) over adapted layers and "
-                "over the prompt and completion tokens of each test set.",
-            ]
-        if targets:
-            parts += ["", "## Targets", ""] + [
-                f"- **{t.status.upper()}** {t.target}: {t.detail}" for t in targets
-            ]
-        settings = ", ".join(f"{k}={v}" for k, v in self.settings.items())
-        parts += ["", f"Settings: {settings}.", ""]
-        return "\n".join(parts)
-
-    # ------------------------------------------------------------------ files
-
-    def to_dict(self, targets: Sequence[TargetCheck] = ()) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "format": REPORT_FORMAT,
-            "expert_names": self.expert_names,
-            "test_sets": self.test_sets,
-            "systems": self.systems,
-            "scores": {
-                system: {name: asdict(score) for name, score in by_set.items()}
-                for system, by_set in self.scores.items()
-            },
-            "usage": self.usage,
-            "settings": self.settings,
-        }
-        if targets:
-            data["targets"] = [asdict(t) for t in targets]
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> EvalReport:
-        """Rebuild a report from `to_dict()` output (e.g. a parsed `eval.json`).
-
-        Raises:
-            ValueError: If the data is not a loramix evaluation report.
-        """
-        if data.get("format") != REPORT_FORMAT:
-            raise ValueError(
-                f"not a loramix evaluation report (format {data.get('format')!r}, expected "
-                f"{REPORT_FORMAT!r}); was it written by `EvalReport.write`?"
-            )
-        try:
-            return cls(
-                expert_names=list(data["expert_names"]),
-                test_sets=dict(data["test_sets"]),
-                systems=list(data["systems"]),
-                scores={
-                    system: {name: Score(**score) for name, score in by_set.items()}
-                    for system, by_set in data["scores"].items()
-                },
-                usage={k: dict(v) for k, v in data.get("usage", {}).items()},
-                settings=dict(data.get("settings", {})),
-            )
-        except (KeyError, TypeError) as error:
-            raise ValueError(f"malformed evaluation report ({error!r})") from None
-
-    def write(self, out_dir: str | os.PathLike[str], targets: Sequence[TargetCheck] = ()) -> dict:
-        """Writes `eval.json` and `eval.md` into `out_dir` (created if missing), atomically.
-
-        Returns:
-            File name -> path.
-        """
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        return {
-            REPORT_JSON: write_text_atomic(
-                out / REPORT_JSON, json.dumps(self.to_dict(targets), indent=2) + "\n"
-            ),
-            REPORT_MD: write_text_atomic(out / REPORT_MD, self.to_markdown(targets)),
-        }
-
-    @classmethod
-    def read(cls, path: str | os.PathLike[str]) -> EvalReport:
-        """Reads `eval.json` (or the folder holding it)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / REPORT_JSON
-        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
-
-    # ------------------------------------------------------------------ targets
-
-    def check_targets(
-        self,
-        domain_experts: Mapping[str, str],
-        *,
-        mixed: str | None = "mixed",
-        composite: str | None = "composite",
-        tolerance: float = 0.10,
-    ) -> list[TargetCheck]:
-        """The science case study's targets, by NLL on held-out data (see issue 5).
-
-        - every domain: X-LoRA's NLL <= (1 + tolerance) * that domain's own expert's NLL;
-        - the mixed set: X-LoRA's NLL is below every single expert's and the uniform average's;
-        - the composite set: X-LoRA's NLL is below every single expert's.
-
-        A tie does not beat. A target whose system or test set the report lacks is "missing".
-
-        Args:
-            domain_experts: Test set name of a domain -> the name of that domain's expert.
-            mixed: The mixed test set's name; None skips that target.
-            composite: The composite test set's name; None skips that target.
-            tolerance: The allowed relative excess of X-LoRA's NLL on a domain.
-        """
-        checks = []
-        for domain, expert in domain_experts.items():
-            own = EXPERT_PREFIX + expert
-            target = f"{domain}: X-LoRA NLL within {tolerance:.0%} of {own}"
-            missing = self._missing([XLORA, own], domain)
-            if missing:
-                checks.append(TargetCheck(target, "missing", missing))
-                continue
-            ours, theirs = self.score(XLORA, domain).nll, self.score(own, domain).nll
-            excess = ours / theirs - 1 if theirs > 0 else math.inf
-            checks.append(
-                TargetCheck(
-                    target,
-                    "pass" if ours <= (1 + tolerance) * theirs else "fail",
-                    f"X-LoRA {ours:.3f} vs {theirs:.3f} ({excess:+.1%})",
-                )
-            )
-        experts = [EXPERT_PREFIX + name for name in self.expert_names]
-        for name, rivals, what in (
-            (mixed, [*experts, UNIFORM], "every single expert and the uniform average"),
-            (composite, experts, "every single expert"),
-        ):
-            if name is None:
-                continue
-            target = f"{name}: X-LoRA NLL beats {what}"
-            missing = self._missing([XLORA, *rivals], name)
-            if missing:
-                checks.append(TargetCheck(target, "missing", missing))
-                continue
-            ours = self.score(XLORA, name).nll
-            best = min(rivals, key=lambda s: self.score(s, name).nll)
-            theirs = self.score(best, name).nll
-            checks.append(
-                TargetCheck(
-                    target,
-                    "pass" if ours < theirs else "fail",
-                    f"X-LoRA {ours:.3f} vs best rival {best} {theirs:.3f}",
-                )
-            )
-        return checks
-
-    def _missing(self, systems: Sequence[str], test_set: str) -> str:
-        if test_set not in self.test_sets:
-            return f"no test set named {test_set!r} was evaluated"
-        absent = [s for s in systems if test_set not in self.scores.get(s, {})]
-        return f"not evaluated: {', '.join(absent)}" if absent else ""
-
-
-def format_targets(checks: Sequence[TargetCheck]) -> str:
-    """One line per target: "PASS    target: numbers"."""
-    return "\n".join(check.line() for check in checks)
 
 
 # ------------------------------------------------------------------------ evaluation
@@ -579,14 +251,13 @@ def evaluate(
         ("max_length", max_length, 2),
         ("limit", 1 if limit is None else limit, 1),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not is_int(value) or value < low:
             problems.append(f"{key}={value!r}: use an int >= {low}")
     try:
         resolved = resolve_systems(systems, model.expert_names)
     except ValueError as error:
         problems.append(str(error))
-    if problems:
-        raise ValueError("cannot evaluate:\n  " + "\n  ".join(problems))
+    raise_problems("cannot evaluate", problems)
     verifier = verifier or exact_match
     data = {
         name: load_test_set(path, tokenizer, chat=chat, limit=limit, max_length=max_length)
@@ -630,7 +301,7 @@ def evaluate(
 def _score(
     model: XLoraModel,
     tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[TestExample],
+    examples: Sequence[EvalExample],
     system: str,
     verifier: Verifier,
     max_new_tokens: int,
@@ -663,7 +334,7 @@ def _score(
 def completion_nll(
     model: XLoraModel,
     tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[TestExample],
+    examples: Sequence[EvalExample],
     batch_size: int = 8,
     *,
     usage: bool = False,
@@ -717,7 +388,7 @@ def completion_nll(
 def greedy_answers(
     model: XLoraModel,
     tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[TestExample],
+    examples: Sequence[EvalExample],
     max_new_tokens: int,
     batch_size: int = 8,
 ) -> list[str]:

@@ -1,6 +1,6 @@
 """One process of a gate-training run, for tests/test_train_gate_distributed.py.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/gate_training_worker.py SPEC.json
+    python -m torch.distributed.run --nproc_per_node 2 tests/training_gate_worker.py SPEC.json
 
 SPEC.json holds `train_gate`'s arguments (base, experts, data, out, and keyword settings).
 When training ends, every process writes its gate's weights to `OUT/rank-<rank>.safetensors`,
@@ -19,7 +19,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 
-from loramix.train_gate import train_gate, trainable_state
+from loramix.config import XLoraConfig
+from loramix.training.gate import train_gate, trainable_state
+from loramix.training.trainer import TrainingConfig
 
 
 class DumpGate(TrainerCallback):
@@ -40,11 +42,11 @@ def main() -> None:
     out = Path(spec.pop("out"))
     train_gate(
         spec.pop("base"),
-        spec.pop("experts"),
+        XLoraConfig(adapters=spec.pop("experts")),
         spec.pop("data"),
         out,
+        TrainingConfig(**spec),
         callbacks=[DumpGate(out)],
-        **spec,
     )
 
 

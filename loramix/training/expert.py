@@ -6,8 +6,8 @@ peft (`LoraConfig` + `get_peft_model`) and transformers' `Trainer`, and writes a
 adapter folder (`adapter_config.json` + `adapter_model.safetensors`) that `PeftModel`,
 `loramix.experts` and any PEFT tool can load.
 
-Data reading and masking live in `loramix.data`, the Trainer plumbing (checkpoints, resume,
-atomic publishing of the result) in `loramix.training`; this module only adds the LoRA part.
+Data reading and masking live in `loramix.training.data`, the Trainer plumbing (checkpoints, resume,
+atomic publishing of the result) in `loramix.training.trainer`; this module only adds the LoRA part.
 """
 
 from __future__ import annotations
@@ -26,15 +26,16 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel, TrainerCallback, set_seed
 
-from loramix.data import (
+from loramix.checks import is_int, raise_problems
+from loramix.smollm2 import load_base_model, resolve_device
+from loramix.training.data import (
     DataSource,
     PadCollator,
     existing_sources,
     load_training_data,
     pad_token_id,
 )
-from loramix.smollm2 import load_base_model, resolve_device
-from loramix.training import (
+from loramix.training.trainer import (
     TrainingConfig,
     prepare_output,
     progress_bars,
@@ -70,7 +71,7 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         problems = []
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+        if not is_int(self.rank) or self.rank < 1:
             problems.append(f"rank={self.rank!r}: use a whole number >= 1, e.g. 8.")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             problems.append(f"alpha={self.alpha!r}: use a positive number, e.g. 2 x rank.")
@@ -81,8 +82,7 @@ class LoraSettings:
             )
         if not 0 <= self.dropout < 1:
             problems.append(f"dropout={self.dropout}: use a probability in [0, 1).")
-        if problems:
-            raise ValueError("Invalid LoraSettings:\n  " + "\n  ".join(problems))
+        raise_problems("Invalid LoraSettings", problems)
 
     def peft_config(self) -> LoraConfig:
         """The equivalent peft `LoraConfig` for a causal LM."""
@@ -96,39 +96,13 @@ class LoraSettings:
         )
 
 
-_T = TrainingConfig()  # defaults of the training keyword arguments below
-_L = LoraSettings()
-
-
 def train_expert(
     base: str | os.PathLike[str],
     data: Sequence[str | os.PathLike[str] | DataSource],
     out: str | os.PathLike[str],
+    lora: LoraSettings | None = None,
+    training: TrainingConfig | None = None,
     *,
-    rank: int = _L.rank,
-    alpha: float = _L.alpha,
-    targets: Sequence[str] = _L.targets,
-    dropout: float = _L.dropout,
-    lr: float = _T.lr,
-    epochs: float = _T.epochs,
-    max_steps: int | None = _T.max_steps,
-    batch_size: int = _T.batch_size,
-    grad_accum: int = _T.grad_accum,
-    seed: int = _T.seed,
-    max_length: int = _T.max_length,
-    chat: bool = _T.chat,
-    eval_fraction: float = _T.eval_fraction,
-    save_steps: int = _T.save_steps,
-    eval_steps: int | None = _T.eval_steps,
-    save_total_limit: int | None = _T.save_total_limit,
-    warmup: float = _T.warmup,
-    lr_scheduler: str = _T.lr_scheduler,
-    weight_decay: float = _T.weight_decay,
-    logging_steps: int = _T.logging_steps,
-    progress: bool = _T.progress,
-    gradient_checkpointing: bool = _T.gradient_checkpointing,
-    device: str = _T.device,
-    report_to: str = _T.report_to,
     resume: bool = False,
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
@@ -139,13 +113,10 @@ def train_expert(
     Args:
         base: "smollm2" (the embedded SmolLM2-135M-Instruct) or a local transformers folder.
         data: JSON Lines files, as paths, "FILE:WEIGHT" strings or `DataSource`s (see
-            `loramix.data` for the accepted line shapes and how weights mix files).
+            `loramix.training.data` for the accepted line shapes and how weights mix files).
         out: Output folder: the adapter files, and checkpoints in `out/checkpoints`.
-        rank, alpha, targets, dropout: The adapter's shape (see `LoraSettings`).
-        lr, epochs, max_steps, batch_size, grad_accum, seed, max_length, chat, eval_fraction,
-            save_steps, eval_steps, save_total_limit, warmup, lr_scheduler, logging_steps,
-            progress, gradient_checkpointing, device, report_to: Training settings (see
-            `TrainingConfig`).
+        lora: The adapter's shape; `LoraSettings()` if None.
+        training: The training settings; `TrainingConfig()` if None.
         resume: Continue from the newest checkpoint in `out/checkpoints`; give the same data
             and settings as the interrupted run (max_steps may be raised).
         overwrite: Replace an earlier run in `out` instead of refusing.
@@ -160,29 +131,8 @@ def train_expert(
             model lacks, or an output folder that holds an earlier run (see `prepare_output`).
         FileNotFoundError: If the base model or a data file does not exist.
     """
-    lora = LoraSettings(rank=rank, alpha=alpha, targets=tuple(targets), dropout=dropout)
-    config = TrainingConfig(
-        lr=lr,
-        epochs=epochs,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        seed=seed,
-        max_length=max_length,
-        chat=chat,
-        eval_fraction=eval_fraction,
-        save_steps=save_steps,
-        eval_steps=eval_steps,
-        save_total_limit=save_total_limit,
-        warmup=warmup,
-        lr_scheduler=lr_scheduler,
-        weight_decay=weight_decay,
-        logging_steps=logging_steps,
-        progress=progress,
-        gradient_checkpointing=gradient_checkpointing,
-        device=device,
-        report_to=report_to,
-    )
+    lora = lora if lora is not None else LoraSettings()
+    config = training if training is not None else TrainingConfig()
     out = Path(out)
     resolve_device(config.device)  # an unavailable device fails before anything loads
     sources = existing_sources(data)  # before loading anything
@@ -211,7 +161,9 @@ def train_expert(
         )
         peft_model = get_peft_model(model, lora.peft_config())
     trainable, total = peft_model.get_nb_trainable_parameters()
-    logger.info("LoRA r=%d on %s: %d trainable of %d parameters", rank, targets, trainable, total)
+    logger.info(
+        "LoRA r=%d on %s: %d trainable of %d parameters", lora.rank, lora.targets, trainable, total
+    )
 
     run_trainer(
         peft_model,

@@ -46,7 +46,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -61,18 +61,20 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import loramix
 from loramix.atomic import write_text_atomic
+from loramix.checks import is_finite, raise_problems
 from loramix.config import CONFIG_NAME, XLoraConfig
-from loramix.data import (
+from loramix.experts import load_expert
+from loramix.model import XLoraModel
+from loramix.saving import write_folder
+from loramix.smollm2 import load_base_model, resolve_device
+from loramix.training.data import (
     DataSource,
     PadCollator,
     existing_sources,
     load_training_data,
     pad_token_id,
 )
-from loramix.experts import load_expert
-from loramix.model import XLoraModel
-from loramix.smollm2 import load_base_model, resolve_device
-from loramix.training import (
+from loramix.training.trainer import (
     TrainingConfig,
     cpu_data_parallel,
     prepare_output,
@@ -110,17 +112,16 @@ class GateRegularizer:
 
     def __post_init__(self) -> None:
         problems = []
-        if not (_is_number(self.balance_weight) and self.balance_weight >= 0):
+        if not (is_finite(self.balance_weight) and self.balance_weight >= 0):
             problems.append(
                 f"balance_weight={self.balance_weight!r}: use a number >= 0 (0 turns it off; "
                 "0.01 to 0.1 is typical)."
             )
-        if not _is_number(self.entropy_weight):
+        if not is_finite(self.entropy_weight):
             problems.append(
                 f"entropy_weight={self.entropy_weight!r}: use a finite number (0 turns it off)."
             )
-        if problems:
-            raise ValueError("Invalid GateRegularizer:\n  " + "\n  ".join(problems))
+        raise_problems("Invalid GateRegularizer", problems)
 
     @property
     def active(self) -> bool:
@@ -415,50 +416,14 @@ class GateTrainer(Trainer):
 # ------------------------------------------------------------------------- entry
 
 
-_T = TrainingConfig()  # defaults of the training keyword arguments below
-_X = XLoraConfig(adapters={"_": "_"})  # defaults of the X-LoRA keyword arguments below
-
-
 def train_gate(
     base: str | os.PathLike[str],
-    experts: Mapping[str, str | os.PathLike[str]],
+    xlora: XLoraConfig,
     data: Sequence[str | os.PathLike[str] | DataSource],
     out: str | os.PathLike[str],
+    training: TrainingConfig | None = None,
+    regularizer: GateRegularizer | None = None,
     *,
-    hidden_size: int | None = _X.hidden_size,
-    enable_softmax: bool = _X.enable_softmax,
-    enable_softmax_topk: bool = _X.enable_softmax_topk,
-    layerwise_scalings: bool = _X.layerwise_scalings,
-    xlora_depth: int = _X.xlora_depth,
-    xlora_size: int = _X.xlora_size,
-    xlora_dropout_p: float = _X.xlora_dropout_p,
-    use_trainable_adapters: bool = _X.use_trainable_adapters,
-    softmax_temperature: float = _X.softmax_temperature,
-    top_k_lora: int | None = _X.top_k_lora,
-    scaling_pass_value: float = _X.scaling_pass_value,
-    global_scaling_weight: float = _X.global_scaling_weight,
-    balance_weight: float = 0.0,
-    entropy_weight: float = 0.0,
-    lr: float = _T.lr,
-    epochs: float = _T.epochs,
-    max_steps: int | None = _T.max_steps,
-    batch_size: int = _T.batch_size,
-    grad_accum: int = _T.grad_accum,
-    seed: int = _T.seed,
-    max_length: int = _T.max_length,
-    chat: bool = _T.chat,
-    eval_fraction: float = _T.eval_fraction,
-    save_steps: int = _T.save_steps,
-    eval_steps: int | None = _T.eval_steps,
-    save_total_limit: int | None = _T.save_total_limit,
-    warmup: float = _T.warmup,
-    lr_scheduler: str = _T.lr_scheduler,
-    weight_decay: float = _T.weight_decay,
-    logging_steps: int = _T.logging_steps,
-    progress: bool = _T.progress,
-    gradient_checkpointing: bool = _T.gradient_checkpointing,
-    device: str = _T.device,
-    report_to: str = _T.report_to,
     resume: bool = False,
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
@@ -471,19 +436,14 @@ def train_gate(
 
     Args:
         base: "smollm2" (the embedded SmolLM2-135M-Instruct) or a local transformers folder.
-        experts: Expert name -> PEFT adapter folder; the order is the expert axis.
+        xlora: The X-LoRA settings; `xlora.adapters` (expert name -> PEFT adapter folder)
+            gives the experts, in the order of the expert axis.
         data: JSON Lines files, as paths, "FILE:WEIGHT" strings or `DataSource`s (see
-            `loramix.data`).
+            `loramix.training.data`).
         out: Output folder (see the module docstring for its layout).
-        hidden_size, enable_softmax, enable_softmax_topk, layerwise_scalings, xlora_depth,
-            xlora_size, xlora_dropout_p, use_trainable_adapters, softmax_temperature,
-            top_k_lora, scaling_pass_value, global_scaling_weight: X-LoRA options (see
-            `XLoraConfig`).
-        balance_weight, entropy_weight: Optional loss terms (see `GateRegularizer`).
-        lr, epochs, max_steps, batch_size, grad_accum, seed, max_length, chat, eval_fraction,
-            save_steps, eval_steps, save_total_limit, warmup, lr_scheduler, weight_decay,
-            logging_steps, progress, gradient_checkpointing, device, report_to: Training
-            settings (see `TrainingConfig`); `batch_size` is per process.
+        training: The training settings (`batch_size` is per process); `TrainingConfig()`
+            if None.
+        regularizer: Optional loss terms on the scalings; none if None.
         resume: Continue from the newest checkpoint in `out/checkpoints`; give the same
             experts, data and settings as the interrupted run (max_steps may be raised).
         overwrite: Replace an earlier run in `out` instead of refusing.
@@ -500,53 +460,18 @@ def train_gate(
         FileNotFoundError: If the base model, an expert folder or a data file does not exist.
     """
     started = time.time()
-    xlora = XLoraConfig(
-        adapters={name: os.fspath(path) for name, path in experts.items()},
-        hidden_size=hidden_size,
-        enable_softmax=enable_softmax,
-        enable_softmax_topk=enable_softmax_topk,
-        layerwise_scalings=layerwise_scalings,
-        xlora_depth=xlora_depth,
-        xlora_size=xlora_size,
-        xlora_dropout_p=xlora_dropout_p,
-        use_trainable_adapters=use_trainable_adapters,
-        softmax_temperature=softmax_temperature,
-        top_k_lora=top_k_lora,
-        scaling_pass_value=scaling_pass_value,
-        global_scaling_weight=global_scaling_weight,
-    )
-    regularizer = GateRegularizer(balance_weight=balance_weight, entropy_weight=entropy_weight)
+    xlora.validate()
+    regularizer = regularizer if regularizer is not None else GateRegularizer()
     regularizer.check(xlora)
     if len(xlora.adapters) == 1 and xlora.enable_softmax:
         logger.warning(
             "X-LoRA over one expert (%s) with the softmax on: every scaling is 1, so the gate "
             "has nothing to choose and training cannot change the model (it stays the expert "
-            "alone). Add experts, or turn the softmax off (enable_softmax=False, --no-softmax) "
-            "to learn how strongly to apply this expert per token.",
+            "alone). Add experts, or turn the softmax off (enable_softmax=False, "
+            "--no-enable-softmax) to learn how strongly to apply this expert per token.",
             next(iter(xlora.adapters)),
         )
-    config = TrainingConfig(
-        lr=lr,
-        epochs=epochs,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        seed=seed,
-        max_length=max_length,
-        chat=chat,
-        eval_fraction=eval_fraction,
-        save_steps=save_steps,
-        eval_steps=eval_steps,
-        save_total_limit=save_total_limit,
-        warmup=warmup,
-        lr_scheduler=lr_scheduler,
-        weight_decay=weight_decay,
-        logging_steps=logging_steps,
-        progress=progress,
-        gradient_checkpointing=gradient_checkpointing,
-        device=device,
-        report_to=report_to,
-    )
+    config = training if training is not None else TrainingConfig()
     out = Path(out)
     resolve_device(config.device)  # an unavailable device fails before anything loads
     sources = existing_sources(data)  # before loading anything
@@ -580,7 +505,9 @@ def train_gate(
             trainable,
         )
 
-    scalings_log = ScalingsLog(out / SCALINGS_LOG_NAME, model.expert_names, layerwise_scalings)
+    scalings_log = ScalingsLog(
+        out / SCALINGS_LOG_NAME, model.expert_names, xlora.layerwise_scalings
+    )
     if state.is_main_process and resume_from is not None:
         scalings_log.truncate(_checkpoint_step(resume_from))
     trainer = run_trainer(
@@ -606,12 +533,8 @@ def train_gate(
 
 
 def _save_model(model: XLoraModel, summary: dict[str, Any], folder: Path) -> None:
-    """`publish`'s writer: the model's own atomic save, then the summary beside it."""
-    staged = folder / "model"
-    model.save_pretrained(staged)
-    for path in staged.iterdir():
-        os.replace(path, folder / path.name)
-    staged.rmdir()
+    """`publish`'s writer: the model's folder (`loramix.saving`), then the summary beside it."""
+    write_folder(model, folder)
     (folder / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
 
 
@@ -657,7 +580,3 @@ def _checkpoint_step(checkpoint: Path) -> int:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else float(f"{value:.5g}")
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,4 +1,4 @@
-"""Shared training plumbing for `train-expert` and `train-gate`, on transformers' `Trainer`.
+"""Shared training plumbing of `loramix.training.expert` and `loramix.training.gate` (Trainer).
 
 What both trainers need beyond their model:
 
@@ -40,9 +40,10 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging as hf_logging
 
-from loramix.data import Example, PadCollator
+from loramix.checks import is_int, raise_problems
 from loramix.errors import TrainingInterrupted
 from loramix.smollm2 import DEVICES
+from loramix.training.data import Example, PadCollator
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class TrainingConfig:
             "constant_with_warmup", "cosine_with_restarts".
         weight_decay: AdamW weight decay.
         logging_steps: Optimizer steps between logged training losses.
-        progress: Show a progress bar.
+        progress: Show progress bars (training, and loading and saving the weights).
         gradient_checkpointing: Recompute each layer's activations in the backward pass
             instead of keeping them: less memory for about one more forward pass of time.
         device: Where to train: "auto" (a GPU if there is one, else the CPU), "cpu", "cuda"
@@ -136,7 +137,7 @@ class TrainingConfig:
         for name, value in positive.items():
             if value is None and name in optional:
                 continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 fix = "or None " if name in optional else ""
                 problems.append(f"{name}={value!r}: use a whole number >= 1 {fix}".rstrip() + ".")
         if not isinstance(self.max_length, int) or self.max_length < 2:
@@ -156,8 +157,7 @@ class TrainingConfig:
             )
         if not self.weight_decay >= 0:
             problems.append(f"weight_decay={self.weight_decay}: use a number >= 0.")
-        if problems:
-            raise ValueError("Invalid TrainingConfig:\n  " + "\n  ".join(problems))
+        raise_problems("Invalid TrainingConfig", problems)
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -1,7 +1,8 @@
-"""Tests of loramix.train_expert and `loramix train-expert` on a tiny Llama saved to disk."""
+"""Tests of loramix.training.expert and `loramix train-expert` on a tiny Llama saved to disk."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,10 +14,16 @@ from tiny_tokenizer import save_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from loramix.cli import main
-from loramix.data import PadCollator, load_jsonl
-from loramix.train_expert import check_targets, train_expert
+from loramix.training.data import PadCollator, load_jsonl
+from loramix.training.expert import LoraSettings, check_targets, train_expert
+from loramix.training.trainer import TrainingConfig
 
-FAST = {"batch_size": 4, "progress": False, "logging_steps": 1, "warmup": 0, "lr": 1e-2}
+FAST = TrainingConfig(batch_size=4, progress=False, logging_steps=1, warmup=0, lr=1e-2)
+
+
+def fast(**changes) -> TrainingConfig:
+    """`FAST` with some settings changed."""
+    return dataclasses.replace(FAST, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +55,8 @@ def test_loss_drops_and_adapter_loads_with_peft(base, data, tmp_path):
         base,
         [data],
         tmp_path / "expert",
-        max_steps=20,
-        eval_fraction=0.0,
-        save_steps=100,
-        rank=4,
-        alpha=8,
-        **FAST,
+        LoraSettings(rank=4, alpha=8),
+        fast(max_steps=20, eval_fraction=0.0, save_steps=100),
     )
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
         "README.md",
@@ -100,19 +103,19 @@ class RecordSteps(TrainerCallback):
 
 def test_resume_continues_from_the_checkpoint(base, data, tmp_path):
     out = tmp_path / "expert"
-    settings = {"max_steps": 6, "save_steps": 2, "eval_fraction": 0.2, **FAST}
+    settings = fast(max_steps=6, save_steps=2, eval_fraction=0.2)
     with pytest.raises(KeyboardInterrupt):
-        train_expert(base, [data], out, callbacks=[StopAt(3)], **settings)
+        train_expert(base, [data], out, training=settings, callbacks=[StopAt(3)])
     # Interrupted: checkpoint 2 exists, and no (half-written) adapter in the output folder.
     assert (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
     assert not (out / "adapter_config.json").exists()
     assert not list(out.glob(".publish-*"))
 
     with pytest.raises(ValueError, match="--resume"):
-        train_expert(base, [data], out, **settings)
+        train_expert(base, [data], out, training=settings)
 
     steps = RecordSteps()
-    train_expert(base, [data], out, resume=True, callbacks=[steps], **settings)
+    train_expert(base, [data], out, training=settings, resume=True, callbacks=[steps])
     assert steps.steps == [3, 4, 5, 6]
     state = json.loads((out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["global_step"] == 6
@@ -130,7 +133,7 @@ def test_bad_data_fails_before_training(base, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl, line 2"):
-        train_expert(base, [bad], tmp_path / "out", max_steps=1, **FAST)
+        train_expert(base, [bad], tmp_path / "out", training=fast(max_steps=1))
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
@@ -180,17 +183,19 @@ class CheckpointingSeen(TrainerCallback):
 
 
 def test_gradient_checkpointing_trains_the_same_adapter(base, data, tmp_path):
-    settings = {"max_steps": 2, "batch_size": 4, "eval_fraction": 0.0, "progress": False}
-    settings |= {"rank": 2, "targets": ["q_proj", "v_proj"], "warmup": 0, "lr": 1e-2}
-    plain = train_expert(base, [data], tmp_path / "plain", **settings)
+    lora = LoraSettings(rank=2, targets=("q_proj", "v_proj"))
+    settings = TrainingConfig(
+        max_steps=2, batch_size=4, eval_fraction=0.0, progress=False, warmup=0, lr=1e-2
+    )
+    plain = train_expert(base, [data], tmp_path / "plain", lora, settings)
     seen = CheckpointingSeen()
     checkpointed = train_expert(
         base,
         [data],
         tmp_path / "checkpointed",
-        gradient_checkpointing=True,
+        lora,
+        dataclasses.replace(settings, gradient_checkpointing=True),
         callbacks=[seen],
-        **settings,
     )
     assert seen.checkpointing == [True]
     expected = load_file(plain / "adapter_model.safetensors")
@@ -222,9 +227,7 @@ def test_saving_never_looks_up_the_base_model(data, tmp_path, monkeypatch):
         base,
         [data],
         tmp_path / "out",
-        max_steps=1,
-        eval_fraction=0.0,
+        training=fast(max_steps=1, eval_fraction=0.0),
         callbacks=[MoveBase(base)],
-        **FAST,
     )
     assert (out / "adapter_model.safetensors").is_file()

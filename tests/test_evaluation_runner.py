@@ -1,31 +1,26 @@
-"""loramix.evaluation: NLL by hand, verifier counts, expert-alone = peft, report files, targets."""
+"""loramix.evaluation.runner: NLL by hand, verifier counts, one expert alone equals peft."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_expert
+from helpers import LLAMA_TARGETS, make_expert
 from peft import PeftModel
 from tiny_tokenizer import save_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loramix import XLoraConfig, XLoraModel
-from loramix.evaluation import (
-    EvalReport,
+from loramix.evaluation.runner import (
     FirstLineDone,
-    Score,
     completion_nll,
     evaluate,
     exact_match,
     greedy_answers,
     load_test_set,
     resolve_systems,
-    science_verifier,
     system_context,
 )
 
@@ -34,31 +29,6 @@ RECORDS = [
     {"prompt": "the capital of france?", "completion": "paris is the capital", "ok": False},
     {"prompt": "hello world, answer in one word", "completion": "hello", "ok": True},
 ]
-
-
-@contextlib.contextmanager
-def standin_fixed_scalings(self: XLoraModel, weights: torch.Tensor) -> Iterator[None]:
-    """Stand-in for `XLoraModel.fixed_scalings` until the model has it: the gate returns
-    `weights` ((E,) or (L, E)) for every token. The scaling pass still runs, so both KV
-    caches stay aligned during generation."""
-    weights = torch.as_tensor(weights, dtype=torch.float32)
-    if weights.dim() == 1:
-        weights = weights.expand(self.n_layers, -1)  # (L, E)
-
-    def fixed(hidden: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, L, E)
-        return weights.to(hidden.dtype).expand(*hidden.shape[:2], *weights.shape)
-
-    self.gate.forward = fixed
-    try:
-        yield
-    finally:
-        del self.gate.forward
-
-
-@pytest.fixture(autouse=True)
-def fixed_scalings_api(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not hasattr(XLoraModel, "fixed_scalings"):
-        monkeypatch.setattr(XLoraModel, "fixed_scalings", standin_fixed_scalings, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -168,18 +138,6 @@ def test_exact_match_reads_the_first_line() -> None:
     assert not exact_match(record, "")
 
 
-def test_science_verifier_uses_the_examples_task() -> None:
-    import random
-
-    from loramix.science import TASKS
-
-    example = TASKS["biology"][0].sample(random.Random(0))
-    assert science_verifier(example, example["completion"] + "\nextra")
-    assert not science_verifier(example, "no idea")
-    with pytest.raises(ValueError, match="exact-match verifier"):
-        science_verifier({"prompt": "a", "completion": "b"}, "b")
-
-
 def test_generation_stops_after_the_first_line(tokenizer) -> None:
     prompt = tokenizer("hello", add_special_tokens=False)["input_ids"]
     rows = [prompt + tokenizer(text)["input_ids"] for text in ("four.\n", "four. the")]
@@ -279,70 +237,3 @@ def test_test_records_need_a_completion(tmp_path: Path, tokenizer) -> None:
 
 
 # ------------------------------------------------------------------ report and targets
-
-
-def crafted_report(nll: dict[str, dict[str, float]]) -> EvalReport:
-    sets = sorted({name for by_set in nll.values() for name in by_set})
-    return EvalReport(
-        expert_names=["bio", "chem"],
-        test_sets={name: f"{name}.jsonl" for name in sets},
-        systems=list(nll),
-        scores={
-            system: {
-                name: Score(nll=v, accuracy=0.5, n_examples=4, n_tokens=20, n_correct=2)
-                for name, v in by_set.items()
-            }
-            for system, by_set in nll.items()
-        },
-        usage={"bio": {"bio": 0.75, "chem": 0.25}},
-        settings={"verifier": "exact_match", "max_new_tokens": 8},
-    )
-
-
-NUMBERS = {
-    "expert:bio": {"bio": 1.00, "chem": 3.0, "mixed": 2.0, "composite": 2.5},
-    "expert:chem": {"bio": 3.00, "chem": 1.0, "mixed": 2.0, "composite": 2.4},
-    "uniform": {"bio": 1.50, "chem": 1.5, "mixed": 1.6, "composite": 2.0},
-    "xlora": {"bio": 1.09, "chem": 1.2, "mixed": 1.6, "composite": 2.3},
-}
-
-
-def test_targets_pass_and_fail_on_crafted_numbers() -> None:
-    checks = crafted_report(NUMBERS).check_targets({"bio": "bio", "chem": "chem"})
-    status = {check.target.split(":")[0]: check.status for check in checks}
-    # bio +9% passes; chem +20% fails; mixed ties the uniform average (a tie does not beat);
-    # composite 2.3 beats both experts (the uniform average is not a rival there).
-    assert status == {"bio": "pass", "chem": "fail", "mixed": "fail", "composite": "pass"}
-    mixed = next(c for c in checks if c.target.startswith("mixed"))
-    assert "uniform 1.600" in mixed.detail
-
-
-def test_targets_missing_systems_or_sets_are_reported_not_passed() -> None:
-    numbers = {k: v for k, v in NUMBERS.items() if k != "uniform"}
-    checks = crafted_report(numbers).check_targets({"bio": "bio", "phys": "chem"})
-    status = {check.target.split(":")[0]: check.status for check in checks}
-    assert status == {"bio": "pass", "phys": "missing", "mixed": "missing", "composite": "pass"}
-    assert not any(c.passed for c in checks if c.status == "missing")
-
-
-def test_report_files_are_written_and_read_back(tmp_path: Path) -> None:
-    report = crafted_report(NUMBERS)
-    checks = report.check_targets({"bio": "bio"})
-    paths = report.write(tmp_path / "out", checks)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["eval.json", "eval.md"]
-    assert EvalReport.read(tmp_path / "out") == report
-    assert EvalReport.read(paths["eval.json"]) == report
-    data = json.loads(paths["eval.json"].read_text())
-    assert data["targets"][0]["status"] == "pass"
-    markdown = paths["eval.md"].read_text()
-    assert "| xlora | 1.090 / 50% |" in markdown
-    assert "| expert:bio | **1.000** / 50% |" in markdown  # lowest NLL of the column in bold
-    assert "| bio | **0.750** | 0.250 |" in markdown
-    assert "**PASS** bio: X-LoRA NLL within 10% of expert:bio" in markdown
-
-
-def test_reading_a_foreign_json_names_the_cause(tmp_path: Path) -> None:
-    path = tmp_path / "eval.json"
-    path.write_text('{"scores": {}}')
-    with pytest.raises(ValueError, match="not a loramix evaluation report"):
-        EvalReport.read(path)

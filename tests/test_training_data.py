@@ -1,4 +1,4 @@
-"""Tests of loramix.data: shapes, loss masks (checked by decoding), errors, mixing, padding."""
+"""Tests of loramix.training.data: shapes, loss masks (checked by decoding), errors, mixing."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_tokenizer import tiny_tokenizer
 
-from loramix.data import (
+from loramix.training.data import (
     IGNORE_INDEX,
     MAX_REPORTED_LINES,
     SHAPES,
@@ -122,7 +122,7 @@ def test_truncation_and_dropping_examples_without_targets(tokenizer, tmp_path, c
             {"prompt": "the quick brown fox jumps over the lazy dog", "completion": "yes"},
         ],
     )
-    with caplog.at_level(logging.WARNING, logger="loramix.data"):
+    with caplog.at_level(logging.WARNING, logger="loramix.training.data"):
         dataset = load_jsonl(path, tokenizer, max_length=4)
     assert len(dataset) == 1 and len(dataset[0]["input_ids"]) == 4
     assert "lines 2" in caplog.text and "max_length=4" in caplog.text

@@ -1,0 +1,178 @@
+"""Command-line flags built from the settings dataclasses, so a new setting is one edit.
+
+`add_fields(group, SettingsClass)` declares one flag per dataclass field: `--field-name`
+with the field's type and default, the help text taken from the class docstring's
+"Attributes:" entry, `nargs="+"` for tuples, `--no-field-name` for a setting that defaults to
+True. `from_args(SettingsClass, args)` builds the object back from the parsed flags. Adding
+a field (with its docstring line) to `TrainingConfig`, `LoraSettings`, `XLoraConfig` or
+`GateRegularizer` adds its flag to `train-expert` / `train-gate`; nothing here changes.
+(litgpt's CLI, generated from its `TrainArgs`/`EvalArgs` dataclasses, is the model.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import types
+import typing
+from collections.abc import Collection, Mapping
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_fields(
+    group: argparse._ActionsContainer,
+    cls: type,
+    *,
+    skip: Collection[str] = (),
+    choices: Mapping[str, Collection[Any]] | None = None,
+) -> None:
+    """Declare one flag per field of the dataclass `cls` (see the module docstring).
+
+    Args:
+        group: A parser or argument group.
+        cls: A dataclass whose fields all have defaults (except those in `skip`).
+        skip: Fields that get no flag.
+        choices: Field name -> allowed values.
+    """
+    hints = typing.get_type_hints(cls)
+    docs = attribute_docs(cls)
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        default = _default(field)
+        kind, optional = _unwrap(hints[field.name])
+        flag = "--" + field.name.replace("_", "-")
+        help_text = docs.get(field.name, "").replace("%", "%%")
+        if kind is bool:
+            if default:
+                group.add_argument(
+                    "--no-" + field.name.replace("_", "-"),
+                    dest=field.name,
+                    action="store_false",
+                    help=f"turn off: {help_text}",
+                )
+            else:
+                group.add_argument(flag, action="store_true", help=help_text)
+            continue
+        options: dict[str, Any] = {"dest": field.name, "default": default, "help": help_text}
+        if typing.get_origin(kind) in (tuple, list):
+            options |= {"nargs": "+", "type": typing.get_args(kind)[0], "metavar": "NAME"}
+            options["default"] = list(default)
+        else:
+            options["type"] = kind
+        if choices and field.name in choices:
+            options["choices"] = list(choices[field.name])
+        group.add_argument(flag, **options)
+
+
+def from_args(cls: type[T], args: argparse.Namespace, **values: Any) -> T:
+    """The dataclass `cls` built from the parsed flags of its fields, plus `values`."""
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    found = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    for name, value in found.items():
+        if isinstance(value, list):
+            found[name] = tuple(value)
+    return cls(**(found | values))
+
+
+def attribute_docs(cls: type) -> dict[str, str]:
+    """Field name -> its description in the Google-style "Attributes:" docstring section."""
+    docs: dict[str, str] = {}
+    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+    inside, name = False, None
+    for line in lines:
+        if line.strip() == "Attributes:":
+            inside = True
+            continue
+        if not inside:
+            continue
+        if line and not line.startswith(" "):  # the next section
+            break
+        entry = re.match(r"^ {4}(\w+)(?: \(.*?\))?: (.*)$", line)
+        if entry:
+            name = entry.group(1)
+            docs[name] = entry.group(2).strip()
+        elif name and line.strip():
+            docs[name] += " " + line.strip()
+    return docs
+
+
+def add_data_arguments(group: argparse._ArgumentGroup) -> None:
+    """`--data`, `--out`, `--resume`, `--overwrite`."""
+    group.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="FILE[:WEIGHT]",
+        help="a .jsonl file, optionally with a sampling weight; repeat to mix files",
+    )
+    group.add_argument(
+        "--out", required=True, help="output folder (checkpoints in OUT/checkpoints)"
+    )
+    group.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    group.add_argument("--overwrite", action="store_true", help="replace an earlier run in OUT")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `TrainingConfig` flags (`--device`, `--report-to`, `--no-progress` among them) and
+    `--dtype`."""
+    from loramix.smollm2 import DEVICES
+    from loramix.training.trainer import REPORTERS, SCHEDULERS, TrainingConfig
+
+    training = parser.add_argument_group("training")
+    choices = {"lr_scheduler": SCHEDULERS, "device": DEVICES, "report_to": REPORTERS}
+    add_fields(training, TrainingConfig, choices=choices)
+    training.add_argument("--dtype", choices=DTYPES, default="float32", help="base weights dtype")
+
+
+def add_device_argument(group: argparse._ActionsContainer) -> None:
+    """`--device auto|cpu|cuda|mps`: where the model runs (as `TrainingConfig.device`)."""
+    from loramix.smollm2 import DEVICES
+
+    group.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where the model runs: auto = CUDA if available, else MPS, else the CPU",
+    )
+
+
+def add_progress_argument(group: argparse._ActionsContainer) -> None:
+    """`--no-progress` (sets `progress` to False, as `TrainingConfig.progress` does): the
+    `loramix` command then shows no progress bar at all."""
+    group.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="hide every progress bar (weight loading too)",
+    )
+
+
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments both trainers take besides the settings objects."""
+    import torch
+
+    return {"resume": args.resume, "overwrite": args.overwrite, "dtype": getattr(torch, args.dtype)}
+
+
+def _default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    raise TypeError(f"{field.name} has no default; pass it in `skip` and set it yourself")
+
+
+def _unwrap(kind: Any) -> tuple[Any, bool]:
+    """`X | None` -> (X, True); anything else -> (kind, False)."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return kind, False

@@ -1,0 +1,248 @@
+"""The evaluation report: scores per system and test set, rendered as Markdown and JSON.
+
+`loramix.evaluation.runner.evaluate` fills an `EvalReport`; this module renders its table
+(rows are systems, columns test sets, cells "NLL / accuracy"), the expert-usage table, and
+writes `eval.json` and `eval.md` (atomically). `TargetCheck` is one claim checked on a report;
+the science case study's targets are computed by `loramix.science.targets`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loramix.atomic import write_text_atomic
+
+REPORT_JSON = "eval.json"
+REPORT_MD = "eval.md"
+REPORT_FORMAT = "loramix-eval/1"
+
+
+@dataclass(frozen=True)
+class Score:
+    """One system on one test set.
+
+    Attributes:
+        nll: Mean NLL per completion token.
+        accuracy: Share of verified greedy answers, or None when nothing was generated.
+        n_examples: Test examples.
+        n_tokens: Completion tokens the NLL averages over.
+        n_correct: Verified answers (0 when nothing was generated).
+        seconds: Wall time of the NLL pass and the generation together.
+    """
+
+    nll: float
+    accuracy: float | None
+    n_examples: int
+    n_tokens: int
+    n_correct: int = 0
+    seconds: float = 0.0
+
+    def cell(self) -> str:
+        """ "0.123 / 45%" ("0.123 / -" without generation)."""
+        accuracy = "-" if self.accuracy is None else f"{100 * self.accuracy:.0f}%"
+        return f"{self.nll:.3f} / {accuracy}"
+
+
+@dataclass(frozen=True)
+class TargetCheck:
+    """One target of the science case study, checked on a report.
+
+    Attributes:
+        target: What is claimed, e.g. "biology: X-LoRA NLL within 10% of expert:biology".
+        status: "pass", "fail", or "missing" (the report lacks a system or test set it needs).
+        detail: The numbers behind the verdict.
+    """
+
+    target: str
+    status: str
+    detail: str
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+    def line(self) -> str:
+        return f"{self.status.upper():7} {self.target}: {self.detail}"
+
+
+@dataclass
+class EvalReport:
+    """The scores of every system on every test set, and X-LoRA's expert usage.
+
+    Attributes:
+        expert_names: The experts, in the model's order (the E axis).
+        test_sets: Test set name -> its file (as given).
+        systems: System names, in evaluation order (rows of the table).
+        scores: System -> test set -> score.
+        usage: Test set -> expert -> X-LoRA's mean scaling (empty without the xlora system).
+        settings: How the numbers were made (verifier, max_new_tokens, chat, limit, ...).
+    """
+
+    expert_names: list[str]
+    test_sets: dict[str, str]
+    systems: list[str]
+    scores: dict[str, dict[str, Score]]
+    usage: dict[str, dict[str, float]] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def score(self, system: str, test_set: str) -> Score:
+        return self.scores[system][test_set]
+
+    # ------------------------------------------------------------------ rendering
+
+    def table(self) -> str:
+        """Markdown: rows are systems, columns test sets, cells "NLL / accuracy".
+
+        The lowest NLL of each column is bold.
+        """
+        names = list(self.test_sets)
+        best = {
+            name: min(self.scores[s][name].nll for s in self.systems if name in self.scores[s])
+            for name in names
+        }
+        lines = [
+            "| system | " + " | ".join(names) + " |",
+            "|:--|" + "--:|" * len(names),
+        ]
+        for system in self.systems:
+            cells = []
+            for name in names:
+                score = self.scores[system].get(name)
+                if score is None:
+                    cells.append("")
+                    continue
+                cell = score.cell()
+                if score.nll == best[name]:
+                    nll, _, rest = cell.partition(" / ")
+                    cell = f"**{nll}** / {rest}"
+                cells.append(cell)
+            lines.append(f"| {system} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def usage_table(self) -> str:
+        """Markdown: rows are test sets, columns experts, cells X-LoRA's mean scalings."""
+        if not self.usage:
+            return ""
+        lines = [
+            "| test set | " + " | ".join(self.expert_names) + " |",
+            "|:--|" + "--:|" * len(self.expert_names),
+        ]
+        for name, by_expert in self.usage.items():
+            top = max(by_expert.values())
+            cells = [
+                f"**{by_expert[e]:.3f}**" if by_expert[e] == top else f"{by_expert[e]:.3f}"
+                for e in self.expert_names
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def to_markdown(self, targets: Sequence[TargetCheck] = ()) -> str:
+        """The whole report: scores, expert usage, targets (if given) and settings."""
+        sizes = ", ".join(
+            f"{name} {next(iter(self.scores.values()))[name].n_examples}" for name in self.test_sets
+        )
+        parts = [
+            "# Evaluation",
+            "",
+            self.table(),
+            "",
+            "Cells: mean NLL per completion token (teacher forcing; lower is better; lowest in "
+            "bold) / share of greedy answers the verifier "
+            f"({self.settings.get('verifier', '?')}) accepts. Examples per test set: {sizes}.",
+        ]
+        if self.usage:
+            parts += [
+                "",
+                "## X-LoRA expert usage",
+                "",
+                self.usage_table(),
+                "",
+                "Mean scalings (after the gate's softmax, before top-k) over adapted layers and "
+                "over the prompt and completion tokens of each test set.",
+            ]
+        if targets:
+            parts += ["", "## Targets", ""] + [
+                f"- **{t.status.upper()}** {t.target}: {t.detail}" for t in targets
+            ]
+        settings = ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        parts += ["", f"Settings: {settings}.", ""]
+        return "\n".join(parts)
+
+    # ------------------------------------------------------------------ files
+
+    def to_dict(self, targets: Sequence[TargetCheck] = ()) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "format": REPORT_FORMAT,
+            "expert_names": self.expert_names,
+            "test_sets": self.test_sets,
+            "systems": self.systems,
+            "scores": {
+                system: {name: asdict(score) for name, score in by_set.items()}
+                for system, by_set in self.scores.items()
+            },
+            "usage": self.usage,
+            "settings": self.settings,
+        }
+        if targets:
+            data["targets"] = [asdict(t) for t in targets]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvalReport:
+        """Rebuild a report from `to_dict()` output (e.g. a parsed `eval.json`).
+
+        Raises:
+            ValueError: If the data is not a loramix evaluation report.
+        """
+        if data.get("format") != REPORT_FORMAT:
+            raise ValueError(
+                f"not a loramix evaluation report (format {data.get('format')!r}, expected "
+                f"{REPORT_FORMAT!r}); was it written by `EvalReport.write`?"
+            )
+        try:
+            return cls(
+                expert_names=list(data["expert_names"]),
+                test_sets=dict(data["test_sets"]),
+                systems=list(data["systems"]),
+                scores={
+                    system: {name: Score(**score) for name, score in by_set.items()}
+                    for system, by_set in data["scores"].items()
+                },
+                usage={k: dict(v) for k, v in data.get("usage", {}).items()},
+                settings=dict(data.get("settings", {})),
+            )
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"malformed evaluation report ({error!r})") from None
+
+    def write(self, out_dir: str | os.PathLike[str], targets: Sequence[TargetCheck] = ()) -> dict:
+        """Writes `eval.json` and `eval.md` into `out_dir` (created if missing), atomically.
+
+        Returns:
+            File name -> path.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        return {
+            REPORT_JSON: write_text_atomic(
+                out / REPORT_JSON, json.dumps(self.to_dict(targets), indent=2) + "\n"
+            ),
+            REPORT_MD: write_text_atomic(out / REPORT_MD, self.to_markdown(targets)),
+        }
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> EvalReport:
+        """Reads `eval.json` (or the folder holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / REPORT_JSON
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+def format_targets(checks: Sequence[TargetCheck]) -> str:
+    """One line per target: "PASS    target: numbers"."""
+    return "\n".join(check.line() for check in checks)

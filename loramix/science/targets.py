@@ -1,0 +1,104 @@
+"""The science case study's targets and its verifier, checked on an evaluation report.
+
+`check_targets` states what the case study claims of an X-LoRA model, by NLL on held-out
+data (`loramix.evaluation.report.EvalReport`); `science_verifier` judges a greedy answer with
+the task that wrote the question (`loramix.science.registry.verify`). `loramix eval
+--verifier science`, `loramix science demo` and the retrain pipeline use both.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from loramix.evaluation.report import EvalReport, TargetCheck
+from loramix.evaluation.runner import EXPERT_PREFIX, UNIFORM, XLORA
+from loramix.science.registry import verify
+
+
+def science_verifier(example: Mapping[str, Any], generated: str) -> bool:
+    """`loramix.science.verify`: the example's own task re-checks the answer.
+
+    Raises:
+        ValueError: If the record lacks the "domain" and "task" keys that science data has.
+    """
+    missing = [key for key in ("domain", "task", "answer") if key not in example]
+    if missing:
+        raise ValueError(
+            f"the science verifier needs the keys domain, task and answer, but a record lacks "
+            f"{', '.join(missing)}; use records written by `loramix.science.write_datasets`, "
+            "or the exact-match verifier"
+        )
+    return verify(example, generated)  # type: ignore[arg-type]
+
+
+def check_targets(
+    report: EvalReport,
+    domain_experts: Mapping[str, str],
+    *,
+    mixed: str | None = "mixed",
+    composite: str | None = "composite",
+    tolerance: float = 0.10,
+) -> list[TargetCheck]:
+    """The science case study's targets, by NLL on held-out data (README, "The science case study").
+
+    - every domain: X-LoRA's NLL <= (1 + tolerance) * that domain's own expert's NLL;
+    - the mixed set: X-LoRA's NLL is below every single expert's and the uniform average's;
+    - the composite set: X-LoRA's NLL is below every single expert's.
+
+    A tie does not beat. A target whose system or test set the report lacks is "missing".
+
+    Args:
+        domain_experts: Test set name of a domain -> the name of that domain's expert.
+        mixed: The mixed test set's name; None skips that target.
+        composite: The composite test set's name; None skips that target.
+        tolerance: The allowed relative excess of X-LoRA's NLL on a domain.
+    """
+    checks = []
+    for domain, expert in domain_experts.items():
+        own = EXPERT_PREFIX + expert
+        target = f"{domain}: X-LoRA NLL within {tolerance:.0%} of {own}"
+        missing = _missing(report, [XLORA, own], domain)
+        if missing:
+            checks.append(TargetCheck(target, "missing", missing))
+            continue
+        ours, theirs = report.score(XLORA, domain).nll, report.score(own, domain).nll
+        excess = ours / theirs - 1 if theirs > 0 else math.inf
+        checks.append(
+            TargetCheck(
+                target,
+                "pass" if ours <= (1 + tolerance) * theirs else "fail",
+                f"X-LoRA {ours:.3f} vs {theirs:.3f} ({excess:+.1%})",
+            )
+        )
+    experts = [EXPERT_PREFIX + name for name in report.expert_names]
+    for name, rivals, what in (
+        (mixed, [*experts, UNIFORM], "every single expert and the uniform average"),
+        (composite, experts, "every single expert"),
+    ):
+        if name is None:
+            continue
+        target = f"{name}: X-LoRA NLL beats {what}"
+        missing = _missing(report, [XLORA, *rivals], name)
+        if missing:
+            checks.append(TargetCheck(target, "missing", missing))
+            continue
+        ours = report.score(XLORA, name).nll
+        best = min(rivals, key=lambda s: report.score(s, name).nll)
+        theirs = report.score(best, name).nll
+        checks.append(
+            TargetCheck(
+                target,
+                "pass" if ours < theirs else "fail",
+                f"X-LoRA {ours:.3f} vs best rival {best} {theirs:.3f}",
+            )
+        )
+    return checks
+
+
+def _missing(report: EvalReport, systems: Sequence[str], test_set: str) -> str:
+    if test_set not in report.test_sets:
+        return f"no test set named {test_set!r} was evaluated"
+    absent = [s for s in systems if test_set not in report.scores.get(s, {})]
+    return f"not evaluated: {', '.join(absent)}" if absent else ""

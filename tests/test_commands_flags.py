@@ -1,0 +1,67 @@
+"""loramix.commands.flags: flags built from the settings dataclasses, and back."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import pytest
+
+from loramix.commands.flags import add_fields, attribute_docs, from_args
+from loramix.config import XLoraConfig
+from loramix.training.expert import LoraSettings
+from loramix.training.trainer import SCHEDULERS, TrainingConfig
+
+
+@dataclass(frozen=True)
+class Toy:
+    """A settings class as the project writes them.
+
+    Attributes:
+        steps: How many steps; a long description that
+            goes on over two lines.
+        rate: A number that may be unset.
+        fast: Off by default.
+        shown: On by default.
+        names: Several names.
+    """
+
+    steps: int = 3
+    rate: float | None = None
+    fast: bool = False
+    shown: bool = True
+    names: tuple[str, ...] = ("a", "b")
+
+
+def test_attribute_docs_reads_the_docstring() -> None:
+    docs = attribute_docs(Toy)
+    assert docs["steps"] == "How many steps; a long description that goes on over two lines."
+    assert list(docs) == ["steps", "rate", "fast", "shown", "names"]
+
+
+def test_one_flag_per_field_and_back() -> None:
+    parser = argparse.ArgumentParser()
+    add_fields(parser, Toy)
+    assert from_args(Toy, parser.parse_args([])) == Toy()
+    argv = ["--steps", "7", "--rate", "0.5", "--fast", "--no-shown", "--names", "x", "y"]
+    expected = Toy(steps=7, rate=0.5, fast=True, shown=False, names=("x", "y"))
+    assert from_args(Toy, parser.parse_args(argv)) == expected
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--steps", "many"])
+
+
+def test_every_field_of_the_training_settings_has_a_documented_flag() -> None:
+    parser = argparse.ArgumentParser()
+    add_fields(parser, TrainingConfig, choices={"lr_scheduler": SCHEDULERS})
+    add_fields(parser, LoraSettings)
+    add_fields(parser, XLoraConfig, skip={"adapters"})
+    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+    for cls in (TrainingConfig, LoraSettings):
+        for name in cls.__dataclass_fields__:
+            assert name in flags and flags[name].help, name
+    assert flags["lr_scheduler"].choices == list(SCHEDULERS)
+    assert "--no-progress" in flags["progress"].option_strings
+    args = parser.parse_args(["--lr", "0.01", "--targets", "q_proj", "--top-k-lora", "2"])
+    assert from_args(TrainingConfig, args) == TrainingConfig(lr=0.01)
+    assert from_args(LoraSettings, args).targets == ("q_proj",)
+    assert from_args(XLoraConfig, args, adapters={"a": "x", "b": "y"}).top_k_lora == 2

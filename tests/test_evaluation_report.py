@@ -1,0 +1,35 @@
+"""loramix.evaluation.report: Markdown tables, eval.json and eval.md written and read back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import NUMBERS, crafted_report
+
+from loramix.evaluation.report import EvalReport
+from loramix.science.targets import check_targets
+
+
+def test_report_files_are_written_and_read_back(tmp_path: Path) -> None:
+    report = crafted_report(NUMBERS)
+    checks = check_targets(report, {"bio": "bio"})
+    paths = report.write(tmp_path / "out", checks)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["eval.json", "eval.md"]
+    assert EvalReport.read(tmp_path / "out") == report
+    assert EvalReport.read(paths["eval.json"]) == report
+    data = json.loads(paths["eval.json"].read_text())
+    assert data["targets"][0]["status"] == "pass"
+    markdown = paths["eval.md"].read_text()
+    assert "| xlora | 1.090 / 50% |" in markdown
+    assert "| expert:bio | **1.000** / 50% |" in markdown  # lowest NLL of the column in bold
+    assert "| bio | **0.750** | 0.250 |" in markdown
+    assert "**PASS** bio: X-LoRA NLL within 10% of expert:bio" in markdown
+
+
+def test_reading_a_foreign_json_names_the_cause(tmp_path: Path) -> None:
+    path = tmp_path / "eval.json"
+    path.write_text('{"scores": {}}')
+    with pytest.raises(ValueError, match="not a loramix evaluation report"):
+        EvalReport.read(path)
