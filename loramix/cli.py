@@ -37,6 +37,7 @@ SUBCOMMANDS: dict[str, str] = {
     "eval": "eval",
     "science": "science",
     "generate": "generate",
+    "convert": "convert",
 }
 
 USER_ERRORS = (ValueError, OSError, ImportError)

@@ -36,8 +36,6 @@ FOREIGN_KEYS = frozenset(
         # the original xlora package
         "base_model_id",
         "device",
-        "enable_relu_and_dropout",
-        "use_bias",
         "stop_token_id",
         "use_mean_pool",
     }
@@ -58,6 +56,11 @@ class XLoraConfig:
         xlora_depth: Number of linear layers in the gate (1 = a single linear map).
         xlora_size: Width of the gate's hidden layers (used when `xlora_depth > 1`).
         xlora_dropout_p: Dropout between the gate's hidden layers.
+        enable_relu_and_dropout: ReLU (and dropout) after each hidden layer of the gate; off,
+            the hidden layers are stacked linear maps. A field of the original `xlora`
+            package (peft always uses ReLU).
+        use_bias: Biases in the gate's linear layers (the original package's field; peft
+            always uses biases).
         use_trainable_adapters: Train the experts' LoRA weights together with the gate.
         softmax_temperature: Temperature of the softmax over experts.
         top_k_lora: Keep only the k largest scalings per token and layer (`None` keeps all).
@@ -73,6 +76,8 @@ class XLoraConfig:
     xlora_depth: int = 1
     xlora_size: int = 2048
     xlora_dropout_p: float = 0.2
+    enable_relu_and_dropout: bool = True
+    use_bias: bool = True
     use_trainable_adapters: bool = False
     softmax_temperature: float = 1.0
     top_k_lora: int | None = None
@@ -111,7 +116,13 @@ class XLoraConfig:
             "hidden_size",
             "use a positive int, or None to infer it from the base model",
         )
-        for name in ("enable_softmax", "enable_softmax_topk", "layerwise_scalings"):
+        for name in (
+            "enable_softmax",
+            "enable_softmax_topk",
+            "layerwise_scalings",
+            "enable_relu_and_dropout",
+            "use_bias",
+        ):
             check(isinstance(getattr(self, name), bool), name, "use True or False")
         check(isinstance(self.use_trainable_adapters, bool), "use_trainable_adapters", "use a bool")
         check(is_int(self.xlora_depth) and self.xlora_depth >= 1, "xlora_depth", "use an int >= 1")

@@ -37,7 +37,6 @@ _UNMIXABLE_LORA_OPTIONS = (
     "monteclora_config",
     "arrow_config",
     "trainable_token_indices",
-    "target_parameters",
 )
 
 _KEY_PATTERN = re.compile(
@@ -82,8 +81,22 @@ class LoraExpert:
         return bool(self.peft_config.get("fan_in_fan_out", False))
 
 
-def load_expert(name: str, folder: str | Path) -> LoraExpert:
+def load_expert(
+    name: str,
+    folder: str | Path,
+    *,
+    config_file: str = ADAPTER_CONFIG_NAME,
+    weights_file: str | None = None,
+) -> LoraExpert:
     """Reads one PEFT LoRA adapter folder.
+
+    Args:
+        name: The expert's name (used in errors).
+        folder: The adapter folder.
+        config_file: The config's file name in `folder` (mistral.rs's flat layout prefixes it
+            with the adapter's name).
+        weights_file: The weights' file name in `folder`; None looks for
+            `adapter_model.safetensors`, then `adapter_model.bin`.
 
     Raises:
         FileNotFoundError: the folder, its config or its weights file is missing.
@@ -94,8 +107,8 @@ def load_expert(name: str, folder: str | Path) -> LoraExpert:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"expert {name!r}: adapter folder {folder} does not exist")
-    peft_config = _read_adapter_config(name, folder / ADAPTER_CONFIG_NAME)
-    weights_path, state = _read_weights(name, folder)
+    peft_config = _read_adapter_config(name, folder / config_file)
+    weights_path, state = _read_weights(name, folder, weights_file)
 
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
@@ -137,13 +150,17 @@ def load_expert(name: str, folder: str | Path) -> LoraExpert:
                 f"expert {name!r}: module {module_name!r} has {a_key} {tuple(lora_a.shape)} "
                 f"and {b_key} {tuple(lora_b.shape)}; expected (r, in) and (out, r) with one r."
             )
-        rank = lora_a.shape[0]
-        alpha = _pattern_value(peft_config.get("alpha_pattern"), module_name)
-        alpha = peft_config.get("lora_alpha", 8) if alpha is None else alpha
-        use_rslora = bool(peft_config.get("use_rslora", False))
-        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
-        modules[module_name] = ModuleLora(lora_a, lora_b, float(scale), is_embedding)
+        scale = module_scale(peft_config, module_name, lora_a.shape[0])
+        modules[module_name] = ModuleLora(lora_a, lora_b, scale, is_embedding)
     return LoraExpert(name=name, path=folder, peft_config=peft_config, modules=modules)
+
+
+def module_scale(peft_config: dict, module_name: str, rank: int) -> float:
+    """PEFT's LoRA scale of one module: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA."""
+    alpha = _pattern_value(peft_config.get("alpha_pattern"), module_name)
+    alpha = peft_config.get("lora_alpha", 8) if alpha is None else alpha
+    use_rslora = bool(peft_config.get("use_rslora", False))
+    return float(alpha / math.sqrt(rank) if use_rslora else alpha / rank)
 
 
 def _read_adapter_config(name: str, path: Path) -> dict:
@@ -173,6 +190,15 @@ def _read_adapter_config(name: str, path: Path) -> dict:
             f"modules_to_save is {config['modules_to_save']!r}; fully trained modules cannot be "
             "mixed per token, retrain without modules_to_save"
         )
+    if config.get("target_parameters"):
+        problems.append(
+            f"target_parameters is {config['target_parameters']!r}: LoRA on a "
+            "mixture-of-experts block's routed expert weights (3-D parameters) or its router "
+            "cannot be mixed per token (each token reaches only its routed experts). Retrain "
+            "without target_parameters, with target_modules listed explicitly (e.g. the "
+            "attention and shared-expert projections): peft adds target_parameters by itself "
+            "for target_modules='all-linear' on Mixtral-style models"
+        )
     for option in _UNMIXABLE_LORA_OPTIONS:
         if config.get(option):
             problems.append(
@@ -185,8 +211,10 @@ def _read_adapter_config(name: str, path: Path) -> dict:
     return config
 
 
-def _read_weights(name: str, folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
-    safetensors_path = folder / SAFETENSORS_WEIGHTS_NAME
+def _read_weights(
+    name: str, folder: Path, weights_file: str | None = None
+) -> tuple[Path, dict[str, torch.Tensor]]:
+    safetensors_path = folder / (weights_file or SAFETENSORS_WEIGHTS_NAME)
     bin_path = folder / BIN_WEIGHTS_NAME
     try:
         if safetensors_path.is_file():
@@ -209,6 +237,8 @@ def _read_weights(name: str, folder: Path) -> tuple[Path, dict[str, torch.Tensor
             f"expert {name!r}: cannot read weights file {path} ({error}); the file is corrupt "
             "or truncated, save the adapter again"
         ) from None
+    if weights_file is not None:
+        raise FileNotFoundError(f"expert {name!r}: {safetensors_path} is missing")
     raise FileNotFoundError(
         f"expert {name!r}: {folder} has neither {SAFETENSORS_WEIGHTS_NAME} nor {BIN_WEIGHTS_NAME}"
     )

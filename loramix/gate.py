@@ -5,6 +5,11 @@ module and expert. Its parameters live in `layers`, an `nn.Sequential` laid out 
 peft's `XLoraClassifier.layers`, so gate weights move between peft and loramix unchanged:
 `layers.{i}.weight` / `layers.{i}.bias`.
 
+Two options of the original `xlora` package are honoured too: `use_bias=False` builds every
+linear layer without a bias, and `enable_relu_and_dropout=False` stacks the hidden linear
+layers with no ReLU and no dropout between them (peft has neither option: it always uses
+both). A hidden layer is followed by `ReLU` and, when `xlora_dropout_p > 0`, `Dropout`.
+
 `XLoraModel.forward` (`loramix.model`) calls it between the scaling pass and the mixed
 pass; `loramix.training.gate` trains it.
 
@@ -40,11 +45,13 @@ class XLoraGate(nn.Module):
         layers: list[nn.Module] = []
         width = hidden_size
         for _ in range(config.xlora_depth - 1):
-            layers += [nn.Linear(width, config.xlora_size), nn.ReLU()]
-            if config.xlora_dropout_p > 0:
-                layers.append(nn.Dropout(config.xlora_dropout_p))
+            layers.append(nn.Linear(width, config.xlora_size, bias=config.use_bias))
+            if config.enable_relu_and_dropout:
+                layers.append(nn.ReLU())
+                if config.xlora_dropout_p > 0:
+                    layers.append(nn.Dropout(config.xlora_dropout_p))
             width = config.xlora_size
-        layers.append(nn.Linear(width, n_out))
+        layers.append(nn.Linear(width, n_out, bias=config.use_bias))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -65,6 +72,10 @@ class XLoraGate(nn.Module):
         if self.enable_softmax:
             logits = torch.softmax(logits / self.temperature, dim=-1)
         return logits.expand(-1, -1, self.n_layers, -1)  # (B, T, L, E)
+
+    def linear_layers(self) -> list[nn.Linear]:
+        """The gate's linear layers in order (hidden layers, then the output layer)."""
+        return [layer for layer in self.layers if isinstance(layer, nn.Linear)]
 
 
 def select_top_k(scalings: torch.Tensor, k: int | None, renormalize: bool) -> torch.Tensor:

@@ -43,9 +43,11 @@ merged
     length; where that is impossible (`return_dict_in_generate=True`, a streamer, a cache
     passed in) the call runs in frozen mode and logs a warning. It also falls back to frozen
     mode (with a warning) when an adapted weight is shared with another module (tied
-    embeddings), and when sequences end up with different fixed scalings (`freeze_after > 0`
-    with sampling or beam search). For a batch of different prompts frozen mode is usually
-    the faster one: it keeps the batch together.
+    embeddings) or offloaded by accelerate (on the meta device), and when sequences end up
+    with different fixed scalings (`freeze_after > 0` with sampling or beam search). For a
+    batch of different prompts frozen mode is usually the faster one: it keeps the batch
+    together. On a quantized base merged mode is refused (an exact merge would need the
+    weights in float); frozen mode gives the same scalings there.
 
 The scalings log (`XLoraModel.enable_scalings_logging`) keeps one `(B, T, L, E)` entry per
 forward call in every mode; in frozen and merged steps the entry is `fixed` expanded over T.
@@ -68,6 +70,7 @@ from transformers import GenerationMixin
 from loramix.cache import XLoraCache
 from loramix.checks import is_int, raise_problems
 from loramix.gate import select_top_k
+from loramix.layer import is_quantized
 
 if TYPE_CHECKING:
     from loramix.model import XLoraModel
@@ -166,9 +169,29 @@ class MergedWeights:
 
 def merge_problems(model: XLoraModel) -> list[str]:
     """Why the model's adapted weights cannot be merged in place (empty if they can)."""
-    return [
+    problems = [
         f"{name}.weight is shared with another module (tied weights)"
         for name in model.tied_adapted_weights()
+    ]
+    offloaded = [
+        name
+        for name, module in zip(model.adapted_modules, model.mixed_modules(), strict=True)
+        if module.base_layer.weight.device.type == "meta"
+    ]
+    if offloaded:
+        problems.append(
+            f"{len(offloaded)} adapted weights are offloaded by accelerate (on the meta "
+            f"device), e.g. {offloaded[0]}.weight"
+        )
+    return problems
+
+
+def quantized_modules(model: XLoraModel) -> list[str]:
+    """The adapted modules whose base weight is quantized (no exact merge possible)."""
+    return [
+        name
+        for name, module in zip(model.adapted_modules, model.mixed_modules(), strict=True)
+        if is_quantized(module.base_layer)
     ]
 
 
@@ -361,6 +384,13 @@ def generate(
 
     prompt = _prompt_tensor(inputs, kwargs)
     merge = scalings_mode == "merged"
+    if merge and (quantized := quantized_modules(model)):
+        raise ValueError(
+            f"scalings_mode='merged' on a quantized base ({len(quantized)} adapted modules, "
+            f"e.g. {quantized[0]}): merging would dequantize, add and requantize the weights, "
+            "which is not exact. Use scalings_mode='frozen': the same fixed scalings, with the "
+            "experts kept beside the quantized weights."
+        )
     if merge and (problems := merge_problems(model)):
         logger.warning("merged mode impossible (%s); running in frozen mode", "; ".join(problems))
         merge = False

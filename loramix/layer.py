@@ -19,8 +19,21 @@ Axis names used in shape comments:
 
 The scalings reach the modules through a `MixingState` that `XLoraModel` owns and sets for
 the length of one forward call (`with state.using(scalings): ...`). No hooks are involved.
-`plan_mixed_modules` decides which modules of a base model get mixed, and `replace_module`
+`plan_mixed_modules` decides which modules of a base model get mixed, `build_mixed_modules`
+builds their mixing modules (placed where each module runs), and `replace_module`
 is the one place where modules of the base model are swapped (see `loramix.model`).
+
+Token layout: a module is normally called on `(B, T, D_in)` activations, token `(b, t)` at
+row `(b, t)`. Some architectures flatten them to `(B * T, D_in)` first (OPT's feed-forward
+block, Qwen2-MoE's shared expert); the rows are then the tokens in batch-major order and the
+rank weights are flattened the same way. A module called on any other number of rows (a
+subset of the tokens, e.g. the tokens routed to one expert of a mixture-of-experts block)
+cannot be matched to its tokens' scalings and raises an error naming the module, unless every
+token has the same weights (fixed or frozen scalings).
+
+Quantized bases (bitsandbytes 4-bit and 8-bit, torchao tensor subclasses): the base module
+is called as it is; the experts are never cast to its storage dtype but kept in the
+activations' dtype and added to its output. Folding them into a quantized weight is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +41,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +179,14 @@ def add_up_projection(
     return fused.view(result.shape)
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """Whether `module.weight` is stored quantized: an integer dtype (bitsandbytes 4-bit
+    packs into uint8, 8-bit is int8) or a tensor subclass (torchao), not a plain float tensor.
+    """
+    weight = module.weight
+    return not weight.is_floating_point() or type(weight.data) is not torch.Tensor
+
+
 def adapted_shape(module: nn.Module) -> tuple[int, int] | None:
     """`(in, out)` as LoRA sees the module (`(V, D)` for an embedding), or None if unsupported."""
     if isinstance(module, nn.Linear):
@@ -190,6 +212,11 @@ class MixedLora(nn.Module):
         state: The model's shared `MixingState`.
         trainable: Register the stacked LoRA weights as trainable parameters instead of
             frozen buffers.
+        module_name: The module's path in the model, for error messages.
+        device: Where the experts live; None: the base weight's device. A base placed by
+            accelerate with offloaded (meta) weights needs its execution device here.
+        activation_dtype: The experts' dtype over a quantized base weight (whose storage
+            dtype is no compute dtype); None: float32. Unused for floating-point weights.
     """
 
     def __init__(
@@ -199,16 +226,32 @@ class MixedLora(nn.Module):
         expert_loras: list[tuple[int, ModuleLora]],
         state: MixingState,
         trainable: bool = False,
+        *,
+        module_name: str | None = None,
+        device: torch.device | str | None = None,
+        activation_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.layer_index = layer_index
         self.state = state
+        self.module_name = module_name or f"adapted module {layer_index}"
         weight = base_layer.weight
+        device = weight.device if device is None else torch.device(device)
+        if device.type == "meta":
+            raise ValueError(
+                f"{self.module_name}: its weight is on the meta device (offloaded, or not "
+                "loaded) and no execution device is known; load the base model onto real "
+                "devices, or dispatch it with accelerate so that its hooks name one."
+            )
+        if is_quantized(base_layer):  # storage dtype (uint8, int8) is not a compute dtype
+            dtype = activation_dtype if activation_dtype is not None else torch.float32
+        else:
+            dtype = weight.dtype
         lora_a = torch.cat([lora.lora_a for _, lora in expert_loras], dim=0)  # (R, D_in)
         lora_b = torch.cat([lora.lora_b for _, lora in expert_loras], dim=1)  # (D_out, R)
-        lora_a = lora_a.to(device=weight.device, dtype=weight.dtype)
-        lora_b = lora_b.to(device=weight.device, dtype=weight.dtype)
+        lora_a = lora_a.to(device=device, dtype=dtype)
+        lora_b = lora_b.to(device=device, dtype=dtype)
         expert_of_rank = torch.cat(
             [torch.full((lora.rank,), index, dtype=torch.long) for index, lora in expert_loras]
         )  # (R,)
@@ -221,10 +264,8 @@ class MixedLora(nn.Module):
         else:
             self.register_buffer("lora_a", lora_a)
             self.register_buffer("lora_b", lora_b)
-        self.register_buffer("expert_of_rank", expert_of_rank.to(weight.device), persistent=False)
-        self.register_buffer(
-            "scale_of_rank", scale_of_rank.to(weight.device, weight.dtype), persistent=False
-        )
+        self.register_buffer("expert_of_rank", expert_of_rank.to(device), persistent=False)
+        self.register_buffer("scale_of_rank", scale_of_rank.to(device, dtype), persistent=False)
         # (expert index, first rank row, end rank row), to split the stack back per expert.
         self.rank_blocks: list[tuple[int, int, int]] = []
         start = 0
@@ -246,11 +287,12 @@ class MixedLora(nn.Module):
         """Base output plus the mixed experts.
 
         Args:
-            x: `(B, T, D_in)` activations, or `(B, T)` token ids for an embedding.
+            x: `(B, T, D_in)` activations (or `(B * T, D_in)`, flattened batch-major), or
+                `(B, T)` token ids for an embedding.
 
         Returns:
-            `(B, T, D_out)`, the base module's output when neither `state.scalings` nor
-            `state.scaled_lora_b` is set.
+            `(B, T, D_out)` (`(B * T, D_out)` for flattened input), the base module's output
+            when neither `state.scalings` nor `state.scaled_lora_b` is set.
         """
         result = self.base_layer(x, *args, **kwargs)
         state = self.state
@@ -260,9 +302,35 @@ class MixedLora(nn.Module):
         scalings = state.scalings
         if scalings is None:
             return result
-        rank_weights = state.rank_weights(self.layer_index)  # (B, T, R)
-        down = self.project_down(x)  # (B, T, R)
-        return add_up_projection(result, down * rank_weights.to(down.dtype), self.lora_b)
+        rank_weights = state.rank_weights(self.layer_index)  # (B, T, R) or (B, 1, R)
+        down = self.project_down(x)  # (B, T, R), or (B * T, R) for flattened activations
+        rank_weights = self._per_row(rank_weights, down.shape[:-1])
+        rank_weights = rank_weights.to(device=down.device, dtype=down.dtype)
+        return add_up_projection(result, down * rank_weights, self.lora_b)
+
+    def _per_row(self, rank_weights: torch.Tensor, rows: torch.Size) -> torch.Tensor:
+        """`(B, T|1, R)` rank weights laid out like the input's rows `rows` (see the module
+        docstring): as they are for `(B, T)` rows, flattened for `(B * T,)` rows.
+
+        Raises:
+            ValueError: the rows are neither, so they cannot be matched to their tokens.
+        """
+        batch, tokens, rank = rank_weights.shape
+        if len(rows) == 2 and rows[0] == batch and tokens in (rows[1], 1):
+            return rank_weights  # broadcasts over T when the scalings are fixed per sequence
+        if len(rows) == 1 and batch * tokens == rows[0]:
+            return rank_weights.reshape(rows[0], rank)  # (B * T, R), batch-major
+        if len(rows) == 1 and tokens == 1 and rows[0] % batch == 0:
+            return rank_weights.expand(batch, rows[0] // batch, rank).reshape(rows[0], rank)
+        if bool((rank_weights == rank_weights[:1, :1]).all()):  # the same for every token
+            return rank_weights[0, 0]  # (R,)
+        raise ValueError(
+            f"{self.module_name} was called on input rows {tuple(rows)} but the scalings "
+            f"cover {batch} x {tokens} tokens: it sees a subset or a rearrangement of the "
+            "tokens (e.g. the tokens routed to one expert of a mixture-of-experts block), so "
+            "per-token scalings cannot reach the right tokens. Retrain the experts without "
+            "this module (leave it out of target_modules), or use fixed scalings."
+        )
 
     def rank_weights(self, layer_scalings: torch.Tensor) -> torch.Tensor:
         """`(..., E)` expert scalings -> `(..., R)`: `g * s_i * scale_i` on expert i's ranks.
@@ -287,8 +355,8 @@ class MixedLora(nn.Module):
         Args:
             expert_scalings: `(E,)` one scaling per expert.
         """
-        rank_weights = self.rank_weights(expert_scalings.to(self.lora_a.dtype))  # (R,)
-        return self.lora_b * rank_weights  # (D_out, R)
+        expert_scalings = expert_scalings.to(device=self.lora_a.device, dtype=self.lora_a.dtype)
+        return self.lora_b * self.rank_weights(expert_scalings)  # (D_out, R)
 
     def merged_weight(self, expert_scalings: torch.Tensor) -> torch.Tensor:
         """`base_layer.weight + delta_weight(expert_scalings)` as a new tensor, in one GEMM.
@@ -299,6 +367,14 @@ class MixedLora(nn.Module):
         Args:
             expert_scalings: `(E,)` one scaling per expert.
         """
+        if is_quantized(self.base_layer):
+            raise ValueError(
+                f"{self.module_name}: its base weight is quantized "
+                f"({type(self.base_layer).__name__}, stored as {self.base_layer.weight.dtype}); "
+                "adding the experts to it would need a dequantize-add-requantize round trip, "
+                "which is not exact. Use scalings_mode='frozen' instead of 'merged': it keeps "
+                "the experts beside the quantized weight at the same fixed scalings."
+            )
         scaled_b = self.scaled_lora_b(expert_scalings)  # (D_out, R)
         weight = self.base_layer.weight.detach()
         if self.weight_is_transposed:  # weight is (D_in, D_out)
@@ -349,16 +425,72 @@ class MixedEmbedding(MixedLora):
         return True  # (V, D): rows are looked up by the input ids
 
 
+def execution_device(root: nn.Module, module_name: str) -> torch.device | None:
+    """Where a module runs when accelerate offloaded its weight (to the meta device): the
+    `execution_device` of the nearest accelerate hook on it or above it. None otherwise."""
+    if root.get_submodule(module_name).weight.device.type != "meta":
+        return None
+    parts = module_name.split(".")
+    for end in range(len(parts), -1, -1):
+        owner = root.get_submodule(".".join(parts[:end]))
+        hook = getattr(owner, "_hf_hook", None)
+        for one in getattr(hook, "hooks", None) or [hook]:
+            device = getattr(one, "execution_device", None)
+            if device is not None:
+                return torch.device(device)
+    return None
+
+
+def head_device(base_model: nn.Module) -> torch.device:
+    """Where a causal LM's head runs (its input embeddings' when it has no head module): the
+    device the last hidden state goes to, where `XLoraModel` puts its gate."""
+    head = base_model.get_output_embeddings() or base_model.get_input_embeddings()
+    name = next(name for name, module in base_model.named_modules() if module is head)
+    device = execution_device(base_model, name)  # set when accelerate offloaded the head
+    return head.weight.device if device is None else device
+
+
+def build_mixed_modules(
+    base_model: nn.Module,
+    plan: list[tuple[str, list[tuple[int, ModuleLora]]]],
+    state: MixingState,
+    trainable: bool = False,
+) -> list[MixedLora]:
+    """One mixing module per planned module (see `plan_mixed_modules`), in plan order, each
+    with its experts where its module runs and, over a quantized weight, in the dtype of the
+    model's activations (its input embeddings' dtype). Nothing is swapped in here."""
+    weight = base_model.get_input_embeddings().weight
+    activation_dtype = weight.dtype if weight.is_floating_point() else None
+    return [
+        make_mixed_module(
+            base_model.get_submodule(name),
+            layer_index,
+            expert_loras,
+            state,
+            trainable,
+            module_name=name,
+            device=execution_device(base_model, name),
+            activation_dtype=activation_dtype,
+        )
+        for layer_index, (name, expert_loras) in enumerate(plan)
+    ]
+
+
 def make_mixed_module(
     base_layer: nn.Module,
     layer_index: int,
     expert_loras: list[tuple[int, ModuleLora]],
     state: MixingState,
     trainable: bool = False,
+    **placement: Any,
 ) -> MixedLora:
-    """Builds the mixing module that fits `base_layer`'s type."""
+    """Builds the mixing module that fits `base_layer`'s type.
+
+    Args:
+        **placement: `module_name`, `device`, `activation_dtype` (see `MixedLora`).
+    """
     cls = MixedEmbedding if isinstance(base_layer, nn.Embedding) else MixedLinear
-    return cls(base_layer, layer_index, expert_loras, state, trainable)
+    return cls(base_layer, layer_index, expert_loras, state, trainable, **placement)
 
 
 def replace_module(root: nn.Module, name: str, module: nn.Module) -> nn.Module:

@@ -42,7 +42,8 @@ from loramix.gate import XLoraGate, select_top_k
 from loramix.layer import (
     MixedLora,
     MixingState,
-    make_mixed_module,
+    build_mixed_modules,
+    head_device,
     plan_mixed_modules,
     replace_module,
 )
@@ -121,21 +122,23 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
 
         for param in base_model.parameters():
             param.requires_grad_(False)
-        for layer_index, (module_name, expert_loras) in enumerate(adapted):
-            mixed = make_mixed_module(
-                base_model.get_submodule(module_name),
-                layer_index,
-                expert_loras,
-                self.mixing_state,
-                trainable=config.use_trainable_adapters,
-            )
-            replace_module(base_model, module_name, mixed)
+        mixed = build_mixed_modules(
+            base_model, adapted, self.mixing_state, trainable=config.use_trainable_adapters
+        )  # all built (and checked) before the first module is replaced
+        for module_name, module in zip(self.adapted_modules, mixed, strict=True):
+            replace_module(base_model, module_name, module)
 
+        # The gate sits where the last hidden state goes: beside the LM head.
         weight = base_model.get_input_embeddings().weight
         self.gate = XLoraGate(config, hidden_size, self.n_layers, self.n_experts).to(
-            device=weight.device, dtype=weight.dtype
+            device=head_device(base_model), dtype=weight.dtype
         )
         self.eval()
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """Kept as named: a mixture-of-experts base's config copy names the base's own
+        experts implementation (e.g. "grouped_mm"), which transformers would refuse here."""
+        return requested_experts or "eager"
 
     # ------------------------------------------------------------------ properties
 
@@ -366,7 +369,8 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         with torch.no_grad(), self.mixing_state.using(pass_scalings):
             backbone = self.lm.base_model  # the causal LM without its head
             hidden = backbone(**inputs, **{self._cache_kwarg: cache}).last_hidden_state
-        scalings = self.gate(hidden)  # (B, T, L, E)
+        gate_device = self.gate.layers[-1].weight.device
+        scalings = self.gate(hidden.to(gate_device))  # (B, T, L, E), no-op on one device
         self._record_scalings(scalings)
         return scalings
 
@@ -613,20 +617,85 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------- save/load
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> None:
-        """Writes a self-contained folder, atomically; see `loramix.saving` for the layout."""
-        saving.save_folder(self, save_directory)
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        format: str = "loramix",
+        base_model_id: str | None = None,
+        **_: Any,
+    ) -> None:
+        """Writes a self-contained folder, atomically; see `loramix.saving` for the layout.
+
+        Args:
+            save_directory: The folder; an existing one is replaced.
+            format: "loramix", "peft" (`PeftModel.from_pretrained` loads it), "xlora" (the
+                original package's layout) or "mistralrs"; see `loramix.formats`.
+            base_model_id: The base model's Hub id or path, recorded by the "xlora",
+                "mistralrs" and "peft" formats; defaults to the base model's `name_or_path`.
+        """
+        saving.save_folder(self, save_directory, format, base_model_id)
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
-        cls, base_model: PreTrainedModel, save_directory: str | os.PathLike
+        cls,
+        base_model: PreTrainedModel | str | os.PathLike | None,
+        save_directory: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool | None = None,
+        force_download: bool | None = None,
+        dtype: Any = None,
+        torch_dtype: Any = None,
+        device_map: Any = None,
+        **unknown: Any,
     ) -> XLoraModel:
-        """Loads a folder written by `save_pretrained` (or by peft's X-LoRA) onto `base_model`.
+        """Loads an X-LoRA folder or Hub repo of any format in `loramix.formats` onto a base.
 
-        Expert paths in the config are resolved relative to the folder. Everything is read
-        and checked before `base_model` is changed (see `loramix.saving`).
+        Everything is read and checked before the base model is changed (see
+        `loramix.saving`).
+
+        Args:
+            base_model: A transformers causal LM; or its Hub id or folder, loaded with
+                `AutoModelForCausalLM.from_pretrained(..., dtype=, device_map=)` ("smollm2":
+                the embedded SmolLM2-135M-Instruct); or None for the base model the files
+                name (`base_model_id` of the original package and mistral.rs,
+                `base_model_name_or_path` of peft).
+            save_directory: A folder, or a Hugging Face Hub id of one (fetched into, or with
+                `HF_HUB_OFFLINE=1` read from, the Hugging Face cache).
+            revision, cache_dir, token, local_files_only, force_download: For the Hub id of
+                `save_directory`, as transformers and peft take them.
+            dtype, torch_dtype, device_map: For loading `base_model` from an id or folder
+                (`torch_dtype` is transformers' older name of `dtype`).
         """
-        return saving.load_folder(cls, base_model, save_directory)
+        if unknown:
+            raise TypeError(
+                f"XLoraModel.from_pretrained got unknown keyword arguments {sorted(unknown)}; "
+                "it takes revision, cache_dir, token, local_files_only, force_download (for a "
+                "Hub id) and dtype / torch_dtype, device_map (for a base model given by id)"
+            )
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ValueError(
+                f"dtype={dtype!r} and torch_dtype={torch_dtype!r}: give one (torch_dtype is the "
+                "older name of dtype)"
+            )
+        hub_options = {
+            "revision": revision,
+            "cache_dir": cache_dir,
+            "token": token,
+            "local_files_only": local_files_only,
+            "force_download": force_download,
+        }
+        return saving.load_folder(
+            cls,
+            base_model,
+            save_directory,
+            hub_options=hub_options,
+            dtype=dtype if dtype is not None else torch_dtype,
+            device_map=device_map,
+        )
 
     def expert_state(self, expert_index: int) -> dict[str, torch.Tensor]:
         """One expert's weights with PEFT's key names, read back from the stacked modules."""

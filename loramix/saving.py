@@ -1,43 +1,39 @@
-"""Saving and loading an `XLoraModel`: the loramix folder, peft's X-LoRA folder, the scalings log.
+"""Saving and loading an `XLoraModel` in any X-LoRA format, and the scalings log.
 
 `XLoraModel.save_pretrained` and `XLoraModel.from_pretrained` call the functions here; the
-model class keeps only the model's own logic (`loramix.model`). The folder layout:
+model class keeps only the model's own logic (`loramix.model`). The layouts themselves
+(loramix's folder, peft's, the original `xlora` package's, mistral.rs's) are in
+`loramix.formats`; loramix's own:
 
     xlora_config.json                        the config, adapters -> "experts/<name>"
     gate.safetensors                         gate weights (`layers.{i}.weight/bias`)
     experts/<name>/adapter_config.json       each expert as a standard PEFT adapter
     experts/<name>/adapter_model.safetensors
 
-A folder written by peft's X-LoRA is read too: its config through `XLoraConfig.from_file`,
-its gate from the classifier weights inside `adapter_model.safetensors`. Every write goes
-through `loramix.atomic`, every read is checked before the base model is changed.
+Every write goes through `loramix.atomic`, every read is checked before the base model is
+changed.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from loramix.atomic import atomic_file, atomic_folder
-from loramix.config import CONFIG_NAME, XLoraConfig
-from loramix.experts import ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, load_expert
+from loramix import formats
+from loramix.atomic import atomic_file
+from loramix.formats import hub, native
 
 if TYPE_CHECKING:
     from loramix.model import XLoraModel
 
-GATE_WEIGHTS_NAME = "gate.safetensors"
-EXPERTS_DIR = "experts"
+GATE_WEIGHTS_NAME = native.GATE_WEIGHTS_NAME
+EXPERTS_DIR = native.EXPERTS_DIR
 
 
 def expert_state(model: XLoraModel, expert_index: int) -> dict[str, torch.Tensor]:
@@ -57,52 +53,48 @@ def expert_state(model: XLoraModel, expert_index: int) -> dict[str, torch.Tensor
     return state
 
 
-def save_folder(model: XLoraModel, save_directory: str | os.PathLike[str]) -> None:
-    """Writes the model's folder (see the module docstring) atomically."""
-    with atomic_folder(save_directory) as staging:
-        write_folder(model, staging)
+def save_folder(
+    model: XLoraModel,
+    save_directory: str | os.PathLike[str],
+    format: str = "loramix",
+    base_model_id: str | None = None,
+) -> None:
+    """Writes the model's folder in `format` (see `loramix.formats`) atomically."""
+    formats.write_folder(formats.contents_of_model(model, base_model_id), save_directory, format)
 
 
 def write_folder(model: XLoraModel, folder: Path) -> None:
-    """Writes the model's files into an existing, empty `folder` (not atomic by itself)."""
-    adapters = {}
-    for index, name in enumerate(model.expert_names):
-        expert_folder = Path(EXPERTS_DIR) / _folder_name(name, index)
-        adapters[name] = expert_folder.as_posix()
-        (folder / expert_folder).mkdir(parents=True)
-        peft_config = dict(model.expert_configs[index])
-        (folder / expert_folder / ADAPTER_CONFIG_NAME).write_text(_json_dumps(peft_config) + "\n")
-        save_file(
-            expert_state(model, index),
-            folder / expert_folder / SAFETENSORS_WEIGHTS_NAME,
-            metadata={"format": "pt"},
-        )
-    config = dataclasses.replace(model.current_config(), adapters=adapters)
-    (folder / CONFIG_NAME).write_text(config.to_json_string())
-    gate_state = {k: v.detach().contiguous().cpu() for k, v in model.gate.state_dict().items()}
-    save_file(gate_state, folder / GATE_WEIGHTS_NAME, metadata={"format": "pt"})
+    """Writes loramix's folder into an existing, empty `folder` (not atomic by itself)."""
+    native.write(formats.contents_of_model(model), folder)
 
 
 def load_folder(
-    cls: type[XLoraModel], base_model: PreTrainedModel, save_directory: str | os.PathLike[str]
+    cls: type[XLoraModel],
+    base_model: PreTrainedModel | str | os.PathLike[str] | None,
+    save_directory: str | os.PathLike[str],
+    *,
+    hub_options: dict[str, Any] | None = None,
+    dtype: Any = None,
+    device_map: Any = None,
 ) -> XLoraModel:
-    """Loads a folder written by `save_folder` (or by peft's X-LoRA) onto `base_model`.
+    """Loads an X-LoRA folder (or Hub id) of any format onto a base model.
 
-    Expert paths in the config are resolved relative to the folder. Everything is read and
-    checked before `base_model` is changed; a gate that does not fit puts the base model's
-    modules back before the error.
+    Everything is read and checked before the base model is changed; a gate that does not
+    fit puts the base model's modules back before the error.
+
+    Args:
+        cls: `XLoraModel`.
+        base_model: A causal LM; its Hub id or folder ("smollm2": the embedded model); or
+            None for the base model the files name.
+        save_directory: A folder, or a Hugging Face Hub id.
+        hub_options: For `loramix.formats.hub.resolve` (`revision`, `cache_dir`, ...).
+        dtype, device_map: For loading `base_model` from an id or folder.
     """
-    folder = Path(save_directory)
-    config = XLoraConfig.from_file(folder)
-    adapters = {}
-    for name, path in config.adapters.items():
-        path = Path(path)
-        adapters[name] = str(path if path.is_absolute() else folder / path)
-    config = dataclasses.replace(config, adapters=adapters)
-    gate_state = read_gate_state(folder)
-    experts = [load_expert(name, path) for name, path in config.adapters.items()]
-    model = cls(base_model, config, experts)  # checks the experts before any change
-    expected = model.gate.state_dict()
+    folder = hub.resolve(save_directory, **(hub_options or {}))
+    files = formats.read_folder(folder)
+    base_model = _base_model(base_model, files.base_model_id, dtype, device_map)
+    model = cls(base_model, files.config, files.experts)  # checks the experts first
+    gate_state, expected = files.gate_state, model.gate.state_dict()
     missing, unexpected = (
         sorted(set(expected) - set(gate_state)),
         sorted(set(gate_state) - set(expected)),
@@ -111,7 +103,8 @@ def load_folder(
         model.unload()
         raise ValueError(
             f"{folder}: gate weights do not fit the config (missing keys {missing}, "
-            f"unexpected keys {unexpected}); check xlora_depth and layerwise_scalings."
+            f"unexpected keys {unexpected}); check xlora_depth, layerwise_scalings, use_bias "
+            "and enable_relu_and_dropout."
         )
     for key, value in gate_state.items():
         if value.shape != expected[key].shape:
@@ -125,27 +118,38 @@ def load_folder(
     return model
 
 
-def read_gate_state(folder: Path) -> dict[str, torch.Tensor]:
-    """The gate's weights from `gate.safetensors`, or from a peft X-LoRA folder's classifier."""
-    path = folder / GATE_WEIGHTS_NAME
-    peft_path = folder / "adapter_model.safetensors"
-    try:
-        if path.is_file():
-            return load_file(path, device="cpu")
-        if peft_path.is_file():  # a peft X-LoRA folder: the classifier's weights
-            prefix = re.compile(r"^.*internal_xlora_classifier\.")
-            state = load_file(peft_path, device="cpu")
-            gate = {prefix.sub("", k): v for k, v in state.items() if prefix.match(k)}
-            if gate:
-                return gate
-    except (SafetensorError, OSError) as error:
-        raise ValueError(
-            f"{path if path.is_file() else peft_path}: cannot read gate weights ({error}); the "
-            "file is corrupt or truncated"
-        ) from None
-    raise FileNotFoundError(
-        f"{folder}: no {GATE_WEIGHTS_NAME} found; was this folder written by save_pretrained?"
-    )
+def _base_model(
+    base_model: PreTrainedModel | str | os.PathLike[str] | None,
+    named: str | None,
+    dtype: Any,
+    device_map: Any,
+) -> PreTrainedModel:
+    """The base model object: as given, or loaded from its id (given, or named by the files)."""
+    if isinstance(base_model, nn.Module):
+        given = [n for n, v in (("dtype", dtype), ("device_map", device_map)) if v is not None]
+        if given:
+            raise ValueError(
+                f"{' and '.join(given)} apply when loramix loads the base model from an id or "
+                "folder; for a model object, load it with them yourself (or call .to())"
+            )
+        return base_model
+    if base_model is None:
+        if not named:
+            raise ValueError(
+                "base_model is None and the X-LoRA files name no base model; pass the base "
+                "model (an object, a Hub id or a folder)"
+            )
+        base_model = named
+    if os.fspath(base_model) == "smollm2":
+        from loramix.smollm2 import load_base_model
+
+        if device_map is not None:
+            raise ValueError("device_map: the embedded SmolLM2 loads on the CPU; leave it out")
+        return load_base_model("smollm2", dtype=dtype or torch.float32)[0]
+    from transformers import AutoModelForCausalLM
+
+    options = {k: v for k, v in (("dtype", dtype), ("device_map", device_map)) if v is not None}
+    return AutoModelForCausalLM.from_pretrained(os.fspath(base_model), **options)
 
 
 def save_scalings_log(model: XLoraModel, path: str | os.PathLike[str]) -> None:
@@ -158,12 +162,3 @@ def save_scalings_log(model: XLoraModel, path: str | os.PathLike[str]) -> None:
     arrays["adapted_modules"] = np.array(model.adapted_modules)
     with atomic_file(path, suffix=".npz") as tmp:  # np.savez adds .npz to other names
         np.savez(tmp, **arrays)
-
-
-def _folder_name(name: str, index: int) -> str:
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")
-    return safe if safe and safe == name else f"{index}_{safe or 'expert'}"
-
-
-def _json_dumps(data: dict) -> str:
-    return json.dumps(data, indent=2, sort_keys=True)

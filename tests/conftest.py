@@ -32,10 +32,10 @@ def gpt2_experts(tmp_path: Path) -> dict[str, str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `cuda` run only where torch sees a CUDA device."""
+    """`@pytest.mark.cuda` tests are skipped where torch sees no CUDA device."""
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)

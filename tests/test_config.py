@@ -26,12 +26,18 @@ NON_DEFAULTS = {
     "xlora_depth": 3,
     "xlora_size": 16,
     "xlora_dropout_p": 0.1,
+    "enable_relu_and_dropout": False,
+    "use_bias": False,
     "use_trainable_adapters": True,
     "softmax_temperature": 0.5,
     "top_k_lora": 2,
     "scaling_pass_value": 0.25,
     "global_scaling_weight": 0.7,
 }
+
+
+# Fields of the original `xlora` package that peft's config does not have.
+ORIGINAL_ONLY = {"enable_relu_and_dropout", "use_bias"}
 
 
 def field_names(cls: type) -> set[str]:
@@ -47,8 +53,14 @@ def test_non_defaults_cover_every_field() -> None:
 # ------------------------------------------------------------------ peft defaults
 
 
-def test_every_field_exists_in_peft() -> None:
-    assert field_names(XLoraConfig) <= field_names(peft.XLoraConfig)
+def test_every_field_exists_in_peft_or_the_original_package() -> None:
+    assert field_names(XLoraConfig) - ORIGINAL_ONLY <= field_names(peft.XLoraConfig)
+    assert not ORIGINAL_ONLY & field_names(peft.XLoraConfig)
+
+
+def test_original_only_fields_default_to_the_original_packages_defaults() -> None:
+    config = XLoraConfig(adapters={"a": "a"})
+    assert config.enable_relu_and_dropout is True and config.use_bias is True
 
 
 def test_defaults_equal_peft_defaults() -> None:
@@ -69,7 +81,7 @@ def test_constructed_values_equal_peft_constructed_values() -> None:
         warnings.simplefilter("ignore")
         theirs = peft.XLoraConfig(hidden_size=32, adapters=dict(ADAPTERS))
     ours = XLoraConfig(adapters=dict(ADAPTERS), hidden_size=32)
-    for name in field_names(XLoraConfig):
+    for name in field_names(XLoraConfig) - ORIGINAL_ONLY:
         assert getattr(ours, name) == getattr(theirs, name), name
 
 
@@ -121,7 +133,7 @@ def test_save_replaces_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_reads_peft_adapter_config(tmp_path: Path) -> None:
-    options = {k: v for k, v in NON_DEFAULTS.items() if k != "adapters"}
+    options = {k: v for k, v in NON_DEFAULTS.items() if k != "adapters" and k not in ORIGINAL_ONLY}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.XLoraConfig(task_type="CAUSAL_LM", adapters=dict(ADAPTERS), **options)
@@ -130,8 +142,8 @@ def test_reads_peft_adapter_config(tmp_path: Path) -> None:
     assert written["peft_type"] == "XLORA"  # what peft writes: checked, then dropped
     assert {"task_type", "peft_version", "base_model_name_or_path"} <= set(written)
     ours = XLoraConfig.from_file(tmp_path)  # the folder: adapter_config.json is found
-    assert ours == XLoraConfig(**NON_DEFAULTS)
-    for name in field_names(XLoraConfig):
+    assert ours == XLoraConfig(**{**options, "adapters": ADAPTERS})
+    for name in field_names(XLoraConfig) - ORIGINAL_ONLY:
         assert getattr(ours, name) == getattr(theirs, name), name
 
 
@@ -182,6 +194,13 @@ def test_reads_original_xlora_config(tmp_path: Path) -> None:
     )
 
 
+def test_original_gate_options_are_kept(tmp_path: Path) -> None:
+    data = {**original_xlora_config(), "enable_relu_and_dropout": False, "use_bias": False}
+    (tmp_path / "xlora_config.json").write_text(json.dumps(data))
+    config = XLoraConfig.from_file(tmp_path)
+    assert config.enable_relu_and_dropout is False and config.use_bias is False
+
+
 def test_adapter_list_takes_folder_names() -> None:
     config = XLoraConfig.from_dict({"adapters": ["/a/math_lora", "code_lora"]})
     assert config.adapters == {"math_lora": "/a/math_lora", "code_lora": "code_lora"}
@@ -215,6 +234,8 @@ INVALID_VALUES = [
     ("enable_softmax", "yes", "True or False"),
     ("enable_softmax_topk", 1, "True or False"),
     ("layerwise_scalings", None, "True or False"),
+    ("enable_relu_and_dropout", "yes", "True or False"),
+    ("use_bias", 0, "True or False"),
     ("use_trainable_adapters", "no", "bool"),
     ("xlora_depth", 0, "int >= 1"),
     ("xlora_depth", 2.0, "int >= 1"),

@@ -13,6 +13,7 @@ from tiny_tokenizer import save_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loramix import XLoraConfig, XLoraModel
+from loramix.evaluation.report import EvalReport
 from loramix.evaluation.runner import (
     FirstLineDone,
     completion_nll,
@@ -237,3 +238,31 @@ def test_test_records_need_a_completion(tmp_path: Path, tokenizer) -> None:
 
 
 # ------------------------------------------------------------------ report and targets
+
+
+def test_frozen_equals_granular_when_the_gate_is_constant(base_dir, experts, tokenizer, test_file):
+    model = make_model(base_dir, experts, gate_bias=[1.0, -1.0])  # same scalings every token
+    report = evaluate(
+        model, tokenizer, {"qa": test_file}, ["xlora", "xlora-frozen"], max_new_tokens=2
+    )
+    granular, frozen = report.score("xlora", "qa"), report.score("xlora-frozen", "qa")
+    assert frozen.nll == pytest.approx(granular.nll, rel=1e-5)
+    assert frozen.accuracy == granular.accuracy
+    varying = make_model(base_dir, experts)  # random gate: per-token scalings differ
+    report = evaluate(
+        varying, tokenizer, {"qa": test_file}, ["xlora", "xlora-frozen"], max_new_tokens=0
+    )
+    assert report.score("xlora-frozen", "qa").nll != pytest.approx(report.score("xlora", "qa").nll)
+
+
+def test_scores_carry_bootstrap_intervals(base_dir, experts, tokenizer, test_file):
+    model = make_model(base_dir, experts)
+    report = evaluate(model, tokenizer, {"qa": test_file}, ["base", "xlora"], max_new_tokens=2)
+    for system in ("base", "xlora"):
+        score = report.score(system, "qa")
+        low, high = score.nll_ci
+        assert low <= score.nll <= high and low < high
+        assert score.accuracy_ci[0] <= score.accuracy <= score.accuracy_ci[1]
+    assert "## 95% confidence intervals" in report.to_markdown()
+    again = EvalReport.from_dict(json.loads(json.dumps(report.to_dict())))
+    assert again.score("xlora", "qa") == report.score("xlora", "qa")  # intervals survive JSON

@@ -23,6 +23,7 @@ from loramix.layer import (
     MixingState,
     adapted_shape,
     add_up_projection,
+    is_quantized,
     make_mixed_module,
 )
 
@@ -384,3 +385,94 @@ def test_number_of_ops_does_not_grow_with_experts(make_base) -> None:
     ]
     # a linear: the base GEMM, A_cat x and B_cat a; an embedding: lookups and B_cat a
     assert len(matmuls) == (1 if make_base is embedding_base else 3)
+
+
+# ------------------------------------------------------------------- token layout
+
+
+def test_flattened_rows_get_their_own_tokens_scalings() -> None:
+    """OPT and Qwen2-MoE call some projections on `(B * T, D)`: row b * T + t is token (b, t)."""
+    base, loras = linear_base(), make_loras(D_IN, D_OUT)
+    state = MixingState(global_scaling_weight=G)
+    module = make_mixed_module(base, LAYER, loras, state, module_name="mlp.fc1")
+    x, scalings = inputs(), random_scalings()
+    with torch.no_grad(), state.using(scalings):
+        expected = module(x)  # (B, T, D_out)
+        flat = module(x.reshape(B * T, D_IN))  # (B * T, D_out)
+    torch.testing.assert_close(flat, expected.reshape(B * T, D_OUT), atol=1e-12, rtol=0)
+    # per-sequence fixed scalings (frozen generation) broadcast over the flattened tokens too
+    per_sequence = scalings[:, :1]  # (B, 1, L, E)
+    with torch.no_grad(), state.using(per_sequence):
+        expected = module(x)
+        flat = module(x.reshape(B * T, D_IN))
+    torch.testing.assert_close(flat, expected.reshape(B * T, D_OUT), atol=1e-12, rtol=0)
+
+
+def test_a_subset_of_tokens_is_refused_with_the_module_name() -> None:
+    """A module that sees only some tokens (routed experts) cannot get per-token scalings."""
+    base, loras = linear_base(), make_loras(D_IN, D_OUT)
+    state = MixingState(global_scaling_weight=G)
+    module = make_mixed_module(base, LAYER, loras, state, module_name="mlp.experts.3.w1")
+    routed = inputs().reshape(B * T, D_IN)[[0, 3, 4]]  # 3 of the 10 tokens
+    with torch.no_grad(), state.using(random_scalings()), pytest.raises(ValueError) as error:
+        module(routed)
+    message = str(error.value)
+    assert "mlp.experts.3.w1" in message and "(3,)" in message
+    assert "leave it out of target_modules" in message
+    # ... unless every token has the same scalings: then any subset gets them
+    same = random_scalings()[:1, :1].expand(B, T, L, E)
+    with torch.no_grad(), state.using(same):
+        out = module(routed)
+        expected = module(inputs().reshape(B * T, D_IN))[[0, 3, 4]]
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+
+
+# ----------------------------------------------------------- placement and storage
+
+
+def test_experts_follow_the_module_and_a_given_device() -> None:
+    loras = make_loras(D_IN, D_OUT)
+    offloaded = nn.Linear(D_IN, D_OUT, device="meta")  # as accelerate leaves an offloaded module
+    module = make_mixed_module(offloaded, LAYER, loras, MixingState(), device="cpu")
+    tensors = (module.lora_a, module.lora_b, module.expert_of_rank, module.scale_of_rank)
+    assert {t.device.type for t in tensors} == {"cpu"}  # where the module runs
+    module = make_mixed_module(linear_base(), LAYER, loras, MixingState())
+    module.to("meta")  # experts and base move together with `.to()`
+    assert module.lora_a.device.type == module.base_layer.weight.device.type == "meta"
+
+
+def test_offloaded_weight_without_execution_device_is_refused() -> None:
+    base = nn.Linear(D_IN, D_OUT, device="meta")
+    with pytest.raises(ValueError, match="blocks.0.fc.*meta device"):
+        make_mixed_module(
+            base, LAYER, make_loras(D_IN, D_OUT), MixingState(), module_name="blocks.0.fc"
+        )
+
+
+def test_quantized_storage_keeps_float_experts_and_refuses_merging() -> None:
+    """An integer-stored weight (as bitsandbytes keeps it) never sets the experts' dtype."""
+
+    class Int8Linear(nn.Linear):  # stands in for a quantized layer: int8 storage, float compute
+        def __init__(self) -> None:
+            super().__init__(D_IN, D_OUT, bias=False)
+            self.weight = nn.Parameter(torch.ones(D_OUT, D_IN, dtype=torch.int8), False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, self.weight.to(x.dtype))
+
+    assert is_quantized(Int8Linear()) and not is_quantized(linear_base())
+    state = MixingState(global_scaling_weight=G)
+    loras = make_loras(D_IN, D_OUT)
+    module = make_mixed_module(
+        Int8Linear(), LAYER, loras, state, module_name="q", activation_dtype=torch.float64
+    )
+    assert module.lora_a.dtype == module.lora_b.dtype == torch.float64
+    x, scalings = inputs(), random_scalings()
+    with torch.no_grad(), state.using(scalings):
+        out = module(x)
+    expected = x @ torch.ones(D_OUT, D_IN, dtype=torch.float64).T + reference_delta(
+        x, loras, scalings
+    )
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="quantized.*scalings_mode='frozen'"):
+        module.merged_weight(torch.ones(E, dtype=torch.float64))

@@ -53,3 +53,28 @@ def test_moles_mass_reads_units_with_pint():
     assert not task.verify(example, "138.2")  # no unit
     assert not task.verify(example, "138.2 g/mol")  # wrong dimension
     assert not task.verify(example, "150 g")
+
+
+def test_needs_cover_every_task_and_filter_by_domain():
+    assert set(composite.NEEDS) == {t.name for t in composite.TASKS}
+    first_five = [
+        t.name for t in composite.tasks_for(("biology", "chemistry", "proteins", "mechanics"))
+    ]
+    assert first_five == [t.name for t in composite.TASKS[:5]]  # the 4-domain set is unchanged
+    assert composite.tasks_for(("mathematics",)) == ()
+
+
+def test_smiles_mass_reads_hydrogens_from_rdkit():
+    pytest.importorskip("rdkit", reason="science extra not installed")
+    assert composite.formula_of_smiles("CCO") == {"C": 2, "H": 6, "O": 1}
+    task = get_task("composite", "smiles_mass")
+    example = {"domain": "composite", "task": "smiles_mass", "answer": 46.069}
+    assert task.verify(example, "46.1")
+    assert not task.verify(example, "45.1")
+
+
+def test_foam_stress_chains_gibson_ashby_and_hooke():
+    task = get_task("composite", "foam_stress")
+    example = {"domain": "composite", "task": "foam_stress", "answer": 0.2}  # 20 MPa * 1%
+    assert task.verify(example, "0.2")
+    assert not task.verify(example, "20")

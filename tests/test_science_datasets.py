@@ -12,6 +12,7 @@ for _module in ("Bio", "periodictable", "pint"):
     )
 
 from loramix.science import DOMAINS, verify, write_datasets  # noqa: E402
+from loramix.science.datasets import LIBRARIES, check_disjoint  # noqa: E402
 
 SIZES = {"n_train": 24, "n_test": 8}
 
@@ -28,14 +29,15 @@ def written(tmp_path_factory):
 
 def test_writes_every_file_and_nothing_else(written):
     out, paths = written
-    expected = {f"{d}_{split}.jsonl" for d in DOMAINS for split in ("train", "test")}
-    expected |= {"composite_test.jsonl", "mixed_test.jsonl", "manifest.json"}
+    expected = {f"{d}_{split}.jsonl" for d in DOMAINS for split in ("train", "dev", "test")}
+    expected |= {f"{s}_{split}.jsonl" for s in ("composite", "mixed") for split in ("dev", "test")}
+    expected |= {"manifest.json"}
     assert set(paths) == expected
     assert {p.name for p in out.iterdir()} == expected  # no temporary files left behind
     assert len(_read(paths["biology_train.jsonl"])) == SIZES["n_train"]
     assert len(_read(paths["mixed_test.jsonl"])) == SIZES["n_test"]
     manifest = json.loads(paths["manifest.json"].read_text())
-    assert set(manifest["versions"]) == {"biopython", "periodictable", "pint"}
+    assert set(manifest["versions"]) == set(LIBRARIES)
 
 
 def test_same_seed_gives_byte_identical_files(written, tmp_path):
@@ -47,12 +49,31 @@ def test_same_seed_gives_byte_identical_files(written, tmp_path):
     assert other["biology_train.jsonl"].read_bytes() != first["biology_train.jsonl"].read_bytes()
 
 
-def test_no_test_prompt_is_in_any_training_file(written):
+def test_splits_share_no_prompt(written):
     _, paths = written
-    train = {ex["prompt"] for name, p in paths.items() if "_train" in name for ex in _read(p)}
-    for name, path in paths.items():
-        if name.endswith("_test.jsonl"):
-            assert not train & {ex["prompt"] for ex in _read(path)}, name
+    prompts = {}
+    for split in ("train", "dev", "test"):
+        files = [p for name, p in paths.items() if name.endswith(f"_{split}.jsonl")]
+        prompts[split] = {ex["prompt"] for p in files for ex in _read(p)}
+    assert not prompts["train"] & prompts["test"]
+    assert not prompts["train"] & prompts["dev"]
+    assert not prompts["dev"] & prompts["test"]
+    assert len(_read(paths["mixed_dev.jsonl"])) == SIZES["n_test"]  # n_dev defaults to n_test
+
+
+def test_check_disjoint_names_both_files():
+    example = {"prompt": "p", "completion": "c", "domain": "d", "task": "t", "answer": 1}
+    with pytest.raises(RuntimeError, match="a_dev.jsonl and a_test.jsonl share"):
+        check_disjoint({"a_dev.jsonl": [example], "a_test.jsonl": [example]})
+    check_disjoint({"a_test.jsonl": [example], "mixed_test.jsonl": [example]})  # same split
+
+
+def test_composite_tasks_follow_the_domains(tmp_path):
+    paths = write_datasets(tmp_path, n_train=6, n_test=4, domains=["biology", "proteins"])
+    tasks = {ex["task"] for ex in _read(paths["composite_test.jsonl"])}
+    assert tasks == {"translate_charge", "translate_weight", "design_dna_charge"}
+    alone = write_datasets(tmp_path / "alone", n_train=6, n_test=4, domains=["mathematics"])
+    assert "composite_test.jsonl" not in alone  # nothing chains mathematics with itself
 
 
 def test_domains_are_balanced_and_examples_verify(written):
@@ -65,7 +86,9 @@ def test_domains_are_balanced_and_examples_verify(written):
         for ex in train:
             counts[ex["task"]] = counts.get(ex["task"], 0) + 1
         assert max(counts.values()) - min(counts.values()) <= 1, counts
-    for ex in mixed + _read(paths["composite_test.jsonl"]):
+    composite = _read(paths["composite_test.jsonl"])
+    assert {ex["task"] for ex in composite} >= {"smiles_mass", "foam_stress"}  # new domains too
+    for ex in mixed + composite + _read(paths["mixed_dev.jsonl"]):
         assert verify(ex, ex["completion"]), ex
 
 
@@ -74,7 +97,8 @@ def test_domains_are_balanced_and_examples_verify(written):
     [
         ({"n_train": 0}, "n_train=0 must be a positive integer"),
         ({"domains": ["physics"]}, "choose one or more of"),
-        ({"n_test": 2}, "mixed_test needs at least one example of each"),
+        ({"n_test": 2}, "n_test=2 is smaller than the 8 domains"),
+        ({"n_dev": 0}, "n_dev=0 must be a positive integer"),
     ],
 )
 def test_bad_arguments_name_the_fix_and_write_nothing(tmp_path, kwargs, message):

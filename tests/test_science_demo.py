@@ -11,6 +11,7 @@ from tiny_tokenizer import save_tiny_model
 from loramix.cli import main
 from loramix.science.demo import run_demo, write_test_sets
 from loramix.science.pipeline import RetrainSettings, retrain
+from loramix.science.selection import GateCandidate
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +21,14 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
     base = save_tiny_model(root / "tiny-llama")
     settings = RetrainSettings(
         base=str(base),
-        domains=("biology", "mechanics"),
+        domains=("biology", "proteins"),
         n_train=8,
         n_test=4,
+        n_dev=4,
         targets=("q_proj", "k_proj"),
         expert_steps=1,
-        gate_steps=1,
+        gate_candidates=(GateCandidate("only", steps=1),),
+        multitask=False,
         gate_size=8,
         batch_size=2,
         max_length=128,
@@ -42,14 +45,14 @@ def test_demo_answers_each_domain_and_a_composite_question(tiny, tmp_path):
     result = run_demo(
         bundle, tmp_path, base=str(base), n_eval=2, max_new_tokens=4, log=lines.append
     )
-    assert [a.test_set for a in result.answers] == ["biology", "mechanics", "composite"]
+    assert [a.test_set for a in result.answers] == ["biology", "proteins", "composite"]
     for answer in result.answers:
         assert answer.prompt and answer.reference
         assert 0 < len(answer.token_ids) <= 4
         assert len(answer.experts) == len(answer.token_ids)
         assert all(e in (0, 1) for e in answer.experts)
     assert result.report is not None and result.report.settings["limit"] == 2
-    assert {"biology", "mechanics", "composite", "mixed"} == set(result.report.test_sets)
+    assert {"biology", "proteins", "composite", "mixed"} == set(result.report.test_sets)
     recorded = json.loads((bundle / "eval.json").read_text())
     assert [t.status for t in result.verdicts] == [t["status"] for t in recorded["targets"]]
     assert {t.target.split(":")[0] for t in result.verdicts} >= {"biology", "mixed", "composite"}
@@ -64,7 +67,7 @@ def test_demo_answers_each_domain_and_a_composite_question(tiny, tmp_path):
 
 def test_test_sets_are_the_retrain_runs_held_out_sets(tiny, tmp_path):
     _, bundle = tiny
-    sets = write_test_sets(bundle, tmp_path / "data", ["biology", "mechanics"])
+    sets = write_test_sets(bundle, tmp_path / "data", ["biology", "proteins"])
     run_sets = bundle.parent / "run" / "data"
     for name, path in sets.items():
         assert path.read_text() == (run_sets / path.name).read_text(), name
@@ -76,7 +79,7 @@ def test_cli_prints_tagged_answers_and_the_table(tiny, tmp_path, capsys):
     args += ["--out", str(tmp_path), "--n-eval", "1", "--max-new-tokens", "2", "--no-colour"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "[0] biology  [1] mechanics" in out
+    assert "[0] biology  [1] proteins" in out
     assert "[composite]" in out and "reference:" in out
     assert "| xlora |" in out and "| expert:biology |" in out
     verdicts, sample = out.split("Targets, from the bundle's full evaluation (1 held-out", 1)[
@@ -92,3 +95,10 @@ def test_cli_prints_tagged_answers_and_the_table(tiny, tmp_path, capsys):
 def test_cli_names_the_fix_for_a_missing_model(tmp_path, capsys):
     assert main(["science", "demo", "--model", str(tmp_path)]) == 2
     assert "loramix science retrain" in capsys.readouterr().err
+
+
+def test_test_sets_follow_the_bundles_experts_not_the_registry(tiny, tmp_path):
+    _, bundle = tiny
+    sets = write_test_sets(bundle, tmp_path / "data", ["biology", "not-a-domain"])
+    assert list(sets) == ["biology", "mixed"]  # no composite task chains biology alone
+    assert all(path.is_file() for path in sets.values())

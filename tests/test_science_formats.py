@@ -53,3 +53,51 @@ def test_parsers_read_the_answer_and_ignore_trailing_text():
 def test_parsers_reject_text_without_an_answer(parser, text):
     with pytest.raises(ValueError):
         parser(text)
+
+
+def test_new_formats_write_one_unit_per_word_and_parse_back():
+    assert formats.format_smiles("CC(=O)O") == "C C ( = O ) O"
+    assert formats.format_smiles("ClCC#N") == "Cl C C # N"  # two-letter atoms stay whole
+    assert formats.format_smiles("c1ccccc1O") == "c 1 c c c c c 1 O"
+    for smiles in ("CC(=O)O", "ClCC#N", "c1ccccc1O", "OC(Br)C=CC(F)(F)F"):
+        assert formats.parse_smiles(formats.format_smiles(smiles) + " is it") == smiles
+    assert formats.parse_smiles("CCO") == "CCO"
+    assert formats.format_names(["Ann", "Ben"]) == "Ann Ben"
+    assert formats.parse_names("Ann, Ben and Cal") == ["Ann", "Ben"]
+    assert formats.parse_names("Ann Ben Cal.") == ["Ann", "Ben", "Cal"]
+    assert formats.format_significant(81.84) == "81.8"
+    assert formats.format_significant(0.04567) == "0.0457"
+    assert formats.format_significant(1234.5) == "1230"
+
+
+def test_format_smiles_refuses_unknown_characters():
+    with pytest.raises(ValueError, match="not a SMILES"):
+        formats.format_smiles("CC$x")
+
+
+@pytest.mark.parametrize(
+    ("parser", "text"),
+    [(formats.parse_smiles, "the molecule"), (formats.parse_names, "nobody")],
+)
+def test_new_parsers_reject_text_without_an_answer(parser, text):
+    with pytest.raises(ValueError):
+        parser(text)
+
+
+@pytest.mark.slow
+def test_formats_line_up_with_smollm2_tokens():
+    """Each unit of the spaced formats is one token, or a space and a digit, on SmolLM2."""
+    from loramix.smollm2 import load_base_model
+
+    _, tokenizer = load_base_model("smollm2")
+    for text in (
+        "C C ( = O ) O",
+        "Cl C # N",
+        "Rome",
+        "Ann Ben Cal Dan Tom Max",
+        "Rome Paris London Boston Chicago",
+    ):
+        pieces = [tokenizer.decode([i]) for i in tokenizer(text)["input_ids"]]
+        assert [p.strip() for p in pieces] == text.split(), pieces
+    pieces = [tokenizer.decode([i]) for i in tokenizer("c 1 c c c c c 1 O")["input_ids"]]
+    assert "".join(pieces) == "c 1 c c c c c 1 O" and all(len(p.strip()) <= 1 for p in pieces)

@@ -22,17 +22,25 @@ from loramix.science.bundle import (
     export_bundle,
     folder_size,
 )
-from loramix.science.pipeline import RetrainSettings, resume_flags, retrain
+from loramix.science.pipeline import (
+    MULTITASK,
+    SELECTION_JSON,
+    RetrainSettings,
+    resume_flags,
+    retrain,
+)
+from loramix.science.selection import GateCandidate
 from loramix.smollm2 import load_base_model
 from loramix.training.trainer import CHECKPOINTS
 
 TINY = dict(
-    domains=("biology", "chemistry"),
+    domains=("biology", "proteins"),
     n_train=12,
     n_test=4,
+    n_dev=4,
     targets=("q_proj", "v_proj"),
     expert_steps=2,
-    gate_steps=2,
+    gate_candidates=(GateCandidate("a", steps=2), GateCandidate("b", steps=2, lr=1e-2)),
     gate_size=8,
     batch_size=2,
     max_length=128,
@@ -58,7 +66,7 @@ def run(base, tmp_path_factory) -> tuple[Path, Path, RetrainSettings, dict[str, 
 
 def test_retrain_writes_every_step_and_a_loadable_float16_bundle(base, run):
     out, bundle, settings, timings = run
-    assert list(timings) == ["data", "experts", "gate", "eval", "export"]
+    assert list(timings) == ["data", "experts", "gates", "select", "eval", "export"]
     assert all(seconds is not None for seconds in timings.values())
     for name in ("xlora_config.json", "gate.safetensors", "eval.md", "eval.json", RETRAIN_JSON):
         assert (bundle / name).is_file(), name
@@ -77,7 +85,7 @@ def test_retrain_writes_every_step_and_a_loadable_float16_bundle(base, run):
 
     model_base, _ = load_base_model(base)
     model = XLoraModel.from_pretrained(model_base, bundle)
-    assert model.expert_names == ["biology", "chemistry"]
+    assert model.expert_names == ["biology", "proteins"]
     assert model.n_layers == 2 * 2  # q_proj and v_proj of 2 blocks
     assert model.gate.layers[0].weight.dtype == torch.float32  # upcast to the base's dtype
     logits = model(input_ids=torch.tensor([[5, 6, 7]])).logits
@@ -170,23 +178,67 @@ def test_export_needs_an_xlora_folder(tmp_path):
 
 def test_settings_name_every_bad_field():
     with pytest.raises(ValueError) as error:
-        dataclasses.replace(RetrainSettings(), domains=("physics",), expert_steps=0, gate_lr=-1)
+        dataclasses.replace(RetrainSettings(), domains=("physics",), expert_steps=0, n_dev=0)
     message = str(error.value)
     assert "domains=('physics',)" in message and "biology" in message
-    assert "expert_steps=0" in message and "gate_lr=-1" in message
+    assert "expert_steps=0" in message and "n_dev=0" in message
     with pytest.raises(ValueError) as error:
-        RetrainSettings(gate_weights={"physics": 2, "chemistry": 0})
+        RetrainSettings(
+            gate_candidates=(
+                GateCandidate("a", weights={"physics": 2, "chemistry": 0}),
+                GateCandidate("a", lr=-1),
+            )
+        )
     message = str(error.value)
-    assert "gate_weights['physics']: not one of" in message
-    assert "gate_weights['chemistry']=0: use a positive number" in message
+    assert "distinct names" in message
+    assert "weights['physics'] names no domain" in message
+    assert "weights['chemistry']=0, use a positive number" in message
+    assert "lr=-1" in message
 
 
-def test_the_gate_samples_each_domain_by_its_weight(run):
+def test_the_multitask_lora_matches_the_experts_parameters_and_examples(run):
     out, _, settings, _ = run
-    assert settings.gate_weights == {"chemistry": 1.5}  # the default
-    data = json.loads((out / "xlora" / "training_args.json").read_text())["data"]
-    weights = {Path(source["path"]).name: source["weight"] for source in data}
-    assert weights == {"biology_train.jsonl": 1.0, "chemistry_train.jsonl": 1.5}
+
+    def n_params(folder: Path) -> int:
+        return sum(t.numel() for t in load_file(folder / "adapter_model.safetensors").values())
+
+    experts = sum(n_params(out / "experts" / d) for d in settings.domains)
+    assert n_params(out / "experts" / MULTITASK) == experts  # rank 2 * 8 on the same modules
+    config = json.loads((out / "experts" / MULTITASK / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (2 * settings.rank, 2 * settings.alpha)
+    plan = json.loads((out / "experts" / MULTITASK / "multitask.json").read_text())
+    assert plan["steps"] == len(settings.domains) * settings.expert_steps  # as many examples
+    assert plan["train_files"] == [f"{d}_train.jsonl" for d in settings.domains]
+
+
+def test_the_gate_is_chosen_on_dev_and_test_files_are_read_by_the_report_only(run):
+    out, _, settings, _ = run
+    selection = json.loads((out / SELECTION_JSON).read_text())
+    assert set(selection["candidates"]) == {"a", "b"}
+    chosen = selection["chosen"]
+    means = {name: c["mean"] for name, c in selection["candidates"].items()}
+    assert means[chosen] == min(means.values())
+    gate = (out / "xlora" / "gate.safetensors").read_bytes()
+    assert gate == (out / "gates" / chosen / "gate.safetensors").read_bytes()
+    report = json.loads((out / "eval" / "eval.json").read_text())
+    assert set(report["test_sets"].values()) == {
+        str(out / "data" / f"{name}_test.jsonl")
+        for name in ("biology", "proteins", "composite", "mixed")
+    }
+    assert report["systems"] == [
+        "base",
+        "expert:biology",
+        "expert:proteins",
+        "uniform",
+        MULTITASK,
+        "xlora",
+        "xlora-frozen",
+    ]
+    score = report["scores"]["xlora"]["mixed"]
+    assert score["nll_ci"][0] <= score["nll"] <= score["nll_ci"][1]
+    targets = [t["target"] for t in report["targets"]]
+    assert any("vs the multitask LoRA" in t for t in targets)
+    assert (out / "eval" / "accuracy.png").is_file()
 
 
 def _smollm2_available() -> bool:
@@ -238,7 +290,10 @@ def test_experts_trained_side_by_side_equal_those_trained_here(run, tmp_path):
     shutil.copytree(out / "data", side_by_side / "data")  # the same data; experts redone
     parallel = dataclasses.replace(settings, expert_workers=2)
     retrain(
-        side_by_side, seed=3, settings=dataclasses.replace(parallel, gate_steps=1), bundle_dir=None
+        side_by_side,
+        seed=3,
+        settings=dataclasses.replace(parallel, multitask=False),
+        bundle_dir=None,
     )
     for domain in settings.domains:
         name = f"experts/{domain}/adapter_model.safetensors"
@@ -260,4 +315,53 @@ def test_a_run_folder_refuses_other_settings(run):
     with pytest.raises(ValueError, match="seed: 3 -> 4"):
         retrain(out, seed=4, settings=settings, bundle_dir=None)
     faster = dataclasses.replace(settings, threads=1)  # speed only: the same run
-    assert retrain(out, seed=3, settings=faster, bundle_dir=None)["gate"] is None
+    assert retrain(out, seed=3, settings=faster, bundle_dir=None)["gates"] is None
+
+
+def test_adding_a_domain_trains_one_expert_and_one_gate(run):
+    from loramix.science.add_domain import add_domain
+
+    out, _, settings, _ = run
+    record = add_domain(out, "chemistry", seed=3, settings=settings)
+    assert record["gate"] == json.loads((out / SELECTION_JSON).read_text())["chosen"]
+    assert (out / "experts" / "chemistry" / "adapter_config.json").is_file()
+    model = XLoraModel.from_pretrained(
+        load_base_model(settings.base)[0], out / "add-chemistry" / "xlora"
+    )
+    assert model.expert_names == ["biology", "proteins", "chemistry"]
+    assert record["ratio"] == pytest.approx(
+        record["multitask_retrain_s"] / record["add_domain_s"], rel=0.01
+    )
+    with pytest.raises(ValueError, match="already has the domain 'biology'"):
+        add_domain(out, "biology", seed=3, settings=settings)
+
+
+def test_add_domain_cost_reads_one_runs_timings():
+    from loramix.science.add_domain import add_domain_cost
+
+    settings = RetrainSettings(domains=("biology", "proteins"))
+    timings = {
+        "experts": {
+            "each": {
+                "biology": {"wall_s": 100},
+                "proteins": {"wall_s": 120},
+                MULTITASK: {"wall_s": 400},
+            }
+        },
+        "gates": {"each": {"a": {"wall_s": 50}, "b": {"wall_s": 70}}},
+        "select": {"chosen": "b"},
+    }
+    cost = add_domain_cost(timings, settings)
+    assert cost["add_domain_s"] == 190  # the slowest expert + the chosen gate
+    assert cost["multitask_retrain_s"] == 600  # 400 s for 2 domains, scaled to 3
+    assert cost["ratio"] == pytest.approx(600 / 190, abs=0.01)
+    with pytest.raises(ValueError, match="lacks 'select'"):
+        add_domain_cost({"experts": timings["experts"], "gates": timings["gates"]}, settings)
+
+
+def test_add_domain_cli_names_the_problem(tmp_path, capsys):
+    from loramix.cli import main
+
+    assert main(["science", "add-domain", "physics", "--out", str(tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "'physics' is not one of" in error and "retrain first" in error

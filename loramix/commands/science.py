@@ -65,7 +65,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "--expert-steps", type=int, default=settings.expert_steps, help="steps per expert"
     )
     retrain.add_argument(
-        "--gate-steps", type=int, default=settings.gate_steps, help="gate training steps"
+        "--gate-steps",
+        type=int,
+        default=None,
+        help="optimizer steps of every gate candidate (default: each candidate's own)",
+    )
+    retrain.add_argument(
+        "--no-multitask", action="store_true", help="skip the multitask LoRA baseline"
+    )
+    retrain.add_argument(
+        "--domains",
+        default=None,
+        help="expert domains, comma-separated (default: all of loramix.science.DOMAINS)",
     )
     retrain.add_argument(
         "--eval-limit", type=int, default=settings.eval_limit, help="examples per test set"
@@ -80,12 +91,49 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         help="experts trained side by side, sharing the threads (default: one per CPU core)",
     )
 
+    add = actions.add_parser(
+        "add-domain",
+        help="train one more domain's expert and a new gate on a finished retrain run",
+        description=(
+            "Trains the domain's expert and a gate over every expert (the run's chosen gate "
+            "settings), and records the time beside the run's multitask LoRA time."
+        ),
+    )
+    add.add_argument("domain", help="the domain to add (one of loramix.science.DOMAINS)")
+    add.add_argument("--out", default="runs/retrain", help="the finished run's folder")
+    add.add_argument("--seed", type=int, default=0, help="the run's seed")
+    add.add_argument(
+        "--domains",
+        default=None,
+        help="the run's domains, comma-separated (default: every domain but the added one)",
+    )
+
 
 def run(args: argparse.Namespace) -> int:
     """Run the chosen action; print its results, or the error and how to fix it."""
     if args.science_command == "demo":
         return _demo(args)
+    if args.science_command == "add-domain":
+        return _add_domain(args)
     return _retrain(args)
+
+
+def _add_domain(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from loramix.science.add_domain import add_domain
+    from loramix.science.pipeline import RetrainSettings
+    from loramix.science.registry import DOMAINS
+
+    if args.domains is None:
+        domains = tuple(d for d in DOMAINS if d != args.domain)
+    else:
+        domains = tuple(d.strip() for d in args.domains.split(",") if d.strip())
+    settings = dataclasses.replace(RetrainSettings(), domains=domains)
+    record = add_domain(args.out, args.domain, seed=args.seed, settings=settings)
+    for key, value in record.items():
+        print(f"{key:22} {value}")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -190,10 +238,19 @@ def _retrain(args: argparse.Namespace) -> int:
 
     from loramix.science.pipeline import RetrainSettings, retrain
 
+    defaults = RetrainSettings()
+    candidates = defaults.gate_candidates
+    if args.gate_steps is not None:
+        candidates = tuple(dataclasses.replace(c, steps=args.gate_steps) for c in candidates)
+    domains = defaults.domains
+    if args.domains is not None:
+        domains = tuple(d.strip() for d in args.domains.split(",") if d.strip())
     settings = dataclasses.replace(
-        RetrainSettings(),
+        defaults,
+        domains=domains,
         expert_steps=args.expert_steps,
-        gate_steps=args.gate_steps,
+        gate_candidates=candidates,
+        multitask=not args.no_multitask,
         eval_limit=args.eval_limit,
         threads=args.threads,
         expert_workers=args.expert_workers,

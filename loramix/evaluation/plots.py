@@ -29,6 +29,7 @@ from loramix.atomic import atomic_file
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from loramix.evaluation.report import EvalReport
     from loramix.model import XLoraModel
 
 logger = logging.getLogger(__name__)
@@ -226,6 +227,51 @@ def plot_expert_usage(
     ax.set_ylabel("test set")
     ax.set_title(title or "X-LoRA expert usage (mean scalings)", fontsize=10)
     fig.colorbar(image, ax=ax, label="mean scaling", fraction=0.05, pad=0.02)
+    return _save(fig, path, dpi)
+
+
+def plot_accuracy(
+    report: EvalReport,
+    path: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    dpi: int = 100,
+) -> Path:
+    """The accuracy table as a chart: a bar per system in each test set, with its 95% interval.
+
+    Args:
+        report: An evaluation with generation (scores with an accuracy).
+        path: The PNG to write.
+        title: Figure title.
+        dpi: Pixels per inch.
+
+    Raises:
+        ValueError: If no score has an accuracy (evaluated with max_new_tokens=0).
+    """
+    sets, systems = list(report.test_sets), list(report.systems)
+    if not any(
+        s.accuracy is not None for by_set in report.scores.values() for s in by_set.values()
+    ):
+        raise ValueError("no accuracy in the report: evaluate with max_new_tokens > 0")
+    width = 0.8 / len(systems)
+    fig, ax = _figure((max(6.0, 0.35 * len(sets) * len(systems) + 2.0), 4.0), dpi)
+    for k, system in enumerate(systems):
+        xs, heights, errors = [], [], [[], []]
+        for i, name in enumerate(sets):
+            score = report.scores[system].get(name)
+            if score is None or score.accuracy is None:
+                continue
+            low, high = score.accuracy_ci or (score.accuracy, score.accuracy)
+            xs.append(i - 0.4 + (k + 0.5) * width)
+            heights.append(100 * score.accuracy)
+            errors[0].append(100 * (score.accuracy - low))
+            errors[1].append(100 * (high - score.accuracy))
+        ax.bar(xs, heights, width, yerr=errors, capsize=2, label=system)
+    ax.set_xticks(range(len(sets)), sets, rotation=30, ha="right")
+    ax.set_ylabel("verified accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, ncol=2, loc="upper right")
+    ax.set_title(title or "Verified greedy accuracy, 95% bootstrap intervals", fontsize=10)
     return _save(fig, path, dpi)
 
 

@@ -33,6 +33,8 @@ class Score:
         n_tokens: Completion tokens the NLL averages over.
         n_correct: Verified answers (0 when nothing was generated).
         seconds: Wall time of the NLL pass and the generation together.
+        nll_ci: 95% bootstrap interval of `nll` over the examples, or None.
+        accuracy_ci: 95% bootstrap interval of `accuracy`, or None.
     """
 
     nll: float
@@ -41,6 +43,21 @@ class Score:
     n_tokens: int
     n_correct: int = 0
     seconds: float = 0.0
+    nll_ci: tuple[float, float] | None = None
+    accuracy_ci: tuple[float, float] | None = None
+
+    def interval_cell(self) -> str:
+        """ "0.123 [0.110, 0.140] / 45% [35, 55]" (the bootstrap intervals, where known)."""
+        nll = f"{self.nll:.3f}"
+        if self.nll_ci is not None:
+            nll += f" [{self.nll_ci[0]:.3f}, {self.nll_ci[1]:.3f}]"
+        if self.accuracy is None:
+            return f"{nll} / -"
+        accuracy = f"{100 * self.accuracy:.0f}%"
+        if self.accuracy_ci is not None:
+            low, high = self.accuracy_ci
+            accuracy += f" [{100 * low:.0f}, {100 * high:.0f}]"
+        return f"{nll} / {accuracy}"
 
     def cell(self) -> str:
         """ "0.123 / 45%" ("0.123 / -" without generation)."""
@@ -93,12 +110,31 @@ class EvalReport:
     def score(self, system: str, test_set: str) -> Score:
         return self.scores[system][test_set]
 
+    def add_system(self, name: str, scores: dict[str, Score]) -> None:
+        """Add the scores of a system evaluated on another model (e.g. a multitask LoRA).
+
+        The system may cover only some of the report's test sets (its other cells stay
+        empty), never a set the report does not have.
+
+        Raises:
+            ValueError: If the name is taken or the scores name a test set not in the report.
+        """
+        if name in self.systems:
+            raise ValueError(f"the report already holds a system named {name!r}; rename it")
+        if not scores or set(scores) - set(self.test_sets):
+            raise ValueError(
+                f"system {name!r} has scores for {sorted(scores)}, but the report's test sets "
+                f"are {sorted(self.test_sets)}; evaluate it on (some of) the same files"
+            )
+        self.systems.append(name)
+        self.scores[name] = dict(scores)
+
     # ------------------------------------------------------------------ rendering
 
-    def table(self) -> str:
+    def table(self, intervals: bool = False) -> str:
         """Markdown: rows are systems, columns test sets, cells "NLL / accuracy".
 
-        The lowest NLL of each column is bold.
+        The lowest NLL of each column is bold; `intervals` adds the 95% bootstrap intervals.
         """
         names = list(self.test_sets)
         best = {
@@ -116,7 +152,7 @@ class EvalReport:
                 if score is None:
                     cells.append("")
                     continue
-                cell = score.cell()
+                cell = score.interval_cell() if intervals else score.cell()
                 if score.nll == best[name]:
                     nll, _, rest = cell.partition(" / ")
                     cell = f"**{nll}** / {rest}"
@@ -155,6 +191,17 @@ class EvalReport:
             "bold) / share of greedy answers the verifier "
             f"({self.settings.get('verifier', '?')}) accepts. Examples per test set: {sizes}.",
         ]
+        if any(
+            score.nll_ci is not None for by_set in self.scores.values() for score in by_set.values()
+        ):
+            parts += [
+                "",
+                "## 95% confidence intervals",
+                "",
+                self.table(intervals=True),
+                "",
+                "Percentile bootstrap over the examples of each set (2000 resamples, seed 0).",
+            ]
         if self.usage:
             parts += [
                 "",
@@ -210,7 +257,7 @@ class EvalReport:
                 test_sets=dict(data["test_sets"]),
                 systems=list(data["systems"]),
                 scores={
-                    system: {name: Score(**score) for name, score in by_set.items()}
+                    system: {name: _score_from_dict(score) for name, score in by_set.items()}
                     for system, by_set in data["scores"].items()
                 },
                 usage={k: dict(v) for k, v in data.get("usage", {}).items()},
@@ -246,3 +293,11 @@ class EvalReport:
 def format_targets(checks: Sequence[TargetCheck]) -> str:
     """One line per target: "PASS    target: numbers"."""
     return "\n".join(check.line() for check in checks)
+
+
+def _score_from_dict(data: Mapping[str, Any]) -> Score:
+    """A `Score` from its `asdict` form (JSON turns the interval tuples into lists)."""
+    intervals = {
+        key: tuple(data[key]) for key in ("nll_ci", "accuracy_ci") if data.get(key) is not None
+    }
+    return Score(**{**data, **intervals})

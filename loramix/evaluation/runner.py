@@ -17,7 +17,13 @@ The systems all run on the same model object:
     base            `model.disable_adapters()`
     expert:<name>   `model.fixed_scalings(one_hot)`: that expert alone, every token and layer
     uniform         `model.fixed_scalings(1/E each)`: the plain average of the experts
-    xlora           the gate's per-token, per-layer scalings
+    xlora           the gate's per-token, per-layer scalings ("granular")
+    xlora-frozen    X-LoRA with each example's scalings frozen to their mean over its prompt
+                    (per adapted module), for the completion's NLL and for the whole answer
+                    (`generate(scalings_mode="frozen")`); examples run one at a time
+
+Each score also carries 95% bootstrap intervals of both numbers over the set's examples
+(`loramix.evaluation.bootstrap.ratio_interval`, whole examples resampled).
 
 For X-LoRA the report also holds each expert's usage per test set: its scalings (after the
 gate's softmax, before top-k) averaged over the adapted layers and over the real prompt and
@@ -66,6 +72,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BASE, UNIFORM, XLORA, EXPERTS = "base", "uniform", "xlora", "experts"
+XLORA_FROZEN = "xlora-frozen"
 EXPERT_PREFIX = "expert:"
 DEFAULT_SYSTEMS = (BASE, EXPERTS, UNIFORM, XLORA)
 """`experts` stands for `expert:<name>` of every expert, in the model's order."""
@@ -178,7 +185,7 @@ def resolve_systems(systems: Sequence[str], expert_names: Sequence[str]) -> list
     for system in systems:
         if system == EXPERTS:
             names = [EXPERT_PREFIX + e for e in expert_names]
-        elif system in (BASE, UNIFORM, XLORA) or (
+        elif system in (BASE, UNIFORM, XLORA, XLORA_FROZEN) or (
             system.startswith(EXPERT_PREFIX) and system[len(EXPERT_PREFIX) :] in expert_names
         ):
             names = [system]
@@ -187,7 +194,8 @@ def resolve_systems(systems: Sequence[str], expert_names: Sequence[str]) -> list
             continue
         resolved += [name for name in names if name not in resolved]
     if unknown or not resolved:
-        choices = [BASE, EXPERTS, UNIFORM, XLORA] + [EXPERT_PREFIX + e for e in expert_names]
+        choices = [BASE, EXPERTS, UNIFORM, XLORA, XLORA_FROZEN]
+        choices += [EXPERT_PREFIX + e for e in expert_names]
         raise ValueError(
             f"systems: unknown {unknown or 'none given'}; choose from {', '.join(choices)}"
         )
@@ -198,7 +206,7 @@ def system_context(model: XLoraModel, system: str) -> contextlib.AbstractContext
     """The context in which `model` computes `system` (see the module docstring)."""
     if system == BASE:
         return model.disable_adapters()
-    if system == XLORA:
+    if system in (XLORA, XLORA_FROZEN):  # frozen: fixed per example, in `_score`
         return contextlib.nullcontext()
     n = model.n_experts
     if system == UNIFORM:
@@ -230,7 +238,8 @@ def evaluate(
         model: The X-LoRA model; left as it was found.
         tokenizer: The base model's tokenizer.
         test_sets: Name -> `.jsonl` file of prompt/completion records.
-        systems: "base", "experts" (every expert alone), "expert:<name>", "uniform", "xlora".
+        systems: "base", "experts" (every expert alone), "expert:<name>", "uniform", "xlora",
+            "xlora-frozen".
         max_new_tokens: Greedy tokens per answer; 0 skips generation (accuracy None).
         chat: Render prompts with the chat template (as the experts were trained).
         verifier: Judges an answer; `exact_match` if None.
@@ -308,29 +317,64 @@ def _score(
     batch_size: int,
 ) -> tuple[Score, list[float] | None]:
     """One system (already set up) on one test set; X-LoRA's expert usage or None."""
+    from loramix.evaluation.bootstrap import ratio_interval
+
     start = time.perf_counter()
-    nll, n_tokens, expert_usage = completion_nll(
-        model, tokenizer, examples, batch_size, usage=system == XLORA
-    )
-    accuracy, n_correct = None, 0
-    if max_new_tokens > 0:
-        answers = greedy_answers(model, tokenizer, examples, max_new_tokens, batch_size)
-        n_correct = sum(
-            bool(verifier(ex.record, answer)) for ex, answer in zip(examples, answers, strict=True)
+    if system == XLORA_FROZEN:
+        sums, counts, answers = _frozen_pass(model, tokenizer, examples, max_new_tokens)
+        expert_usage = None
+    else:
+        sums, counts, expert_usage = example_nlls(
+            model, tokenizer, examples, batch_size, usage=system == XLORA
         )
+        answers = (
+            greedy_answers(model, tokenizer, examples, max_new_tokens, batch_size)
+            if max_new_tokens > 0
+            else None
+        )
+    accuracy, n_correct, accuracy_ci = None, 0, None
+    if answers is not None:
+        correct = [
+            float(bool(verifier(ex.record, answer)))
+            for ex, answer in zip(examples, answers, strict=True)
+        ]
+        n_correct = int(sum(correct))
         accuracy = n_correct / len(examples)
+        accuracy_ci = ratio_interval(correct)
     score = Score(
-        nll=nll,
+        nll=sum(sums) / sum(counts),
         accuracy=accuracy,
         n_examples=len(examples),
-        n_tokens=n_tokens,
+        n_tokens=sum(counts),
         n_correct=n_correct,
         seconds=round(time.perf_counter() - start, 3),
+        nll_ci=ratio_interval(sums, counts),
+        accuracy_ci=accuracy_ci,
     )
     return score, expert_usage
 
 
 @torch.no_grad()
+def _frozen_pass(
+    model: XLoraModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[EvalExample],
+    max_new_tokens: int,
+) -> tuple[list[float], list[int], list[str] | None]:
+    """Per example: NLL sum and tokens with scalings frozen to the prompt's mean, and the
+    frozen-mode greedy answer (None when `max_new_tokens` is 0)."""
+    sums, counts, answers = [], [], []
+    for example in examples:
+        scalings = example_scalings(model, example.input_ids[: example.prompt_length])  # (P, L, E)
+        with model.fixed_scalings(scalings.mean(dim=0)):  # (L, E)
+            (total,), (count,), _ = example_nlls(model, tokenizer, [example], 1)
+            if max_new_tokens > 0:
+                answers += greedy_answers(model, tokenizer, [example], max_new_tokens, 1)
+        sums.append(total)
+        counts.append(count)
+    return sums, counts, answers if max_new_tokens > 0 else None
+
+
 def completion_nll(
     model: XLoraModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -348,10 +392,34 @@ def completion_nll(
     Returns:
         (mean NLL, completion tokens, per-expert mean scalings `(E,)` or None).
     """
+    sums, counts, mean_usage = example_nlls(model, tokenizer, examples, batch_size, usage=usage)
+    return sum(sums) / sum(counts), sum(counts), mean_usage
+
+
+@torch.no_grad()
+def example_nlls(
+    model: XLoraModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[EvalExample],
+    batch_size: int = 8,
+    *,
+    usage: bool = False,
+) -> tuple[list[float], list[int], list[float] | None]:
+    """Each example's summed completion-token NLL and token count, in the order given.
+
+    Args:
+        usage: Also average the forward's `scalings` over the adapted layers and the real
+            tokens (X-LoRA only: the output must carry `scalings`).
+
+    Returns:
+        (NLL sums `(N,)`, completion tokens `(N,)`, per-expert mean scalings `(E,)` or None).
+    """
     collate = PadCollator(pad_token_id(tokenizer))
-    total, count = 0.0, 0
+    sums: dict[int, float] = {}
+    counts: dict[int, int] = {}
     usage_sum, usage_count = None, 0
-    for batch_examples in _batches(examples, batch_size, key=lambda ex: len(ex.input_ids)):
+    indexed = list(enumerate(examples))
+    for batch_items in _batches(indexed, batch_size, key=lambda item: len(item[1].input_ids)):
         batch = collate(
             [
                 {
@@ -359,7 +427,7 @@ def completion_nll(
                     "attention_mask": [1] * len(ex.input_ids),
                     "labels": ex.labels,
                 }
-                for ex in batch_examples
+                for _, ex in batch_items
             ]
         )
         device = model.get_input_embeddings().weight.device
@@ -370,10 +438,13 @@ def completion_nll(
         )
         logits = output.logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
         targets = batch["labels"][:, 1:].to(logits.device)  # (B, T-1)
-        total += F.cross_entropy(
-            logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"
-        ).item()
-        count += int((targets != IGNORE_INDEX).sum())
+        token_nll = F.cross_entropy(
+            logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )  # (B, T-1), 0 where ignored
+        row_sums = token_nll.sum(dim=1).tolist()  # (B,)
+        row_counts = (targets != IGNORE_INDEX).sum(dim=1).tolist()  # (B,)
+        for (index, _), total, count in zip(batch_items, row_sums, row_counts, strict=True):
+            sums[index], counts[index] = total, int(count)
         if usage:
             scalings = output["scalings"].float()  # (B, T, L, E)
             mask = batch["attention_mask"].to(scalings.device, scalings.dtype)  # (B, T)
@@ -381,7 +452,8 @@ def completion_nll(
             usage_sum = summed if usage_sum is None else usage_sum + summed
             usage_count += int(mask.sum()) * scalings.shape[2]
     mean_usage = None if usage_sum is None else (usage_sum / usage_count).tolist()
-    return total / count, count, mean_usage
+    order = range(len(examples))
+    return [sums[i] for i in order], [counts[i] for i in order], mean_usage
 
 
 @torch.no_grad()

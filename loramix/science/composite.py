@@ -12,6 +12,16 @@
                                                            -> "138.2 g"  (chemistry+units)
     moles_weight       "What is the weight in N of 40 mol of C6 H12 O6 under standard gravity?"
                                                            -> "70.7"     (chemistry+mechanics)
+    smiles_mass        "What is the molar mass in g/mol of the molecule C C O?"
+                                                           -> "46.1"     (quantum+chemistry:
+                        read the SMILES with its hydrogens, then weigh the formula)
+    foam_stress        "What is the stress in MPa in an open-cell foam of relative density 0.1
+                        made of a solid of 2 GPa at a strain of 1%?"
+                                                           -> "0.2"  (bioinspired+mechanics:
+                        Gibson-Ashby modulus, then Hooke's law)
+
+`NEEDS` names the expert domains each task draws on; `write_datasets` keeps only the tasks
+whose domains are all among those written (so a 4-domain run gets the first five).
 
 Answers with units are read back with pint, so "0.1382 kg" is as right as "138.2 g".
 """
@@ -20,20 +30,24 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from typing import Any
 
-from loramix.science import biology, chemistry, mechanics, proteins
+from loramix.science import bioinspired, biology, chemistry, mechanics, proteins, quantum
 from loramix.science.formats import (
     answer_text,
     format_codons,
     format_fixed,
     format_formula,
+    format_plain,
     format_signed,
+    format_significant,
+    format_smiles,
     parse_dna,
     parse_int,
     parse_number,
 )
-from loramix.science.task import Task, close
+from loramix.science.task import Task, close, require
 
 DOMAIN = "composite"
 MASS_REL_TOL = 0.005
@@ -139,10 +153,66 @@ def _check_moles_weight(answer: float, generated: str) -> bool:
     return close(parse_number(generated), answer, abs_tol=WEIGHT_ABS_TOL, rel_tol=WEIGHT_REL_TOL)
 
 
+def formula_of_smiles(smiles: str) -> dict[str, int]:
+    """RDKit's molecular formula of a SMILES, hydrogens included, in Hill order."""
+    chem = require("rdkit.Chem")
+    mol = chem.AddHs(quantum.read_smiles(smiles))
+    counts: dict[str, int] = {}
+    for atom in mol.GetAtoms():
+        counts[atom.GetSymbol()] = counts.get(atom.GetSymbol(), 0) + 1
+    return chemistry.hill_order(counts)
+
+
+def _gen_smiles_mass(rng: random.Random) -> tuple[str, str, float]:
+    smiles = rng.choice(quantum.molecules()).smiles
+    mass = chemistry.molar_mass(formula_of_smiles(smiles))
+    prompt = f"What is the molar mass in g/mol of the molecule {format_smiles(smiles)}?"
+    return prompt, format_fixed(mass, chemistry.MASS_DECIMALS), mass
+
+
+def _check_smiles_mass(answer: float, generated: str) -> bool:
+    return close(parse_number(generated), answer, abs_tol=chemistry.MASS_ABS_TOL)
+
+
+def _gen_foam_stress(rng: random.Random) -> tuple[str, str, float]:
+    density, solid = rng.choice(bioinspired.DENSITIES), rng.choice(bioinspired.SOLID_MODULI_GPA)
+    strain = rng.choice(mechanics.STRAINS_PERCENT)
+    modulus = mechanics.quantity(bioinspired.foam_modulus_mpa(density, solid), "MPa")
+    stress = float((modulus * mechanics.quantity(strain, "percent")).to("MPa").magnitude)
+    prompt = (
+        f"What is the stress in MPa in an open-cell foam of relative density "
+        f"{format_plain(density)} made of a solid of {format_plain(solid)} GPa at a strain of "
+        f"{format_plain(strain)}%?"
+    )
+    return prompt, format_significant(stress, bioinspired.DIGITS), stress
+
+
+def _check_foam_stress(answer: float, generated: str) -> bool:
+    return close(parse_number(generated), answer, rel_tol=bioinspired.REL_TOL)
+
+
 TASKS: tuple[Task, ...] = (
     Task(DOMAIN, "translate_charge", _gen_translate_charge, _check_int),
     Task(DOMAIN, "translate_weight", _gen_translate_weight, _check_weight),
     Task(DOMAIN, "design_dna_charge", _gen_design_dna_charge, _check_design_dna_charge),
     Task(DOMAIN, "moles_mass", _gen_moles_mass, _check_moles_mass),
     Task(DOMAIN, "moles_weight", _gen_moles_weight, _check_moles_weight),
+    Task(DOMAIN, "smiles_mass", _gen_smiles_mass, _check_smiles_mass),
+    Task(DOMAIN, "foam_stress", _gen_foam_stress, _check_foam_stress),
 )
+
+NEEDS: dict[str, tuple[str, ...]] = {
+    "translate_charge": ("biology", "proteins"),
+    "translate_weight": ("biology", "proteins"),
+    "design_dna_charge": ("biology", "proteins"),
+    "moles_mass": ("chemistry", "mechanics"),
+    "moles_weight": ("chemistry", "mechanics"),
+    "smiles_mass": ("quantum", "chemistry"),
+    "foam_stress": ("bioinspired", "mechanics"),
+}
+"""Composite task -> the expert domains whose skills it chains."""
+
+
+def tasks_for(domains: Sequence[str]) -> tuple[Task, ...]:
+    """The composite tasks whose `NEEDS` are all in `domains`, in `TASKS` order."""
+    return tuple(t for t in TASKS if set(NEEDS[t.name]) <= set(domains))

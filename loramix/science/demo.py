@@ -157,7 +157,7 @@ def run_demo(
     clock = time.perf_counter()
     answers = []
     samples: dict[str, list[int]] = {}
-    for name in [*model.expert_names, COMPOSITE]:
+    for name in [n for n in test_sets if n != MIXED]:
         example = load_test_set(test_sets[name], tokenizer, chat=False, limit=1)[0]
         answer, ids = answer_question(model, tokenizer, example, name, max_new_tokens)
         answers.append(answer)
@@ -218,7 +218,10 @@ def write_test_sets(model_dir: Path, data_dir: Path, domains: Sequence[str]) -> 
     Falls back to the retrain defaults (seed 0) for a folder without `retrain.json`.
 
     Returns:
-        Test set name -> file: each domain, "composite" and "mixed".
+        Test set name -> file: each domain the registry knows, "composite" (when a
+        composite task chains two of them) and "mixed". Experts of the bundle that the
+        registry does not know get no test set; domains of the registry that the bundle has
+        no expert for are left out.
     """
     from loramix.science.datasets import write_datasets
     from loramix.science.pipeline import RetrainSettings
@@ -235,7 +238,10 @@ def write_test_sets(model_dir: Path, data_dir: Path, domains: Sequence[str]) -> 
     manifest = read_json(data_dir / "manifest.json")
     if any(manifest.get(key) != value for key, value in wanted.items()):  # missing or stale
         write_datasets(data_dir, domains=known, **wanted)
-    return {name: data_dir / f"{name}_test.jsonl" for name in (*known, COMPOSITE, MIXED)}
+    from loramix.science.composite import tasks_for
+
+    names = [*known, *([COMPOSITE] if tasks_for(known) else []), MIXED]
+    return {name: data_dir / f"{name}_test.jsonl" for name in names}
 
 
 @torch.no_grad()

@@ -11,6 +11,11 @@ style byte-level BPE that splits every digit into its own token):
     formulas   "C2 H6 O"       -> " C", "2", " H", "6", " O": one token per element symbol
                                   (unspaced "CH4O" merges "CH")
     numbers    "46.1", "+2"    -> one token per digit, so answers use fixed decimals
+    SMILES     "C C ( = O ) O" -> "C", " C", " (", " =", " O", " )", " O": one token per atom,
+                                  bond or branch (unspaced "CC(=O)O" merges "CC")
+    names      "Ann Ben Cal"   -> "Ann", " Ben", " Cal": one token per name
+    algebra    "3*x^2 + 2*x"   -> "3", "*", "x", "^", "2", " +", " ", "2", "*", "x": one token
+                                  per symbol, digit and operator
 
 The parsers read the first line of generated text (up to a newline or an end-of-turn marker)
 and ignore whatever follows the answer on that line.
@@ -27,6 +32,9 @@ _PEPTIDE = re.compile(r"[A-Z](?:-[A-Z])+\b|[A-Z]+\b")
 _DNA = re.compile(r"[ACGT]+(?: [ACGT]+)*")
 _FORMULA = re.compile(r"(?:[A-Z][a-z]?\d*)(?: ?[A-Z][a-z]?\d*)*")
 _FORMULA_PART = re.compile(r"([A-Z][a-z]?)(\d*)")
+_SMILES_UNIT = re.compile(r"\[[^\]]+]|Br|Cl|%\d\d|[BCNOSPFIbcnops()=#\-+\\/:@.*\d]")
+_SMILES_WORD = re.compile(rf"(?:{_SMILES_UNIT.pattern})+")
+_NAMES = re.compile(r"[A-Z][a-z]+(?:,? [A-Z][a-z]+)*")
 
 
 def format_codons(dna: str) -> str:
@@ -61,6 +69,29 @@ def format_plain(value: float) -> str:
     """A number without exponent or trailing zeros: 2500.0 -> "2500", 0.35 -> "0.35"."""
     text = f"{value:.6f}".rstrip("0").rstrip(".")
     return "0" if text in ("", "-0") else text
+
+
+def format_significant(value: float, digits: int = 3) -> str:
+    """A number rounded to `digits` significant digits, without exponent: 81.84 -> "81.8",
+    0.04567 -> "0.0457", 1234.5 -> "1230"."""
+    return format_plain(float(f"{value:.{digits}g}"))
+
+
+def format_smiles(smiles: str) -> str:
+    """ "CC(=O)O" -> "C C ( = O ) O": one unit (atom, bond, branch, ring digit) per word.
+
+    Raises:
+        ValueError: If the SMILES holds characters that are not SMILES units.
+    """
+    units = _SMILES_UNIT.findall(smiles)
+    if "".join(units) != smiles:
+        raise ValueError(f"not a SMILES string made of known units: {smiles!r}")
+    return " ".join(units)
+
+
+def format_names(names: list[str] | tuple[str, ...]) -> str:
+    """["Ann", "Ben", "Cal"] -> "Ann Ben Cal"."""
+    return " ".join(names)
 
 
 def answer_text(generated: str) -> str:
@@ -131,3 +162,33 @@ def parse_formula(generated: str) -> dict[str, int]:
     for symbol, digits in _FORMULA_PART.findall(match.group()):
         counts[symbol] = counts.get(symbol, 0) + (int(digits) if digits else 1)
     return counts
+
+
+def parse_smiles(generated: str) -> str:
+    """ "C C ( = O ) O is ..." (or "CC(=O)O") -> "CC(=O)O": the leading words made of SMILES units.
+
+    RDKit, not this parser, judges whether the result is a molecule.
+
+    Raises:
+        ValueError: If the answer line does not start with SMILES units.
+    """
+    words = []
+    for word in answer_text(generated).split(" "):
+        if not _SMILES_WORD.fullmatch(word):
+            break
+        words.append(word)
+    if not words:
+        raise ValueError(f"no SMILES at the start of {generated!r}")
+    return "".join(words)
+
+
+def parse_names(generated: str) -> list[str]:
+    """ "Ann Ben Cal ..." (or "Ann, Ben, Cal") -> ["Ann", "Ben", "Cal"]: capitalised words.
+
+    Raises:
+        ValueError: If the answer line does not start with a capitalised name.
+    """
+    match = _NAMES.match(answer_text(generated))
+    if match is None:
+        raise ValueError(f"no names at the start of {generated!r}")
+    return match.group().replace(",", "").split()

@@ -1,18 +1,25 @@
-"""Retrain the science case study from scratch: data, experts, gate, evaluation, bundle.
+"""Retrain the science case study from scratch: data, experts, baseline, gate, evaluation.
 
 `retrain(out_dir, seed)` runs every step with fixed seeds. Each step skips itself when its
 output already exists, so an interrupted retrain resumes where it stopped (a half-trained
 expert or gate continues from its last checkpoint), and each step's time is logged and kept
 in `OUT/timings.json`:
 
-    data     OUT/data/{domain}_{train,test}.jsonl, composite_test.jsonl, mixed_test.jsonl
-    experts  OUT/experts/<domain>/           one rank-8 LoRA per domain (`train_expert`),
-                                             several side by side in worker processes
-    gate     OUT/xlora/                      the gate over the frozen experts, trained on a
-                                             mix of the domains' training sets (`train_gate`)
-    eval     OUT/eval/eval.{json,md}         base, each expert, uniform, X-LoRA on every test
-             OUT/eval/*.png                  set (`loramix.evaluation.runner`), targets checked; the
-                                             scalings heatmaps and expert usage (`plots`)
+    data     OUT/data/{domain}_{train,dev,test}.jsonl, composite_{dev,test}.jsonl,
+             mixed_{dev,test}.jsonl
+    experts  OUT/experts/<domain>/           one rank-r LoRA per domain (`train_expert`),
+             OUT/experts/multitask/          and the multitask LoRA: one LoRA on the union
+                                             of the training files, rank E * r on the same
+                                             modules (as many trainable parameters as the E
+                                             experts together) for E * expert_steps steps
+                                             (as many training examples); all side by side
+                                             in worker processes
+    gates    OUT/gates/<candidate>/          one gate per `GateCandidate` over the frozen
+                                             experts (`train_gate`)
+    select   OUT/selection.json, OUT/xlora/  the candidate with the lowest mean dev NLL
+                                             (`loramix.science.selection`: dev files only)
+    eval     OUT/eval/eval.{json,md}, *.png  the final report, the only step that opens the
+                                             test files (`loramix.science.final_eval`)
     export   BUNDLE (models/science-xlora)   the X-LoRA folder in float16 with the eval files
                                              (`loramix.science.bundle`)
 
@@ -37,7 +44,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +53,20 @@ import torch
 from loramix.atomic import write_text_atomic
 from loramix.checks import is_int, is_number, raise_problems
 from loramix.config import CONFIG_NAME, XLoraConfig
+from loramix.science import composite
 from loramix.science.bundle import DEFAULT_BUNDLE, MAX_BUNDLE_BYTES, export_bundle
 from loramix.science.registry import COMPOSITE, DOMAINS
+from loramix.science.selection import DEFAULT_CANDIDATES, GateCandidate
 from loramix.training.trainer import CHECKPOINTS, TrainingConfig, last_checkpoint
 
 logger = logging.getLogger(__name__)
 
 TIMINGS_JSON = "timings.json"
 RUN_JSON = "run.json"  # the seed and settings of a run folder
+SELECTION_JSON = "selection.json"
 MIXED = "mixed"
+MULTITASK = "multitask"  # the multitask LoRA's folder under experts/ and its system name
+MULTITASK_JSON = "multitask.json"  # its rank, steps and data, beside its adapter
 _ADAPTER_CONFIG = "adapter_config.json"
 _BUNDLED_REPORTS = ("eval.json", "eval.md")
 _TRAIN_DTYPES = ("float32", "bfloat16")
@@ -64,33 +76,33 @@ _TRAIN_DTYPES = ("float32", "bfloat16")
 class RetrainSettings:
     """Everything `retrain` does besides the seed and the folders.
 
-    The defaults are the bundled model's settings, sized for a small CPU (step times in
-    BENCHMARKS.md, "Science retrain").
+    The defaults are sized for the 2-hour retrain budget of a 2-core CPU (README, "The
+    science case study"); the bundled 4-expert model was made with v1 settings recorded in
+    its `retrain.json`.
 
     Attributes:
         base: "smollm2" or a local transformers folder.
         domains: The expert domains, a subset of `loramix.science.DOMAINS`.
         n_train: Training examples per domain.
         n_test: Test examples per domain (and in the mixed and composite sets).
+        n_dev: Dev examples per domain (and in the mixed and composite dev sets).
         rank: LoRA rank of every expert.
         alpha: LoRA alpha of every expert.
         targets: Adapted linear modules of every expert.
         expert_steps: Optimizer steps per expert.
-        expert_lr: Peak learning rate of the experts.
-        gate_steps: Optimizer steps of the gate.
-        gate_lr: Peak learning rate of the gate.
-        gate_depth: Linear layers in the gate (`xlora_depth`).
+        expert_lr: Peak learning rate of the experts (and of the multitask LoRA).
+        multitask: Also train the multitask LoRA baseline (rank and steps times the number
+            of domains, alpha too so that alpha / rank is the experts').
+        gate_candidates: The gate settings tried; the one with the lowest mean dev NLL is
+            kept (`loramix.science.selection`). Nothing about the gate is chosen on test.
         gate_size: Width of the gate's hidden layers (`xlora_size`).
-        gate_weights: Sampling weight of a domain's training file in the gate's data mix
-            (`FILE:WEIGHT`); domains not named weigh 1. The default 1.5 on chemistry was
-            chosen after seeing held-out results (one run; see README): with equal weights
-            X-LoRA missed the 10% line on chemistry.
         layerwise: One set of scalings per adapted module (`layerwise_scalings`).
         lr_scheduler: Learning-rate schedule after warmup, experts and gate (see
             `TrainingConfig`); "linear" keeps the rate higher for longer than "cosine", which
             the experts need: their held-out loss drops suddenly after a few hundred steps.
         batch_size: Examples per optimizer step (experts and gate).
-        max_length: Tokens per training example (the science examples have under 40).
+        max_length: Tokens per training example (the longest science examples, reasoning
+            puzzles, have under 90).
         save_steps: Steps between checkpoints, from which an interrupted step resumes.
         eval_limit: Examples per test set in the evaluation; None uses all.
         max_new_tokens: Greedy tokens per answer in the evaluation.
@@ -98,30 +110,29 @@ class RetrainSettings:
             is faster than "float32" on CPUs with AVX512-BF16; the LoRA weights and the gate
             always train in float32). The evaluation runs in float32.
         threads: torch CPU threads; None leaves torch's default.
-        expert_workers: Experts trained side by side, each in its own process with
-            `threads // expert_workers` threads (see `loramix.training.jobs`: on a small CPU
-            this finishes sooner than one after the other); None gives one per CPU core; 1
-            trains them one after the other in this process.
+        expert_workers: Experts (and the multitask LoRA) trained side by side, each in its
+            own process with `threads // expert_workers` threads (see
+            `loramix.training.jobs`: on a small CPU this finishes sooner than one after the
+            other); None gives one per CPU core; 1 trains them one after the other here.
     """
 
     base: str = "smollm2"
     domains: tuple[str, ...] = DOMAINS
     n_train: int = 1000
-    n_test: int = 40
+    n_test: int = 100
+    n_dev: int = 100
     rank: int = 8
     alpha: float = 16
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
-    expert_steps: int = 500
+    expert_steps: int = 250
     expert_lr: float = 3e-3
-    gate_steps: int = 300
-    gate_lr: float = 3e-3
-    gate_depth: int = 2
+    multitask: bool = True
+    gate_candidates: tuple[GateCandidate, ...] = DEFAULT_CANDIDATES
     gate_size: int = 128
-    gate_weights: dict[str, float] = field(default_factory=lambda: {"chemistry": 1.5})
     layerwise: bool = True
     lr_scheduler: str = "linear"
     batch_size: int = 8
-    max_length: int = 64
+    max_length: int = 96
     save_steps: int = 50
     eval_limit: int | None = None
     max_new_tokens: int = 16
@@ -137,10 +148,9 @@ class RetrainSettings:
         for name in (
             "n_train",
             "n_test",
+            "n_dev",
             "rank",
             "expert_steps",
-            "gate_steps",
-            "gate_depth",
             "gate_size",
             "batch_size",
             "max_length",
@@ -154,14 +164,14 @@ class RetrainSettings:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 problems.append(f"{name}={value!r}: use a whole number >= 1, or None.")
-        for name in ("alpha", "expert_lr", "gate_lr"):
-            if not getattr(self, name) > 0:
+        for name in ("alpha", "expert_lr"):
+            if not is_number(getattr(self, name)) or not getattr(self, name) > 0:
                 problems.append(f"{name}={getattr(self, name)!r}: use a positive number.")
-        for domain, weight in self.gate_weights.items():
-            if domain not in DOMAINS:  # a weight of a domain left out is not used
-                problems.append(f"gate_weights[{domain!r}]: not one of {list(DOMAINS)}.")
-            if not is_number(weight) or not weight > 0:
-                problems.append(f"gate_weights[{domain!r}]={weight!r}: use a positive number.")
+        names = [c.name for c in self.gate_candidates]
+        if not names or len(set(names)) != len(names):
+            problems.append(f"gate_candidates: give one or more, with distinct names ({names}).")
+        for candidate in self.gate_candidates:
+            problems += candidate.problems(self.domains)
         if self.train_dtype not in _TRAIN_DTYPES:
             problems.append(f"train_dtype={self.train_dtype!r}: use one of {_TRAIN_DTYPES}.")
         if isinstance(self.targets, str) or not self.targets:
@@ -188,6 +198,13 @@ class RetrainPaths:
         return self.out / "xlora"
 
     @property
+    def multitask(self) -> Path:
+        return self.experts / MULTITASK
+
+    def gate(self, candidate: str) -> Path:
+        return self.out / "gates" / candidate
+
+    @property
     def eval(self) -> Path:
         return self.out / "eval"
 
@@ -198,10 +215,18 @@ class RetrainPaths:
         return self.data / f"{domain}_train.jsonl"
 
     def test_sets(self, domains: Sequence[str]) -> dict[str, Path]:
-        """Test set name -> file: every domain, then the composite and the mixed set."""
-        sets = {domain: self.data / f"{domain}_test.jsonl" for domain in domains}
-        sets[COMPOSITE] = self.data / f"{COMPOSITE}_test.jsonl"
-        sets[MIXED] = self.data / f"{MIXED}_test.jsonl"
+        """Test set name -> file: every domain, the composite set (if any), the mixed set."""
+        return self._split(domains, "test")
+
+    def dev_sets(self, domains: Sequence[str]) -> dict[str, Path]:
+        """Dev set name -> file, as `test_sets` for the dev split."""
+        return self._split(domains, "dev")
+
+    def _split(self, domains: Sequence[str], split: str) -> dict[str, Path]:
+        sets = {domain: self.data / f"{domain}_{split}.jsonl" for domain in domains}
+        if composite.tasks_for(domains):
+            sets[COMPOSITE] = self.data / f"{COMPOSITE}_{split}.jsonl"
+        sets[MIXED] = self.data / f"{MIXED}_{split}.jsonl"
         return sets
 
 
@@ -261,13 +286,21 @@ def retrain(
         (paths.data / "manifest.json").is_file(),
         lambda: _write_data(paths, seed, settings),
     )
-    pending = [d for d in settings.domains if not _complete(paths.expert(d), _ADAPTER_CONFIG)]
+    jobs = [MULTITASK] if settings.multitask else []  # the longest job first
+    jobs += list(settings.domains)
+    pending = [name for name in jobs if not _complete(paths.expert(name), _ADAPTER_CONFIG)]
     step(
         "experts",
         not pending,
         lambda: _train_experts(paths, pending, seed, settings, recorded.get("experts", {})),
     )
-    step("gate", _complete(paths.xlora, CONFIG_NAME), lambda: _train_gate(paths, seed, settings))
+    gates = [c for c in settings.gate_candidates if not _complete(paths.gate(c.name), CONFIG_NAME)]
+    step("gates", not gates, lambda: _train_gates(paths, gates, seed, settings))
+    step(
+        "select",
+        _complete(paths.xlora, CONFIG_NAME) and (paths.out / SELECTION_JSON).is_file(),
+        lambda: _select_gate(paths, settings),
+    )
     step(
         "eval",
         (paths.eval / "eval.json").is_file() and (paths.eval / "expert_usage.png").is_file(),
@@ -303,6 +336,7 @@ def _write_data(paths: RetrainPaths, seed: int, settings: RetrainSettings) -> No
         seed=seed,
         n_train=settings.n_train,
         n_test=settings.n_test,
+        n_dev=settings.n_dev,
         domains=settings.domains,
     )
 
@@ -320,7 +354,8 @@ def _train_experts(
     settings: RetrainSettings,
     earlier: dict[str, Any],
 ) -> dict[str, Any]:
-    """Trains the experts of `domains`, up to `settings.expert_workers` side by side.
+    """Trains the experts of `domains` (and the multitask LoRA if named), up to
+    `settings.expert_workers` side by side.
 
     Args:
         earlier: The experts step's record in timings.json, if an earlier call trained
@@ -339,7 +374,7 @@ def _train_experts(
         "training %d expert(s), %d at a time with %d thread(s) each", len(domains), workers, threads
     )
     jobs = {domain: (paths, domain, seed, settings) for domain in domains}
-    for done in run_jobs(_train_expert, jobs, workers=workers, threads=threads):
+    for done in run_jobs(_train_job, jobs, workers=workers, threads=threads):
         each[done.name] = {"wall_s": round(done.wall_s, 2), "cpu_s": round(done.cpu_s, 1)}
         logger.info("expert %s: done in %.1f s", done.name, done.wall_s)
     cpu_s = round(sum(each[d]["cpu_s"] for d in domains), 1)
@@ -367,79 +402,103 @@ def training_config(
     )
 
 
-def _train_expert(paths: RetrainPaths, domain: str, seed: int, settings: RetrainSettings) -> None:
+def _train_job(paths: RetrainPaths, name: str, seed: int, settings: RetrainSettings) -> None:
+    """Train one expert, or the multitask LoRA (`MULTITASK`), in a worker process."""
     from loramix.training.expert import LoraSettings, train_expert
 
-    out = paths.expert(domain)
+    n = len(settings.domains) if name == MULTITASK else 1
+    out = paths.expert(name)
+    files = [paths.train_file(d) for d in (settings.domains if name == MULTITASK else [name])]
     train_expert(
         settings.base,
-        [paths.train_file(domain)],
+        files,
         out,
-        LoraSettings(rank=settings.rank, alpha=settings.alpha, targets=settings.targets),
-        training_config(settings, seed, lr=settings.expert_lr, steps=settings.expert_steps),
+        LoraSettings(rank=n * settings.rank, alpha=n * settings.alpha, targets=settings.targets),
+        training_config(settings, seed, lr=settings.expert_lr, steps=n * settings.expert_steps),
         dtype=getattr(torch, settings.train_dtype),
         **resume_flags(out),
     )
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the adapter is complete
+    if name == MULTITASK:  # how it matches the experts, for the report
+        plan = {
+            "rank": n * settings.rank,
+            "alpha": n * settings.alpha,
+            "steps": n * settings.expert_steps,
+            "examples_seen": n * settings.expert_steps * settings.batch_size,
+            "train_files": [f.name for f in files],
+            "experts": list(settings.domains),
+        }
+        write_text_atomic(out / MULTITASK_JSON, json.dumps(plan, indent=2) + "\n")
 
 
-def _train_gate(paths: RetrainPaths, seed: int, settings: RetrainSettings) -> None:
+def _train_gates(
+    paths: RetrainPaths, candidates: Sequence[GateCandidate], seed: int, settings: RetrainSettings
+) -> dict[str, Any]:
+    """Train one gate per candidate; returns each one's wall time."""
+    each = {}
+    for candidate in candidates:
+        start = time.perf_counter()
+        train_gate_candidate(paths, paths.gate(candidate.name), candidate, seed, settings)
+        each[candidate.name] = {"wall_s": round(time.perf_counter() - start, 2)}
+    return {"each": each}
+
+
+def train_gate_candidate(
+    paths: RetrainPaths,
+    out: Path,
+    candidate: GateCandidate,
+    seed: int,
+    settings: RetrainSettings,
+    domains: Sequence[str] | None = None,
+) -> None:
+    """Train the gate of `candidate` over the experts of `domains` (default: the run's)."""
     from loramix.training.gate import train_gate
 
+    domains = settings.domains if domains is None else domains
     xlora = XLoraConfig(
-        adapters={domain: str(paths.expert(domain)) for domain in settings.domains},
+        adapters={domain: str(paths.expert(domain)) for domain in domains},
         layerwise_scalings=settings.layerwise,
-        xlora_depth=settings.gate_depth,
+        xlora_depth=candidate.depth,
         xlora_size=settings.gate_size,
         xlora_dropout_p=0.0,
+        softmax_temperature=candidate.temperature,
     )
     train_gate(
         settings.base,
         xlora,
-        [
-            f"{paths.train_file(domain)}:{settings.gate_weights.get(domain, 1)}"
-            for domain in settings.domains
-        ],
-        paths.xlora,
-        training_config(settings, seed, lr=settings.gate_lr, steps=settings.gate_steps),
+        [f"{paths.train_file(d)}:{candidate.weights.get(d, 1)}" for d in domains],
+        out,
+        training_config(settings, seed, lr=candidate.lr, steps=candidate.steps),
         dtype=getattr(torch, settings.train_dtype),
-        **resume_flags(paths.xlora),
+        **resume_flags(out),
     )
-    shutil.rmtree(paths.xlora / CHECKPOINTS, ignore_errors=True)
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+
+
+def _select_gate(paths: RetrainPaths, settings: RetrainSettings) -> dict[str, Any]:
+    """Score every candidate's gate on the dev files, keep the best as `OUT/xlora`."""
+    from loramix.science.selection import choose, score_candidates, selection_record
+
+    gates = {c.name: paths.gate(c.name) for c in settings.gate_candidates}
+    dev = paths.dev_sets(settings.domains)  # dev files only: selection refuses others
+    scores = score_candidates(settings.base, gates, dev, max_length=settings.max_length)
+    chosen = choose(scores)
+    record = selection_record(settings.gate_candidates, scores, chosen)
+    if paths.xlora.exists():
+        shutil.rmtree(paths.xlora)
+    shutil.copytree(paths.gate(chosen), paths.xlora)
+    write_text_atomic(paths.out / SELECTION_JSON, json.dumps(record, indent=2) + "\n")
+    logger.info(
+        "gate %s chosen on dev (mean NLL %.4f)", chosen, record["candidates"][chosen]["mean"]
+    )
+    return {"chosen": chosen}
 
 
 def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> None:
-    """Evaluate the run's X-LoRA model and draw its heatmaps into `paths.eval`."""
-    from loramix.evaluation.plots import write_eval_plots
-    from loramix.evaluation.runner import evaluate as evaluate_model
-    from loramix.evaluation.runner import load_test_set
-    from loramix.model import XLoraModel
-    from loramix.science.targets import check_targets, science_verifier
-    from loramix.smollm2 import load_base_model
+    """The final report (`loramix.science.final_eval`): the one step that reads test files."""
+    from loramix.science.final_eval import evaluate_run as final_report
 
-    base, tokenizer = load_base_model(settings.base)
-    model = XLoraModel.from_pretrained(base, paths.xlora)
-    test_sets = paths.test_sets(settings.domains)
-    report = evaluate_model(
-        model,
-        tokenizer,
-        {name: str(path) for name, path in test_sets.items()},
-        chat=False,
-        verifier=science_verifier,
-        limit=settings.eval_limit,
-        max_new_tokens=settings.max_new_tokens,
-    )
-    checks = check_targets(report, {domain: domain for domain in settings.domains})
-    report.write(paths.eval, checks)
-    logger.info("evaluation:\n%s", report.table())
-    for check in checks:
-        logger.info("target %s", check.line())
-    samples = {
-        name: load_test_set(path, tokenizer, chat=False, limit=1)[0].input_ids
-        for name, path in test_sets.items()
-        if name != MIXED
-    }
-    write_eval_plots(model, tokenizer, samples, paths.eval, usage=report.usage)
+    final_report(paths, settings)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -485,7 +544,8 @@ def _provenance(
         "seed": seed,
         "settings": dataclasses.asdict(settings),
         "data": {
-            key: manifest.get(key) for key in ("n_train", "n_test", "n_composite", "versions")
+            key: manifest.get(key)
+            for key in ("n_train", "n_test", "n_dev", "n_composite", "versions")
         },
         "timings": timings,
         "command": f"loramix science retrain --seed {seed}",

@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
-from loramix.science import biology, chemistry, composite, mechanics, proteins
+from loramix.science import (
+    bioinspired,
+    biology,
+    chemistry,
+    composite,
+    mathematics,
+    mechanics,
+    proteins,
+    quantum,
+    reasoning,
+)
 from loramix.science.task import Example, Task
 
-DOMAINS: tuple[str, ...] = ("biology", "chemistry", "proteins", "mechanics")
+DOMAINS: tuple[str, ...] = (
+    "biology",
+    "chemistry",
+    "proteins",
+    "mechanics",
+    "quantum",
+    "mathematics",
+    "reasoning",
+    "bioinspired",
+)
 """The expert domains, in a fixed order; each gets its own training data."""
 
 COMPOSITE = composite.DOMAIN
@@ -15,6 +34,10 @@ TASKS: dict[str, tuple[Task, ...]] = {
     chemistry.DOMAIN: chemistry.TASKS,
     proteins.DOMAIN: proteins.TASKS,
     mechanics.DOMAIN: mechanics.TASKS,
+    quantum.DOMAIN: quantum.TASKS,
+    mathematics.DOMAIN: mathematics.TASKS,
+    reasoning.DOMAIN: reasoning.TASKS,
+    bioinspired.DOMAIN: bioinspired.TASKS,
     composite.DOMAIN: composite.TASKS,
 }
 """Domain -> its tasks; "composite" holds the held-out cross-domain questions."""

@@ -40,12 +40,17 @@ def check_targets(
     mixed: str | None = "mixed",
     composite: str | None = "composite",
     tolerance: float = 0.10,
+    multitask: str | None = None,
 ) -> list[TargetCheck]:
     """The science case study's targets, by NLL on held-out data (README, "The science case study").
 
     - every domain: X-LoRA's NLL <= (1 + tolerance) * that domain's own expert's NLL;
-    - the mixed set: X-LoRA's NLL is below every single expert's and the uniform average's;
-    - the composite set: X-LoRA's NLL is below every single expert's.
+    - the mixed set: X-LoRA's NLL is below every single expert's, the uniform average's and
+      the multitask LoRA's (if `multitask` names it);
+    - the composite set: X-LoRA's NLL is below every single expert's and the uniform
+      average's;
+    - with `multitask`, on every test set: X-LoRA against the multitask LoRA, reported as
+      "pass" (X-LoRA's NLL lower) or "fail", win or lose.
 
     A tie does not beat. A target whose system or test set the report lacks is "missing".
 
@@ -54,6 +59,7 @@ def check_targets(
         mixed: The mixed test set's name; None skips that target.
         composite: The composite test set's name; None skips that target.
         tolerance: The allowed relative excess of X-LoRA's NLL on a domain.
+        multitask: The multitask LoRA's system name; None leaves it out.
     """
     checks = []
     for domain, expert in domain_experts.items():
@@ -73,9 +79,15 @@ def check_targets(
             )
         )
     experts = [EXPERT_PREFIX + name for name in report.expert_names]
+    mixed_rivals = [*experts, UNIFORM] + ([multitask] if multitask else [])
     for name, rivals, what in (
-        (mixed, [*experts, UNIFORM], "every single expert and the uniform average"),
-        (composite, experts, "every single expert"),
+        (
+            mixed,
+            mixed_rivals,
+            "every single expert, the uniform average"
+            + (" and the multitask LoRA" if multitask else ""),
+        ),
+        (composite, [*experts, UNIFORM], "every single expert and the uniform average"),
     ):
         if name is None:
             continue
@@ -94,6 +106,21 @@ def check_targets(
                 f"X-LoRA {ours:.3f} vs best rival {best} {theirs:.3f}",
             )
         )
+    if multitask is not None:
+        for name in report.test_sets:
+            target = f"{name}: X-LoRA NLL vs the multitask LoRA (reported, win or lose)"
+            missing = _missing(report, [XLORA, multitask], name)
+            if missing:
+                checks.append(TargetCheck(target, "missing", missing))
+                continue
+            ours, theirs = report.score(XLORA, name).nll, report.score(multitask, name).nll
+            checks.append(
+                TargetCheck(
+                    target,
+                    "pass" if ours < theirs else "fail",
+                    f"X-LoRA {ours:.3f} vs multitask {theirs:.3f}",
+                )
+            )
     return checks
 
 

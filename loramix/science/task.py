@@ -20,7 +20,10 @@ from typing import Any, TypedDict
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'loramix[science]'  (biopython, periodictable, pint)"
+INSTALL_HINT = (
+    "pip install 'loramix[science]'  (biopython, periodictable, pint, sympy, z3-solver, rdkit, "
+    "tblite)"
+)
 
 
 class Example(TypedDict):

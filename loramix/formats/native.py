@@ -1,0 +1,72 @@
+"""loramix's own folder.
+
+    xlora_config.json                         the config, adapters -> "experts/<name>"
+    gate.safetensors                          gate weights (`layers.{i}.weight/bias`)
+    experts/<name>/adapter_config.json        each expert as a standard PEFT adapter
+    experts/<name>/adapter_model.safetensors
+
+It needs nothing outside itself; expert paths in the config are relative to the folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from loramix.config import CONFIG_NAME, XLoraConfig
+
+if TYPE_CHECKING:
+    from loramix.formats import Contents
+
+GATE_WEIGHTS_NAME = "gate.safetensors"
+EXPERTS_DIR = "experts"
+
+
+def is_native_folder(folder: Path) -> bool:
+    return (folder / GATE_WEIGHTS_NAME).is_file() and (folder / CONFIG_NAME).is_file()
+
+
+def read_config(folder: Path) -> XLoraConfig:
+    """The config with relative expert paths resolved against `folder`."""
+    config = XLoraConfig.from_file(folder / CONFIG_NAME)
+    adapters = {}
+    for name, path in config.adapters.items():
+        path = Path(path).expanduser()
+        adapters[name] = str(path if path.is_absolute() else folder / path)
+    return dataclasses.replace(config, adapters=adapters)
+
+
+def read_gate(folder: Path) -> dict[str, torch.Tensor]:
+    path = folder / GATE_WEIGHTS_NAME
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"{path}: cannot read the gate's weights ({error}); the file is corrupt or truncated"
+        ) from None
+
+
+def write(contents: Contents, folder: Path) -> None:
+    """Writes the layout above into the empty staging `folder`."""
+    from loramix.formats.xlora import write_expert
+
+    adapters = {}
+    for index, name in enumerate(contents.expert_names):
+        sub = Path(EXPERTS_DIR) / folder_name(name, index)
+        adapters[name] = sub.as_posix()
+        write_expert(contents, index, folder / sub)
+    config = dataclasses.replace(contents.config, adapters=adapters)
+    (folder / CONFIG_NAME).write_text(config.to_json_string())
+    save_file(contents.gate_state, folder / GATE_WEIGHTS_NAME, metadata={"format": "pt"})
+
+
+def folder_name(name: str, index: int) -> str:
+    """The expert's name if it is a plain folder name, else `<index>_<cleaned name>`."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")
+    return safe if safe and safe == name else f"{index}_{safe or 'expert'}"

@@ -1,0 +1,152 @@
+"""Add one domain to a finished retrain: its data, its expert and a new gate, nothing else.
+
+This is what the mixture buys in practice. The experts already trained stay frozen and are
+reused; adding a domain trains one expert and one gate (with the settings chosen on dev in
+the run). The multitask LoRA, by contrast, has to be retrained on the union of all the
+domains' data. `add_domain` does the former and records, in `OUT/add-<domain>/timings.json`,
+its wall time beside the run's multitask training time (from `OUT/timings.json`), scaled to
+one more domain.
+
+`add_domain_cost` reads the same comparison off the timings of a single full run (one
+expert's time plus the chosen gate's time, against the multitask LoRA's time), so a run
+reports it without adding a domain.
+
+    OUT/data/<domain>_{train,dev,test}.jsonl    the new domain's files (the same bytes a run
+                                                with that domain writes: each domain draws
+                                                from its own seed)
+    OUT/experts/<domain>/                       its expert
+    OUT/add-<domain>/xlora/                     the new gate over every expert
+    OUT/add-<domain>/timings.json               data, expert and gate wall times
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from loramix.atomic import write_text_atomic
+from loramix.science.pipeline import (
+    MULTITASK,
+    SELECTION_JSON,
+    TIMINGS_JSON,
+    RetrainPaths,
+    RetrainSettings,
+    read_json,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def add_domain_cost(timings: dict[str, Any], settings: RetrainSettings) -> dict[str, Any]:
+    """Adding a domain (one expert + one gate) against retraining the multitask LoRA.
+
+    Args:
+        timings: A finished run's `timings.json` (experts with "each", gates with "each",
+            select with "chosen").
+
+    Returns:
+        Seconds of each, the multitask time scaled to one more domain, and their ratio.
+
+    Raises:
+        ValueError: If the timings lack the records this needs (say which).
+    """
+    try:
+        each = timings["experts"]["each"]
+        expert_s = max(each[d]["wall_s"] for d in settings.domains)  # the slowest domain
+        chosen = timings["select"]["chosen"]
+        gate_s = timings["gates"]["each"][chosen]["wall_s"]
+        multitask_s = each[MULTITASK]["wall_s"]
+    except (KeyError, TypeError) as error:
+        raise ValueError(
+            f"timings.json lacks {error}; it needs the experts (with the multitask LoRA), "
+            "gates and select steps of one run, timed in the same call"
+        ) from None
+    n = len(settings.domains)
+    retrain_s = multitask_s * (n + 1) / n  # one more domain's data and steps
+    add_s = expert_s + gate_s
+    return {
+        "add_domain_s": round(add_s, 1),
+        "expert_s": expert_s,
+        "gate_s": gate_s,
+        "multitask_retrain_s": round(retrain_s, 1),
+        "ratio": round(retrain_s / add_s, 2),
+    }
+
+
+def add_domain(
+    out_dir: str | os.PathLike[str],
+    domain: str,
+    seed: int = 0,
+    settings: RetrainSettings | None = None,
+) -> dict[str, Any]:
+    """Train `domain`'s expert and a new gate on top of the finished run in `out_dir`.
+
+    Args:
+        out_dir: A retrain run folder whose steps up to `select` are done.
+        domain: A domain of `loramix.science.DOMAINS` that the run does not have.
+        seed: The run's seed.
+        settings: The run's settings (checked against its `run.json`).
+
+    Returns:
+        The record written to `OUT/add-<domain>/timings.json`.
+
+    Raises:
+        ValueError: If the domain is unknown or already in the run, or the run is not
+            finished, or was made with other settings.
+    """
+    import dataclasses
+
+    from loramix.science.datasets import write_datasets
+    from loramix.science.pipeline import _check_run_settings, _train_job, train_gate_candidate
+    from loramix.science.registry import DOMAINS
+
+    settings = settings or RetrainSettings()
+    paths = RetrainPaths(Path(out_dir))
+    problems = []
+    if domain not in DOMAINS:
+        problems.append(f"domain {domain!r} is not one of {list(DOMAINS)}")
+    if domain in settings.domains:
+        problems.append(f"the run already has the domain {domain!r}")
+    selection = read_json(paths.out / SELECTION_JSON)
+    if not selection:
+        problems.append(f"{paths.out} holds no finished run (no {SELECTION_JSON}); retrain first")
+    if problems:
+        raise ValueError("cannot add a domain: " + "; ".join(problems))
+    _check_run_settings(paths.out, seed, settings)
+    candidate = next(c for c in settings.gate_candidates if c.name == selection["chosen"])
+    domains = (*settings.domains, domain)
+    record: dict[str, Any] = {"domain": domain, "gate": candidate.name}
+    start = time.perf_counter()
+    staging = paths.out / f"add-{domain}"
+    write_datasets(
+        staging / "data",
+        seed=seed,
+        n_train=settings.n_train,
+        n_test=settings.n_test,
+        n_dev=settings.n_dev,
+        domains=[domain],
+    )
+    for split in ("train", "dev", "test"):
+        name = f"{domain}_{split}.jsonl"
+        write_text_atomic(paths.data / name, (staging / "data" / name).read_text())
+    record["data_s"] = round(time.perf_counter() - start, 2)
+    start = time.perf_counter()
+    _train_job(paths, domain, seed, settings)
+    record["expert_s"] = round(time.perf_counter() - start, 2)
+    start = time.perf_counter()
+    wider = dataclasses.replace(settings, domains=domains)
+    train_gate_candidate(paths, staging / "xlora", candidate, seed, wider)
+    record["gate_s"] = round(time.perf_counter() - start, 2)
+    record["add_domain_s"] = round(record["data_s"] + record["expert_s"] + record["gate_s"], 2)
+    multitask = read_json(paths.out / TIMINGS_JSON).get("experts", {}).get("each", {})
+    if MULTITASK in multitask:
+        n = len(settings.domains)
+        record["multitask_retrain_s"] = round(multitask[MULTITASK]["wall_s"] * (n + 1) / n, 1)
+        record["ratio"] = round(record["multitask_retrain_s"] / record["add_domain_s"], 2)
+    write_text_atomic(staging / TIMINGS_JSON, json.dumps(record, indent=2) + "\n")
+    logger.info("added %s in %.0f s: %s", domain, record["add_domain_s"], record)
+    return record

@@ -1,0 +1,177 @@
+"""Choose the gate's settings on the dev split, so that the test split cannot influence them.
+
+The retrain trains one gate per `GateCandidate` (steps, learning rate, sampling weights of
+the domains, depth, softmax temperature) over the same frozen experts, scores each on the
+dev files (mean NLL per completion token under teacher forcing, averaged over the dev sets
+with equal weight), and keeps the lowest. `score_candidates` accepts only files named
+`*_dev.jsonl` and refuses anything else, so no test file can be read while choosing: the
+test files are opened once, by the final evaluation.
+
+`OUT/selection.json` records every candidate's settings and dev scores and the choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEV_SUFFIX = "_dev.jsonl"
+
+
+@dataclass(frozen=True)
+class GateCandidate:
+    """One setting of the gate to try.
+
+    Attributes:
+        name: Folder name of this candidate's gate (letters, digits, "-", "_" and ".").
+        steps: Optimizer steps.
+        lr: Peak learning rate.
+        weights: Sampling weight of a domain's training file in the gate's data mix; domains
+            not named weigh 1.
+        depth: Linear layers in the gate (`xlora_depth`).
+        temperature: Softmax temperature over the experts (`softmax_temperature`).
+    """
+
+    name: str
+    steps: int = 300
+    lr: float = 3e-3
+    weights: dict[str, float] = field(default_factory=dict)
+    depth: int = 2
+    temperature: float = 1.0
+
+    def problems(self, domains: Sequence[str]) -> list[str]:
+        """What is wrong with this candidate, one line per problem (empty when valid)."""
+        where = f"gate candidate {self.name!r}"
+        found = []
+        if (
+            not self.name
+            or not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum()
+        ):
+            found.append(f"{where}: name it with letters, digits, '-', '_' or '.'")
+        for key in ("steps", "depth"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                found.append(f"{where}: {key}={value!r}, use a whole number >= 1")
+        for key in ("lr", "temperature"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                found.append(f"{where}: {key}={value!r}, use a positive number")
+        for domain, weight in self.weights.items():
+            if domain not in domains:
+                found.append(f"{where}: weights[{domain!r}] names no domain of {list(domains)}")
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
+                found.append(f"{where}: weights[{domain!r}]={weight!r}, use a positive number")
+        return found
+
+
+DEFAULT_CANDIDATES: tuple[GateCandidate, ...] = (
+    GateCandidate("lr3e-3", steps=250, lr=3e-3),
+    GateCandidate("lr1e-2", steps=250, lr=1e-2),
+)
+"""Tried by the retrain: the v1 bundle's learning rate and a higher one (two, to fit the
+2-hour budget; add more, e.g. a softmax temperature or sampling weights, when time allows)."""
+
+
+def check_dev_files(files: Mapping[str, str | os.PathLike[str]]) -> None:
+    """Refuse any file that is not a dev split.
+
+    Raises:
+        ValueError: Naming every file not called `*_dev.jsonl`; settings are chosen on dev.
+    """
+    wrong = sorted(str(path) for path in files.values() if not str(path).endswith(DEV_SUFFIX))
+    if wrong or not files:
+        raise ValueError(
+            "gate settings are chosen on the dev split only; "
+            + (f"not dev files: {', '.join(wrong)}" if wrong else "no dev file given")
+            + f". Pass the *{DEV_SUFFIX} files written by `write_datasets`."
+        )
+
+
+def choose(scores: Mapping[str, Mapping[str, float]]) -> str:
+    """The candidate with the lowest mean dev NLL over its sets (the first one on a tie).
+
+    Args:
+        scores: Candidate -> dev set -> NLL.
+
+    Raises:
+        ValueError: If there is no candidate, or a candidate has no finite score.
+    """
+    means = {name: mean_nll(by_set) for name, by_set in scores.items()}
+    bad = sorted(name for name, value in means.items() if not math.isfinite(value))
+    if not means or bad:
+        raise ValueError(f"no gate candidate to choose from (without finite dev NLL: {bad})")
+    return min(means, key=lambda name: (means[name], list(means).index(name)))
+
+
+def mean_nll(by_set: Mapping[str, float]) -> float:
+    """The dev sets' NLLs averaged with equal weight (nan if there are none)."""
+    return sum(by_set.values()) / len(by_set) if by_set else math.nan
+
+
+def score_candidates(
+    base: str,
+    gates: Mapping[str, str | os.PathLike[str]],
+    dev_files: Mapping[str, str | os.PathLike[str]],
+    *,
+    max_length: int = 1024,
+    batch_size: int = 8,
+) -> dict[str, dict[str, float]]:
+    """X-LoRA's mean NLL per completion token of every gate on every dev file.
+
+    Args:
+        base: The base model ("smollm2" or a local folder).
+        gates: Candidate -> its X-LoRA folder.
+        dev_files: Dev set name -> `*_dev.jsonl` file.
+        max_length: Examples are truncated to this many tokens.
+        batch_size: Sequences per forward call.
+
+    Returns:
+        Candidate -> dev set -> NLL.
+
+    Raises:
+        ValueError: If a file is not a dev file (before any model is loaded).
+    """
+    check_dev_files(dev_files)
+    from loramix.evaluation.runner import completion_nll, load_test_set
+    from loramix.model import XLoraModel
+    from loramix.smollm2 import load_base_model
+
+    scores: dict[str, dict[str, float]] = {}
+    for name, folder in gates.items():
+        base_model, tokenizer = load_base_model(base)
+        model = XLoraModel.from_pretrained(base_model, Path(folder))
+        model.eval()
+        scores[name] = {}
+        for set_name, path in dev_files.items():
+            examples = load_test_set(path, tokenizer, chat=False, max_length=max_length)
+            nll, _, _ = completion_nll(model, tokenizer, examples, batch_size)
+            scores[name][set_name] = nll
+        logger.info("gate %s: mean dev NLL %.4f", name, mean_nll(scores[name]))
+    return scores
+
+
+def selection_record(
+    candidates: Sequence[GateCandidate], scores: Mapping[str, Mapping[str, float]], chosen: str
+) -> dict[str, Any]:
+    """The JSON-able record of a selection (for `selection.json`)."""
+    from dataclasses import asdict
+
+    return {
+        "criterion": "mean NLL per completion token over the dev sets, equal weight per set",
+        "chosen": chosen,
+        "candidates": {
+            c.name: {
+                "settings": asdict(c),
+                "dev_nll": dict(scores.get(c.name, {})),
+                "mean": mean_nll(scores.get(c.name, {})),
+            }
+            for c in candidates
+        },
+    }
