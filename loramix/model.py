@@ -93,12 +93,6 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             )
         if experts is None:
             experts = [load_expert(name, path) for name, path in config.adapters.items()]
-        devices = {p.device for p in base_model.parameters()}
-        if len(devices) > 1:
-            raise ValueError(
-                f"base_model is spread over {sorted(map(str, devices))}; loramix mixes the experts "
-                "on one device: load it on one (load_base_model(..., device_map='cuda'))."
-            )
         hidden_size = _check_hidden_size(base_model, config)
         adapted = plan_mixed_modules(base_model, experts)  # validates before any change
 

@@ -156,8 +156,9 @@ def load_base_model(
         name_or_path: `DEFAULT_MODEL` ("smollm2") or the path of a local transformers folder.
         dtype: Floating dtype of the returned model's weights.
         device_map: Where the weights go, as for transformers' `from_pretrained` (through
-            accelerate): a device ("cuda", "cuda:1", "mps", "cpu", or "auto" after
-            `resolve_device`), or a dict module -> device. None keeps them on the CPU. An
+            accelerate): a device ("cuda", "cuda:1", "mps", "cpu", or "auto", which
+            `resolve_device` turns into one of them), accelerate's "balanced" or "sequential"
+            plans, or a dict module -> device. None keeps them on the CPU. An
             `XLoraModel` built on the model puts its experts beside each adapted module and
             its gate beside the input embeddings, so everything follows the base.
 
@@ -169,7 +170,7 @@ def load_base_model(
         ValueError: If `dtype` is not a floating torch dtype, or a device is not available.
     """
     _check_dtype(dtype)
-    if isinstance(device_map, str | torch.device):
+    if isinstance(device_map, str | torch.device) and device_map not in _ACCELERATE_PLANS:
         device_map = resolve_device(str(device_map))
     if str(name_or_path) == DEFAULT_MODEL:
         return load_smollm2(dtype=dtype, device_map=device_map)
@@ -184,6 +185,8 @@ def load_base_model(
         )
     return _load_folder(folder, dtype, device_map)
 
+
+_ACCELERATE_PLANS = ("balanced", "balanced_low_0", "sequential")  # passed on to accelerate
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 """The `--device` choices; "cuda:N" also names one GPU."""
