@@ -7,6 +7,7 @@ through this module:
     write_text_atomic(path, text)       a text file
     with atomic_file(path) as tmp:      any file a library writes to a path (PNG, .npz)
     with atomic_folder(path) as tmp:    a whole folder (a saved model, the bundle, a cache)
+    move_files_into(tmp, folder, ...)   files into a folder that holds other files too
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,6 +49,41 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as handle:
         handle.write(text)
     return path
+
+
+def move_files_into(
+    staging: Path, target: Path, *, marker: str, remove: Iterable[Path] = ()
+) -> None:
+    """Moves every file under `staging` to the same place under `target`, marker last.
+
+    For saving into a folder that holds other files too: only the staged files (and the
+    `remove` ones) change; every move is a rename on the same file system, so each file is the
+    old one or the new one, never half of either. The marker (e.g. `xlora_config.json`) is
+    removed first and moved last: whenever it exists, the files beside it come from one
+    complete save. `staging` is deleted afterwards.
+
+    Args:
+        staging: A folder on the same file system as `target` (e.g. inside it).
+        target: An existing folder.
+        marker: Relative path of the file that says the content is complete.
+        remove: Relative paths of old files to delete (stale files of an earlier save);
+            folders they leave empty are removed too.
+    """
+    files = sorted(p.relative_to(staging) for p in staging.rglob("*") if p.is_file())
+    if Path(marker) not in files:
+        raise ValueError(f"{staging}: nothing staged as {marker}; nothing was moved into {target}")
+    (target / marker).unlink(missing_ok=True)
+    for relative in remove:
+        path = target / relative
+        path.unlink(missing_ok=True)
+        for parent in path.parents:
+            if parent == target or not parent.is_dir() or any(parent.iterdir()):
+                break
+            parent.rmdir()
+    for relative in [f for f in files if f != Path(marker)] + [Path(marker)]:
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / relative, target / relative)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextmanager

@@ -37,6 +37,7 @@ SUBCOMMANDS: dict[str, str] = {
     "eval": "eval",
     "science": "science",
     "generate": "generate",
+    "serve": "serve",
     "convert": "convert",
 }
 

@@ -47,6 +47,7 @@ from loramix.layer import (
     plan_mixed_modules,
     replace_module,
 )
+from loramix.records import check_experts_base
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,9 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             experts = [load_expert(name, path) for name, path in config.adapters.items()]
         hidden_size = _check_hidden_size(base_model, config)
         adapted = plan_mixed_modules(base_model, experts)  # validates before any change
+        check_experts_base(
+            base_model, {e.name: e.peft_config.get("base_model_name_or_path") for e in experts}
+        )
 
         super().__init__(copy.deepcopy(base_model.config))
         self.lm = base_model
@@ -617,18 +621,22 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         *,
         format: str = "loramix",
         base_model_id: str | None = None,
-        **_: Any,
+        **kwargs: Any,
     ) -> None:
-        """Writes a self-contained folder, atomically; see `loramix.saving` for the layout.
+        """Writes a self-contained folder; see `loramix.saving` for the layout.
 
         Args:
-            save_directory: The folder; an existing one is replaced.
+            save_directory: The folder. In loramix's format an existing folder keeps its
+                other files (only loramix's own are replaced); other formats replace it.
             format: "loramix", "peft" (`PeftModel.from_pretrained` loads it), "xlora" (the
                 original package's layout) or "mistralrs"; see `loramix.formats`.
             base_model_id: The base model's Hub id or path, recorded by the "xlora",
                 "mistralrs" and "peft" formats; defaults to the base model's `name_or_path`.
+            **kwargs: transformers' `safe_serialization`, `is_main_process` and `push_to_hub`
+                (with `repo_id`, `commit_message`, `private`, `token`, `create_pr`); any
+                other keyword is refused by name (see `loramix.saving.save_pretrained`).
         """
-        saving.save_folder(self, save_directory, format, base_model_id)
+        saving.save_pretrained(self, save_directory, format, base_model_id, **kwargs)
 
     @classmethod
     def from_pretrained(  # type: ignore[override]

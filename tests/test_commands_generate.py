@@ -129,7 +129,7 @@ def test_chat_prompt_uses_the_template() -> None:
     text = tokenizer.decode(encode_prompt(tokenizer, PROMPT, chat=True)[0])
     assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
     assert PROMPT in text
-    with pytest.raises(ValueError, match="drop --chat"):
+    with pytest.raises(ValueError, match="pass --no-chat"):
         encode_prompt(tiny_tokenizer(chat_template=None), PROMPT, chat=True)
 
 
@@ -173,3 +173,47 @@ def test_no_progress_hides_the_weight_loading_bar(folders, capfd) -> None:
     assert "Loading weights" not in capfd.readouterr().err
     assert run_cli(folders) == 0  # and only for that command
     assert "Loading weights" in capfd.readouterr().err
+
+
+def test_base_and_prompt_rendering_default_to_training(folders, tmp_path, capsys, caplog) -> None:
+    import json
+    import logging
+    import shutil
+
+    base_dir, model_dir = folders
+    trained = tmp_path / "trained"
+    shutil.copytree(model_dir, trained)
+    tokenizer = tiny_tokenizer()
+    record = {
+        "command": "train-gate",
+        "prompts": {"chat": True, "chat_template": tokenizer.chat_template},
+    }
+    (trained / "training_args.json").write_text(json.dumps(record))
+    # No --base: the base recorded in base_model.json; no --chat: as training rendered prompts.
+    assert main(["generate", str(trained), "--prompt", PROMPT, "--max-new-tokens", "8"]) == 0
+    _, new_ids, _, _ = reference((base_dir, trained), "granular", chat=True)
+    assert capsys.readouterr().out == tokenizer.decode(new_ids, skip_special_tokens=True) + "\n"
+    with caplog.at_level(logging.WARNING, logger="loramix.records"):
+        argv = ["generate", str(trained), "--prompt", PROMPT, "--max-new-tokens", "8", "--no-chat"]
+        assert main(argv) == 0
+    assert (
+        "training rendered prompts with the chat template, but they are rendered plain"
+        in caplog.text
+    )
+    _, plain_ids, _, _ = reference((base_dir, trained), "granular", chat=False)
+    assert capsys.readouterr().out == tokenizer.decode(plain_ids, skip_special_tokens=True) + "\n"
+
+
+def test_a_recorded_base_that_is_missing_is_named(folders, tmp_path, capsys) -> None:
+    import json
+    import shutil
+
+    _, model_dir = folders
+    moved = tmp_path / "moved"
+    shutil.copytree(model_dir, moved)
+    record = json.loads((moved / "base_model.json").read_text())
+    record["name"] = str(tmp_path / "gone")
+    (moved / "base_model.json").write_text(json.dumps(record))
+    assert main(["generate", str(moved), "--prompt", PROMPT]) == 2
+    err = capsys.readouterr().err
+    assert f"records its base model as {tmp_path / 'gone'}" in err and "pass --base" in err

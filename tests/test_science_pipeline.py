@@ -365,3 +365,23 @@ def test_add_domain_cli_names_the_problem(tmp_path, capsys):
     assert main(["science", "add-domain", "physics", "--out", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert "'physics' is not one of" in error and "retrain first" in error
+
+
+def test_export_keeps_the_base_and_prompt_records(tmp_path):
+    from loramix.records import default_base, prompt_rendering
+
+    source = _fp32_xlora_folder(tmp_path)
+    record = {
+        "command": "train-gate",
+        "base_model": {"name": "HuggingFaceTB/SmolLM2-135M-Instruct", "fingerprint": {}},
+        "prompts": {"chat": False, "chat_template": "{{ x }}"},
+        "data": [{"path": "/somewhere/train.jsonl"}],
+        "seconds": 12.5,
+    }
+    (source / "training_args.json").write_text(json.dumps(record))
+    export_bundle(source, tmp_path / "bundle")
+    kept = json.loads((tmp_path / "bundle" / "training_args.json").read_text())
+    assert kept == {k: record[k] for k in ("command", "base_model", "prompts")}
+    assert prompt_rendering(tmp_path / "bundle") == {"chat": False, "chat_template": "{{ x }}"}
+    assert (tmp_path / "bundle" / "base_model.json").is_file()
+    assert default_base(tmp_path / "bundle") == default_base(source)

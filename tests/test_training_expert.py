@@ -62,6 +62,7 @@ def test_loss_drops_and_adapter_loads_with_peft(base, data, tmp_path):
         "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
+        "training_args.json",
     ]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8
@@ -74,7 +75,11 @@ def test_loss_drops_and_adapter_loads_with_peft(base, data, tmp_path):
         "up_proj",
         "down_proj",
     }
-    assert config["base_model_name_or_path"] == str(base)
+    assert config["base_model_name_or_path"] == str(base.resolve())
+    record = json.loads((out / "training_args.json").read_text())
+    assert record["command"] == "train-expert" and record["status"] == "finished"
+    assert record["global_step"] == 20
+    assert record["prompts"]["chat"] is False
 
     before = mean_loss(AutoModelForCausalLM.from_pretrained(base), base, data)
     expert = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
@@ -134,7 +139,7 @@ def test_bad_data_fails_before_training(base, tmp_path):
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl, line 2"):
         train_expert(base, [bad], tmp_path / "out", training=fast(max_steps=1))
-    assert not (tmp_path / "out" / "checkpoints").exists()
+    assert not (tmp_path / "out").exists()  # validated before the folder is made
 
 
 def test_cli_trains_and_reports_errors(base, data, tmp_path, capsys):
@@ -205,29 +210,22 @@ def test_gradient_checkpointing_trains_the_same_adapter(base, data, tmp_path):
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-6)
 
 
-class MoveBase(TrainerCallback):
-    """Moves the base model's folder away once training ends, as if it named a hub model."""
+def test_saving_the_adapter_never_asks_the_hub(base, data, tmp_path, monkeypatch):
+    import peft.utils.save_and_load as peft_saving
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.folder.rename(self.folder.with_name("moved"))
-
-
-def test_saving_never_looks_up_the_base_model(data, tmp_path, monkeypatch):
-    """peft would ask the model hub for the base's config to decide on saving embeddings."""
-    base = save_tiny_model(tmp_path / "base")
+    import loramix.training.expert as expert_module
 
     def no_hub(*args, **kwargs):
-        raise AssertionError("looked up the model hub")
+        raise AssertionError(f"looked up the model hub: {args}")
 
-    monkeypatch.setattr("peft.utils.save_and_load.check_file_exists_on_hf_hub", no_hub)
-    out = train_expert(
-        base,
-        [data],
-        tmp_path / "out",
-        training=fast(max_steps=1, eval_fraction=0.0),
-        callbacks=[MoveBase(base)],
-    )
+    monkeypatch.setattr(peft_saving, "check_file_exists_on_hf_hub", no_hub)
+    real_record = expert_module.base_record
+
+    def hub_named(model):  # as for the embedded SmolLM2: a hub name, not a local folder
+        return {**real_record(model), "name": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+    monkeypatch.setattr(expert_module, "base_record", hub_named)
+    out = train_expert(base, [data], tmp_path / "e", training=fast(max_steps=1, eval_fraction=0.0))
     assert (out / "adapter_model.safetensors").is_file()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -236,16 +236,18 @@ def test_resume_refuses_a_checkpoint_of_another_gate(base, data, experts, tmp_pa
     settings = fast(max_steps=2, save_steps=2, eval_fraction=0.0)
     out = tmp_path / "gate"
     train_gate(base, XLoraConfig(adapters=experts), [data], out, settings)
+    other = XLoraConfig(adapters=experts, xlora_depth=2, xlora_size=8)
+    more = dataclasses.replace(settings, max_steps=4)
+    named = r"differs .* in xlora.xlora_depth: 1 -> 2; xlora.xlora_size: 2048 -> 8"
+    with pytest.raises(ValueError, match=named):
+        train_gate(base, other, [data], out, more, resume=True)
+    # A record without settings (an older loramix): the checkpoint's own check still refuses.
+    record = json.loads((out / "training_args.json").read_text())
+    del record["run"]
+    (out / "training_args.json").write_text(json.dumps(record))
     fix = r"missing keys \['gate.layers.3.bias'.*wrong shapes \['gate.layers.0.bias'.*same experts"
     with pytest.raises(ValueError, match=fix):
-        train_gate(
-            base,
-            XLoraConfig(adapters=experts, xlora_depth=2, xlora_size=8),
-            [data],
-            out,
-            dataclasses.replace(settings, max_steps=4),
-            resume=True,
-        )
+        train_gate(base, other, [data], out, more, resume=True)
 
 
 def test_scaling_terms_formulas():
@@ -383,3 +385,76 @@ def test_cli_trains_with_xlora_flags_and_reports_errors(base, data, experts, tmp
     # An earlier run is refused with the fix.
     assert main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_out_over_an_expert_is_refused_even_with_overwrite(base, data, experts, tmp_path, capsys):
+    good = Path(experts["good"])
+    before = {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()}
+    argv = ["train-gate", "--base", str(base), "--data", str(data), "--out", str(good)]
+    argv += ["--expert", f"bad={experts['bad']}", "--expert", f"good={good}"]
+    argv += ["--max-steps", "1", "--batch-size", "4", "--no-progress", "--overwrite"]
+    assert main(argv) == 2
+    assert "output of `loramix train-expert`" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()} == before
+    assert (good / "checkpoints").is_dir()  # the expert's checkpoints are still there
+    with pytest.raises(ValueError, match="a PEFT adapter"):  # an adapter from elsewhere
+        train_gate(
+            base, XLoraConfig(adapters=experts), [data], experts["bad"], fast(max_steps=1),
+            overwrite=True,
+        )  # fmt: skip
+
+
+def test_expert_over_an_xlora_folder_is_refused(base, data, experts, tmp_path):
+    xlora = XLoraConfig(adapters=experts)
+    out = train_gate(base, xlora, [data], tmp_path / "gate", fast(max_steps=1, eval_fraction=0.0))
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(ValueError, match="output of `loramix train-gate`"):
+        train_expert(base, [data], out, training=fast(max_steps=1), overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_a_failed_run_leaves_no_folder(base, data, experts, tmp_path):
+    from helpers import LLAMA_TARGETS, make_expert, tiny_llama
+
+    wrong = make_expert(tiny_llama, tmp_path / "wrong", 1, LLAMA_TARGETS)  # other MLP width
+    with_wrong = XLoraConfig(adapters={**experts, "wrong": str(wrong)})
+    with pytest.raises(ValueError, match="experts do not fit the base model"):
+        train_gate(base, with_wrong, [data], tmp_path / "out", FAST)
+    assert not (tmp_path / "out").exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl, line 1"):
+        train_gate(base, XLoraConfig(adapters=experts), [bad], tmp_path / "out", FAST)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_finished_run_is_finished(base, data, experts, tmp_path):
+    settings = fast(max_steps=2, save_steps=1, eval_fraction=0.0)
+    xlora = XLoraConfig(adapters=experts)
+    out = train_gate(base, xlora, [data], tmp_path / "gate", settings)
+    gate = (out / "gate.safetensors").read_bytes()
+    steps = RecordSteps()
+    train_gate(base, xlora, [data], out, settings, resume=True, callbacks=[steps])
+    assert steps.steps == []  # no step past max_steps
+    assert (out / "gate.safetensors").read_bytes() == gate
+    assert json.loads((out / "training_args.json").read_text())["global_step"] == 2
+    # Raising max_steps continues the run.
+    more = dataclasses.replace(settings, max_steps=3)
+    train_gate(base, xlora, [data], out, more, resume=True, callbacks=[steps])
+    assert steps.steps == [3]
+
+
+def test_resume_with_other_experts_or_data_says_which_differ(base, data, experts, tmp_path):
+    settings = fast(max_steps=2, save_steps=1, eval_fraction=0.0)
+    xlora = XLoraConfig(adapters=experts)
+    out = train_gate(base, xlora, [data], tmp_path / "gate", settings)
+    more = dataclasses.replace(settings, max_steps=4)
+    fewer = XLoraConfig(adapters={"good": experts["good"]})
+    with pytest.raises(ValueError, match=r"experts.bad: .* -> null"):
+        train_gate(base, fewer, [data], out, more, resume=True)
+    other = tmp_path / "other.jsonl"
+    other.write_text(data.read_text().replace("paris", "lyon"))
+    with pytest.raises(ValueError, match=r"^cannot resume .* data: "):
+        train_gate(base, xlora, [other], out, more, resume=True)
+    with pytest.raises(ValueError, match=r"training.lr: 0.05 -> 0.1"):
+        train_gate(base, xlora, [data], out, dataclasses.replace(more, lr=0.1), resume=True)

@@ -1,4 +1,4 @@
-"""Tests of loramix.training.trainer: config validation, output folder checks, atomic publishing."""
+"""Tests of loramix.training.trainer: config validation, checkpoints, atomic publishing."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from loramix.training.trainer import TrainingConfig, last_checkpoint, prepare_output, publish
+from loramix.training.trainer import TrainingConfig, last_checkpoint, publish
 
 FINAL = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -35,28 +35,6 @@ def test_last_checkpoint_skips_incomplete(tmp_path):
     make_checkpoint(tmp_path, 12, complete=False)  # interrupted while saving
     assert last_checkpoint(tmp_path) == good
     assert last_checkpoint(tmp_path / "missing") is None
-
-
-def test_prepare_output_fresh_resume_and_refusal(tmp_path):
-    out = tmp_path / "out"
-    assert prepare_output(out, resume=False, overwrite=False, final_files=FINAL) is None
-    assert out.is_dir()
-    with pytest.raises(ValueError, match="Run without resume"):
-        prepare_output(out, resume=True, overwrite=False, final_files=FINAL)
-    checkpoint = make_checkpoint(out / "checkpoints", 4)
-    assert prepare_output(out, resume=True, overwrite=False, final_files=FINAL) == checkpoint
-    with pytest.raises(ValueError, match=r"--resume.*--overwrite"):
-        prepare_output(out, resume=False, overwrite=False, final_files=FINAL)
-
-
-def test_prepare_output_overwrite_deletes_only_our_files(tmp_path):
-    out = tmp_path / "out"
-    make_checkpoint(out / "checkpoints", 4)
-    (out / "adapter_config.json").write_text("{}")
-    (out / "notes.txt").write_text("mine")
-    (out / ".publish-x1y2").mkdir()  # left by a run killed while publishing
-    assert prepare_output(out, resume=False, overwrite=True, final_files=FINAL) is None
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
 def test_publish_replaces_files_and_leaves_no_temp(tmp_path):

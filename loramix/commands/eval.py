@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from loramix.commands.flags import DTYPES as _DTYPES
-from loramix.commands.flags import add_device_argument, add_progress_argument
+from loramix.commands.flags import (
+    add_device_argument,
+    add_dtype_argument,
+    add_progress_argument,
+    dtype_from_args,
+)
 
 VERIFIERS = ("exact", "science")
 """exact: `loramix.evaluation.runner.exact_match`; science: `loramix.science.targets`."""
@@ -34,7 +38,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="an X-LoRA folder (save_pretrained)")
     parser.add_argument(
-        "--base", default="smollm2", help="'smollm2' (embedded) or a local transformers folder"
+        "--base",
+        default=None,
+        help="'smollm2' (embedded) or a local transformers folder (default: the base recorded "
+        "in MODEL_DIR, else smollm2)",
     )
     parser.add_argument(
         "--test",
@@ -80,20 +87,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per model call")
     parser.add_argument("--max-length", type=int, default=1024, help="tokens per example")
     parser.add_argument(
-        "--no-chat", action="store_true", help="plain prompt + completion, no chat template"
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="render prompts with the chat template, or plain with --no-chat (default: as in "
+        "training, from MODEL_DIR/training_args.json; chat if unrecorded)",
     )
-    parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="base weights dtype")
+    add_dtype_argument(parser)
     add_device_argument(parser)
     add_progress_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate; print the table and the targets, or the error and how to fix it."""
-    import torch
 
     from loramix.evaluation.report import format_targets
     from loramix.evaluation.runner import evaluate, exact_match, load_test_set
     from loramix.model import XLoraModel
+    from loramix.records import base_to_load, choose_chat
     from loramix.science.targets import check_targets, science_verifier
     from loramix.smollm2 import load_base_model
 
@@ -104,9 +115,11 @@ def run(args: argparse.Namespace) -> int:
         from loramix.evaluation.plots import require_matplotlib
 
         require_matplotlib()  # fail before the model is loaded, not after the evaluation
+    base_name = base_to_load(args.model_dir, args.base)
     base, tokenizer = load_base_model(
-        args.base, dtype=getattr(torch, args.dtype), device_map=args.device
+        base_name, dtype=dtype_from_args(args), device_map=args.device
     )
+    chat = choose_chat(args.model_dir, args.chat, tokenizer, fallback=True)
     model = XLoraModel.from_pretrained(base, args.model_dir)
     report = evaluate(
         model,
@@ -114,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         {name: Path(path) for name, path in tests.items()},
         args.systems,
         max_new_tokens=args.max_new_tokens,
-        chat=not args.no_chat,
+        chat=chat,
         verifier=science_verifier if args.verifier == "science" else exact_match,
         limit=args.limit,
         batch_size=args.batch_size,
@@ -138,9 +151,9 @@ def run(args: argparse.Namespace) -> int:
         from loramix.evaluation.plots import write_eval_plots
 
         samples = {
-            name: load_test_set(
-                path, tokenizer, chat=not args.no_chat, limit=1, max_length=args.max_length
-            )[0].input_ids
+            name: load_test_set(path, tokenizer, chat=chat, limit=1, max_length=args.max_length)[
+                0
+            ].input_ids
             for name, path in tests.items()
         }
         written += write_eval_plots(

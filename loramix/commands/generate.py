@@ -11,8 +11,12 @@ import os
 import sys
 from typing import Any, TextIO
 
-from loramix.commands.flags import DTYPES as _DTYPES
-from loramix.commands.flags import add_device_argument, add_progress_argument
+from loramix.commands.flags import (
+    add_device_argument,
+    add_dtype_argument,
+    add_progress_argument,
+    dtype_from_args,
+)
 from loramix.errors import UsageError
 
 _MODES = ("granular", "frozen", "merged")
@@ -40,7 +44,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="an X-LoRA folder (save_pretrained)")
     parser.add_argument("--prompt", required=True, help="the text to continue")
     parser.add_argument(
-        "--chat", action="store_true", help="wrap the prompt as a user turn of the chat template"
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap the prompt as a user turn of the chat template (default: as in training, "
+        "from MODEL_DIR/training_args.json; plain if unrecorded)",
     )
     parser.add_argument("--mode", choices=_MODES, default="granular", help="scalings mode")
     parser.add_argument(
@@ -55,7 +63,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     add_colour_argument(parser)
     parser.add_argument(
-        "--base", default="smollm2", help="'smollm2' (embedded) or a local transformers folder"
+        "--base",
+        default=None,
+        help="'smollm2' (embedded) or a local transformers folder (default: the base recorded "
+        "in MODEL_DIR, else smollm2)",
     )
     parser.add_argument(
         "--max-new-tokens", type=int, default=128, help="tokens to generate at most"
@@ -63,18 +74,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with sampling)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--dtype", choices=_DTYPES, default="float32", help="weights dtype")
+    add_dtype_argument(parser)
     add_device_argument(parser)
     add_progress_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the model, generate, print the continuation (coloured with --show-experts)."""
-    import torch
+
+    from loramix.records import choose_chat
 
     _check_args(args)
-    model, tokenizer = _load(args.model_dir, args.base, getattr(torch, args.dtype), args.device)
-    ids = encode_prompt(tokenizer, args.prompt, chat=args.chat).to(model.device)
+    model, tokenizer = _load(args.model_dir, args.base, dtype_from_args(args), args.device)
+    chat = choose_chat(args.model_dir, args.chat, tokenizer, fallback=False)
+    ids = encode_prompt(tokenizer, args.prompt, chat=chat).to(model.device)
     new_ids, experts = _generate(model, tokenizer, ids, args)
     if args.show_experts:
         pieces = token_pieces(tokenizer, new_ids)
@@ -100,11 +113,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("; ".join(problems))
 
 
-def _load(model_dir: str, base_name: str, dtype: Any, device: str) -> tuple[Any, Any]:
+def _load(model_dir: str, base_name: str | None, dtype: Any, device: str) -> tuple[Any, Any]:
     from pathlib import Path
 
     from loramix.config import XLoraConfig
     from loramix.model import XLoraModel
+    from loramix.records import base_to_load
     from loramix.smollm2 import load_base_model
 
     if not Path(model_dir).is_dir():
@@ -113,7 +127,7 @@ def _load(model_dir: str, base_name: str, dtype: Any, device: str) -> tuple[Any,
             "XLoraModel.save_pretrained (e.g. by `loramix train-gate`)"
         )
     XLoraConfig.from_file(model_dir)  # a bad folder fails before the base model loads
-    base, tokenizer = load_base_model(base_name, dtype, device_map=device)
+    base, tokenizer = load_base_model(base_to_load(model_dir, base_name), dtype, device_map=device)
     return XLoraModel.from_pretrained(base, model_dir), tokenizer
 
 
@@ -121,7 +135,7 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> Any:
     """`(1, T)` prompt ids; with `chat`, the prompt as a user turn plus the assistant header."""
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise UsageError("--chat: this tokenizer has no chat template; drop --chat")
+            raise UsageError("--chat: this tokenizer has no chat template; pass --no-chat")
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )

@@ -11,6 +11,7 @@ It needs nothing outside itself; expert paths in the config are relative to the 
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,11 +26,13 @@ if TYPE_CHECKING:
     from loramix.formats import Contents
 
 GATE_WEIGHTS_NAME = "gate.safetensors"
+GATE_BIN_NAME = "gate.bin"  # save_pretrained(safe_serialization=False): torch.save
 EXPERTS_DIR = "experts"
 
 
 def is_native_folder(folder: Path) -> bool:
-    return (folder / GATE_WEIGHTS_NAME).is_file() and (folder / CONFIG_NAME).is_file()
+    gate = (folder / GATE_WEIGHTS_NAME).is_file() or (folder / GATE_BIN_NAME).is_file()
+    return gate and (folder / CONFIG_NAME).is_file()
 
 
 def read_config(folder: Path) -> XLoraConfig:
@@ -45,8 +48,11 @@ def read_config(folder: Path) -> XLoraConfig:
 def read_gate(folder: Path) -> dict[str, torch.Tensor]:
     path = folder / GATE_WEIGHTS_NAME
     try:
+        if not path.is_file() and (folder / GATE_BIN_NAME).is_file():
+            path = folder / GATE_BIN_NAME
+            return torch.load(path, map_location="cpu", weights_only=True)
         return load_file(path, device="cpu")
-    except (SafetensorError, OSError) as error:
+    except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError) as error:
         raise ValueError(
             f"{path}: cannot read the gate's weights ({error}); the file is corrupt or truncated"
         ) from None

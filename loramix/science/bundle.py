@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from loramix.atomic import atomic_folder
 from loramix.config import CONFIG_NAME
+from loramix.records import BASE_RECORD_NAME, TRAINING_RECORD_NAME, read_training_record
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ RETRAIN_JSON = "retrain.json"
 
 _WEIGHT_SUFFIX = ".safetensors"
 _ADAPTER_CONFIG = "adapter_config.json"
+_BUNDLED_RECORD = ("command", "status", "base_model", "prompts", "global_step")
+"""The fields of the gate's training_args.json that the bundle keeps (no paths or timings)."""
 
 
 def export_bundle(
@@ -52,7 +55,8 @@ def export_bundle(
     Configs are copied as they are (peft adapter configs with `target_modules` sorted, so
     that the same run gives the same bytes); `*.safetensors` files of the gate and the
     experts are rewritten with floating tensors in `dtype`; training logs and checkpoints
-    are left out.
+    are left out. `base_model.json` is copied, and of `training_args.json` only the base model
+    and the prompt rendering are kept (what `generate` and `eval` default to).
     `reports` (e.g. `eval.md`) are copied beside the model, and `provenance` is written as
     `retrain.json` with a short `README.md`. The bundle is assembled in a temporary folder
     beside `bundle_dir` and swapped in only when complete and within `max_bytes`.
@@ -80,6 +84,7 @@ def export_bundle(
         )
     with atomic_folder(target) as staging:
         files = [source / CONFIG_NAME, source / "gate.safetensors"]
+        files += [source / BASE_RECORD_NAME] if (source / BASE_RECORD_NAME).is_file() else []
         files += sorted(p for p in (source / "experts").rglob("*") if p.is_file())
         for path in files:
             dest = staging / path.relative_to(source)
@@ -99,6 +104,10 @@ def export_bundle(
                 shutil.copyfile(report, staging / report.name)
             else:
                 logger.warning("export: %s does not exist; not bundled", report)
+        training = read_training_record(source)
+        if training is not None:  # which base and prompt rendering generate / eval default to
+            kept = {k: training[k] for k in _BUNDLED_RECORD if k in training}
+            (staging / TRAINING_RECORD_NAME).write_text(json.dumps(kept, indent=2) + "\n")
         if provenance is not None:
             (staging / RETRAIN_JSON).write_text(json.dumps(provenance, indent=2) + "\n")
             (staging / "README.md").write_text(bundle_readme(provenance))

@@ -12,6 +12,7 @@ atomic publishing of the result) in `loramix.training.trainer`; this module only
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ from torch import nn
 from transformers import PreTrainedModel, TrainerCallback, set_seed
 
 from loramix.checks import is_int, raise_problems
+from loramix.records import TRAINING_RECORD_NAME, base_record, prompt_record
 from loramix.smollm2 import load_base_model, resolve_device
 from loramix.training.data import (
     DataSource,
@@ -35,20 +37,28 @@ from loramix.training.data import (
     load_training_data,
     pad_token_id,
 )
-from loramix.training.trainer import (
-    TrainingConfig,
-    prepare_output,
-    progress_bars,
-    publish,
-    run_trainer,
+from loramix.training.outputs import (
+    check_output,
+    data_settings,
+    finished_record,
+    start_output,
+    training_settings,
+    write_record,
 )
+from loramix.training.trainer import TrainingConfig, progress_bars, publish, run_trainer
 
 logger = logging.getLogger(__name__)
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The seven linear projections of a Llama decoder layer (attention and MLP)."""
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+COMMAND = "train-expert"
+ADAPTER_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "README.md",
+    TRAINING_RECORD_NAME,
+)
 """Files of the result; `adapter_config.json` is written last and marks it complete."""
 
 
@@ -128,7 +138,8 @@ def train_expert(
 
     Raises:
         ValueError: On invalid settings, malformed data (naming file and line), targets the
-            model lacks, or an output folder that holds an earlier run (see `prepare_output`).
+            model lacks, an output folder with foreign content or an earlier run, or a resumed
+            run whose data or settings differ (see `loramix.training.outputs`).
         FileNotFoundError: If the base model or a data file does not exist.
     """
     lora = lora if lora is not None else LoraSettings()
@@ -136,7 +147,9 @@ def train_expert(
     out = Path(out)
     resolve_device(config.device)  # an unavailable device fails before anything loads
     sources = existing_sources(data)  # before loading anything
-    resume_from = prepare_output(out, resume=resume, overwrite=overwrite, final_files=ADAPTER_FILES)
+    plan = check_output(
+        out, command=COMMAND, resume=resume, overwrite=overwrite, final_files=ADAPTER_FILES
+    )
 
     with progress_bars(config.progress):
         model, tokenizer = load_base_model(base, dtype=dtype)
@@ -149,6 +162,16 @@ def train_expert(
         eval_fraction=config.eval_fraction,
         seed=config.seed,
     )
+    run = {
+        "base_model": base_record(model),
+        "data": data_settings(sources),
+        "lora": dataclasses.asdict(lora),
+        "training": training_settings(config),
+        "dtype": str(dtype).removeprefix("torch."),
+        "prompts": prompt_record(tokenizer, config.chat),
+    }
+    if not start_output(plan, run, config):  # a finished run, and no more steps asked for
+        return out
     set_seed(config.seed)  # the adapter's initial A matrices
     with warnings.catch_warnings():
         # peft reads transformers' deprecated `is_gradient_checkpointing` alias; nothing the
@@ -165,19 +188,23 @@ def train_expert(
         "LoRA r=%d on %s: %d trainable of %d parameters", lora.rank, lora.targets, trainable, total
     )
 
-    run_trainer(
+    trainer = run_trainer(
         peft_model,
         train,
         held_out,
         collator=PadCollator(pad_token_id(tokenizer)),
         config=config,
         out=out,
-        resume_from=resume_from,
+        resume_from=plan.resume_from,
         callbacks=callbacks,
     )
-    peft_model.peft_config["default"].base_model_name_or_path = os.fspath(base)
+    # A real base name (the embedded SmolLM2's hub name, or the folder's absolute path), so
+    # that peft's loaders and `loramix generate` know which base the adapter belongs to.
+    base_name = run["base_model"]["name"] or os.fspath(base)
+    peft_model.peft_config["default"].base_model_name_or_path = base_name
+    record = finished_record(COMMAND, base, run, config, trainer.state)
     with progress_bars(config.progress):
-        publish(out, partial(_save_adapter, peft_model), marker="adapter_config.json")
+        publish(out, partial(_save_adapter, peft_model, record), marker="adapter_config.json")
     logger.info("saved the adapter to %s", out)
     return out
 
@@ -199,8 +226,8 @@ def check_targets(model: PreTrainedModel, targets: Sequence[str]) -> None:
         )
 
 
-def _save_adapter(model: PeftModel, folder: Path) -> None:
-    # The embeddings are never adapted nor resized here (targets are linear layers), so peft
-    # need not look the base model up (on the model hub, for a name that is not a folder)
-    # to find out whether to save them.
+def _save_adapter(model: PeftModel, record: dict, folder: Path) -> None:
+    # The targets are linear layers (`check_targets`), so there are no embedding weights to
+    # save; saying so keeps peft from looking the base model's name up on the model hub.
     model.save_pretrained(str(folder), save_embedding_layers=False)
+    write_record(folder, record)

@@ -30,9 +30,10 @@ the frozen base model or experts.
 
 Output folder layout:
 
-    OUT/xlora_config.json, OUT/gate.safetensors, OUT/experts/<name>/...
+    OUT/xlora_config.json, OUT/gate.safetensors, OUT/base_model.json, OUT/experts/<name>/...
                                    the trained model, for `XLoraModel.from_pretrained(base, OUT)`
-    OUT/training_args.json         settings, data, step count and losses of the run
+    OUT/training_args.json         the run record (see `loramix.training.outputs`): command, status,
+                                   settings, data, base model, prompt rendering, steps, losses
     OUT/scalings_log.jsonl         one line per logging step (see `ScalingsLog`)
     OUT/checkpoints/               Trainer checkpoints
 """
@@ -59,12 +60,12 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-import loramix
 from loramix.atomic import write_text_atomic
 from loramix.checks import is_finite, raise_problems
 from loramix.config import CONFIG_NAME, XLoraConfig
 from loramix.experts import load_expert
 from loramix.model import XLoraModel
+from loramix.records import BASE_RECORD_NAME, base_record, prompt_record
 from loramix.saving import write_folder
 from loramix.smollm2 import load_base_model, resolve_device
 from loramix.training.data import (
@@ -74,10 +75,17 @@ from loramix.training.data import (
     load_training_data,
     pad_token_id,
 )
+from loramix.training.outputs import (
+    check_output,
+    data_settings,
+    finished_record,
+    folder_digest,
+    start_output,
+    training_settings,
+)
 from loramix.training.trainer import (
     TrainingConfig,
     cpu_data_parallel,
-    prepare_output,
     progress_bars,
     publish,
     run_trainer,
@@ -88,9 +96,17 @@ logger = logging.getLogger(__name__)
 TRAINABLE_WEIGHTS_NAME = "trainable.safetensors"
 """The only weights file in a gate-training checkpoint."""
 
+COMMAND = "train-gate"
 SCALINGS_LOG_NAME = "scalings_log.jsonl"
 SUMMARY_NAME = "training_args.json"
-GATE_FILES = (CONFIG_NAME, "gate.safetensors", "experts", SUMMARY_NAME, SCALINGS_LOG_NAME)
+GATE_FILES = (
+    CONFIG_NAME,
+    "gate.safetensors",
+    BASE_RECORD_NAME,
+    "experts",
+    SUMMARY_NAME,
+    SCALINGS_LOG_NAME,
+)
 """Files of the result; `xlora_config.json` is moved into place last and marks it complete."""
 
 
@@ -456,7 +472,8 @@ def train_gate(
     Raises:
         ValueError: On invalid settings, an unreadable expert, experts that do not fit the
             base model, malformed data (naming file and line), or an output folder that holds
-            an earlier run (see `prepare_output`).
+            an earlier run or foreign content, or a resumed run whose experts, data or settings
+            differ (see `loramix.training.outputs`).
         FileNotFoundError: If the base model, an expert folder or a data file does not exist.
     """
     started = time.time()
@@ -475,14 +492,12 @@ def train_gate(
     out = Path(out)
     resolve_device(config.device)  # an unavailable device fails before anything loads
     sources = existing_sources(data)  # before loading anything
+    plan = check_output(
+        out, command=COMMAND, resume=resume, overwrite=overwrite, final_files=GATE_FILES
+    )
     loaded = [load_expert(name, path) for name, path in xlora.adapters.items()]
 
     state = PartialState(cpu=cpu_data_parallel())  # under torchrun: joins the process group
-    with state.main_process_first():  # process 0 prepares `out`, the others then find it ready
-        resume_from = prepare_output(
-            out, resume=resume, overwrite=overwrite, final_files=GATE_FILES
-        )
-
     with progress_bars(config.progress):
         base_model, tokenizer = load_base_model(base, dtype=dtype)
     train, held_out = load_training_data(
@@ -496,6 +511,12 @@ def train_gate(
     set_seed(config.seed)  # the gate's initial weights: the same on every process
     model = XLoraModel(base_model, xlora, loaded)
     model.gate.to(torch.float32)
+    run = _run_settings(base_model, tokenizer, xlora, sources, config, regularizer, dtype)
+    with state.main_process_first():  # process 0 prepares `out`, the others then find it ready
+        go = start_output(plan, run, config, write=state.is_main_process)
+    if not go:  # a finished run, and no more steps asked for
+        return out
+    resume_from = plan.resume_from
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if state.is_main_process:
         logger.info(
@@ -522,9 +543,7 @@ def train_gate(
         trainer_class=partial(GateTrainer, regularizer=regularizer, scalings_log=scalings_log),
     )
     if state.is_main_process:
-        summary = _summary(
-            base, xlora, sources, config, regularizer, dtype, model, trainer, started
-        )
+        summary = _summary(base, run, config, model, trainer, started)
         with progress_bars(config.progress):
             publish(out, partial(_save_model, model, summary), marker=CONFIG_NAME)
         logger.info("saved the X-LoRA model to %s", out)
@@ -540,37 +559,47 @@ def _save_model(model: XLoraModel, summary: dict[str, Any], folder: Path) -> Non
 
 def _summary(
     base: str | os.PathLike[str],
+    run: dict[str, Any],
+    config: TrainingConfig,
+    model: XLoraModel,
+    trainer: Trainer,
+    started: float,
+) -> dict[str, Any]:
+    return {
+        **finished_record(COMMAND, base, run, config, trainer.state),
+        **{key: run[key] for key in ("xlora", "regularizer", "dtype")},
+        "experts": model.xlora_config.adapters,
+        "data": [{"path": s["path"], "weight": s["weight"]} for s in run["data"]],
+        "world_size": trainer.args.world_size,
+        "global_batch": config.batch_size * config.grad_accum * trainer.args.world_size,
+        "seconds": round(time.time() - started, 1),
+        "expert_names": model.expert_names,
+        "adapted_modules": model.adapted_modules,
+    }
+
+
+def _run_settings(
+    base_model: nn.Module,
+    tokenizer: Any,
     xlora: XLoraConfig,
     sources: Sequence[DataSource],
     config: TrainingConfig,
     regularizer: GateRegularizer,
     dtype: torch.dtype,
-    model: XLoraModel,
-    trainer: Trainer,
-    started: float,
 ) -> dict[str, Any]:
-    history = trainer.state.log_history
-    losses = [entry["loss"] for entry in history if "loss" in entry]
-    evals = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    """What a resumed run must share with the checkpoint's run (see `loramix.training.outputs`)."""
     return {
-        "loramix_version": loramix.__version__,
-        "base": os.fspath(base),
-        "experts": xlora.adapters,
-        "data": [{"path": str(s.path), "weight": s.weight} for s in sources],
+        "base_model": base_record(base_model),
+        "experts": {
+            name: {"path": str(Path(path).resolve()), "sha256": folder_digest(path)}
+            for name, path in xlora.adapters.items()
+        },
+        "data": data_settings(sources),
         "xlora": {k: v for k, v in xlora.to_dict().items() if k != "adapters"},
-        "training": dataclasses.asdict(config),
+        "training": training_settings(config),
         "regularizer": dataclasses.asdict(regularizer),
         "dtype": str(dtype).removeprefix("torch."),
-        "world_size": trainer.args.world_size,
-        "global_batch": config.batch_size * config.grad_accum * trainer.args.world_size,
-        "global_step": trainer.state.global_step,
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
-        "first_eval_loss": evals[0] if evals else None,
-        "last_eval_loss": evals[-1] if evals else None,
-        "seconds": round(time.time() - started, 1),
-        "expert_names": model.expert_names,
-        "adapted_modules": model.adapted_modules,
+        "prompts": prompt_record(tokenizer, config.chat),
     }
 
 

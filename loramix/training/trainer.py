@@ -3,8 +3,8 @@
 What both trainers need beyond their model:
 
 * `TrainingConfig`: validated hyperparameters (schedule, batch, checkpoints, data options).
-* `prepare_output`: checks the output folder before anything is loaded, and finds the
-  checkpoint to resume from.
+* `last_checkpoint`: the checkpoint to resume from (`loramix.training.outputs` checks the
+  output folder and the resumed run's settings).
 * `run_trainer`: runs `Trainer` with gradient accumulation, an LR schedule with warmup,
   held-out loss every `eval_steps`, checkpoints in `OUT/checkpoints` every `save_steps`, and a
   progress bar.
@@ -51,7 +51,7 @@ CHECKPOINTS = "checkpoints"
 """Name of the checkpoint folder inside the output folder."""
 
 _COMPLETE = "trainer_state.json"  # Trainer writes it last into a checkpoint
-_PUBLISH_PREFIX = ".publish-"  # temporary folders of `publish`
+PUBLISH_PREFIX = ".publish-"  # temporary folders of `publish`
 REPORTERS = ("none", "tensorboard", "wandb")
 """Where Trainer can send its logs besides the console (`TrainingConfig.report_to`)."""
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts")
@@ -163,60 +163,6 @@ class TrainingConfig:
     def field_names(cls) -> tuple[str, ...]:
         """Names of the fields, e.g. to pick them out of keyword arguments."""
         return tuple(f.name for f in fields(cls))
-
-
-def prepare_output(
-    out: Path, *, resume: bool, overwrite: bool, final_files: Sequence[str]
-) -> Path | None:
-    """Check the output folder before training, and find the checkpoint to resume from.
-
-    Args:
-        out: The output folder (created if missing).
-        resume: Continue from the newest complete checkpoint in `out/checkpoints`.
-        overwrite: Start over in a folder that holds an earlier run: its checkpoints and
-            `final_files` are deleted (nothing else in `out` is touched).
-        final_files: Names of the result files that `publish` writes into `out`.
-
-    Returns:
-        The checkpoint to resume from, or None for a fresh start.
-
-    Raises:
-        ValueError: If both flags are set, if `resume` finds no checkpoint, or if `out` holds
-            an earlier run and neither flag is set (the message names the flags).
-    """
-    if resume and overwrite:
-        raise ValueError("Pass either resume (continue a run) or overwrite (start over), not both.")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"Output {out} is a file; pass a folder path.")
-    checkpoints = out / CHECKPOINTS
-    for stale in out.glob(f"{_PUBLISH_PREFIX}*"):  # left by a run killed while publishing
-        shutil.rmtree(stale, ignore_errors=True)
-    if resume:
-        last = last_checkpoint(checkpoints)
-        if last is None:
-            raise ValueError(
-                f"Nothing to resume: {checkpoints} holds no complete checkpoint. Run without "
-                "resume to start training."
-            )
-        logger.info("resuming from %s", last)
-        return last
-    earlier = [out / name for name in final_files if (out / name).exists()]
-    if checkpoints.exists():
-        earlier.append(checkpoints)
-    if earlier and not overwrite:
-        raise ValueError(
-            f"{out} already holds an earlier run ({', '.join(p.name for p in earlier)}). "
-            "Resume it (resume=True, --resume), start over and replace it (overwrite=True, "
-            "--overwrite), or choose another output folder."
-        )
-    for path in earlier:
-        logger.info("overwrite: deleting %s", path)
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return None
 
 
 def last_checkpoint(checkpoints: Path) -> Path | None:
@@ -333,7 +279,7 @@ def run_trainer(
         collator: Pads examples into batches.
         config: Hyperparameters.
         out: The output folder; checkpoints go to `out/checkpoints`.
-        resume_from: A checkpoint to continue from (see `prepare_output`).
+        resume_from: A checkpoint to continue from (see `loramix.training.outputs`).
         callbacks: Extra `TrainerCallback`s (e.g. to log elsewhere, or to stop early).
         trainer_class: `Trainer` or a subclass (or a factory taking Trainer's keyword
             arguments), e.g. one that saves only some weights in checkpoints.
@@ -434,7 +380,7 @@ def publish(out: Path, write: Callable[[Path], None], *, marker: str) -> list[Pa
         ValueError: If `write` did not create the marker (nothing in `out` is changed).
     """
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_PUBLISH_PREFIX, dir=out))
+    tmp = Path(tempfile.mkdtemp(prefix=PUBLISH_PREFIX, dir=out))
     try:
         write(tmp)
         names = sorted(p.name for p in tmp.iterdir())

@@ -1,0 +1,73 @@
+"""`loramix serve`: an OpenAI-compatible server for an X-LoRA folder, with a page at `/`.
+
+loramix serve models/science-xlora
+loramix serve runs/xlora --base path/to/base --port 8001 --mode frozen --max-batch 8
+
+The server's settings are `loramix.serving.config.ServeConfig`'s fields (`--mode`,
+`--max-batch`, `--default-max-tokens`, `--model-name`), declared from the dataclass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from loramix.commands.flags import DTYPES, add_fields, from_args
+from loramix.serving.config import MODES, ServeConfig
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Declare the `serve` subcommand and its flags."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve an X-LoRA model over OpenAI's HTTP API",
+        description=(
+            "Serve an X-LoRA folder (written by XLoraModel.save_pretrained) over OpenAI's "
+            "HTTP API (/v1/chat/completions, /v1/completions, /v1/models), with /health, "
+            "/metrics and a page at / that colours each token by its dominant expert. "
+            "Concurrent requests are batched continuously. Needs the `serve` extra. "
+            "SIGTERM: running requests finish, new ones are refused, then the server exits."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="an X-LoRA folder (save_pretrained)")
+    parser.add_argument(
+        "--base", default="smollm2", help="'smollm2' (embedded) or a local transformers folder"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_fields(parser, ServeConfig, skip={"model_name"}, choices={"mode": MODES})
+    parser.add_argument(
+        "--model-name", default=None, help="the model id clients pass (default: MODEL_DIR's name)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the model and serve it until SIGTERM / Ctrl-C."""
+    import torch
+
+    try:
+        from loramix.serving.app import create_app, run_server
+    except ImportError as error:
+        print(f"loramix serve: error: {error}", file=sys.stderr)
+        return 2
+    from loramix.commands.generate import _load
+
+    try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads={args.threads}: use an int >= 1")
+            torch.set_num_threads(args.threads)
+        if not 0 < args.port < 65536:
+            raise ValueError(f"--port={args.port}: use a port between 1 and 65535")
+        name = args.model_name or Path(args.model_dir).resolve().name
+        config = from_args(ServeConfig, args, model_name=name)
+        model, tokenizer = _load(args.model_dir, args.base, getattr(torch, args.dtype))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"loramix serve: error: {error}", file=sys.stderr)
+        return 2
+    run_server(create_app(model, tokenizer, config), host=args.host, port=args.port)
+    return 0

@@ -1,0 +1,247 @@
+"""The server's OpenAI API, driven by the real `openai` client and raw HTTP (httpx)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+import torch
+from serving_server import EXPERTS, MODEL_NAME, ServerThread, tiny_xlora
+
+CHAT = [{"role": "user", "content": "what is two plus two?"}]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory):
+    """(server, references): library answers computed before the server thread starts."""
+    model, tokenizer = tiny_xlora(tmp_path_factory.mktemp("api"))
+    text = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    refs = {}
+    for mode in ("granular", "frozen", "merged"):
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, scalings_mode=mode)
+        refs[mode] = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    with model.fixed_scalings(torch.tensor([0.0, 0.0, 1.0])):
+        out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    refs["bio"] = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    server = ServerThread(model, tokenizer).start()
+    yield server, refs
+    server.stop()
+
+
+@pytest.fixture
+def client(served) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served[0].url + "/v1", api_key="unused", max_retries=0)
+
+
+def chat(client: openai.OpenAI, **options):
+    options.setdefault("max_tokens", 12)
+    options.setdefault("temperature", 0)
+    return client.chat.completions.create(model=MODEL_NAME, messages=CHAT, **options)
+
+
+def test_models_lists_the_model_and_its_experts(client) -> None:
+    (card,) = client.models.list().data
+    assert card.id == MODEL_NAME
+    assert card.model_extra["experts"] == list(EXPERTS)
+    assert len(card.model_extra["adapted_modules"]) == 14  # 7 modules x 2 blocks
+
+
+@pytest.mark.parametrize("mode", ["granular", "frozen", "merged"])
+def test_greedy_chat_equals_the_library_and_repeats(served, client, mode) -> None:
+    first = chat(client, extra_body={"scalings_mode": mode})
+    second = chat(client, extra_body={"scalings_mode": mode})
+    assert first.choices[0].message.content == served[1][mode]
+    assert second.choices[0].message.content == first.choices[0].message.content
+    assert first.model_extra["scalings_mode"] == mode
+    usage = first.usage
+    assert usage.completion_tokens == 12 and usage.prompt_tokens > 20
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert first.choices[0].finish_reason == "length"
+
+
+def test_expert_weights_one_list_per_token(client) -> None:
+    answer = chat(client, extra_body={"return_expert_weights": True})
+    choice = answer.choices[0]
+    weights, pieces = choice.model_extra["expert_weights"], choice.model_extra["expert_tokens"]
+    assert answer.model_extra["experts"] == list(EXPERTS)
+    assert len(weights) == len(pieces) == answer.usage.completion_tokens
+    assert all(len(w) == 3 and abs(sum(w) - 1) < 1e-4 for w in weights)
+    assert "".join(pieces) == choice.message.content
+    assert len({tuple(w) for w in weights}) > 1  # granular: the mix changes per token
+
+
+def test_frozen_weights_stay_fixed_after_the_first_token(client) -> None:
+    answer = chat(client, extra_body={"return_expert_weights": True, "scalings_mode": "frozen"})
+    weights = answer.choices[0].model_extra["expert_weights"]
+    assert all(w == weights[1] for w in weights[1:])
+
+
+def test_fixed_mix_equals_the_library_and_reports_it(served, client) -> None:
+    answer = chat(
+        client, extra_body={"fixed_expert_weights": {"bio": 1.0}, "return_expert_weights": True}
+    )
+    assert answer.choices[0].message.content == served[1]["bio"]
+    assert answer.model_extra["scalings_mode"] == "fixed"
+    assert all(w == [0.0, 0.0, 1.0] for w in answer.choices[0].model_extra["expert_weights"])
+
+
+def test_layer_scalings_are_the_mean_of_the_answer(client) -> None:
+    answer = chat(client, extra_body={"return_layer_scalings": True})
+    layers = answer.choices[0].model_extra["layer_scalings"]
+    assert len(answer.model_extra["adapted_modules"]) == len(layers) == 14
+    assert all(len(row) == 3 and abs(sum(row) - 1) < 1e-4 for row in layers)
+
+
+def test_stream_equals_the_plain_answer(client) -> None:
+    plain = chat(client, extra_body={"return_expert_weights": True})
+    text, weights, pieces, reasons = "", [], [], []
+    for chunk in chat(client, stream=True, extra_body={"return_expert_weights": True}):
+        choice = chunk.choices[0]
+        text += choice.delta.content or ""
+        weights += choice.model_extra["expert_weights"]
+        pieces += choice.model_extra["expert_tokens"]
+        assert len(choice.model_extra["expert_weights"]) == len(choice.model_extra["expert_tokens"])
+        reasons.append(choice.finish_reason)
+    assert text == plain.choices[0].message.content
+    assert weights == plain.choices[0].model_extra["expert_weights"]
+    assert "".join(pieces) == text
+    assert reasons[-1] == "length" and set(reasons[:-1]) <= {None}
+
+
+def test_raw_stream_ends_with_done_and_usage(served) -> None:
+    body = {
+        "model": MODEL_NAME,
+        "prompt": "the quick brown",
+        "max_tokens": 6,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with httpx.stream("POST", served[0].url + "/v1/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    usage = json.loads(lines[-2][len("data: ") :])["usage"]
+    assert usage["completion_tokens"] == 6
+    assert all(line.startswith("data: ") for line in lines)
+
+
+def test_completions_n_and_seed(client) -> None:
+    options = dict(model=MODEL_NAME, prompt="hello world", max_tokens=8, n=3, seed=7)
+    first = client.completions.create(temperature=1.0, **options)
+    again = client.completions.create(temperature=1.0, **options)
+    texts = [c.text for c in first.choices]
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert texts == [c.text for c in again.choices]  # seeded: reproducible
+    assert len(set(texts)) > 1  # each choice has its own sampler
+    assert first.usage.completion_tokens == 24
+
+
+def test_token_id_and_list_prompts(client) -> None:
+    by_text = client.completions.create(
+        model=MODEL_NAME, prompt="hello", max_tokens=5, temperature=0
+    )
+    both = client.completions.create(
+        model=MODEL_NAME, prompt=["hello", "the quick"], max_tokens=5, temperature=0
+    )
+    assert [c.index for c in both.choices] == [0, 1]
+    assert both.choices[0].text == by_text.choices[0].text
+
+
+def test_stop_string_cuts_the_answer(served, client) -> None:
+    full = served[1]["granular"]
+    stop = full[5:8]
+    answer = chat(client, stop=[stop, "never-seen"])
+    assert answer.choices[0].finish_reason == "stop"
+    assert answer.choices[0].message.content == full[: full.index(stop)]
+    streamed = "".join(
+        c.choices[0].delta.content or "" for c in chat(client, stop=stop, stream=True)
+    )
+    assert streamed == answer.choices[0].message.content
+
+
+def post(served, body, route: str = "/v1/chat/completions") -> httpx.Response:
+    if isinstance(body, dict):
+        return httpx.post(served[0].url + route, json=body)
+    return httpx.post(
+        served[0].url + route, content=body, headers={"content-type": "application/json"}
+    )
+
+
+@pytest.mark.parametrize(
+    "body, status, param, fix",
+    [
+        ('{"model": "tiny-xlora", "messages": [', 400, None, "JSON"),
+        ({"model": MODEL_NAME}, 400, "messages", "missing"),
+        ({"messages": CHAT}, 400, "model", "missing"),
+        ({"model": MODEL_NAME, "messages": CHAT, "temperature": 3}, 400, "temperature", "2"),
+        ({"model": MODEL_NAME, "messages": CHAT, "n": 0}, 400, "n", "1"),
+        ({"model": MODEL_NAME, "messages": CHAT, "max_tokens": 0}, 400, "max_tokens", "1"),
+        ({"model": MODEL_NAME, "messages": CHAT, "logprobs": True}, 400, "logprobs", "leave"),
+        ({"model": "gpt-4", "messages": CHAT}, 404, "model", MODEL_NAME),
+        ({"model": MODEL_NAME, "messages": CHAT, "max_tokens": 10_000}, 400, "max_tokens", "256"),
+        (
+            {"model": MODEL_NAME, "messages": CHAT, "fixed_expert_weights": {"geo": 1}},
+            400,
+            "fixed_expert_weights",
+            "math",
+        ),
+        (
+            {"model": MODEL_NAME, "messages": CHAT, "scalings_mode": "fast"},
+            400,
+            "scalings_mode",
+            "granular",
+        ),
+    ],
+)
+def test_bad_requests_get_openai_errors(served, body, status, param, fix) -> None:
+    response = post(served, body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert fix in error["message"]
+    assert error["type"] in ("invalid_request_error", "not_found_error")
+
+
+def test_prompt_longer_than_the_context(served) -> None:
+    response = post(served, {"model": MODEL_NAME, "prompt": "fox " * 400}, "/v1/completions")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_client_sees_errors_as_exceptions(client) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=CHAT)
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        chat(client, top_p=0)
+
+
+def test_health_and_metrics(served, client) -> None:
+    chat(client)
+    health = httpx.get(served[0].url + "/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    text = httpx.get(served[0].url + "/metrics").text
+    for name in (
+        "loramix_requests_total",
+        "loramix_generated_tokens_total",
+        "loramix_batch_size_bucket",
+        "loramix_queue_length",
+        "loramix_request_latency_seconds_bucket",
+        "loramix_time_to_first_token_seconds_count",
+    ):
+        assert name in text
+    assert 'loramix_requests_total{route="chat",status="200"}' in text
+    unknown = httpx.get(served[0].url + "/v1/nothing")
+    assert unknown.status_code == 404 and "error" in unknown.json()
+
+
+def test_ignore_eos_generates_max_tokens(client) -> None:
+    options = dict(model=MODEL_NAME, prompt="hello", max_tokens=40, temperature=0)
+    ended = client.completions.create(**options)
+    assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens < 40
+    full = client.completions.create(**options, extra_body={"ignore_eos": True})
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 40
+    assert full.choices[0].text.startswith(ended.choices[0].text)
