@@ -16,6 +16,14 @@ cropping, batch repeat or selection, reset) is applied to both, and to `sequence
 per-sequence tensors (leading batch axis `B`) that frozen and merged generation keep beside
 the cache (see `loramix.generation`), so beams and sequences never lose their scalings.
 
+Two kinds, with the same pairing of the passes (`TwoPassCache`):
+
+    XLoraCache         dynamic: both caches grow with the sequence (the default)
+    XLoraStaticCache   static: both caches are allocated once for `max_cache_len` tokens and
+                       written in place, so a decode step has fixed shapes and can be captured
+                       by `torch.compile` (and CUDA graphs); `generate(...,
+                       cache_implementation="static")` makes one
+
 `XLoraModel.forward` (`loramix.model`) fills both caches; frozen and merged generation hand
 it a `ScalingsPlan` on `freeze_plan`, which it calls once per step.
 
@@ -28,7 +36,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from transformers import DynamicCache, PreTrainedConfig
+from transformers import Cache, DynamicCache, PreTrainedConfig, StaticCache
 
 if TYPE_CHECKING:
     from loramix.model import XLoraModel
@@ -45,7 +53,7 @@ class ScalingsPlan(Protocol):
     def scalings(
         self,
         model: XLoraModel,
-        cache: XLoraCache,
+        cache: TwoPassCache,
         tokens: int,
         attention_mask: torch.Tensor | None,
         granular: Callable[[], tuple[torch.Tensor, torch.Tensor]],
@@ -69,31 +77,30 @@ class ScalingsPlan(Protocol):
         ...
 
 
-class XLoraCache(DynamicCache):
-    """A `DynamicCache` for the mixed pass that carries a second one for the scaling pass.
-
-    Args:
-        config: The base model's config (lets transformers pick sliding-window layers);
-            None builds plain layers lazily.
+class TwoPassCache(Cache):
+    """What both kinds share: a second cache for the scaling pass, kept aligned with this one.
 
     Attributes:
-        scaling_cache: The scaling pass's own KV cache.
+        scaling_cache: The scaling pass's own KV cache (of the same kind).
         sequence_state: Name -> tensor with a leading batch axis `(B, ...)`; every batch
             operation of the cache is applied to these tensors too.
         freeze_plan: Set by frozen/merged generation for the length of one `generate` call
             (a `ScalingsPlan`: `loramix.generation.FreezePlan`); None means granular scalings.
     """
 
-    def __init__(self, config: PreTrainedConfig | None = None, **kwargs: Any) -> None:
-        super().__init__(config=config, **kwargs)
-        self.scaling_cache = DynamicCache(config=config, **kwargs)
-        self.sequence_state: dict[str, torch.Tensor] = {}
-        self.freeze_plan: ScalingsPlan | None = None
+    scaling_cache: Cache
+    sequence_state: dict[str, torch.Tensor]
+    freeze_plan: ScalingsPlan | None
+
+    def _init_pass_state(self, scaling_cache: Cache) -> None:
+        self.scaling_cache = scaling_cache
+        self.sequence_state = {}
+        self.freeze_plan = None
 
     def __repr__(self) -> str:
         return (
-            f"XLoraCache(mixed_length={self.get_seq_length()}, "
-            f"scaling_length={self.scaling_cache.get_seq_length()}, "
+            f"{type(self).__name__}(mixed_length={int(self.get_seq_length())}, "
+            f"scaling_length={int(self.scaling_cache.get_seq_length())}, "
             f"sequence_state={sorted(self.sequence_state)})"
         )
 
@@ -127,10 +134,11 @@ class XLoraCache(DynamicCache):
         the scaling pass once the scalings are fixed); it is cut to the same end position,
         never below its own length.
         """
-        target = self.get_seq_length() + tokens_to_remove  # tokens_to_remove <= 0
+        target = int(self.get_seq_length()) + tokens_to_remove  # tokens_to_remove <= 0
         super().crop(tokens_to_remove)
-        excess = self.scaling_cache.get_seq_length() - max(target, 0)
-        self.scaling_cache.crop(-max(excess, 0))
+        excess = int(self.scaling_cache.get_seq_length()) - max(target, 0)
+        if excess > 0:
+            self.scaling_cache.crop(-excess)
 
     def activate_past_recording(self) -> None:
         super().activate_past_recording()
@@ -143,3 +151,33 @@ class XLoraCache(DynamicCache):
     def _map_state(self, fn: Any) -> None:
         for name, tensor in self.sequence_state.items():
             self.sequence_state[name] = fn(tensor)
+
+
+class XLoraCache(TwoPassCache, DynamicCache):
+    """A `DynamicCache` for the mixed pass that carries a second one for the scaling pass.
+
+    Args:
+        config: The base model's config (lets transformers pick sliding-window layers);
+            None builds plain layers lazily.
+    """
+
+    def __init__(self, config: PreTrainedConfig | None = None, **kwargs: Any) -> None:
+        DynamicCache.__init__(self, config=config, **kwargs)
+        self._init_pass_state(DynamicCache(config=config, **kwargs))
+
+
+class XLoraStaticCache(TwoPassCache, StaticCache):
+    """A `StaticCache` for the mixed pass that carries a second one for the scaling pass.
+
+    Both are allocated on the first forward call (batch, heads and dtype taken from it) for
+    `max_cache_len` tokens each, and written in place. Frozen and merged generation stop
+    writing the scaling cache once the scalings are fixed; its slots are then unused.
+
+    Args:
+        config: The base model's config.
+        max_cache_len: The most tokens (prompt and generated) a sequence may reach.
+    """
+
+    def __init__(self, config: PreTrainedConfig, max_cache_len: int, **kwargs: Any) -> None:
+        StaticCache.__init__(self, config=config, max_cache_len=max_cache_len, **kwargs)
+        self._init_pass_state(StaticCache(config=config, max_cache_len=max_cache_len, **kwargs))

@@ -5,6 +5,15 @@ module and expert. Its parameters live in `layers`, an `nn.Sequential` laid out 
 peft's `XLoraClassifier.layers`, so gate weights move between peft and loramix unchanged:
 `layers.{i}.weight` / `layers.{i}.bias`.
 
+Precision: the gate is built in float32 whatever the base model's dtype (`XLoraModel` and
+`XLoraModel.from_pretrained` do so; `model.to(dtype)` casts it like any module). Its input, the
+last hidden state, is cast to the gate's dtype, and its logits are taken to at least float32
+before the softmax, so the scalings are float32 (float64 for a float64 gate) even over a
+float16 or bfloat16 base: a softmax over half-precision logits loses the small scalings, and
+the gate is too small (`D x H + H x L*E` weights) for its precision to cost time. The mixing
+modules receive the scalings in the experts' dtype, cast once per forward call (see
+`loramix.layer.MixingState`).
+
 Two options of the original `xlora` package are honoured too: `use_bias=False` builds every
 linear layer without a bias, and `enable_relu_and_dropout=False` stacks the hidden linear
 layers with no ReLU and no dropout between them (peft has neither option: it always uses
@@ -58,13 +67,14 @@ class XLoraGate(nn.Module):
         """Scalings after the softmax over experts (before any top-k).
 
         Args:
-            hidden_states: `(B, T, D)` last hidden state of the scaling pass.
+            hidden_states: `(B, T, D)` last hidden state of the scaling pass, any float dtype.
 
         Returns:
-            `(B, T, L, E)` scalings.
+            `(B, T, L, E)` scalings, float32 or wider (see the module docstring).
         """
         batch, tokens, _ = hidden_states.shape
         logits = self.layers(hidden_states.to(self.layers[-1].weight.dtype))  # (B, T, E or L*E)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if self.layerwise:
             logits = logits.view(batch, tokens, self.n_layers, self.n_experts)  # (B, T, L, E)
         else:

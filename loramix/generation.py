@@ -57,6 +57,7 @@ Axis names: B batch (sequences or beams), T tokens, L adapted modules, E experts
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,7 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin
 
-from loramix.cache import XLoraCache
+from loramix.cache import TwoPassCache
 from loramix.checks import is_int, raise_problems
 from loramix.gate import select_top_k
 from loramix.layer import is_quantized
@@ -223,11 +224,12 @@ class FreezePlan:
     weights: MergedWeights | None = None
     _merge_refused: bool = field(default=False, repr=False)
     _scaled_lora_b: list[torch.Tensor] | None = field(default=None, repr=False)
+    _shared: bool | None = field(default=None, repr=False)  # every sequence has one mix
 
     def scalings(
         self,
         model: XLoraModel,
-        cache: XLoraCache,
+        cache: TwoPassCache,
         tokens: int,
         attention_mask: torch.Tensor | None,
         granular: Callable[[], tuple[torch.Tensor, torch.Tensor]],
@@ -242,7 +244,7 @@ class FreezePlan:
     def observe(
         self,
         model: XLoraModel,
-        cache: XLoraCache,
+        cache: TwoPassCache,
         scalings: torch.Tensor,
         attention_mask: torch.Tensor | None,
     ) -> None:
@@ -252,17 +254,19 @@ class FreezePlan:
 
         Args:
             scalings: `(B, T, L, E)` the gate's scalings of the new tokens.
-            attention_mask: `(B, T_past + T)` or None (every token real).
+            attention_mask: `(B, T_past + T)`, or the `(B, 1, T, K)` mask transformers
+                builds for a static cache, or None (every token real).
         """
         batch, tokens = scalings.shape[:2]
-        past = cache.get_seq_length()
+        past = int(cache.get_seq_length())  # a tensor in a static cache
         state = cache.sequence_state
         if past < self.window_end and past + tokens > self.window_start:
             positions = torch.arange(past, past + tokens, device=scalings.device)  # (T,)
             weight = (positions >= self.window_start) & (positions < self.window_end)
             weight = weight.expand(batch, tokens)  # (B, T)
-            if attention_mask is not None and attention_mask.dim() == 2:
-                weight = weight & attention_mask[:, -tokens:].to(weight.device).bool()
+            real = _real_tokens(attention_mask, past, tokens)  # (B, T) or None
+            if real is not None:
+                weight = weight & real.to(weight.device)
             weight = weight.float()
             total = torch.einsum("bt,btle->ble", weight, scalings.float())  # (B, L, E)
             count = weight.sum(dim=1)  # (B,)
@@ -278,7 +282,7 @@ class FreezePlan:
             )  # (B, 1, L, E)
 
     def fixed_scalings(
-        self, model: XLoraModel, cache: XLoraCache, tokens: int
+        self, model: XLoraModel, cache: TwoPassCache, tokens: int
     ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor] | None]:
         """The fixed scalings for `tokens` new tokens; merges the weights on the first call.
 
@@ -289,7 +293,9 @@ class FreezePlan:
         """
         state = cache.sequence_state
         fixed, mixing = state[_FIXED], state[_MIXING]
-        shared = self._scaled_lora_b is not None or _same_rows(mixing)
+        if self._shared is None:  # decided once, so that later steps never sync on data
+            self._shared = _same_rows(mixing)
+        shared = self._shared
         if self.weights is not None and not self.weights.merged and not self._merge_refused:
             if shared:
                 self.weights.merge(mixing[0, 0])  # (L, E)
@@ -311,7 +317,7 @@ class FreezePlan:
                 )
         return scalings, mixing, self._scaled_lora_b
 
-    def close(self, cache: XLoraCache) -> None:
+    def close(self, cache: TwoPassCache) -> None:
         """Restores merged weights and drops the plan's state from the cache."""
         try:
             if self.weights is not None:
@@ -321,6 +327,22 @@ class FreezePlan:
             self._scaled_lora_b = None
             for name in (_SUM, _COUNT, _FIXED, _MIXING):
                 cache.sequence_state.pop(name, None)
+
+
+def _real_tokens(mask: torch.Tensor | None, past: int, tokens: int) -> torch.Tensor | None:
+    """`(B, T)` whether each new token is real (not padding), from either kind of mask.
+
+    A 2-D mask `(B, T_past + T)` says it directly. A 4-D mask `(B, 1, T, K)` (what
+    transformers passes with a static cache: True or 0 where a query may attend) masks a
+    padding token's key for every query, its own included, so its diagonal says it.
+    """
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        return mask[:, -tokens:].bool()
+    rows = torch.arange(tokens, device=mask.device)  # (T,)
+    own = mask[:, 0, rows, past + rows]  # (B, T) each new token's own key
+    return own if own.dtype == torch.bool else own == 0
 
 
 def _same_rows(tensor: torch.Tensor) -> bool:
@@ -359,17 +381,31 @@ def generate(
     cache = kwargs.pop("cache", None)
     legacy = kwargs.pop("past_key_values", None)
     cache = cache if cache is not None else legacy
-    if cache is not None and not isinstance(cache, XLoraCache):
+    if cache is not None and not isinstance(cache, TwoPassCache):
         raise ValueError(
             f"XLoraModel.generate needs an XLoraCache (one cache per pass), got a "
             f"{type(cache).__name__}; pass `cache=model.new_cache()` or no cache at all."
         )
     config = generation_config if generation_config is not None else model.generation_config
-    if kwargs.get("cache_implementation") or getattr(config, "cache_implementation", None):
-        raise ValueError(
-            "XLoraModel.generate keeps its own XLoraCache (a dynamic cache per pass); remove "
-            "`cache_implementation` from the call or the generation config."
-        )
+    implementation = kwargs.pop("cache_implementation", None) or config.cache_implementation
+    if implementation is not None:
+        if implementation != "static":
+            raise ValueError(
+                f"cache_implementation={implementation!r}: XLoraModel.generate keeps one cache "
+                "per pass, dynamic (leave cache_implementation out) or static "
+                "(cache_implementation='static')."
+            )
+        if cache is not None:
+            raise ValueError(
+                "cache_implementation='static' and a cache passed in: give one of them (a "
+                "static one is `model.new_cache(max_cache_len=...)`)."
+            )
+        if config.cache_implementation is not None:  # transformers refuses it beside a cache
+            config = copy.deepcopy(config)
+            config.cache_implementation = None
+            generation_config = config
+    if model.has_fixed_scalings:  # inside `fixed_scalings`: the mix is given, nothing to freeze
+        scalings_mode = "granular"
     use_cache = kwargs.get("use_cache", config.use_cache)
     if use_cache is False:
         if scalings_mode != "granular":
@@ -378,8 +414,15 @@ def generate(
                 "(or use scalings_mode='granular')."
             )
         return GenerationMixin.generate(model, inputs, generation_config, **kwargs)
+
+    def new_cache() -> TwoPassCache:
+        if implementation != "static":
+            return model.new_cache()
+        prompt = _prompt_tensor(inputs, kwargs)
+        return model.new_cache(max_cache_len=_static_cache_length(config, prompt, kwargs))
+
     if scalings_mode == "granular":
-        cache = cache if cache is not None else model.new_cache()
+        cache = cache if cache is not None else new_cache()
         return GenerationMixin.generate(model, inputs, generation_config, cache=cache, **kwargs)
 
     prompt = _prompt_tensor(inputs, kwargs)
@@ -405,6 +448,8 @@ def generate(
             if present
         ]
         if not blockers:
+            if implementation is not None:
+                kwargs["cache_implementation"] = implementation
             return _generate_per_sequence(model, inputs, generation_config, freeze_after, kwargs)
         logger.warning(
             "merged mode: different prompts need one merge each, which %s rules out; running "
@@ -413,10 +458,10 @@ def generate(
         )
         merge = False
 
-    cache = cache if cache is not None else model.new_cache()
+    cache = cache if cache is not None else new_cache()
     if cache.freeze_plan is not None:
         raise ValueError("this XLoraCache is in use by another generate call; pass a new one")
-    start = cache.get_seq_length()
+    start = int(cache.get_seq_length())
     mask = kwargs.get("attention_mask")
     prompt_end = mask.shape[1] if mask is not None else max(prompt.shape[1], start)
     plan = FreezePlan(
@@ -429,6 +474,20 @@ def generate(
         return GenerationMixin.generate(model, inputs, generation_config, cache=cache, **kwargs)
     finally:
         plan.close(cache)
+
+
+def _static_cache_length(config: Any, prompt: torch.Tensor, kwargs: dict[str, Any]) -> int:
+    """Tokens a static cache must hold: the prompt plus every token `generate` may add."""
+    new_tokens = kwargs.get("max_new_tokens", config.max_new_tokens)
+    if new_tokens is not None:
+        return prompt.shape[1] + int(new_tokens)
+    max_length = kwargs.get("max_length", config.max_length)
+    if max_length is None:
+        raise ValueError(
+            "cache_implementation='static' sizes the cache from max_new_tokens (or max_length); "
+            "pass one of them to generate."
+        )
+    return int(max_length)
 
 
 def _prompt_tensor(inputs: torch.Tensor | None, kwargs: dict[str, Any]) -> torch.Tensor:

@@ -34,6 +34,13 @@ token has the same weights (fixed or frozen scalings).
 Quantized bases (bitsandbytes 4-bit and 8-bit, torchao tensor subclasses): the base module
 is called as it is; the experts are never cast to its storage dtype but kept in the
 activations' dtype and added to its output. Folding them into a quantized weight is refused.
+
+Precision: the stacked experts are stored in the base weight's dtype (float32, float16 or
+bfloat16), converted once when the module is built (and by `.to()`), never per call. The
+scalings come from the gate in float32; `using` forms every module's rank weights from them
+in float32 and casts the result to the experts' dtype once per forward call, so no module
+converts anything per step. Frozen generation folds fixed scalings into B in float32 and
+rounds once (`MixedLora.scaled_lora_b`).
 """
 
 from __future__ import annotations
@@ -100,11 +107,18 @@ class MixingState:
         """
         return self._rank_weights[layer_index]
 
-    def _split_rank_weights(self, scalings: torch.Tensor) -> dict[int, torch.Tensor]:
-        """layer index -> its `(B, T, R_l)` rank weights, for `(B, T, L, E)` scalings."""
+    def _split_rank_weights(
+        self, scalings: torch.Tensor, dtype: torch.dtype | None
+    ) -> dict[int, torch.Tensor]:
+        """layer index -> its `(B, T, R_l)` rank weights, for `(B, T, L, E)` scalings.
+
+        Formed in the scalings' dtype, then cast to `dtype` (the experts') in one op.
+        """
         index, scale, sizes = self._gather(scalings)
         flat = scalings.flatten(-2)  # (B, T, L * E)
         weights = flat.index_select(-1, index) * (scale * self.global_scaling_weight)
+        if dtype is not None:
+            weights = weights.to(dtype)  # (B, T, sum R)
         return dict(zip(self._layouts, weights.split(sizes, dim=-1), strict=True))
 
     def _gather(self, scalings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -128,12 +142,23 @@ class MixingState:
 
     @contextmanager
     def using(
-        self, scalings: torch.Tensor | None, scaled_lora_b: list[torch.Tensor] | None = None
+        self,
+        scalings: torch.Tensor | None,
+        scaled_lora_b: list[torch.Tensor] | None = None,
+        dtype: torch.dtype | None = None,
     ) -> Iterator[None]:
-        """Sets the scalings (or the scaled B matrices) for the length of one forward call."""
+        """Sets the scalings (or the scaled B matrices) for the length of one forward call.
+
+        Args:
+            scalings: `(B, T, L, E)` or None (experts off).
+            scaled_lora_b: Per module, B with fixed scalings folded in (then `scalings` is
+                only reported, not applied).
+            dtype: The experts' dtype: the rank weights are cast to it once here, so the
+                modules multiply without a conversion. None keeps the scalings' dtype.
+        """
         rank_weights = {}
         if scalings is not None and scaled_lora_b is None and self._layouts:
-            rank_weights = self._split_rank_weights(scalings)
+            rank_weights = self._split_rank_weights(scalings, dtype)
         with self._restoring((scalings, scaled_lora_b, rank_weights)):
             yield
 
@@ -355,14 +380,23 @@ class MixedLora(nn.Module):
         Args:
             expert_scalings: `(E,)` one scaling per expert.
         """
-        expert_scalings = expert_scalings.to(device=self.lora_a.device, dtype=self.lora_a.dtype)
-        return self.lora_b * self.rank_weights(expert_scalings)  # (D_out, R)
+        return self._wide_scaled_lora_b(expert_scalings).to(self.lora_b.dtype)  # (D_out, R)
+
+    def _wide_scaled_lora_b(self, expert_scalings: torch.Tensor) -> torch.Tensor:
+        """`scaled_lora_b` in float32 at least (float64 stays float64), not yet rounded."""
+        wide = torch.promote_types(self.lora_b.dtype, torch.float32)
+        weights = self.rank_weights(expert_scalings.to(self.lora_b.device, wide))  # (R,)
+        return self.lora_b.to(wide) * weights  # (D_out, R)
 
     def merged_weight(self, expert_scalings: torch.Tensor) -> torch.Tensor:
         """`base_layer.weight + delta_weight(expert_scalings)` as a new tensor, in one GEMM.
 
         Equal to the sum up to float rounding; one fused `addmm` instead of a delta, a copy
         and an add (merged generation folds every module at once, so this is its cost).
+        Over a float16 or bfloat16 weight the delta is formed in float32 and rounded once
+        before the add: more exact, and on CPUs without half-precision matrix units far
+        faster (a float16 GEMM of inner size R took 50 to 70 ms against 1 ms in float32 for
+        a 1536 x 576 weight on the project's AVX-512 CPU).
 
         Args:
             expert_scalings: `(E,)` one scaling per expert.
@@ -375,8 +409,11 @@ class MixedLora(nn.Module):
                 "which is not exact. Use scalings_mode='frozen' instead of 'merged': it keeps "
                 "the experts beside the quantized weight at the same fixed scalings."
             )
-        scaled_b = self.scaled_lora_b(expert_scalings)  # (D_out, R)
+        scaled_b = self._wide_scaled_lora_b(expert_scalings)  # (D_out, R), float32 at least
         weight = self.base_layer.weight.detach()
+        if scaled_b.dtype != weight.dtype:  # half precision: float32 delta, one rounding
+            delta = scaled_b @ self.lora_a.to(scaled_b.dtype)  # (D_out, D_in)
+            return weight + (delta.T if self.weight_is_transposed else delta).to(weight.dtype)
         if self.weight_is_transposed:  # weight is (D_in, D_out)
             return torch.addmm(weight, self.lora_a.T, scaled_b.T)
         return torch.addmm(weight, scaled_b, self.lora_a)  # (D_out, D_in)

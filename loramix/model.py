@@ -34,7 +34,7 @@ from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 
 from loramix import generation, saving
-from loramix.cache import XLoraCache
+from loramix.cache import XLoraCache, XLoraStaticCache
 from loramix.checks import is_finite, is_int, is_number
 from loramix.config import XLoraConfig
 from loramix.experts import LoraExpert, load_expert
@@ -111,7 +111,8 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         self.scaling_pass_value = config.scaling_pass_value
         self.mixing_state = MixingState(global_scaling_weight=config.global_scaling_weight)
         self._adapters_disabled = False
-        self._fixed_scalings: torch.Tensor | None = None  # (1, 1, L, E) inside fixed_scalings()
+        self._fixed_scalings: torch.Tensor | None = None  # (1 or B, 1, L, E) in fixed_scalings()
+        self._fixed_scaled_b: list[torch.Tensor] | None = None  # per module, one shared mix
         self._latest_scalings: torch.Tensor | None = None
         self._log_scalings = False
         self._scalings_log: list[torch.Tensor] = []  # grows only while logging is enabled
@@ -125,11 +126,13 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         )  # all built (and checked) before the first module is replaced
         for module_name, module in zip(self.adapted_modules, mixed, strict=True):
             replace_module(base_model, module_name, module)
+        self._first_mixed = mixed[:1]  # a list: not registered a second time
 
         # The gate sits where the last hidden state goes: beside the LM head.
         weight = base_model.get_input_embeddings().weight
+        gate_dtype = torch.promote_types(weight.dtype, torch.float32)  # see loramix.gate
         self.gate = XLoraGate(config, hidden_size, self.n_layers, self.n_experts).to(
-            device=head_device(base_model), dtype=weight.dtype
+            device=head_device(base_model), dtype=gate_dtype
         )
         self.eval()
 
@@ -152,6 +155,16 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
     @property
     def global_scaling_weight(self) -> float:
         return self.mixing_state.global_scaling_weight
+
+    @property
+    def expert_dtype(self) -> torch.dtype:
+        """The dtype the stacked experts are stored and computed in (the base weights')."""
+        return self._first_mixed[0].lora_a.dtype
+
+    @property
+    def has_fixed_scalings(self) -> bool:
+        """Whether a `fixed_scalings` block is active (no scaling pass, no gate)."""
+        return self._fixed_scalings is not None
 
     def mixed_modules(self) -> Iterator[MixedLora]:
         """The mixing modules, in L-axis order."""
@@ -256,7 +269,11 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
 
         def granular() -> tuple[torch.Tensor, torch.Tensor]:
             """Scaling pass and gate: `(B, T, L, E)` scalings and their top-k mixing."""
-            if cache is not None and scaling_cache.get_seq_length() != cache.get_seq_length():
+            if (  # a misuse check that needs the lengths as numbers: eager calls only
+                cache is not None
+                and not torch.compiler.is_compiling()
+                and scaling_cache.get_seq_length() != cache.get_seq_length()
+            ):
                 raise ValueError(
                     f"this XLoraCache's scaling pass stops at token "
                     f"{scaling_cache.get_seq_length()} but its mixed pass at "
@@ -275,7 +292,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
 
         if self._fixed_scalings is not None:  # a fixed mix: no scaling pass, no gate, no top-k
             batch, tokens = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-            scalings = mixing = self._fixed_scalings.expand(batch, tokens, -1, -1)  # (B, T, L, E)
+            scalings, mixing, scaled_lora_b = self._fixed_mix(batch, tokens)  # (B, T, L, E)
             self._record_scalings(scalings)
         elif plan is not None:  # frozen/merged generation: the plan decides, in one call
             tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
@@ -287,7 +304,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
                 self._record_scalings(scalings)
         else:
             scalings, mixing = granular()
-        with self.mixing_state.using(mixing, scaled_lora_b):
+        with self.mixing_state.using(mixing, scaled_lora_b, self.expert_dtype):
             output = self.lm(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -302,9 +319,23 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         output["scalings"] = scalings
         return output
 
-    def new_cache(self) -> XLoraCache:
-        """An empty `XLoraCache` (one KV cache per pass) for `forward` or `generate`."""
-        return XLoraCache(config=self.config.get_text_config(decoder=True))
+    def new_cache(self, max_cache_len: int | None = None) -> XLoraCache | XLoraStaticCache:
+        """An empty cache (one KV cache per pass) for `forward` or `generate`.
+
+        Args:
+            max_cache_len: None for a dynamic `XLoraCache`; a number of tokens for an
+                `XLoraStaticCache` that holds that many (fixed shapes, for `torch.compile`).
+        """
+        config = self.config.get_text_config(decoder=True)
+        if max_cache_len is None:
+            return XLoraCache(config=config)
+        if (
+            isinstance(max_cache_len, bool)
+            or not isinstance(max_cache_len, int)
+            or max_cache_len < 1
+        ):
+            raise ValueError(f"max_cache_len={max_cache_len!r}: use an int >= 1 (or None)")
+        return XLoraStaticCache(config=config, max_cache_len=max_cache_len)
 
     def generate(
         self,
@@ -364,7 +395,7 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             pass_scalings = torch.full(
                 (1, 1, 1, 1), float(self.scaling_pass_value), device=reference.device
             ).expand(batch, tokens, self.n_layers, self.n_experts)  # (B, T, L, E)
-        with torch.no_grad(), self.mixing_state.using(pass_scalings):
+        with torch.no_grad(), self.mixing_state.using(pass_scalings, dtype=self.expert_dtype):
             backbone = self.lm.base_model  # the causal LM without its head
             hidden = backbone(**inputs, **{self._cache_kwarg: cache}).last_hidden_state
         gate_device = self.gate.layers[-1].weight.device
@@ -436,27 +467,76 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             self._adapters_disabled = previous
 
     @contextmanager
-    def fixed_scalings(self, weights: torch.Tensor | Mapping[str, float]) -> Iterator[None]:
-        """Inside this block every token is mixed with the same given weights.
+    def fixed_scalings(self, weights: torch.Tensor, per_sequence: bool = False) -> Iterator[None]:
+        """Inside this block every token is mixed with fixed, given weights.
 
         The scaling pass, the gate and top-k are skipped: `weights` are used exactly as given.
         One-hot weights give one expert alone (plain LoRA); `1 / E` each gives the uniform
         average of the experts. A cache filled inside the block has no scaling-pass half, so
-        it cannot be continued with per-token scalings outside it.
+        it cannot be continued with per-token scalings outside it. Works with `generate`
+        (every scalings mode then behaves alike: the mix is already fixed).
+
+        One mix for all sequences is folded into each module's B once per block (under
+        `no_grad`, with frozen experts), as frozen generation does. Different mixes per
+        sequence are applied as per-sequence rank weights, `(B, 1, R)` per module and call:
+        of the exact ways measured (`benchmarks/batched_mixes.py`: per-sequence scaled B or A
+        with a batched matmul), the fastest, since it reads the stacked experts once for the
+        whole batch.
 
         Args:
-            weights: `(E,)` one weight per expert, `(L, E)` per adapted module too, or a dict
-                expert name -> weight (experts left out weigh 0).
+            weights: `(E,)` one weight per expert, or `(L, E)` per adapted module too; with
+                `per_sequence=True`, `(B, E)` or `(B, L, E)`: row `b` mixes sequence `b`, and
+                every forward call inside the block must have batch `B`.
+            per_sequence: Whether the first axis of `weights` is the batch.
         """
-        mix = self.mix_weights(weights)  # (L, E)
+        n_layers, n_experts = self.n_layers, self.n_experts
+        weights = torch.as_tensor(weights)
+        if per_sequence:
+            if weights.ndim == 2 and weights.shape[1] == n_experts:
+                weights = weights[:, None].expand(-1, n_layers, -1)  # (B, L, E)
+            if weights.ndim != 3 or weights.shape[1:] != (n_layers, n_experts):
+                raise ValueError(
+                    f"per-sequence fixed scalings of shape {tuple(weights.shape)}: give "
+                    f"(B, {n_experts}) (one mix per sequence) or (B, {n_layers}, {n_experts}) "
+                    "(per module too)"
+                )
+        elif weights.shape in ((n_experts,), (n_layers, n_experts)):
+            weights = weights.expand(n_layers, n_experts)[None]  # (1, L, E)
+        else:
+            raise ValueError(
+                f"fixed scalings of shape {tuple(weights.shape)}: give ({n_experts},) "
+                f"(one per expert) or ({n_layers}, {n_experts}) (per module too); for one mix "
+                "per sequence pass per_sequence=True"
+            )
         reference = self.gate.layers[-1].weight
-        mix = mix.to(device=reference.device, dtype=reference.dtype)
-        previous = self._fixed_scalings
-        self._fixed_scalings = mix[None, None]  # (1, 1, L, E)
+        weights = weights.to(device=reference.device, dtype=reference.dtype)
+        if weights.shape[0] > 1 and torch.equal(weights, weights[:1].expand_as(weights)):
+            weights = weights[:1]  # (1, L, E): one mix after all, folded into B below
+        previous = self._fixed_scalings, self._fixed_scaled_b
+        self._fixed_scalings = weights[:, None]  # (B or 1, 1, L, E)
+        self._fixed_scaled_b = None  # formed on first use (one mix only)
         try:
             yield
         finally:
-            self._fixed_scalings = previous
+            self._fixed_scalings, self._fixed_scaled_b = previous
+
+    def _fixed_mix(self, batch: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Inside `fixed_scalings`: scalings `(B, T, L, E)`, mixing, and maybe scaled B."""
+        fixed = self._fixed_scalings  # (1 or B, 1, L, E)
+        if fixed.shape[0] not in (1, batch):
+            raise ValueError(
+                f"fixed_scalings holds {fixed.shape[0]} per-sequence mixes but this call has "
+                f"batch {batch}; give one row per sequence of the batch"
+            )
+        scalings = fixed.expand(batch, tokens, -1, -1)  # (B, T, L, E)
+        shared = fixed.shape[0] == 1  # one mix for all (equal rows were folded on entry)
+        if not shared or torch.is_grad_enabled() or self.xlora_config.use_trainable_adapters:
+            return scalings, fixed, None  # rank weights (B or 1, 1, R) per module
+        if self._fixed_scaled_b is None:
+            self._fixed_scaled_b = [
+                m.scaled_lora_b(fixed[0, 0, m.layer_index]) for m in self.mixed_modules()
+            ]
+        return scalings, fixed, self._fixed_scaled_b
 
     def mix_weights(self, weights: torch.Tensor | Mapping[str, float]) -> torch.Tensor:
         """`(L, E)` float32 weights of a fixed mix given as `(E,)`, `(L, E)` or a dict.
@@ -670,7 +750,8 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             revision, cache_dir, token, local_files_only, force_download: For the Hub id of
                 `save_directory`, as transformers and peft take them.
             dtype, torch_dtype, device_map: For loading `base_model` from an id or folder
-                (`torch_dtype` is transformers' older name of `dtype`).
+                (`torch_dtype` is transformers' older name of `dtype`). The experts follow
+                the base model's dtype; the gate stays float32 (see `loramix.gate`).
         """
         if unknown:
             raise TypeError(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from helpers import random_ids, tiny_llama
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from loramix import XLoraConfig, XLoraModel
-from loramix.cache import XLoraCache
+from loramix.cache import XLoraCache, XLoraStaticCache
 
 HEADS, HEAD_DIM = 2, 4
 
@@ -98,3 +100,102 @@ def test_misaligned_cache_refused_in_granular_forward(llama_experts: dict[str, s
         cache.scaling_cache.crop(-1)
         with pytest.raises(ValueError, match="new_cache"):
             model(input_ids=random_ids(1, 1), cache=cache, use_cache=True)
+
+
+# ------------------------------------------------------------------ static caches
+
+
+def gated_model(llama_experts: dict[str, str]) -> XLoraModel:
+    """Layer-wise gate with large random weights, so scalings differ per token and module."""
+    model = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts, layerwise_scalings=True))
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in model.gate.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 2.0)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def test_static_cache_holds_both_passes_in_place(llama_experts: dict[str, str]) -> None:
+    model = gated_model(llama_experts)
+    cache = model.new_cache(max_cache_len=12)
+    assert isinstance(cache, XLoraStaticCache) and isinstance(cache.scaling_cache, StaticCache)
+    ids = random_ids(batch=2, tokens=6)
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache, use_cache=True)
+        keys = cache.layers[0].keys
+        model(input_ids=ids[:, :1], cache=cache, use_cache=True)
+    assert keys.shape[2] == 12 and cache.layers[0].keys is keys  # allocated once
+    assert int(cache.get_seq_length()) == int(cache.scaling_cache.get_seq_length()) == 7
+    assert repr(cache).startswith("XLoraStaticCache(mixed_length=7, scaling_length=7")
+    cache.crop(-2)
+    assert int(cache.get_seq_length()) == int(cache.scaling_cache.get_seq_length()) == 5
+    with pytest.raises(ValueError, match="max_cache_len=0"):
+        model.new_cache(max_cache_len=0)
+
+
+@pytest.mark.parametrize("mode", ["granular", "frozen", "merged"])
+def test_static_cache_generates_what_the_dynamic_one_does(mode, llama_experts) -> None:
+    model = gated_model(llama_experts)
+    ids = random_ids(batch=3, tokens=7)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0  # left padding
+    options = dict(
+        attention_mask=mask,
+        max_new_tokens=5,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        scalings_mode=mode,
+    )
+    dynamic = model.generate(ids, **options)
+    static = model.generate(ids, cache_implementation="static", **options)
+    assert isinstance(static.past_key_values, XLoraStaticCache)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(
+        torch.stack(static.logits), torch.stack(dynamic.logits), atol=1e-5, rtol=0
+    )
+
+
+def test_static_cache_options_name_the_fix(llama_experts: dict[str, str]) -> None:
+    model = gated_model(llama_experts)
+    ids = random_ids(batch=1, tokens=4)
+    with pytest.raises(ValueError, match="cache_implementation='static'"):
+        model.generate(ids, max_new_tokens=2, cache_implementation="offloaded")
+    with pytest.raises(ValueError, match="give one of them"):
+        model.generate(
+            ids, max_new_tokens=2, cache_implementation="static", cache=model.new_cache()
+        )
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["gated", "per-sequence mixes"])
+def test_decode_step_over_a_static_cache_is_one_graph(fixed, llama_experts) -> None:
+    """`torch.compile(fullgraph=True)` captures a decode step: no graph break anywhere.
+
+    The "eager" backend checks the capture without paying for code generation.
+    """
+    model = gated_model(llama_experts)
+    ids, step = random_ids(batch=2, tokens=6), random_ids(batch=2, tokens=1, seed=9)
+    mixes = model.fixed_scalings(torch.rand(2, model.n_experts), per_sequence=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, backend="eager", fullgraph=True)
+    with torch.no_grad(), mixes if fixed else contextlib.nullcontext():
+        cache = model.new_cache(max_cache_len=10)
+        model(input_ids=ids, cache=cache, use_cache=True)
+        eager = model(input_ids=step, cache=cache, use_cache=True).logits
+        cache.crop(-1)
+        captured = compiled(input_ids=step, cache=cache, use_cache=True).logits
+    torch.testing.assert_close(captured, eager, atol=1e-6, rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_static_generation_on_cuda(llama_experts: dict[str, str]) -> None:
+    """On a GPU, transformers compiles the decode step over the static cache (CUDA graphs)."""
+    model = gated_model(llama_experts).to("cuda")
+    ids = random_ids(batch=2, tokens=6).to("cuda")
+    options = dict(max_new_tokens=6, do_sample=False, scalings_mode="frozen")
+    dynamic = model.generate(ids, **options)
+    static = model.generate(ids, cache_implementation="static", **options)
+    assert torch.equal(static, dynamic)

@@ -6,8 +6,10 @@ import argparse
 from dataclasses import dataclass
 
 import pytest
+import torch
 
-from loramix.commands.flags import add_fields, attribute_docs, from_args
+from loramix.cli import build_parser
+from loramix.commands.flags import DTYPES, add_fields, attribute_docs, dtype_from_args, from_args
 from loramix.config import XLoraConfig
 from loramix.training.expert import LoraSettings
 from loramix.training.trainer import SCHEDULERS, TrainingConfig
@@ -65,3 +67,26 @@ def test_every_field_of_the_training_settings_has_a_documented_flag() -> None:
     assert from_args(TrainingConfig, args) == TrainingConfig(lr=0.01)
     assert from_args(LoraSettings, args).targets == ("q_proj",)
     assert from_args(XLoraConfig, args, adapters={"a": "x", "b": "y"}).top_k_lora == 2
+
+
+# ------------------------------------------------------------------ --dtype
+
+COMMANDS = {  # the arguments each command needs besides --dtype
+    "train-expert": ["train-expert", "--data", "d.jsonl", "--out", "o"],
+    "train-gate": ["train-gate", "--data", "d.jsonl", "--out", "o", "--expert", "e=dir"],
+    "generate": ["generate", "m", "--prompt", "p"],
+    "eval": ["eval", "m", "--test", "a=b.jsonl", "--out", "o"],
+    "science demo": ["science", "demo"],
+    "serve": ["serve", "m"],
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_model_command_takes_the_same_dtype_flag(command: str) -> None:
+    parser = build_parser()
+    assert dtype_from_args(parser.parse_args(COMMANDS[command])) == torch.float32
+    for name in DTYPES:
+        args = parser.parse_args([*COMMANDS[command], "--dtype", name])
+        assert dtype_from_args(args) == getattr(torch, name)
+    with pytest.raises(SystemExit):
+        parser.parse_args([*COMMANDS[command], "--dtype", "float64"])

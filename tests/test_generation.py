@@ -419,7 +419,10 @@ def test_bad_options_name_the_fix(expert_folders) -> None:
         model.generate(ids, scalings_mode="frozen", use_cache=False)
     with pytest.raises(ValueError, match="new_cache"):
         model.generate(ids, cache=DynamicCache())
-    with pytest.raises(ValueError, match="cache_implementation"):
+    with pytest.raises(ValueError, match="cache_implementation='static'"):
+        model.generate(ids, cache_implementation="offloaded")
+    model.generation_config.max_length = None
+    with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(ids, cache_implementation="static")
 
 
@@ -487,3 +490,120 @@ def test_merged_beams_with_different_fixed_scalings_stay_frozen(expert_folders, 
     assert "different fixed scalings" in caplog.text
     assert torch.equal(frozen, merged)
     assert_restored(snapshot)
+
+
+# ------------------------------------------------------------------ half precision
+
+# Logit tolerances, relative to the largest logit: float16 keeps 11 bits, bfloat16 8.
+HALF_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+
+def assert_close_for(dtype: torch.dtype, actual: torch.Tensor, expected: torch.Tensor) -> None:
+    scale = expected.float().abs().max().item()
+    torch.testing.assert_close(
+        actual.float(), expected.float(), atol=HALF_TOLERANCE[dtype] * scale, rtol=0
+    )
+
+
+def half_model(dtype: torch.dtype, folders, **options) -> XLoraModel:
+    model = make_model("llama", folders, **options)
+    model.lm.to(dtype)  # the base and the stacked experts; the gate stays float32
+    return model
+
+
+@pytest.mark.parametrize("dtype", list(HALF_TOLERANCE), ids=str)
+def test_half_precision_cached_equals_recompute_and_float32(dtype, expert_folders) -> None:
+    model = half_model(dtype, expert_folders)
+    assert model.gate.layers[-1].weight.dtype == torch.float32
+    assert next(model.mixed_modules()).lora_b.dtype == model.expert_dtype == dtype
+    ids, mask = left_padded([7, 4, 5])
+    out = generate(model, ids, mask, output_logits=True, return_dict_in_generate=True)
+    recomputed = full_logits(model, out.sequences[:, :-1], mask)  # (B, T, V)
+    assert_close_for(dtype, step_logits(out), recomputed[:, ids.shape[1] - 1 :])
+    assert model.get_latest_scalings().dtype == torch.float32
+    float32 = full_logits(make_model("llama", expert_folders), out.sequences[:, :-1], mask)
+    real = torch.cat([mask, torch.ones(3, NEW - 1, dtype=torch.long)], dim=1).bool()
+    assert_close_for(dtype, recomputed[real], float32[real])  # padding rows are not compared
+
+
+@pytest.mark.parametrize("dtype", list(HALF_TOLERANCE), ids=str)
+@pytest.mark.parametrize("mode", ["granular", "frozen", "merged"])
+def test_half_precision_batched_equals_one_by_one(dtype, mode, expert_folders) -> None:
+    model = half_model(dtype, expert_folders)
+    lengths = [7, 3, 5]
+    ids, mask = left_padded(lengths)
+    options = dict(output_logits=True, return_dict_in_generate=True, scalings_mode=mode)
+    batched = generate(model, ids, mask, **options)
+    for row, length in enumerate(lengths):
+        alone = generate(model, ids[row : row + 1, -length:], None, **options)
+        assert torch.equal(batched.sequences[row, -length - NEW :], alone.sequences[0])
+        assert_close_for(dtype, step_logits(batched)[row], step_logits(alone)[0])
+
+
+@pytest.mark.parametrize("dtype", list(HALF_TOLERANCE), ids=str)
+def test_half_precision_merged_equals_frozen(dtype, expert_folders) -> None:
+    model = half_model(dtype, expert_folders)
+    ids, _ = left_padded([6])
+    options = dict(output_logits=True, return_dict_in_generate=True)
+    frozen = generate(model, ids, None, scalings_mode="frozen", **options)
+    merged = generate(model, ids, None, scalings_mode="merged", **options)
+    assert torch.equal(frozen.sequences, merged.sequences)
+    assert_close_for(dtype, step_logits(merged), step_logits(frozen))
+
+
+# ------------------------------------------------------- one fixed mix per sequence
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_TOLERANCE], ids=str)
+@pytest.mark.parametrize("layerwise_mix", [False, True], ids=["(B,E)", "(B,L,E)"])
+def test_per_sequence_fixed_mixes_equal_each_sequence_alone(
+    dtype, layerwise_mix, expert_folders
+) -> None:
+    model = half_model(dtype, expert_folders) if dtype != torch.float32 else None
+    model = model or make_model("llama", expert_folders)
+    lengths = [7, 3, 5, 6]
+    ids, mask = left_padded(lengths)
+    generator = torch.Generator().manual_seed(5)
+    shape = (4, model.n_layers, 2) if layerwise_mix else (4, 2)
+    mixes = torch.rand(shape, generator=generator)
+    options = dict(output_logits=True, return_dict_in_generate=True)
+    with model.fixed_scalings(mixes, per_sequence=True):
+        batched = generate(model, ids, mask, scalings_mode="frozen", **options)
+        scalings = model.get_latest_scalings()  # (B, 1, L, E) of the last step
+    expected = mixes if layerwise_mix else mixes[:, None].expand(-1, model.n_layers, -1)
+    assert torch.equal(scalings[:, -1], expected)
+    for row, length in enumerate(lengths):
+        with model.fixed_scalings(mixes[row]):
+            alone = generate(model, ids[row : row + 1, -length:], None, **options)
+        tokens, alone_tokens = batched.sequences[row, -NEW:], alone.sequences[0, -NEW:]
+        if dtype != torch.bfloat16:
+            assert torch.equal(tokens, alone_tokens)
+        # bfloat16 (8 bits) may flip a near tie of the tiny model: compare up to the flip.
+        same = int((tokens != alone_tokens).int().cumsum(0).eq(0).sum())
+        assert same >= 1, f"row {row}"
+        batched_logits, alone_logits = (
+            step_logits(batched)[row, :same],
+            step_logits(alone)[0, :same],
+        )
+        if dtype == torch.float32:
+            torch.testing.assert_close(batched_logits, alone_logits, atol=1e-4, rtol=0)
+        else:
+            assert_close_for(dtype, batched_logits, alone_logits)
+
+
+def test_per_sequence_fixed_mixes_check_their_shape_and_batch(expert_folders) -> None:
+    model = make_model("llama", expert_folders)
+    ids, mask = left_padded([4, 4, 4])
+    with (
+        pytest.raises(ValueError, match=r"per_sequence=True"),
+        model.fixed_scalings(torch.rand(3, 2, 2)),
+    ):
+        pass
+    with (
+        pytest.raises(ValueError, match=r"\(B, 2\)"),
+        model.fixed_scalings(torch.rand(3, 5), per_sequence=True),
+    ):
+        pass
+    two_mixes = model.fixed_scalings(torch.rand(2, 2), per_sequence=True)
+    with two_mixes, pytest.raises(ValueError, match="one row per sequence"):
+        model(input_ids=ids, attention_mask=mask)

@@ -476,3 +476,35 @@ def test_quantized_storage_keeps_float_experts_and_refuses_merging() -> None:
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
     with pytest.raises(ValueError, match="quantized.*scalings_mode='frozen'"):
         module.merged_weight(torch.ones(E, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------ half precision
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_rank_weights_cast_once_and_merge_in_float32(dtype) -> None:
+    """float32 scalings reach the modules already in the experts' dtype; merging rounds once."""
+    loras = make_loras(D_IN, D_OUT)
+    state = MixingState(global_scaling_weight=G)
+    module = MixedLinear(linear_base().to(dtype), LAYER, loras, state)
+    assert module.lora_a.dtype == module.lora_b.dtype == dtype
+    x = inputs().to(dtype)
+    s = random_scalings().float()  # (B, T, L, E) as the gate gives them
+    with torch.no_grad(), state.using(s, dtype=dtype):
+        assert state.rank_weights(LAYER).dtype == dtype
+        out = module(x)
+    assert out.dtype == dtype
+    exact = linear_base()(x.double()) + reference_delta(x.double(), loras, s.double())
+    tolerance = 2e-2 if dtype == torch.float16 else 1e-1
+    torch.testing.assert_close(
+        out.double(), exact, atol=tolerance * exact.abs().max().item(), rtol=0
+    )
+
+    fixed = torch.rand(E, dtype=torch.float32)
+    merged = module.merged_weight(fixed)
+    assert merged.dtype == dtype
+    scaled_b = module.lora_b.double() * module.rank_weights(fixed.double())  # (D_out, R)
+    exact_weight = module.base_layer.weight.double() + scaled_b @ module.lora_a.double()
+    one_rounding = exact_weight.to(dtype).double()  # the best a dtype weight can do
+    error = (merged.double() - exact_weight).abs().max()
+    assert error <= 2 * (one_rounding - exact_weight).abs().max() + 1e-6

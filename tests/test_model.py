@@ -477,7 +477,7 @@ def test_merge_and_unload_equals_the_fixed_mix(llama_experts: dict[str, str], mi
     weights = MIXES[mix]
     ids = random_ids(2, 6)
     reference = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts))
-    with torch.no_grad(), reference.fixed_scalings(weights):
+    with torch.no_grad(), reference.fixed_scalings(reference.mix_weights(weights)):
         expected = reference(input_ids=ids).logits
     merged = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts)).merge_and_unload(weights)
     assert type(merged).__name__ == "LlamaForCausalLM"
@@ -529,3 +529,38 @@ def test_experts_and_gate_move_with_the_model(llama_experts: dict[str, str]) -> 
     devices = {t.device.type for t in [*model.parameters(), *model.buffers()]}
     assert devices == {"meta"}
     assert model.gate.layers[0].weight.device.type == "meta"
+
+
+# ------------------------------------------------------------------ half precision
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_from_pretrained_at_a_half_dtype_keeps_the_gate_float32(
+    dtype, llama_experts: dict[str, str], tmp_path: Path
+) -> None:
+    model = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts, layerwise_scalings=True))
+    randomize_gate(model)
+    model.save_pretrained(tmp_path / "saved")
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    tiny_llama().save_pretrained(tmp_path / "base")  # by folder: loramix loads it at `dtype`
+    loaded = XLoraModel.from_pretrained(tmp_path / "base", tmp_path / "saved", dtype=dtype)
+    assert loaded.lm.get_input_embeddings().weight.dtype == dtype
+    assert {m.lora_a.dtype for m in loaded.mixed_modules()} == {dtype}
+    assert {p.dtype for p in loaded.gate.parameters()} == {torch.float32}
+    with torch.no_grad():
+        output = loaded(input_ids=ids)
+    assert output.scalings.dtype == torch.float32
+    tolerance = 2e-2 if dtype == torch.float16 else 1e-1
+    scale = reference.abs().max().item()
+    torch.testing.assert_close(output.logits.float(), reference, atol=tolerance * scale, rtol=0)
+
+
+def test_gate_is_float32_over_a_half_precision_base(llama_experts: dict[str, str]) -> None:
+    model = XLoraModel(tiny_llama().to(torch.bfloat16), XLoraConfig(adapters=llama_experts))
+    assert model.gate.layers[-1].weight.dtype == torch.float32
+    assert model.expert_dtype == torch.bfloat16
+    scalings = model(input_ids=random_ids(1, 4)).scalings
+    assert scalings.dtype == torch.float32
+    torch.testing.assert_close(scalings.sum(-1), torch.ones(1, 4, model.n_layers))

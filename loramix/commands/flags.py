@@ -22,7 +22,11 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_HELP = (
+    "dtype of the base model's and the experts' weights; the gate computes its softmax and "
+    "scalings in float32 whatever this is"
+)
 
 
 def add_fields(
@@ -128,7 +132,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     training = parser.add_argument_group("training")
     choices = {"lr_scheduler": SCHEDULERS, "device": DEVICES, "report_to": REPORTERS}
     add_fields(training, TrainingConfig, choices=choices)
-    training.add_argument("--dtype", choices=DTYPES, default="float32", help="base weights dtype")
+    add_dtype_argument(training)
 
 
 def add_device_argument(group: argparse._ActionsContainer) -> None:
@@ -156,9 +160,20 @@ def add_progress_argument(group: argparse._ActionsContainer) -> None:
 
 def run_options(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments both trainers take besides the settings objects."""
+    return {"resume": args.resume, "overwrite": args.overwrite, "dtype": dtype_from_args(args)}
+
+
+def add_dtype_argument(group: argparse._ActionsContainer) -> None:
+    """`--dtype {float32,float16,bfloat16}` (default float32), the same on every command that
+    loads a model: train-expert, train-gate, generate, eval, science demo."""
+    group.add_argument("--dtype", choices=DTYPES, default="float32", help=DTYPE_HELP)
+
+
+def dtype_from_args(args: argparse.Namespace) -> Any:
+    """The torch dtype that `--dtype` names."""
     import torch
 
-    return {"resume": args.resume, "overwrite": args.overwrite, "dtype": getattr(torch, args.dtype)}
+    return getattr(torch, args.dtype)
 
 
 def _default(field: dataclasses.Field) -> Any:

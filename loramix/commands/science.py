@@ -10,6 +10,8 @@ import argparse
 import time
 from typing import Any
 
+from loramix.commands.flags import add_dtype_argument, dtype_from_args
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Declare `science demo` and `science retrain` and their flags."""
@@ -42,6 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     add_colour_argument(demo)
     add_device_argument(demo)
     add_progress_argument(demo)
+    add_dtype_argument(demo)
     demo.add_argument(
         "--no-colour", action="store_true", help="same as --colour never: tag tokens by index"
     )
@@ -146,6 +149,7 @@ def _demo(args: argparse.Namespace) -> int:
         base=args.base,
         n_eval=args.n_eval,
         max_new_tokens=args.max_new_tokens,
+        dtype=dtype_from_args(args),
         device=args.device,
         log=print,
     )

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from loramix.commands.flags import DTYPES, add_fields, from_args
+from loramix.commands.flags import add_dtype_argument, add_fields, dtype_from_args, from_args
 from loramix.serving.config import MODES, ServeConfig
 
 
@@ -37,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype")
+    add_dtype_argument(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_fields(parser, ServeConfig, skip={"model_name"}, choices={"mode": MODES})
     parser.add_argument(
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--port={args.port}: use a port between 1 and 65535")
         name = args.model_name or Path(args.model_dir).resolve().name
         config = from_args(ServeConfig, args, model_name=name)
-        model, tokenizer = _load(args.model_dir, args.base, getattr(torch, args.dtype))
+        model, tokenizer = _load(args.model_dir, args.base, dtype_from_args(args))
     except (ValueError, FileNotFoundError) as error:
         print(f"loramix serve: error: {error}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """The main job: the bundled science X-LoRA answers questions from every domain, and is scored.
 
 `run_demo` loads SmolLM2-135M-Instruct and the bundled experts and gate
-(`models/science-xlora`, float16 weights upcast to the base model's dtype), then:
+(`models/science-xlora`, float16 weights converted to the base model's dtype, float32
+unless `dtype` says otherwise; the gate computes in float32), then:
 
 1. answers one held-out question of each domain and one composite question, greedily, and
    returns every answer token with the expert that dominates it (the largest scaling, averaged
@@ -107,6 +108,7 @@ def run_demo(
     base: str = "smollm2",
     n_eval: int = 4,
     max_new_tokens: int = 16,
+    dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     log: Callable[[str], None] = logger.info,
 ) -> DemoResult:
@@ -118,6 +120,7 @@ def run_demo(
         base: The base model the bundle was trained on.
         n_eval: Examples per test set in the quick evaluation; 0 skips it.
         max_new_tokens: Greedy tokens per answer.
+        dtype: Weights of the base model and the experts (the gate stays float32).
         device: Where the model runs ("auto", "cpu", "cuda", "mps").
         log: Receives one line per finished part (the CLI prints them).
 
@@ -142,7 +145,7 @@ def run_demo(
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
-    base_model, tokenizer = load_base_model(base, device_map=device)
+    base_model, tokenizer = load_base_model(base, dtype=dtype, device_map=device)
     model = XLoraModel.from_pretrained(base_model, model_dir)
     seconds["load"] = _lap(clock)
     log(
