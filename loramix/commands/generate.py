@@ -113,7 +113,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("; ".join(problems))
 
 
-def _load(model_dir: str, base_name: str | None, dtype: Any, device: str) -> tuple[Any, Any]:
+def _load(
+    model_dir: str, base_name: str | None, dtype: Any, device: str | None = None
+) -> tuple[Any, Any]:
     from pathlib import Path
 
     from loramix.config import XLoraConfig
