@@ -25,7 +25,7 @@ import dataclasses
 import inspect
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,7 +35,7 @@ from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 
 from loramix import generation, saving
 from loramix.cache import XLoraCache, XLoraStaticCache
-from loramix.checks import is_int, is_number
+from loramix.checks import is_finite, is_int, is_number
 from loramix.config import XLoraConfig
 from loramix.experts import LoraExpert, load_expert
 from loramix.gate import XLoraGate, select_top_k
@@ -537,6 +537,66 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
                 m.scaled_lora_b(fixed[0, 0, m.layer_index]) for m in self.mixed_modules()
             ]
         return scalings, fixed, self._fixed_scaled_b
+
+    def mix_weights(self, weights: torch.Tensor | Mapping[str, float]) -> torch.Tensor:
+        """`(L, E)` float32 weights of a fixed mix given as `(E,)`, `(L, E)` or a dict.
+
+        Raises:
+            ValueError: On another shape, or a dict naming an unknown expert or a weight that
+                is not a finite number.
+        """
+        if isinstance(weights, Mapping):
+            unknown = sorted(set(weights) - set(self.expert_names))
+            bad = {k: v for k, v in weights.items() if not is_finite(v)}
+            if unknown or bad:
+                raise ValueError(
+                    f"mix weights: unknown expert(s) {unknown} (the experts are "
+                    f"{self.expert_names}); weights that are not finite numbers {bad}. Give "
+                    "expert name -> number; experts left out weigh 0."
+                )
+            weights = torch.tensor([float(weights.get(n, 0.0)) for n in self.expert_names])
+        weights = torch.as_tensor(weights, dtype=torch.float32)
+        if weights.shape not in ((self.n_experts,), (self.n_layers, self.n_experts)):
+            raise ValueError(
+                f"fixed scalings of shape {tuple(weights.shape)}: give ({self.n_experts},) "
+                f"(one per expert) or ({self.n_layers}, {self.n_experts}) (per module too)"
+            )
+        return weights.expand(self.n_layers, self.n_experts)  # (L, E)
+
+    def merge_and_unload(self, weights: torch.Tensor | Mapping[str, float]) -> PreTrainedModel:
+        """Folds a fixed mix of the experts into the base weights; returns the base model.
+
+        Every adapted module `l` gets `W + g * sum_i w[l, i] * scale_i * B_i A_i` and is put
+        back as the original `nn.Linear` / `Conv1D` / `nn.Embedding`, so the result is a
+        plain transformers model for any runtime (`save_pretrained`, export, serving). It
+        computes what `with model.fixed_scalings(weights):` computes (no gate, no scaling
+        pass), up to float rounding. The base model's weights are changed in place; this
+        X-LoRA model is unusable afterwards (as peft's `merge_and_unload`).
+
+        Args:
+            weights: `(E,)` one weight per expert (e.g. one-hot: one expert alone; `1 / E`
+                each: the uniform average), `(L, E)` per adapted module too, or a dict
+                expert name -> weight (experts left out weigh 0).
+
+        Raises:
+            ValueError: On weights of another shape or with unknown names, or when an adapted
+                module shares its weight with another module (tied input and output
+                embeddings: merging would change both, the mix changes only one).
+        """
+        mix = self.mix_weights(weights)  # (L, E)
+        tied = self.tied_adapted_weights()
+        if tied:
+            raise ValueError(
+                f"merge_and_unload: the weights of {tied} are tied to another module (e.g. the "
+                "output layer shares the input embeddings), so folding the mix into them would "
+                "change that module too. Untie them first (copy the weight into a new "
+                "nn.Parameter on one side), or mix with `fixed_scalings` instead."
+            )
+        with torch.no_grad():
+            for layer, module in enumerate(self.mixed_modules()):
+                merged = module.merged_weight(mix[layer].to(module.lora_a.device))
+                module.base_layer.weight.copy_(merged)
+        return self.unload()
 
     def gradient_checkpointing_enable(
         self, gradient_checkpointing_kwargs: dict | None = None, **options: Any

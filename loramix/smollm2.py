@@ -35,8 +35,11 @@ from transformers import (
 )
 
 from loramix.atomic import atomic_folder
+from loramix.errors import UsageError
 
 logger = logging.getLogger(__name__)
+
+DeviceMap = str | torch.device | dict[str, str | int | torch.device] | None
 
 DEFAULT_MODEL = "smollm2"
 """The name that `load_base_model` accepts for the embedded SmolLM2-135M-Instruct."""
@@ -94,6 +97,7 @@ def default_cache_dir() -> Path:
 def load_smollm2(
     dtype: torch.dtype = torch.float32,
     cache_dir: str | os.PathLike[str] | None = None,
+    device_map: DeviceMap = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load SmolLM2-135M-Instruct and its tokenizer (with chat template), in eval mode.
 
@@ -104,6 +108,8 @@ def load_smollm2(
     Args:
         dtype: Floating dtype of the returned model's weights. The cache is always float32.
         cache_dir: Folder of the safetensors copy; `default_cache_dir()` if None.
+        device_map: Where the weights go, as for transformers' `from_pretrained` (e.g.
+            "cuda", "cuda:1", "mps", "cpu"); None keeps them on the CPU.
 
     Returns:
         The causal LM (a `LlamaForCausalLM`) and its tokenizer.
@@ -119,7 +125,7 @@ def load_smollm2(
 
     if _cache_matches(cache, source):
         logger.debug("loading SmolLM2 from cache %s", cache)
-        return _named(_load_folder(cache, dtype))
+        return _named(_load_folder(cache, dtype, device_map))
 
     _check_replaceable(cache)  # before the 30 s load, not after it
     logger.info("reading %s (about 30 s, once; the result is cached in %s)", gguf_path, cache)
@@ -135,12 +141,15 @@ def load_smollm2(
             cache,
             error,
         )
+    if device_map is not None:  # the GGUF file is read on the CPU
+        return _named((model.to(dtype=dtype, device=_single_device(device_map)), tokenizer))
     return _named((model.to(dtype), tokenizer))
 
 
 def load_base_model(
     name_or_path: str | os.PathLike[str],
     dtype: torch.dtype = torch.float32,
+    device_map: DeviceMap = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer by name ("smollm2") or from a local folder.
 
@@ -151,17 +160,25 @@ def load_base_model(
         name_or_path: `DEFAULT_MODEL` ("smollm2"; also its hub name `CANONICAL_NAME`) or the
             path of a local transformers folder.
         dtype: Floating dtype of the returned model's weights.
+        device_map: Where the weights go, as for transformers' `from_pretrained` (through
+            accelerate): a device ("cuda", "cuda:1", "mps", "cpu", or "auto", which
+            `resolve_device` turns into one of them), accelerate's "balanced" or "sequential"
+            plans, or a dict module -> device. None keeps them on the CPU. An
+            `XLoraModel` built on the model puts its experts beside each adapted module and
+            its gate beside the input embeddings, so everything follows the base.
 
     Returns:
         The model, in eval mode, and its tokenizer.
 
     Raises:
         FileNotFoundError: If the name is not "smollm2" and the path is not a model folder.
-        ValueError: If `dtype` is not a floating torch dtype.
+        ValueError: If `dtype` is not a floating torch dtype, or a device is not available.
     """
     _check_dtype(dtype)
+    if isinstance(device_map, str | torch.device) and device_map not in _ACCELERATE_PLANS:
+        device_map = resolve_device(str(device_map))
     if str(name_or_path) in (DEFAULT_MODEL, CANONICAL_NAME):
-        return load_smollm2(dtype=dtype)
+        return load_smollm2(dtype=dtype, device_map=device_map)
     folder = Path(name_or_path).expanduser()
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
@@ -171,7 +188,55 @@ def load_base_model(
             "`model.save_pretrained(...)` and `tokenizer.save_pretrained(...)` (nothing is "
             "downloaded from a model hub)."
         )
-    return _load_folder(folder, dtype)
+    return _load_folder(folder, dtype, device_map)
+
+
+_ACCELERATE_PLANS = ("balanced", "balanced_low_0", "sequential")  # passed on to accelerate
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+"""The `--device` choices; "cuda:N" also names one GPU."""
+
+
+def resolve_device(device: str) -> str:
+    """The device to load on: "auto" picks CUDA, else MPS, else the CPU; others are checked.
+
+    Raises:
+        UsageError: If the device is unknown, or not available on this machine (the message
+            says which are).
+    """
+    cuda = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if device == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    kind, _, index = device.partition(":")
+    if kind not in DEVICES[1:] or (index and not (kind == "cuda" and index.isdigit())):
+        raise UsageError(
+            f"device {device!r}: use one of {', '.join(DEVICES)} (or cuda:N for one GPU)."
+        )
+    if not {"cpu": True, "cuda": cuda, "mps": mps}[kind]:
+        seen = [name for name, ok in (("cuda", cuda), ("mps", mps)) if ok] or ["only the CPU"]
+        raise UsageError(
+            f"device {device!r}: no {kind.upper()} device is available on this machine (torch "
+            f"sees {', '.join(seen)}); use --device auto or cpu."
+        )
+    if index and int(index) >= torch.cuda.device_count():
+        raise UsageError(
+            f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}."
+        )
+    return device
+
+
+def _single_device(device_map: DeviceMap) -> torch.device:
+    if isinstance(device_map, dict):
+        devices = {str(d) for d in device_map.values()}
+        if len(devices) != 1:
+            raise ValueError(
+                f"device_map {device_map!r} spreads the model over {sorted(devices)}; loramix "
+                "mixes experts on one device: give one device."
+            )
+        return torch.device(devices.pop())
+    return torch.device(str(device_map))
 
 
 def _named(
@@ -193,9 +258,11 @@ def _check_dtype(dtype: torch.dtype) -> None:
 
 
 def _load_folder(
-    folder: Path, dtype: torch.dtype
+    folder: Path, dtype: torch.dtype, device_map: DeviceMap = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, device_map=device_map, local_files_only=True
+    )
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model.eval()
     return model, tokenizer

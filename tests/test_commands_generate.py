@@ -18,7 +18,10 @@ from loramix.commands.generate import (
     colour_tokens,
     encode_prompt,
     legend,
+    plain_legend,
+    tagged_tokens,
     token_pieces,
+    use_colour,
 )
 from loramix.generation import dominant_experts, generated_token_scalings
 from loramix.smollm2 import load_base_model
@@ -78,7 +81,7 @@ def run_cli(folders: tuple[Path, Path], *flags: str) -> int:
 @pytest.mark.parametrize("mode", ["granular", "merged"])
 def test_show_experts_colours_each_token(folders, mode, capsys, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="loramix.generation")
-    assert run_cli(folders, "--show-experts", "--mode", mode) == 0
+    assert run_cli(folders, "--show-experts", "--mode", mode, "--colour", "always") == 0
     tokenizer, new_ids, experts, names = reference(folders, mode)
     assert "frozen mode" not in caplog.text  # merged mode really merged, no fallback
     assert len(set(experts)) >= 1 and len(experts) == len(new_ids)
@@ -87,6 +90,29 @@ def test_show_experts_colours_each_token(folders, mode, capsys, caplog) -> None:
     assert f"{colour(0)}\u25a0 math{RESET}" in lines[0] and "chem" in lines[0]
     expected = colour_tokens(token_pieces(tokenizer, new_ids), experts)
     assert "\n".join(lines[1:]) == expected
+
+
+def test_show_experts_in_a_pipe_tags_tokens_without_colours(folders, capsys) -> None:
+    assert run_cli(folders, "--show-experts") == 0  # capsys: stdout is not a terminal
+    tokenizer, new_ids, experts, names = reference(folders, "granular")
+    out = capsys.readouterr().out
+    assert "\x1b[" not in out
+    pieces = token_pieces(tokenizer, new_ids)
+    assert out == f"{plain_legend(names)}\n{tagged_tokens(pieces, experts)}\n"
+
+
+class Terminal:
+    def isatty(self) -> bool:
+        return True
+
+
+def test_colours_only_on_a_terminal_without_no_color(monkeypatch) -> None:
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert use_colour("auto", Terminal())
+    assert not use_colour("auto", object())  # no isatty: a pipe-like stream
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not use_colour("auto", Terminal())
+    assert use_colour("always", object()) and not use_colour("never", Terminal())
 
 
 @pytest.mark.parametrize("mode", ["granular", "frozen"])
@@ -123,6 +149,30 @@ def test_errors_name_the_fix(folders, tmp_path: Path, capsys) -> None:
     assert run_cli(folders, "--max-new-tokens", "0", "--top-p", "2") == 2
     err = capsys.readouterr().err
     assert "--max-new-tokens=0" in err and "--top-p=2" in err
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_empty_prompt_is_a_one_line_error(folders, prompt, capsys) -> None:
+    base_dir, model_dir = folders
+    argv = ["generate", str(model_dir), "--prompt", prompt, "--base", str(base_dir)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--prompt is empty" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no GPU")
+def test_unavailable_device_is_a_one_line_error(folders, capsys) -> None:
+    assert run_cli(folders, "--device", "cuda") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA device is available" in err
+
+
+def test_no_progress_hides_the_weight_loading_bar(folders, capfd) -> None:
+    capfd.readouterr()
+    assert run_cli(folders, "--no-progress") == 0
+    assert "Loading weights" not in capfd.readouterr().err
+    assert run_cli(folders) == 0  # and only for that command
+    assert "Loading weights" in capfd.readouterr().err
 
 
 def test_base_and_prompt_rendering_default_to_training(folders, tmp_path, capsys, caplog) -> None:

@@ -229,6 +229,12 @@ def test_test_records_need_a_completion(tmp_path: Path, tokenizer) -> None:
     path.write_text('{"prompt": "a", "completion": "b"}\n{"text": "no answer"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl, line 2: .*\"completion\""):
         load_test_set(path, tokenizer)
+    path.write_text('{"text": "no answer"}\n{"prompt": "a", "completion": "b"}\nnot json\n')
+    with pytest.raises(ValueError) as info:
+        load_test_set(path, tokenizer)
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"{path}: 2 bad lines:"
+    assert lines[1].startswith("  line 1: test records need") and "column 1" in lines[2]
 
 
 # ------------------------------------------------------------------ report and targets

@@ -53,8 +53,12 @@ def test_demo_answers_each_domain_and_a_composite_question(tiny, tmp_path):
         assert all(e in (0, 1) for e in answer.experts)
     assert result.report is not None and result.report.settings["limit"] == 2
     assert {"biology", "proteins", "composite", "mixed"} == set(result.report.test_sets)
-    assert {t.target.split(":")[0] for t in result.targets} >= {"biology", "mixed", "composite"}
-    assert json.loads((tmp_path / "eval.json").read_text())["settings"]["chat"] is False
+    recorded = json.loads((bundle / "eval.json").read_text())
+    assert [t.status for t in result.verdicts] == [t["status"] for t in recorded["targets"]]
+    assert {t.target.split(":")[0] for t in result.verdicts} >= {"biology", "mixed", "composite"}
+    assert result.verdict_examples == 1  # the tiny retrain's eval_limit
+    sample = json.loads((tmp_path / "eval.json").read_text())
+    assert sample["settings"]["chat"] is False and not sample.get("targets")  # no verdicts
     names = {p.name for p in result.plots}
     assert {"layers_biology.png", "tokens_composite.png", "expert_usage.png"} <= names
     assert all(p.is_file() for p in result.plots)
@@ -78,6 +82,14 @@ def test_cli_prints_tagged_answers_and_the_table(tiny, tmp_path, capsys):
     assert "[0] biology  [1] proteins" in out
     assert "[composite]" in out and "reference:" in out
     assert "| xlora |" in out and "| expert:biology |" in out
+    verdicts, sample = out.split("Targets, from the bundle's full evaluation (1 held-out", 1)[
+        1
+    ].split("A sample, the first 1 held-out examples", 1)
+    recorded = json.loads((bundle / "eval.json").read_text())["targets"]
+    assert len(recorded) >= 3
+    for target in recorded:
+        assert f"{target['status'].upper():7} {target['target']}" in verdicts
+    assert "PASS" not in sample and "FAIL" not in sample and "no pass/fail" in sample
 
 
 def test_cli_names_the_fix_for_a_missing_model(tmp_path, capsys):

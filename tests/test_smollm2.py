@@ -18,6 +18,7 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from loramix import smollm2
+from loramix.errors import UsageError
 from loramix.smollm2 import DEFAULT_MODEL, load_base_model, load_smollm2, smollm2_gguf_path
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -133,6 +134,32 @@ def test_load_base_model_reads_a_local_folder(tmp_path: Path) -> None:
         loaded.model.embed_tokens.weight, model.model.embed_tokens.weight, rtol=0, atol=0
     )
     assert loaded_tokenizer("hello b")["input_ids"] == [1, 4]
+
+
+def test_device_map_places_the_weights(fake_gguf: dict[str, object], tmp_path: Path) -> None:
+    model, tokenizer = _tiny_model_and_tokenizer()
+    model.save_pretrained(tmp_path / "folder")
+    tokenizer.save_pretrained(tmp_path / "folder")
+    loaded, _ = load_base_model(tmp_path / "folder", device_map="cpu")
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    for cache in (tmp_path / "cache", tmp_path / "cache"):  # from the GGUF file, then cached
+        smollm2_model, _ = load_smollm2(cache_dir=cache, device_map="cpu")
+        assert {p.device.type for p in smollm2_model.parameters()} == {"cpu"}
+
+
+def test_resolve_device_picks_an_available_one_and_refuses_others(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert smollm2.resolve_device("auto") == "cpu" and smollm2.resolve_device("cpu") == "cpu"
+    with pytest.raises(UsageError, match=r"'cuda': no CUDA device .* use --device auto or cpu"):
+        smollm2.resolve_device("cuda")
+    with pytest.raises(UsageError, match=r"'tpu': use one of auto, cpu, cuda, mps"):
+        load_base_model("smollm2", device_map="tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert smollm2.resolve_device("auto") == "cuda"
+    with pytest.raises(UsageError, match=r"has 1 CUDA device\(s\), cuda:0 to cuda:0"):
+        smollm2.resolve_device("cuda:1")
 
 
 # --- the real SmolLM2 ---------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from tiny_tokenizer import tiny_tokenizer
 
 from loramix.training.data import (
     IGNORE_INDEX,
+    MAX_REPORTED_LINES,
+    SHAPES,
     DataSource,
     PadCollator,
     TokenizedDataset,
@@ -158,6 +160,45 @@ def test_malformed_line_names_file_and_line(tokenizer, tmp_path, case):
         load_jsonl(path, tokenizer, max_length=64)
     assert f"{path}, line 3" in str(info.value)
     assert reason in str(info.value)
+
+
+def test_every_bad_line_is_reported_in_one_error(tokenizer, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps({"prompt": "a", "completion": "b"})
+    lines = [good, '{"text": "a" "b"}', good, '{"prompt": "a"}', "[1]", good, '{"text": "a"']
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError) as info:
+        load_jsonl(path, tokenizer, max_length=64)
+    assert str(info.value).splitlines() == [
+        f"{path}: 4 bad lines:",
+        "  line 2: not valid JSON (Expecting ',' delimiter at column 14). Each line must be one "
+        "JSON object.",
+        '  line 4: has "prompt" but no "completion"; give both.',
+        f"  line 5: expected a JSON object of shape {SHAPES}, got a JSON list.",
+        "  line 7: not valid JSON (Expecting ',' delimiter at column 13). Each line must be one "
+        "JSON object.",
+    ]
+
+
+def test_bad_lines_beyond_the_limit_are_counted(tokenizer, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": 3}\n' * (MAX_REPORTED_LINES + 5))
+    with pytest.raises(ValueError) as info:
+        load_jsonl(path, tokenizer, max_length=64)
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"{path}: {MAX_REPORTED_LINES + 5} bad lines:"
+    assert len(lines) == MAX_REPORTED_LINES + 2
+    assert lines[-2].startswith(f"  line {MAX_REPORTED_LINES}: ")
+    assert lines[-1] == "  ... and 5 more bad lines"
+
+
+def test_pretty_printed_json_and_a_byte_order_mark(tokenizer, tmp_path):
+    path = tmp_path / "pretty.jsonl"
+    path.write_text('{\n  "text": "hello"\n}\n')
+    with pytest.raises(ValueError, match=r"line 1: .* at column 2\). This looks like one JSON"):
+        load_jsonl(path, tokenizer, max_length=64)
+    path.write_text('\ufeff{"text": "hello"}\n', encoding="utf-8")
+    assert len(load_jsonl(path, tokenizer, max_length=64)) == 1
 
 
 def test_messages_need_a_chat_template(tmp_path):

@@ -329,6 +329,18 @@ def test_settings_errors_name_the_fix(base, data, experts, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("softmax", [True, False])
+def test_one_expert_with_softmax_warns_that_the_gate_has_nothing_to_choose(
+    base, data, experts, tmp_path, caplog, softmax
+):
+    one = XLoraConfig(adapters={"good": experts["good"]}, enable_softmax=softmax)
+    train_gate(base, one, [data], tmp_path / "one", fast(max_steps=1, eval_fraction=0.0))
+    warned = [r for r in caplog.records if "nothing to choose" in r.getMessage()]
+    assert len(warned) == (1 if softmax else 0)
+    if softmax:
+        assert warned[0].levelname == "WARNING" and "--no-enable-softmax" in warned[0].getMessage()
+
+
 def test_scalings_log_truncate_drops_later_and_broken_lines(tmp_path):
     log = ScalingsLog(tmp_path / "log.jsonl", ["x", "y"], layerwise=False)
     for step in (1, 2, 3):

@@ -74,3 +74,30 @@ def test_publish_after_interrupted_write_keeps_old_result(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         publish(out, crash, marker="adapter_config.json")
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json"]
+
+
+def test_report_to_needs_its_package_and_reaches_the_trainer(monkeypatch, tmp_path: Path):
+    import importlib.util
+
+    from loramix.training.trainer import training_arguments
+
+    with pytest.raises(ValueError, match="report_to='nowhere': use one of none, tensorboard"):
+        TrainingConfig(report_to="nowhere")
+    original = importlib.util.find_spec
+
+    def installed(packages):
+        def find_spec(name, *args):
+            if name in ("wandb", "tensorboard"):
+                return object() if name in packages else None
+            return original(name, *args)
+
+        return find_spec
+
+    monkeypatch.setattr(importlib.util, "find_spec", installed(()))
+    with pytest.raises(ValueError, match=r"wandb package is not installed; .*pip install wandb"):
+        TrainingConfig(report_to="wandb")
+    monkeypatch.setattr(importlib.util, "find_spec", installed(("tensorboard",)))
+    config = TrainingConfig(report_to="tensorboard", device="cpu")
+    arguments = training_arguments(config, tmp_path, has_eval=False)
+    assert arguments.report_to == ["tensorboard"] and arguments.use_cpu
+    assert training_arguments(TrainingConfig(), tmp_path, has_eval=False).report_to == []

@@ -11,7 +11,6 @@ needed for mistralrs (its ordering file lists modules in the base model's order)
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -51,17 +50,13 @@ def run(args: argparse.Namespace) -> int:
     """Convert; print what was written, or the error and how to fix it."""
     from loramix.formats import convert, hub
 
-    try:
-        source = hub.resolve(args.source, revision=args.revision)
-        base = None
-        if args.base is not None:
-            from loramix.smollm2 import load_base_model
+    source = hub.resolve(args.source, revision=args.revision)
+    base = None
+    if args.base is not None:
+        from loramix.smollm2 import load_base_model
 
-            base = load_base_model(args.base)[0]
-        found = convert(source, args.target, args.to, base, args.base_model_id)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"loramix convert: error: {error}", file=sys.stderr)
-        return 2
+        base = load_base_model(args.base)[0]
+    found = convert(source, args.target, args.to, base, args.base_model_id)
     how = "checked against the base model" if args.base else "from the files alone"
     print(f"converted {args.source} ({found}) to {args.to} in {args.target} ({how})")
     return 0

@@ -7,10 +7,14 @@ loramix eval runs/xlora --base smollm2 --test biology=data/biology_test.jsonl \
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from loramix.commands.flags import add_dtype_argument, dtype_from_args
+from loramix.commands.flags import (
+    add_device_argument,
+    add_dtype_argument,
+    add_progress_argument,
+    dtype_from_args,
+)
 
 VERIFIERS = ("exact", "science")
 """exact: `loramix.evaluation.runner.exact_match`; science: `loramix.science.targets`."""
@@ -31,7 +35,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
             "scalings. Test sets named like an expert (or given with --expert-for), 'mixed' "
             "and 'composite' are checked against the X-LoRA targets."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="an X-LoRA folder (save_pretrained)")
     parser.add_argument(
@@ -91,6 +94,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "training, from MODEL_DIR/training_args.json; chat if unrecorded)",
     )
     add_dtype_argument(parser)
+    add_device_argument(parser)
+    add_progress_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,61 +108,57 @@ def run(args: argparse.Namespace) -> int:
     from loramix.science.targets import check_targets, science_verifier
     from loramix.smollm2 import load_base_model
 
-    try:
-        tests = _pairs(args.test, "--test", "NAME=FILE")
-        domain_experts = _pairs(args.expert_for, "--expert-for", "SET=EXPERT")
-        blocks = _blocks(args.blocks)
-        if args.plots:
-            from loramix.evaluation.plots import require_matplotlib
+    tests = _pairs(args.test, "--test", "NAME=FILE")
+    domain_experts = _pairs(args.expert_for, "--expert-for", "SET=EXPERT")
+    blocks = _blocks(args.blocks)
+    if args.plots:
+        from loramix.evaluation.plots import require_matplotlib
 
-            require_matplotlib()  # fail before the model is loaded, not after the evaluation
-        base_name = base_to_load(args.model_dir, args.base)
-        base, tokenizer = load_base_model(base_name, dtype=dtype_from_args(args))
-        chat = choose_chat(args.model_dir, args.chat, tokenizer, fallback=True)
-        model = XLoraModel.from_pretrained(base, args.model_dir)
-        report = evaluate(
-            model,
-            tokenizer,
-            {name: Path(path) for name, path in tests.items()},
-            args.systems,
-            max_new_tokens=args.max_new_tokens,
-            chat=chat,
-            verifier=science_verifier if args.verifier == "science" else exact_match,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
+        require_matplotlib()  # fail before the model is loaded, not after the evaluation
+    base_name = base_to_load(args.model_dir, args.base)
+    base, tokenizer = load_base_model(
+        base_name, dtype=dtype_from_args(args), device_map=args.device
+    )
+    chat = choose_chat(args.model_dir, args.chat, tokenizer, fallback=True)
+    model = XLoraModel.from_pretrained(base, args.model_dir)
+    report = evaluate(
+        model,
+        tokenizer,
+        {name: Path(path) for name, path in tests.items()},
+        args.systems,
+        max_new_tokens=args.max_new_tokens,
+        chat=chat,
+        verifier=science_verifier if args.verifier == "science" else exact_match,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+    )
+    domain_experts = domain_experts or {name: name for name in tests if name in model.expert_names}
+    unknown = sorted(set(domain_experts.values()) - set(model.expert_names))
+    if unknown:
+        raise ValueError(
+            f"--expert-for names unknown expert(s) {', '.join(unknown)}; the model's "
+            f"experts are {', '.join(model.expert_names)}"
         )
-        domain_experts = domain_experts or {
-            name: name for name in tests if name in model.expert_names
+    targets = check_targets(
+        report,
+        {d: e for d, e in domain_experts.items() if d in tests},
+        mixed=args.mixed if args.mixed in tests else None,
+        composite=args.composite if args.composite in tests else None,
+    )
+    written = list(report.write(args.out, targets).values())
+    if args.plots:
+        from loramix.evaluation.plots import write_eval_plots
+
+        samples = {
+            name: load_test_set(path, tokenizer, chat=chat, limit=1, max_length=args.max_length)[
+                0
+            ].input_ids
+            for name, path in tests.items()
         }
-        unknown = sorted(set(domain_experts.values()) - set(model.expert_names))
-        if unknown:
-            raise ValueError(
-                f"--expert-for names unknown expert(s) {', '.join(unknown)}; the model's "
-                f"experts are {', '.join(model.expert_names)}"
-            )
-        targets = check_targets(
-            report,
-            {d: e for d, e in domain_experts.items() if d in tests},
-            mixed=args.mixed if args.mixed in tests else None,
-            composite=args.composite if args.composite in tests else None,
+        written += write_eval_plots(
+            model, tokenizer, samples, args.out, usage=report.usage or None, blocks=blocks
         )
-        written = list(report.write(args.out, targets).values())
-        if args.plots:
-            from loramix.evaluation.plots import write_eval_plots
-
-            samples = {
-                name: load_test_set(
-                    path, tokenizer, chat=chat, limit=1, max_length=args.max_length
-                )[0].input_ids
-                for name, path in tests.items()
-            }
-            written += write_eval_plots(
-                model, tokenizer, samples, args.out, usage=report.usage or None, blocks=blocks
-            )
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"loramix eval: error: {error}", file=sys.stderr)
-        return 2
     print(report.table())
     if targets:
         print()

@@ -124,12 +124,38 @@ def add_data_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `TrainingConfig` flags and `--dtype`."""
-    from loramix.training.trainer import SCHEDULERS, TrainingConfig
+    """The `TrainingConfig` flags (`--device`, `--report-to`, `--no-progress` among them) and
+    `--dtype`."""
+    from loramix.smollm2 import DEVICES
+    from loramix.training.trainer import REPORTERS, SCHEDULERS, TrainingConfig
 
     training = parser.add_argument_group("training")
-    add_fields(training, TrainingConfig, choices={"lr_scheduler": SCHEDULERS})
+    choices = {"lr_scheduler": SCHEDULERS, "device": DEVICES, "report_to": REPORTERS}
+    add_fields(training, TrainingConfig, choices=choices)
     add_dtype_argument(training)
+
+
+def add_device_argument(group: argparse._ActionsContainer) -> None:
+    """`--device auto|cpu|cuda|mps`: where the model runs (as `TrainingConfig.device`)."""
+    from loramix.smollm2 import DEVICES
+
+    group.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where the model runs: auto = CUDA if available, else MPS, else the CPU",
+    )
+
+
+def add_progress_argument(group: argparse._ActionsContainer) -> None:
+    """`--no-progress` (sets `progress` to False, as `TrainingConfig.progress` does): the
+    `loramix` command then shows no progress bar at all."""
+    group.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="hide every progress bar (weight loading too)",
+    )
 
 
 def run_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -7,16 +7,24 @@ loramix generate runs/xlora --prompt "..." --mode merged --max-new-tokens 128
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import Any
+from typing import Any, TextIO
 
-from loramix.commands.flags import add_dtype_argument, dtype_from_args
+from loramix.commands.flags import (
+    add_device_argument,
+    add_dtype_argument,
+    add_progress_argument,
+    dtype_from_args,
+)
+from loramix.errors import UsageError
 
 _MODES = ("granular", "frozen", "merged")
 
 # ANSI foreground colours, one per expert (cycled when there are more experts).
 PALETTE = (31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96)
 RESET = "\x1b[0m"
+COLOUR_CHOICES = ("auto", "always", "never")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -32,7 +40,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
             "each generated token by the expert with the largest scaling (averaged over the "
             "adapted modules) when it was written."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="an X-LoRA folder (save_pretrained)")
     parser.add_argument("--prompt", required=True, help="the text to continue")
@@ -54,17 +61,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument(
         "--show-experts", action="store_true", help="colour each token by its dominant expert"
     )
+    add_colour_argument(parser)
     parser.add_argument(
         "--base",
         default=None,
         help="'smollm2' (embedded) or a local transformers folder (default: the base recorded "
         "in MODEL_DIR, else smollm2)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=128, help="tokens to generate at most"
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sampling")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with sampling)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     add_dtype_argument(parser)
+    add_device_argument(parser)
+    add_progress_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,24 +84,23 @@ def run(args: argparse.Namespace) -> int:
 
     from loramix.records import choose_chat
 
-    try:
-        _check_args(args)
-        model, tokenizer = _load(args.model_dir, args.base, dtype_from_args(args))
-        chat = choose_chat(args.model_dir, args.chat, tokenizer, fallback=False)
-        ids = encode_prompt(tokenizer, args.prompt, chat=chat)
-        new_ids, experts = _generate(model, tokenizer, ids, args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"loramix generate: error: {error}", file=sys.stderr)
-        return 2
+    _check_args(args)
+    model, tokenizer = _load(args.model_dir, args.base, dtype_from_args(args), args.device)
+    chat = choose_chat(args.model_dir, args.chat, tokenizer, fallback=False)
+    ids = encode_prompt(tokenizer, args.prompt, chat=chat).to(model.device)
+    new_ids, experts = _generate(model, tokenizer, ids, args)
     if args.show_experts:
         pieces = token_pieces(tokenizer, new_ids)
-        print(legend(model.expert_names))
-        print(colour_tokens(pieces, experts))
+        coloured = use_colour(args.colour)
+        print(legend(model.expert_names) if coloured else plain_legend(model.expert_names))
+        print(colour_tokens(pieces, experts) if coloured else tagged_tokens(pieces, experts))
     return 0
 
 
 def _check_args(args: argparse.Namespace) -> None:
     problems = []
+    if not args.prompt.strip():
+        problems.append("--prompt is empty: give the text to continue")
     if args.max_new_tokens < 1:
         problems.append(f"--max-new-tokens={args.max_new_tokens}: use an int >= 1")
     if args.freeze_after < 0:
@@ -99,10 +110,12 @@ def _check_args(args: argparse.Namespace) -> None:
     if not 0 < args.top_p <= 1:
         problems.append(f"--top-p={args.top_p}: use a number in (0, 1]")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise UsageError("; ".join(problems))
 
 
-def _load(model_dir: str, base_name: str | None, dtype: Any) -> tuple[Any, Any]:
+def _load(
+    model_dir: str, base_name: str | None, dtype: Any, device: str | None = None
+) -> tuple[Any, Any]:
     from pathlib import Path
 
     from loramix.config import XLoraConfig
@@ -116,7 +129,7 @@ def _load(model_dir: str, base_name: str | None, dtype: Any) -> tuple[Any, Any]:
             "XLoraModel.save_pretrained (e.g. by `loramix train-gate`)"
         )
     XLoraConfig.from_file(model_dir)  # a bad folder fails before the base model loads
-    base, tokenizer = load_base_model(base_to_load(model_dir, base_name), dtype)
+    base, tokenizer = load_base_model(base_to_load(model_dir, base_name), dtype, device_map=device)
     return XLoraModel.from_pretrained(base, model_dir), tokenizer
 
 
@@ -124,12 +137,15 @@ def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> Any:
     """`(1, T)` prompt ids; with `chat`, the prompt as a user turn plus the assistant header."""
     if chat:
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("--chat: this tokenizer has no chat template; pass --no-chat")
+            raise UsageError("--chat: this tokenizer has no chat template; pass --no-chat")
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
         return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-    return tokenizer(prompt, return_tensors="pt").input_ids
+    ids = tokenizer(prompt, return_tensors="pt").input_ids  # (1, T)
+    if ids.shape[1] == 0:
+        raise UsageError(f"--prompt {prompt!r} gives no tokens; give some text to continue")
+    return ids
 
 
 def _generate(model: Any, tokenizer: Any, ids: Any, args: argparse.Namespace) -> tuple[list, list]:
@@ -188,6 +204,27 @@ def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
     return pieces
 
 
+def add_colour_argument(parser: argparse.ArgumentParser) -> None:
+    """`--colour auto|always|never`."""
+    parser.add_argument(
+        "--colour",
+        "--color",
+        choices=COLOUR_CHOICES,
+        default="auto",
+        help="colour tokens by expert: auto = only on a terminal and without NO_COLOR set",
+    )
+
+
+def use_colour(choice: str, stream: TextIO | None = None) -> bool:
+    """Whether to print ANSI colours: `auto` means only on a terminal, and not if the
+    `NO_COLOR` environment variable is set (https://no-color.org)."""
+    if choice != "auto":
+        return choice == "always"
+    stream = sys.stdout if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    return not os.environ.get("NO_COLOR") and isatty is not None and bool(isatty())
+
+
 def colour(index: int) -> str:
     return f"\x1b[{PALETTE[index % len(PALETTE)]}m"
 
@@ -202,3 +239,13 @@ def legend(names: list[str]) -> str:
 def colour_tokens(pieces: list[str], experts: list[int]) -> str:
     """The pieces joined, each in its expert's colour."""
     return "".join(f"{colour(e)}{piece}{RESET}" for piece, e in zip(pieces, experts, strict=True))
+
+
+def plain_legend(names: list[str]) -> str:
+    """The legend without colours: each expert's index in brackets."""
+    return "experts: " + "  ".join(f"[{i}] {name}" for i, name in enumerate(names))
+
+
+def tagged_tokens(pieces: list[str], experts: list[int]) -> str:
+    """The pieces joined, each followed by its expert's index in brackets."""
+    return "".join(f"{piece}[{e}]" for piece, e in zip(pieces, experts, strict=True))

@@ -7,7 +7,6 @@ loramix science retrain [--out DIR] [--seed N]        data, experts, gate, eval,
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from typing import Any
 
@@ -16,6 +15,8 @@ from loramix.commands.flags import add_dtype_argument, dtype_from_args
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Declare `science demo` and `science retrain` and their flags."""
+    from loramix.commands.flags import add_device_argument, add_progress_argument
+    from loramix.commands.generate import add_colour_argument
     from loramix.science.bundle import DEFAULT_BUNDLE
     from loramix.science.pipeline import RetrainSettings
 
@@ -32,7 +33,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     demo = actions.add_parser(
         "demo",
         help="answer a question of each domain with the bundled model, evaluate, draw heatmaps",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     demo.add_argument("--model", default=str(DEFAULT_BUNDLE), help="the X-LoRA folder to run")
     demo.add_argument("--out", default="runs/demo", help="folder for eval files and heatmaps")
@@ -41,8 +41,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "--n-eval", type=int, default=4, help="examples per test set in the quick evaluation"
     )
     demo.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens per answer")
-    demo.add_argument("--no-colour", action="store_true", help="tag tokens instead of colouring")
+    add_colour_argument(demo)
+    add_device_argument(demo)
+    add_progress_argument(demo)
     add_dtype_argument(demo)
+    demo.add_argument(
+        "--no-colour", action="store_true", help="same as --colour never: tag tokens by index"
+    )
 
     settings = RetrainSettings()
     retrain = actions.add_parser(
@@ -52,7 +57,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
             "Every step skips itself when its output exists in --out, so running the same "
             "command again resumes an interrupted retrain."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     retrain.add_argument("--out", default="runs/retrain", help="the run's working folder")
     retrain.add_argument("--seed", type=int, default=0, help="seed of data, experts and gate")
@@ -60,7 +64,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "--bundle", default=str(DEFAULT_BUNDLE), help="where to export the float16 model"
     )
     retrain.add_argument("--no-export", action="store_true", help="do not touch the bundle")
-    retrain.add_argument("--expert-steps", type=int, default=settings.expert_steps)
+    retrain.add_argument(
+        "--expert-steps", type=int, default=settings.expert_steps, help="steps per expert"
+    )
     retrain.add_argument(
         "--gate-steps",
         type=int,
@@ -126,12 +132,8 @@ def _add_domain(args: argparse.Namespace) -> int:
         domains = tuple(d for d in DOMAINS if d != args.domain)
     else:
         domains = tuple(d.strip() for d in args.domains.split(",") if d.strip())
-    try:
-        settings = dataclasses.replace(RetrainSettings(), domains=domains)
-        record = add_domain(args.out, args.domain, seed=args.seed, settings=settings)
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"loramix science add-domain: error: {error}", file=sys.stderr)
-        return 2
+    settings = dataclasses.replace(RetrainSettings(), domains=domains)
+    record = add_domain(args.out, args.domain, seed=args.seed, settings=settings)
     for key, value in record.items():
         print(f"{key:22} {value}")
     return 0
@@ -141,22 +143,24 @@ def _demo(args: argparse.Namespace) -> int:
     from loramix.science.demo import run_demo
 
     start = time.perf_counter()
-    try:
-        result = run_demo(
-            args.model,
-            args.out,
-            base=args.base,
-            n_eval=args.n_eval,
-            max_new_tokens=args.max_new_tokens,
-            dtype=dtype_from_args(args),
-            log=print,
-        )
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"loramix science demo: error: {error}", file=sys.stderr)
-        return 2
+    result = run_demo(
+        args.model,
+        args.out,
+        base=args.base,
+        n_eval=args.n_eval,
+        max_new_tokens=args.max_new_tokens,
+        dtype=dtype_from_args(args),
+        device=args.device,
+        log=print,
+    )
     print()
-    print(format_answers(result, tokenizer_of(args.base), colour=not args.no_colour))
+    from loramix.commands.generate import use_colour
+
+    coloured = not args.no_colour and use_colour(args.colour)
+    print(format_answers(result, tokenizer_of(args.base), colour=coloured))
+    print(format_verdicts(result, args.model))
     if result.report is not None:
+        print()
         print(format_report(result, args.out))
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
     return 0
@@ -174,19 +178,19 @@ def format_answers(result: Any, tokenizer: Any, colour: bool = True) -> str:
 
     Without `colour`, each token is followed by its expert's index in brackets.
     """
-    from loramix.commands.generate import colour_tokens, legend, token_pieces
+    from loramix.commands.generate import (
+        colour_tokens,
+        legend,
+        plain_legend,
+        tagged_tokens,
+        token_pieces,
+    )
 
     names = result.expert_names
-    if colour:
-        lines = [legend(names), ""]
-    else:
-        lines = ["experts: " + "  ".join(f"[{i}] {name}" for i, name in enumerate(names)), ""]
+    lines = [legend(names) if colour else plain_legend(names), ""]
     for answer in result.answers:
         pieces = token_pieces(tokenizer, answer.token_ids)
-        if colour:
-            shown = colour_tokens(pieces, answer.experts)
-        else:
-            shown = "".join(f"{p}[{e}]" for p, e in zip(pieces, answer.experts, strict=True))
+        shown = (colour_tokens if colour else tagged_tokens)(pieces, answer.experts)
         lines += [
             f"[{answer.test_set}] {answer.prompt}",
             f"  reference: {answer.reference}",
@@ -196,25 +200,37 @@ def format_answers(result: Any, tokenizer: Any, colour: bool = True) -> str:
     return "\n".join(lines)
 
 
-def format_report(result: Any, out_dir: str) -> str:
-    """The quick evaluation table, X-LoRA's expert usage and the targets, as text."""
+def format_verdicts(result: Any, model_dir: str) -> str:
+    """The bundle's full evaluation verdicts (from its eval.json), one line per target."""
     from loramix.evaluation.report import format_targets
 
+    if not result.verdicts:
+        return f"{model_dir} has no eval.json, so no full evaluation to show."
+    n = result.verdict_examples
+    held_out = f"{n} held-out examples per test set" if n else "every held-out example"
+    return "\n".join(
+        [
+            f"Targets, from the bundle's full evaluation ({held_out}; {model_dir}/eval.md):",
+            format_targets(result.verdicts),
+        ]
+    )
+
+
+def format_report(result: Any, out_dir: str) -> str:
+    """The sample evaluation table and X-LoRA's expert usage on it, with no verdicts."""
     report = result.report
     n = report.settings.get("limit")
     return "\n".join(
         [
-            f"Quick evaluation, {n} held-out examples per test set (cells: mean completion "
-            "NLL / share of verified greedy answers):",
+            f"A sample, the first {n} held-out examples of each test set, scored here to show "
+            "the evaluation running (too few to judge the targets on; no pass/fail). Cells: "
+            "mean completion NLL / share of verified greedy answers:",
             "",
             report.table(),
             "",
-            "X-LoRA expert usage (mean scalings):",
+            "X-LoRA expert usage on the sample (mean scalings):",
             "",
             report.usage_table(),
-            "",
-            f"Targets on these {n} examples (the bundle's eval.md has the full evaluation):",
-            format_targets(result.targets),
             "",
             f"wrote eval.md, eval.json and {len(result.plots)} heatmaps to {out_dir}",
         ]
@@ -226,33 +242,29 @@ def _retrain(args: argparse.Namespace) -> int:
 
     from loramix.science.pipeline import RetrainSettings, retrain
 
-    try:
-        defaults = RetrainSettings()
-        candidates = defaults.gate_candidates
-        if args.gate_steps is not None:
-            candidates = tuple(dataclasses.replace(c, steps=args.gate_steps) for c in candidates)
-        domains = defaults.domains
-        if args.domains is not None:
-            domains = tuple(d.strip() for d in args.domains.split(",") if d.strip())
-        settings = dataclasses.replace(
-            defaults,
-            domains=domains,
-            expert_steps=args.expert_steps,
-            gate_candidates=candidates,
-            multitask=not args.no_multitask,
-            eval_limit=args.eval_limit,
-            threads=args.threads,
-            expert_workers=args.expert_workers,
-        )
-        timings = retrain(
-            args.out,
-            seed=args.seed,
-            settings=settings,
-            bundle_dir=None if args.no_export else args.bundle,
-        )
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        print(f"loramix science retrain: error: {error}", file=sys.stderr)
-        return 2
+    defaults = RetrainSettings()
+    candidates = defaults.gate_candidates
+    if args.gate_steps is not None:
+        candidates = tuple(dataclasses.replace(c, steps=args.gate_steps) for c in candidates)
+    domains = defaults.domains
+    if args.domains is not None:
+        domains = tuple(d.strip() for d in args.domains.split(",") if d.strip())
+    settings = dataclasses.replace(
+        defaults,
+        domains=domains,
+        expert_steps=args.expert_steps,
+        gate_candidates=candidates,
+        multitask=not args.no_multitask,
+        eval_limit=args.eval_limit,
+        threads=args.threads,
+        expert_workers=args.expert_workers,
+    )
+    timings = retrain(
+        args.out,
+        seed=args.seed,
+        settings=settings,
+        bundle_dir=None if args.no_export else args.bundle,
+    )
     for step, seconds in timings.items():
         print(f"{step:20} {'already done' if seconds is None else f'{seconds:.0f} s'}")
     spent = sum(s for s in timings.values() if s is not None)

@@ -39,7 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "in MODEL_DIR, else smollm2)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     add_dtype_argument(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_fields(parser, ServeConfig, skip={"model_name"}, choices={"mode": MODES})

@@ -6,7 +6,6 @@ loramix train-expert --base smollm2 --data math.jsonl:2 --data chat.jsonl --out 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from loramix.commands.flags import (
     add_data_arguments,
@@ -30,7 +29,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
             '{"prompt", "completion"} (loss on the completion), {"messages": [...]} '
             '(chat template; loss on assistant turns) or {"text"} (loss on all tokens).'
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     io = parser.add_argument_group("input and output")
     io.add_argument(
@@ -46,17 +44,13 @@ def run(args: argparse.Namespace) -> int:
     from loramix.training.expert import LoraSettings, train_expert
     from loramix.training.trainer import TrainingConfig
 
-    try:
-        out = train_expert(
-            args.base,
-            args.data,
-            args.out,
-            from_args(LoraSettings, args),
-            from_args(TrainingConfig, args),
-            **run_options(args),
-        )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"loramix train-expert: error: {error}", file=sys.stderr)
-        return 2
+    out = train_expert(
+        args.base,
+        args.data,
+        args.out,
+        from_args(LoraSettings, args),
+        from_args(TrainingConfig, args),
+        **run_options(args),
+    )
     print(f"saved the LoRA adapter to {out}")
     return 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from loramix.commands.flags import (
     add_data_arguments,
@@ -21,6 +20,7 @@ from loramix.commands.flags import (
     from_args,
     run_options,
 )
+from loramix.errors import UsageError
 
 
 def parse_expert(spec: str) -> tuple[str, str]:
@@ -49,7 +49,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
             "of the mixed pass, and write a folder that XLoraModel.from_pretrained reads. "
             "Data lines are as for train-expert. Runs unchanged under torchrun."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     io = parser.add_argument_group("input and output")
     io.add_argument(
@@ -83,26 +82,19 @@ def run(args: argparse.Namespace) -> int:
     experts: dict[str, str] = {}
     for name, folder in args.expert:
         if name in experts:
-            print(
-                f"loramix train-gate: error: expert name {name!r} is given twice; give each "
-                "--expert a different NAME.",
-                file=sys.stderr,
+            raise UsageError(
+                f"expert name {name!r} is given twice; give each --expert a different NAME."
             )
-            return 2
         experts[name] = folder
-    try:
-        out = train_gate(
-            args.base,
-            from_args(XLoraConfig, args, adapters=experts),
-            args.data,
-            args.out,
-            from_args(TrainingConfig, args),
-            from_args(GateRegularizer, args),
-            **run_options(args),
-        )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"loramix train-gate: error: {error}", file=sys.stderr)
-        return 2
+    out = train_gate(
+        args.base,
+        from_args(XLoraConfig, args, adapters=experts),
+        args.data,
+        args.out,
+        from_args(TrainingConfig, args),
+        from_args(GateRegularizer, args),
+        **run_options(args),
+    )
     if os.environ.get("RANK", "0") == "0":  # once under torchrun
         print(f"saved the X-LoRA model to {out}")
     return 0

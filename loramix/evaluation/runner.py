@@ -58,6 +58,7 @@ from loramix.checks import is_int, raise_problems
 from loramix.evaluation.report import EvalReport, Score
 from loramix.training.data import (
     IGNORE_INDEX,
+    BadLines,
     PadCollator,
     pad_token_id,
     read_records,
@@ -134,18 +135,24 @@ def load_test_set(
         ValueError: On a malformed line (naming file and line), or if no example is left.
     """
     examples = []
-    for number, record in read_records(path):
+    bad = BadLines(path)
+    for number, record in read_records(path, bad):
         if limit is not None and len(examples) >= limit:
             break
         if "prompt" not in record or "completion" not in record:
-            raise ValueError(
-                f'{path}, line {number}: test records need "prompt" and "completion" (the '
-                f"reference answer); found the keys {', '.join(sorted(record)) or 'none'}"
+            bad.add(
+                number,
+                'test records need "prompt" and "completion" (the reference answer); found '
+                f"the keys {', '.join(sorted(record)) or 'none'}",
             )
+            continue
         try:
             rendered = render_record(record, tokenizer, chat=chat)
         except ValueError as error:
-            raise ValueError(f"{path}, line {number}: {error}") from None
+            bad.add(number, str(error))
+            continue
+        if bad.problems:  # only checking the rest of the file
+            continue
         tokens = tokenize_rendered(rendered, tokenizer, max_length)
         if tokens is None:
             logger.warning(
@@ -158,6 +165,7 @@ def load_test_set(
         labels = tokens["labels"]
         start = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
         examples.append(EvalExample(record, tokens["input_ids"], labels, start))
+    bad.check()
     if not examples:
         raise ValueError(f"{path} holds no test example; check the file (and max_length)")
     return examples
@@ -422,8 +430,11 @@ def example_nlls(
                 for _, ex in batch_items
             ]
         )
+        device = model.get_input_embeddings().weight.device
         output = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            use_cache=False,
         )
         logits = output.logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
         targets = batch["labels"][:, 1:].to(logits.device)  # (B, T-1)

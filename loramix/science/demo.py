@@ -9,9 +9,12 @@ unless `dtype` says otherwise; the gate computes in float32), then:
    over the adapted modules, of the forward call that wrote the token, as
    `loramix generate --show-experts` colours them) and the verdict of the domain library's
    verifier;
-2. scores base, each expert, their uniform average and X-LoRA on the first `n_eval` examples
-   of every test set (a quick version of the retrain's evaluation, same data and settings);
-3. writes the heatmaps of the scalings (per layer and per token, for each question and its
+2. reads the bundle's full evaluation verdicts (its `eval.json`, written by the retrain on
+   every held-out example): these say whether the targets are met;
+3. scores base, each expert, their uniform average and X-LoRA on the first `n_eval` examples
+   of every test set: a sample that shows the evaluation running here, too small to judge the
+   targets on, so it carries no pass/fail;
+4. writes the heatmaps of the scalings (per layer and per token, for each question and its
    answer; expert usage per test set) into the output folder.
 
 The test sets are regenerated from the seed and sizes recorded in the bundle's
@@ -79,9 +82,12 @@ class DemoResult:
     Attributes:
         expert_names: The E axis (index -> expert), for the token colours.
         answers: One answer per domain and one composite answer.
-        report: The quick evaluation, or None if `n_eval` was 0.
-        targets: The case study's targets (`loramix.science.targets`) checked on the quick
-            evaluation.
+        report: The sample evaluation (first `n_eval` examples per set), or None if `n_eval`
+            was 0. It has no verdicts: too few examples to judge the targets on.
+        verdicts: The targets as the bundle's full evaluation (`eval.json`) checked them;
+            empty if the folder has none.
+        verdict_examples: Held-out examples per test set behind `verdicts` (the smallest
+            count over the sets), or None.
         plots: The PNG files written.
         seconds: Wall time of each part.
     """
@@ -89,7 +95,8 @@ class DemoResult:
     expert_names: list[str]
     answers: list[Answer]
     report: EvalReport | None
-    targets: list[TargetCheck]
+    verdicts: list[TargetCheck]
+    verdict_examples: int | None
     plots: list[Path]
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -102,6 +109,7 @@ def run_demo(
     n_eval: int = 4,
     max_new_tokens: int = 16,
     dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
     log: Callable[[str], None] = logger.info,
 ) -> DemoResult:
     """Answer, evaluate and draw with the bundled science X-LoRA (see the module docstring).
@@ -113,6 +121,7 @@ def run_demo(
         n_eval: Examples per test set in the quick evaluation; 0 skips it.
         max_new_tokens: Greedy tokens per answer.
         dtype: Weights of the base model and the experts (the gate stays float32).
+        device: Where the model runs ("auto", "cpu", "cuda", "mps").
         log: Receives one line per finished part (the CLI prints them).
 
     Raises:
@@ -123,7 +132,7 @@ def run_demo(
     from loramix.evaluation.plots import write_eval_plots
     from loramix.evaluation.runner import evaluate, load_test_set
     from loramix.model import XLoraModel
-    from loramix.science.targets import check_targets, science_verifier
+    from loramix.science.targets import science_verifier
     from loramix.smollm2 import load_base_model
 
     model_dir, out = Path(model_dir), Path(out_dir)
@@ -136,7 +145,7 @@ def run_demo(
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
-    base_model, tokenizer = load_base_model(base, dtype=dtype)
+    base_model, tokenizer = load_base_model(base, dtype=dtype, device_map=device)
     model = XLoraModel.from_pretrained(base_model, model_dir)
     seconds["load"] = _lap(clock)
     log(
@@ -159,7 +168,8 @@ def run_demo(
     seconds["answers"] = _lap(clock)
     log(f"answered {len(answers)} questions in {seconds['answers']:.1f} s")
 
-    report, targets = None, []
+    verdicts, verdict_examples = bundle_verdicts(model_dir)
+    report = None
     if n_eval > 0:
         clock = time.perf_counter()
         report = evaluate(
@@ -171,17 +181,38 @@ def run_demo(
             limit=n_eval,
             max_new_tokens=max_new_tokens,
         )
-        targets = check_targets(report, {name: name for name in model.expert_names})
-        report.write(out, targets)
+        report.write(out)  # a sample: no verdicts
         seconds["eval"] = _lap(clock)
-        log(f"evaluated on {n_eval} examples per test set in {seconds['eval']:.1f} s")
+        log(f"scored a sample of {n_eval} examples per test set in {seconds['eval']:.1f} s")
 
     clock = time.perf_counter()
     plots = write_eval_plots(
         model, tokenizer, samples, out, usage=report.usage if report is not None else None
     )
     seconds["plots"] = _lap(clock)
-    return DemoResult(list(model.expert_names), answers, report, targets, plots, seconds)
+    return DemoResult(
+        list(model.expert_names), answers, report, verdicts, verdict_examples, plots, seconds
+    )
+
+
+def bundle_verdicts(model_dir: Path) -> tuple[list[TargetCheck], int | None]:
+    """The targets as checked by the bundle's full evaluation, from its `eval.json`.
+
+    Returns:
+        The checks (empty without `eval.json`), and the fewest held-out examples of any test
+        set behind them (None if not recorded).
+    """
+    from loramix.evaluation.report import TargetCheck
+
+    recorded = read_json(model_dir / "eval.json")
+    checks = [TargetCheck(**entry) for entry in recorded.get("targets", [])]
+    counts = [
+        score["n_examples"]
+        for per_set in recorded.get("scores", {}).values()
+        for score in per_set.values()
+        if "n_examples" in score
+    ]
+    return checks, (min(counts) if counts else None)
 
 
 def write_test_sets(model_dir: Path, data_dir: Path, domains: Sequence[str]) -> dict[str, Path]:
@@ -233,7 +264,7 @@ def answer_question(
     from loramix.science.registry import verify
 
     prompt = example.input_ids[: example.prompt_length]
-    ids = torch.tensor([prompt])  # (1, P)
+    ids = torch.tensor([prompt], device=model.device)  # (1, P)
     eos = tokenizer.eos_token_id
     model.clear_scalings_log()
     model.enable_scalings_logging()

@@ -200,33 +200,91 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     )
 
 
-def read_records(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+MAX_REPORTED_LINES = 20
+"""Bad lines named in one data-file error; the rest are counted."""
+
+
+class BadLines:
+    """Collects the problems of a data file's lines, to report them all in one error.
+
+    Args:
+        path: The file, named in the error.
+        what: What the lines were expected to be, for the error's first line.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], what: str = "line") -> None:
+        self.path = Path(path)
+        self.what = what
+        self.problems: list[tuple[int, str]] = []
+
+    def add(self, number: int, problem: str) -> None:
+        """Record that line `number` is bad and why."""
+        self.problems.append((number, problem))
+
+    def check(self) -> None:
+        """Raise one `ValueError` naming every bad line (the first `MAX_REPORTED_LINES`).
+
+        Raises:
+            ValueError: `FILE: N bad lines` (or `FILE, line K: problem` for one), then
+                `  line K: problem` per line and `  ... and M more bad lines`.
+        """
+        if not self.problems:
+            return
+        if len(self.problems) == 1:
+            number, problem = self.problems[0]
+            raise ValueError(f"{self.path}, line {number}: {problem}")
+        shown = self.problems[:MAX_REPORTED_LINES]
+        lines = [f"{self.path}: {len(self.problems)} bad lines:"]
+        lines += [f"  line {number}: {problem}" for number, problem in shown]
+        if len(self.problems) > len(shown):
+            lines.append(f"  ... and {len(self.problems) - len(shown)} more bad lines")
+        raise ValueError("\n".join(lines))
+
+
+def read_records(
+    path: str | os.PathLike[str], bad: BadLines | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, JSON object) for each non-blank line of a JSON Lines file.
+
+    Args:
+        path: The file.
+        bad: Collects the lines that are not JSON objects (they are skipped); None raises on
+            the first one.
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: On a line that is not valid JSON or not a JSON object, naming file and line.
+        ValueError: Without `bad`, on a line that is not valid JSON or not a JSON object,
+            naming the file, the line and the column.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Data file {path} does not exist (expected a .jsonl file).")
-    with path.open(encoding="utf-8") as handle:
+    report = BadLines(path) if bad is None else bad
+    with path.open(encoding="utf-8-sig") as handle:  # -sig: a byte-order mark is fine
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
+            try:  # without its newline, so that an error at the end has this line's column
+                record = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{path}, line {number}: not valid JSON ({error.msg} at column "
-                    f"{error.colno}). Each line must be one JSON object."
-                ) from None
-            if not isinstance(record, dict):
-                raise ValueError(
-                    f"{path}, line {number}: expected a JSON object of shape {SHAPES}, "
-                    f"got a JSON {type(record).__name__}."
+                hint = "Each line must be one JSON object."
+                if line.strip() in ("{", "[") or line.lstrip().startswith("[{"):
+                    hint = (
+                        "This looks like one JSON document (an array, or an object spread over "
+                        "lines); JSON Lines needs each object on one line."
+                    )
+                report.add(number, f"not valid JSON ({error.msg} at column {error.colno}). {hint}")
+            else:
+                if isinstance(record, dict):
+                    yield number, record
+                    continue
+                report.add(
+                    number,
+                    f"expected a JSON object of shape {SHAPES}, got a JSON "
+                    f"{type(record).__name__}.",
                 )
-            yield number, record
+            if bad is None:
+                report.check()
 
 
 def render_record(
@@ -317,23 +375,26 @@ def load_jsonl(
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        ValueError: On a malformed line (naming file and line number), or if the file yields
-            no example.
+        ValueError: On malformed lines (naming the file and every bad line, up to
+            `MAX_REPORTED_LINES`), or if the file yields no example.
     """
     if max_length < 2:
         raise ValueError(f"max_length={max_length}: use at least 2 tokens (typically 512+).")
     examples: list[Example] = []
     dropped: list[int] = []
-    for number, record in read_records(path):
+    bad = BadLines(path)
+    for number, record in read_records(path, bad):
         try:
             rendered = render_record(record, tokenizer, chat=chat)
         except ValueError as error:
-            raise ValueError(f"{path}, line {number}: {error}") from None
+            bad.add(number, str(error))
+            continue
         example = tokenize_rendered(rendered, tokenizer, max_length)
         if example is None:
             dropped.append(number)
         else:
             examples.append(example)
+    bad.check()
     if dropped:
         logger.warning(
             "%s: skipped %d example(s) with nothing to learn within max_length=%d tokens "

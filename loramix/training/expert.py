@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -28,7 +29,7 @@ from transformers import PreTrainedModel, TrainerCallback, set_seed
 
 from loramix.checks import is_int, raise_problems
 from loramix.records import TRAINING_RECORD_NAME, base_record, prompt_record
-from loramix.smollm2 import load_base_model
+from loramix.smollm2 import load_base_model, resolve_device
 from loramix.training.data import (
     DataSource,
     PadCollator,
@@ -44,7 +45,7 @@ from loramix.training.outputs import (
     training_settings,
     write_record,
 )
-from loramix.training.trainer import TrainingConfig, publish, run_trainer
+from loramix.training.trainer import TrainingConfig, progress_bars, publish, run_trainer
 
 logger = logging.getLogger(__name__)
 
@@ -144,12 +145,14 @@ def train_expert(
     lora = lora if lora is not None else LoraSettings()
     config = training if training is not None else TrainingConfig()
     out = Path(out)
+    resolve_device(config.device)  # an unavailable device fails before anything loads
     sources = existing_sources(data)  # before loading anything
     plan = check_output(
         out, command=COMMAND, resume=resume, overwrite=overwrite, final_files=ADAPTER_FILES
     )
 
-    model, tokenizer = load_base_model(base, dtype=dtype)
+    with progress_bars(config.progress):
+        model, tokenizer = load_base_model(base, dtype=dtype)
     check_targets(model, lora.targets)
     train, held_out = load_training_data(
         sources,
@@ -170,7 +173,16 @@ def train_expert(
     if not start_output(plan, run, config):  # a finished run, and no more steps asked for
         return out
     set_seed(config.seed)  # the adapter's initial A matrices
-    peft_model = get_peft_model(model, lora.peft_config())
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` alias; nothing the
+        # user or loramix can change, and harmless until transformers 6 removes it.
+        warnings.filterwarnings(
+            "ignore",
+            message="`is_gradient_checkpointing` is deprecated",
+            category=FutureWarning,
+            module="transformers.modeling_utils",
+        )
+        peft_model = get_peft_model(model, lora.peft_config())
     trainable, total = peft_model.get_nb_trainable_parameters()
     logger.info(
         "LoRA r=%d on %s: %d trainable of %d parameters", lora.rank, lora.targets, trainable, total
@@ -191,7 +203,8 @@ def train_expert(
     base_name = run["base_model"]["name"] or os.fspath(base)
     peft_model.peft_config["default"].base_model_name_or_path = base_name
     record = finished_record(COMMAND, base, run, config, trainer.state)
-    publish(out, partial(_save_adapter, peft_model, record), marker="adapter_config.json")
+    with progress_bars(config.progress):
+        publish(out, partial(_save_adapter, peft_model, record), marker="adapter_config.json")
     logger.info("saved the adapter to %s", out)
     return out
 

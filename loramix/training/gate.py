@@ -67,7 +67,7 @@ from loramix.experts import load_expert
 from loramix.model import XLoraModel
 from loramix.records import BASE_RECORD_NAME, base_record, prompt_record
 from loramix.saving import write_folder
-from loramix.smollm2 import load_base_model
+from loramix.smollm2 import load_base_model, resolve_device
 from loramix.training.data import (
     DataSource,
     PadCollator,
@@ -86,6 +86,7 @@ from loramix.training.outputs import (
 from loramix.training.trainer import (
     TrainingConfig,
     cpu_data_parallel,
+    progress_bars,
     publish,
     run_trainer,
 )
@@ -479,8 +480,17 @@ def train_gate(
     xlora.validate()
     regularizer = regularizer if regularizer is not None else GateRegularizer()
     regularizer.check(xlora)
+    if len(xlora.adapters) == 1 and xlora.enable_softmax:
+        logger.warning(
+            "X-LoRA over one expert (%s) with the softmax on: every scaling is 1, so the gate "
+            "has nothing to choose and training cannot change the model (it stays the expert "
+            "alone). Add experts, or turn the softmax off (enable_softmax=False, "
+            "--no-enable-softmax) to learn how strongly to apply this expert per token.",
+            next(iter(xlora.adapters)),
+        )
     config = training if training is not None else TrainingConfig()
     out = Path(out)
+    resolve_device(config.device)  # an unavailable device fails before anything loads
     sources = existing_sources(data)  # before loading anything
     plan = check_output(
         out, command=COMMAND, resume=resume, overwrite=overwrite, final_files=GATE_FILES
@@ -488,7 +498,8 @@ def train_gate(
     loaded = [load_expert(name, path) for name, path in xlora.adapters.items()]
 
     state = PartialState(cpu=cpu_data_parallel())  # under torchrun: joins the process group
-    base_model, tokenizer = load_base_model(base, dtype=dtype)
+    with progress_bars(config.progress):
+        base_model, tokenizer = load_base_model(base, dtype=dtype)
     train, held_out = load_training_data(
         sources,
         tokenizer,
@@ -533,7 +544,8 @@ def train_gate(
     )
     if state.is_main_process:
         summary = _summary(base, run, config, model, trainer, started)
-        publish(out, partial(_save_model, model, summary), marker=CONFIG_NAME)
+        with progress_bars(config.progress):
+            publish(out, partial(_save_model, model, summary), marker=CONFIG_NAME)
         logger.info("saved the X-LoRA model to %s", out)
     state.wait_for_everyone()
     return out

@@ -21,12 +21,14 @@ Output folder layout:
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -36,8 +38,11 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging as hf_logging
 
 from loramix.checks import is_int, raise_problems
+from loramix.errors import TrainingInterrupted
+from loramix.smollm2 import DEVICES
 from loramix.training.data import Example, PadCollator
 
 logger = logging.getLogger(__name__)
@@ -47,6 +52,8 @@ CHECKPOINTS = "checkpoints"
 
 _COMPLETE = "trainer_state.json"  # Trainer writes it last into a checkpoint
 PUBLISH_PREFIX = ".publish-"  # temporary folders of `publish`
+REPORTERS = ("none", "tensorboard", "wandb")
+"""Where Trainer can send its logs besides the console (`TrainingConfig.report_to`)."""
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts")
 
 
@@ -72,9 +79,13 @@ class TrainingConfig:
             "constant_with_warmup", "cosine_with_restarts".
         weight_decay: AdamW weight decay.
         logging_steps: Optimizer steps between logged training losses.
-        progress: Show a progress bar.
+        progress: Show progress bars (training, and loading and saving the weights).
         gradient_checkpointing: Recompute each layer's activations in the backward pass
             instead of keeping them: less memory for about one more forward pass of time.
+        device: Where to train: "auto" (a GPU if there is one, else the CPU), "cpu", "cuda"
+            or "mps".
+        report_to: Where Trainer also sends its logs: "none", "tensorboard" (event files in
+            OUT/checkpoints/runs) or "wandb" (Weights & Biases); the package must be installed.
     """
 
     lr: float = 2e-4
@@ -95,9 +106,20 @@ class TrainingConfig:
     logging_steps: int = 10
     progress: bool = True
     gradient_checkpointing: bool = False
+    device: str = "auto"
+    report_to: str = "none"
 
     def __post_init__(self) -> None:
         problems = []
+        if self.device not in DEVICES:
+            problems.append(f"device={self.device!r}: use one of {', '.join(DEVICES)}.")
+        if self.report_to not in REPORTERS:
+            problems.append(f"report_to={self.report_to!r}: use one of {', '.join(REPORTERS)}.")
+        elif self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
+            problems.append(
+                f"report_to={self.report_to!r}: the {self.report_to} package is not installed; "
+                f"install it (pip install {self.report_to}) or use report_to='none'."
+            )
         if not (math.isfinite(self.lr) and self.lr > 0):
             problems.append(f"lr={self.lr}: use a positive learning rate, e.g. 2e-4.")
         if not (math.isfinite(self.epochs) and self.epochs > 0):
@@ -162,6 +184,24 @@ def last_checkpoint(checkpoints: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+@contextmanager
+def progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' and huggingface_hub's progress bars on or off inside the block.
+
+    They cover what happens outside the Trainer's own bar (which `disable_tqdm` controls):
+    loading the weights, writing them. The previous setting is restored afterwards.
+    """
+    before = hf_logging.is_progress_bar_enabled()
+    if enabled == before:
+        yield
+        return
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
+
+
 def cpu_data_parallel() -> bool:
     """Whether this process is one of several (torchrun) on a machine without accelerator.
 
@@ -209,11 +249,11 @@ def training_arguments(
         logging_strategy="steps",
         logging_steps=config.logging_steps,
         disable_tqdm=not config.progress,
-        report_to="none",
+        report_to=config.report_to,
         remove_unused_columns=False,  # the collator already yields exactly the model's inputs
         label_names=["labels"],
         dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=on_cpus,
+        use_cpu=on_cpus or config.device == "cpu",
         ddp_backend="gloo" if on_cpus else None,
     )
 
@@ -246,6 +286,10 @@ def run_trainer(
 
     Returns:
         The Trainer after training; `trainer.state.log_history` holds the losses.
+
+    Raises:
+        TrainingInterrupted: On Ctrl-C (a `KeyboardInterrupt` that names the step reached
+            and the newest complete checkpoint).
     """
     if held_out is not None and len(held_out) == 0:  # type: ignore[arg-type]
         held_out = None
@@ -261,7 +305,12 @@ def run_trainer(
     if not config.progress:  # Trainer would print() its logs; send them to logging instead
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(LogCallback())
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        with progress_bars(config.progress), _without_mtime_notice():
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except KeyboardInterrupt:
+        checkpoint = last_checkpoint(out / CHECKPOINTS)
+        raise TrainingInterrupted(trainer.state.global_step, checkpoint, out) from None
     if not trainer.is_world_process_zero():  # under torchrun, report once
         return trainer
     logger.info(
@@ -273,6 +322,32 @@ def run_trainer(
     if evals:
         logger.info("held-out loss %.4f (first measured: %.4f)", evals[-1], evals[0])
     return trainer
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str) -> None:
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+@contextmanager
+def _without_mtime_notice() -> Iterator[None]:
+    """Drop transformers' "mtime may not be reliable" notice for the length of the block.
+
+    Trainer orders checkpoints by modification time, and says so when two are under a second
+    apart (as on a small model) before it falls back to their step numbers, which is what
+    loramix relies on (`last_checkpoint`). Nothing for the user to act on.
+    """
+    drop = _DropMessage("mtime may not be reliable")
+    source = logging.getLogger("transformers.trainer_utils")
+    source.addFilter(drop)
+    try:
+        yield
+    finally:
+        source.removeFilter(drop)
 
 
 class LogCallback(TrainerCallback):
