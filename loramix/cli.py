@@ -13,6 +13,9 @@ This module collects them and owns the command's manners:
   which checkpoint is safe and the exact command that resumes it.
 * stdout is line-buffered, so that its lines and the log lines on stderr keep their order
   when both go to one pipe or file.
+* the import-time notices of optional quantization backends (torchao's and bitsandbytes'
+  kernels that this machine lacks), which peft triggers on import and which nobody can act
+  on, are dropped by exact logger and message (`IMPORT_NOISE`); every other record passes.
 """
 
 from __future__ import annotations
@@ -43,6 +46,15 @@ SUBCOMMANDS: dict[str, str] = {
 
 USER_ERRORS = (ValueError, OSError, ImportError)
 """Exceptions whose message is the whole story: shown as one line, exit status 2."""
+
+IMPORT_NOISE: dict[str, tuple[str, ...]] = {
+    # logger name -> message prefixes dropped. peft imports torchao and bitsandbytes when they
+    # are installed (the `quantization` extra); both log what their optional kernels lack.
+    "torchao": ("Failed to load ",),
+    "torchao.kernel.intmm": ("Warning: Detected no triton",),
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
+    "torch.utils._pytree": ("<enum ",),  # torchao's register_constant deprecation notice
+}
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
@@ -76,6 +88,7 @@ def _set_formatter(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _line_buffered_stdout()
+    quiet_import_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -102,6 +115,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{name}: error: {error_text(error)}", file=sys.stderr)
         return EXIT_USAGE
+
+
+class _DropPrefixes(logging.Filter):
+    """Drops the records of one logger whose message starts with one of `prefixes`."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def quiet_import_noise() -> None:
+    """Install the `IMPORT_NOISE` filters once (a logger filter sees only its own records)."""
+    for name, prefixes in IMPORT_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropPrefixes) for f in logger.filters):
+            logger.addFilter(_DropPrefixes(prefixes))
 
 
 def error_text(error: BaseException) -> str:
