@@ -329,8 +329,8 @@ def test_adding_a_domain_trains_one_expert_and_one_gate(run):
         load_base_model(settings.base)[0], out / "add-chemistry" / "xlora"
     )
     assert model.expert_names == ["biology", "proteins", "chemistry"]
-    assert record["ratio"] == pytest.approx(
-        record["multitask_retrain_s"] / record["add_domain_s"], rel=0.01
+    assert record["ratio"] == pytest.approx(  # the ratio is rounded to 2 decimals
+        record["multitask_retrain_s"] / record["add_domain_s"], abs=0.0051
     )
     with pytest.raises(ValueError, match="already has the domain 'biology'"):
         add_domain(out, "biology", seed=3, settings=settings)
