@@ -46,7 +46,13 @@ from loramix.atomic import atomic_folder
 from loramix.config import CONFIG_NAME, XLoraConfig
 from loramix.experts import LoraExpert, load_expert, module_scale
 from loramix.formats.classifier import pad_hidden_width, to_xlora_keys
-from loramix.formats.xlora import CLASSIFIER_NAME, config_dict, safe_name, write_expert
+from loramix.formats.xlora import (
+    CLASSIFIER_NAME,
+    config_dict,
+    recorded_names,
+    safe_name,
+    write_expert,
+)
 
 if TYPE_CHECKING:
     from loramix.formats import Contents
@@ -61,6 +67,20 @@ WEIGHTS_SUFFIX = "_adapter_model.safetensors"
 
 def is_mistralrs_folder(folder: Path) -> bool:
     return (folder / ORDERING_NAME).is_file()
+
+
+def own_files(folder: Path) -> list[Path]:
+    """The files of an earlier save in `folder` (relative paths): the adapter files of the
+    names its `ordering.json` and `xlora_config.json` list; other files are never listed."""
+    names = recorded_names(folder / ORDERING_NAME, "order")
+    names += recorded_names(folder / CONFIG_NAME, "adapters")
+    own = [Path(name) for name in (CONFIG_NAME, CLASSIFIER_NAME, ORDERING_NAME)]
+    own += [
+        Path(name + suffix)
+        for name in dict.fromkeys(names)
+        for suffix in (CONFIG_SUFFIX, WEIGHTS_SUFFIX)
+    ]
+    return [path for path in own if (folder / path).is_file()]
 
 
 def read_experts(folder: Path) -> tuple[list[LoraExpert], list[str], str]:
