@@ -24,7 +24,7 @@ OTHER_KINDS = {
 
 
 def tree(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder` and its bytes, and every folder (as None-like b'<dir>')."""
+    """Every file under `folder` with its bytes, and every folder (as b"<dir>")."""
     return {
         p.relative_to(folder).as_posix(): (p.read_bytes() if p.is_file() else b"<dir>")
         for p in sorted(folder.rglob("*"))
@@ -106,3 +106,17 @@ def test_a_file_in_the_way_is_named_and_nothing_changes(
     with pytest.raises(ValueError, match=r"out/0 is in the way .* Nothing was written"):
         save(build(llama_experts), target, "peft")
     assert tree(target) == before
+
+
+def test_mistralrs_refuses_files_it_would_take_for_an_adapters(
+    llama_experts: dict[str, str], tmp_path: Path
+) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "bio_notes.txt").write_text("mistral.rs would parse me as bio's adapter config")
+    before = tree(target)
+    with pytest.raises(ValueError, match=r"holds \['bio_notes.txt'\], whose names contain"):
+        save(build(llama_experts), target, "mistralrs")
+    assert tree(target) == before
+    save(build(llama_experts), target, "xlora")  # the xlora package reads exact file names
+    assert (target / "bio_notes.txt").is_file()

@@ -246,9 +246,11 @@ def write_folder(
         )
     if format == "peft":
         peft.check_writable(contents)
-    elif format == "mistralrs":
-        mistralrs.check_writable(contents.model)
     target = Path(save_directory)
+    if format == "mistralrs":
+        mistralrs.check_writable(contents.model)
+        existing_folder.check_target(target, format, caller)  # what the folder is, first
+        mistralrs.check_other_files(target, contents.expert_names)
 
     def write(staging: Path) -> None:
         if format == "loramix":
