@@ -91,12 +91,11 @@ def formats_found(folder: Path) -> dict[str, str]:
     """What the folder holds, by kind (a format of `MARKERS`, or another kind of model): each
     with the file that says so."""
     found = {}
+    is_peft = peft.is_peft_folder(folder)
     for name, what in FOREIGN_MARKERS.items():
-        if (folder / name).exists() and not (
-            name == ADAPTER_CONFIG_NAME and peft.is_peft_folder(folder)
-        ):
+        if (folder / name).exists() and not (name == ADAPTER_CONFIG_NAME and is_peft):
             found[name] = what
-    if peft.is_peft_folder(folder):
+    if is_peft:
         found["peft"] = f"an X-LoRA in peft's format ({ADAPTER_CONFIG_NAME}, peft_type XLORA)"
     for name in (native.GATE_WEIGHTS_NAME, native.GATE_BIN_NAME):
         if (folder / name).exists():
