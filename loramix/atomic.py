@@ -7,6 +7,9 @@ through this module:
     write_text_atomic(path, text)       a text file
     with atomic_file(path) as tmp:      any file a library writes to a path (PNG, .npz)
     with atomic_folder(path) as tmp:    a whole folder (a saved model, the bundle, a cache)
+    save_into(folder, write, ...)       a saved model: a new folder appears whole; into an
+                                        existing one only the model's own files move, the
+                                        stale ones of an earlier save go, the rest stays
     move_files_into(tmp, folder, ...)   files into a folder that holds other files too
 """
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -84,6 +87,66 @@ def move_files_into(
         (target / relative).parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging / relative, target / relative)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_into(
+    target: Path,
+    write: Callable[[Path], None],
+    *,
+    marker: str,
+    own_files: Callable[[Path], Iterable[Path]],
+) -> set[Path]:
+    """Writes a model's folder with `write(staging)` into a staging folder beside `target`.
+
+    A new `target` is the staging folder renamed. Into an existing folder (the caller has
+    checked that it holds nothing of another kind) the staged files are moved one rename each,
+    `marker` last (`move_files_into`); the files `own_files(target)` lists that this save does
+    not write (stale files of an earlier save) are removed, and every other file stays.
+
+    Args:
+        target: The folder to write.
+        write: Writes the files into the empty folder it is given.
+        marker: Relative path of the file that says the save is complete.
+        own_files: The relative paths of the files an earlier save left in a folder.
+
+    Returns:
+        The relative paths of the files written.
+
+    Raises:
+        ValueError: If a file of `target` stands where a folder is written or a folder where a
+            file is (naming it); nothing in `target` has changed then.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    existing = target.exists()
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp"))
+    try:
+        write(staging)
+        written = {p.relative_to(staging) for p in staging.rglob("*") if p.is_file()}
+        if existing:
+            _check_nothing_in_the_way(target, written)
+            stale = [p for p in own_files(target) if p not in written]
+            move_files_into(staging, target, marker=marker, remove=stale)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return written
+
+
+def _check_nothing_in_the_way(target: Path, written: set[Path]) -> None:
+    for relative in sorted(written):
+        for path in [target / parent for parent in reversed(relative.parents[:-1])]:
+            if path.exists() and not path.is_dir():
+                raise ValueError(
+                    f"{path} is in the way (a file where the save writes a folder); move it "
+                    "away. Nothing was written."
+                )
+        if (target / relative).is_dir():
+            raise ValueError(
+                f"{target / relative} is in the way (a folder where the save writes a file); "
+                "move it away. Nothing was written."
+            )
 
 
 @contextmanager

@@ -17,12 +17,13 @@ With `safe_serialization=False` the weights are `gate.bin` and `adapter_model.bi
 in `loramix.records`; `from_pretrained` checks the base model against `base_model.json`.
 
 A new folder appears whole (written beside it, then renamed). Into an existing folder, as
-transformers and peft do, loramix's own files are replaced one rename each
+transformers and peft do, the format's own files are replaced one rename each
 (`xlora_config.json` last: whenever it exists, the files beside it come from one complete
 save), the files of an earlier save that this one does not write (experts no longer in the
 config, the other weight format) are removed, and every other file is left alone. A folder
-that holds another kind of model (a PEFT adapter, a transformers model) is refused before
-anything is written. (The other formats of `loramix.formats` replace the folder whole.)
+that holds another kind of model (a PEFT adapter, a transformers model) or an X-LoRA in
+another format is refused before anything is written. Every format takes this one path
+(`loramix.formats.existing`).
 
 Every write goes through `loramix.atomic`, every read is checked before the base model is
 changed.
@@ -32,8 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,10 +43,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from loramix import formats
-from loramix.atomic import atomic_file, move_files_into
-from loramix.config import CONFIG_NAME
-from loramix.experts import ADAPTER_CONFIG_NAME, BIN_WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME
-from loramix.formats import hub, native
+from loramix.atomic import atomic_file
+from loramix.formats import existing, hub, native
 from loramix.records import (
     BASE_RECORD_NAME,
     CANONICAL_NAME,
@@ -69,12 +66,6 @@ GATE_BIN_NAME = native.GATE_BIN_NAME  # save_pretrained(safe_serialization=False
 EXPERTS_DIR = native.EXPERTS_DIR
 HUB_KWARGS = ("repo_id", "commit_message", "private", "token", "create_pr")
 """save_pretrained's keyword arguments for push_to_hub (as transformers names them)."""
-FOREIGN_MARKERS = {
-    "adapter_config.json": "a PEFT adapter (adapter_config.json)",
-    "config.json": "a transformers model (config.json)",
-}
-"""Files that say a folder holds another kind of model: no loramix folder is saved beside them."""
-EXPERT_FILES = (ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, BIN_WEIGHTS_NAME)
 
 __all__ = [  # prompt_rendering and read_training_record: for front ends (see loramix.records)
     "check_save_arguments",
@@ -173,33 +164,23 @@ def save_folder(
 ) -> list[str]:
     """Writes the model's folder in `format` (see `loramix.formats`); returns the files.
 
-    loramix's format keeps an existing folder's other files (see the module docstring); the
-    other formats replace the folder whole (`loramix.formats.write_folder`).
+    An existing folder keeps its other files (see the module docstring).
 
     Raises:
-        ValueError: If `save_directory` is a file or holds another kind of model (nothing is
-            written).
+        ValueError: If `save_directory` is a file or holds another kind of model or another
+            format's X-LoRA (nothing is written).
     """
     target = Path(save_directory)
     if format != "loramix":
-        formats.write_folder(formats.contents_of_model(model, base_model_id), target, format)
-        return sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file())
-    existing = target.exists()
-    if existing:
-        _check_save_target(target)
-    parent = target if existing else target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}.tmp"))
-    try:
-        written = write_folder(model, staging, safe_serialization=safe_serialization)
-        if existing:
-            stale = [p for p in _own_files(target) if p not in written]
-            move_files_into(staging, target, marker=CONFIG_NAME, remove=stale)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        contents = formats.contents_of_model(model, base_model_id)
+        written = formats.write_folder(contents, target, format, caller="save_pretrained")
+    else:
+        written = existing.save(
+            target,
+            format,
+            lambda staging: write_folder(model, staging, safe_serialization=safe_serialization),
+            caller="save_pretrained",
+        )
     return sorted(p.as_posix() for p in written)
 
 
@@ -310,38 +291,6 @@ def _base_model(
 
     options = {k: v for k, v in (("dtype", dtype), ("device_map", device_map)) if v is not None}
     return AutoModelForCausalLM.from_pretrained(os.fspath(base_model), **options)
-
-
-def _check_save_target(target: Path) -> None:
-    """Refuse a save into a file, or into a folder that holds another kind of model."""
-    if not target.is_dir():
-        raise ValueError(f"save_pretrained: {target} is a file; pass a folder path.")
-    found = [what for name, what in FOREIGN_MARKERS.items() if (target / name).exists()]
-    if found:
-        raise ValueError(
-            f"save_pretrained: {target} holds {' and '.join(found)}; an X-LoRA saved beside it "
-            "would make a folder that no loader reads as either. Nothing was written: save to "
-            "another folder."
-        )
-    for name in (CONFIG_NAME, GATE_WEIGHTS_NAME, GATE_BIN_NAME, BASE_RECORD_NAME, EXPERTS_DIR):
-        path = target / name
-        if path.exists() and (path.is_dir() != (name == EXPERTS_DIR)):
-            kind = "folder" if path.is_dir() else "file"
-            raise ValueError(
-                f"save_pretrained: {path} is in the way (a {kind} where loramix writes the "
-                "other); move it away. Nothing was written."
-            )
-
-
-def _own_files(folder: Path) -> list[Path]:
-    """loramix's files in an earlier save (relative paths); other files are never listed."""
-    names = (CONFIG_NAME, GATE_WEIGHTS_NAME, GATE_BIN_NAME, BASE_RECORD_NAME)
-    own = [Path(name) for name in names]
-    experts = folder / EXPERTS_DIR
-    if experts.is_dir():
-        for expert in sorted(p for p in experts.iterdir() if p.is_dir()):
-            own += [Path(EXPERTS_DIR) / expert.name / name for name in EXPERT_FILES]
-    return [path for path in own if (folder / path).is_file()]
 
 
 def _push_to_hub(

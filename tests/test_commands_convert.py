@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,46 @@ def test_mistralrs_needs_the_base(
 def test_bad_source_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["convert", str(tmp_path), str(tmp_path / "out"), "--to", "peft"]) == 2
     assert "holds no X-LoRA model" in capsys.readouterr().err
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_target_in_the_source_is_refused(
+    folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture, where: str
+) -> None:
+    source = tmp_path / "src"
+    shutil.copytree(folders[1], source)
+    before = tree(source)
+    target = source if where == "same" else source / "sub"
+    assert main(["convert", str(source), str(target), "--to", "loramix"]) == 2
+    err = capsys.readouterr().err
+    expected = "is the source folder" if where == "same" else "is inside the source folder"
+    assert f"the target {target} {expected} {source}; write to a folder outside it" in err
+    assert tree(source) == before and sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_convert_into_an_existing_folder_keeps_the_users_files(
+    folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    base_dir, source = folders
+    target = tmp_path / "out"
+    (target / "results").mkdir(parents=True)
+    (target / "results" / "my_notes.txt").write_text("keep me")
+    argv = ["convert", str(source), str(target), "--base-model-id", "org/b"]
+    assert main([*argv, "--to", "xlora"]) == 0
+    assert (target / "results" / "my_notes.txt").read_text() == "keep me"
+    torch.testing.assert_close(
+        logits_of(base_dir, target), logits_of(base_dir, source), atol=1e-5, rtol=0
+    )
+    before = tree(target)
+    capsys.readouterr()
+    assert main([*argv, "--to", "peft"]) == 2  # another format's X-LoRA is there
+    err = capsys.readouterr().err
+    assert f"{target} holds an X-LoRA in the xlora package's format" in err
+    assert "save with format='xlora' (convert: --to xlora) to replace that X-LoRA" in err
+    assert tree(target) == before

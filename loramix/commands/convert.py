@@ -29,7 +29,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("source", help="X-LoRA folder or Hugging Face Hub id")
-    parser.add_argument("target", help="folder to write (replaced atomically if it exists)")
+    parser.add_argument(
+        "target",
+        help="folder to write; in an existing one only the format's own files are replaced "
+        "(atomically) and the other files stay; a model of another kind there is refused",
+    )
     parser.add_argument("--to", required=True, choices=FORMATS, help="format to write")
     parser.add_argument(
         "--base",

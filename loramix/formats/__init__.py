@@ -11,8 +11,9 @@ Every format is read and written. The gate's weights are renamed between formats
 
 `read_folder` finds the format from the files and returns everything a model needs, read
 and checked, before any model is touched; `write_folder` writes a model in any format,
-atomically (a staging folder beside the target, then one rename). The per-format details
-are in the modules of this package.
+atomically: a new folder appears whole, and into an existing one only the format's own files
+are moved (the user's other files stay; `existing.py`). The per-format details are in the
+modules of this package.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from loramix.atomic import atomic_folder
 from loramix.config import CONFIG_NAME, XLoraConfig
 from loramix.experts import LoraExpert, load_expert
+from loramix.formats import existing as existing_folder
 from loramix.formats import mistralrs, native, peft, xlora
 from loramix.formats.classifier import loramix_positions
 
@@ -211,13 +212,25 @@ def read_folder(folder: str | os.PathLike[str]) -> XLoraFiles:
     return XLoraFiles(fmt, config, experts, gate_state, base_model_id)
 
 
-def write_folder(contents: Contents, save_directory: str | os.PathLike[str], format: str) -> None:
-    """Writes `contents` in `format`, atomically: a staging folder, then one rename.
+def write_folder(
+    contents: Contents,
+    save_directory: str | os.PathLike[str],
+    format: str,
+    caller: str = "save_pretrained",
+) -> set[Path]:
+    """Writes `contents` in `format`, atomically; an existing folder keeps its other files.
+
+    See `loramix.formats.existing`: a new folder appears whole; into an existing one only the
+    format's own files are moved, and stale ones of an earlier save in the same format go.
+
+    Returns:
+        The relative paths of the files written.
 
     Raises:
-        ValueError: an unknown format, a missing base model id ("xlora", "mistralrs"), or
-            contents the format cannot hold (the message says why and which format can);
-            nothing is written then.
+        ValueError: an unknown format, a missing base model id ("xlora", "mistralrs"),
+            contents the format cannot hold (the message says why and which format can), or a
+            target that is a file or holds another kind of model or another format's X-LoRA
+            (the message starts with `caller` unless it is empty); nothing is written then.
     """
     if format not in FORMATS:
         raise ValueError(f"format={format!r}: use one of {FORMATS}")
@@ -233,17 +246,23 @@ def write_folder(contents: Contents, save_directory: str | os.PathLike[str], for
         )
     if format == "peft":
         peft.check_writable(contents)
-    elif format == "mistralrs":
+    target = Path(save_directory)
+    if format == "mistralrs":
         mistralrs.check_writable(contents.model)
-    with atomic_folder(save_directory) as staging:
+        existing_folder.check_target(target, format, caller)  # what the folder is, first
+        mistralrs.check_other_files(target, contents.expert_names)
+
+    def write(staging: Path) -> None:
         if format == "loramix":
             native.write(contents, staging)
         elif format == "peft":
-            peft.write(contents, staging, Path(save_directory))
+            peft.write(contents, staging, target)
         elif format == "xlora":
             xlora.write(contents, staging)
         else:
             mistralrs.write(contents, staging)
+
+    return existing_folder.save(target, format, write, caller)
 
 
 def convert(
@@ -259,7 +278,14 @@ def convert(
     xlora); with it the model is loaded first, which checks the experts and gate against
     the base and is needed for mistral.rs's format.
     """
+    source, target = Path(source), Path(target)
     files = read_folder(source)
+    if target.resolve() == source.resolve() or source.resolve() in target.resolve().parents:
+        where = "is" if target.resolve() == source.resolve() else "is inside"
+        raise ValueError(
+            f"the target {target} {where} the source folder {source}; write to a folder "
+            "outside it (nothing was written, the source is as it was)"
+        )
     if base_model is None:
         contents = contents_of_files(files, base_model_id)
     else:
@@ -267,7 +293,7 @@ def convert(
 
         model = XLoraModel.from_pretrained(base_model, source)
         contents = contents_of_model(model, base_model_id or files.base_model_id)
-    write_folder(contents, target, format)
+    write_folder(contents, target, format, caller="")
     return files.format
 
 

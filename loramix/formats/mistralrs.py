@@ -20,7 +20,8 @@ What mistral.rs (read from its source) asks of the files, and what loramix does 
   experts are zero-padded to the union of modules and to their largest rank, and per-module
   scales (rsLoRA, `alpha_pattern`, `rank_pattern`) are folded into `lora_B`;
 - it finds an adapter's files by the adapter's name appearing in the file name: names that
-  would match another file are replaced by `expert_<i>` (logged);
+  would match another file are replaced by `expert_<i>` (logged); a save into an existing
+  folder refuses the other files there whose names contain an adapter's (`check_other_files`);
 - `enable_softmax_topk` is not implemented there, nor LoRA on embeddings: both are refused.
 
 Its X-LoRA models also need, in the base model's folder: an explicit `lm_head.weight` when
@@ -46,7 +47,13 @@ from loramix.atomic import atomic_folder
 from loramix.config import CONFIG_NAME, XLoraConfig
 from loramix.experts import LoraExpert, load_expert, module_scale
 from loramix.formats.classifier import pad_hidden_width, to_xlora_keys
-from loramix.formats.xlora import CLASSIFIER_NAME, config_dict, safe_name, write_expert
+from loramix.formats.xlora import (
+    CLASSIFIER_NAME,
+    config_dict,
+    recorded_names,
+    safe_name,
+    write_expert,
+)
 
 if TYPE_CHECKING:
     from loramix.formats import Contents
@@ -61,6 +68,50 @@ WEIGHTS_SUFFIX = "_adapter_model.safetensors"
 
 def is_mistralrs_folder(folder: Path) -> bool:
     return (folder / ORDERING_NAME).is_file()
+
+
+def own_files(folder: Path) -> list[Path]:
+    """The files of an earlier save in `folder` (relative paths): the adapter files of the
+    names its `ordering.json` and `xlora_config.json` list; other files are never listed."""
+    names = recorded_names(folder / ORDERING_NAME, "order")
+    names += recorded_names(folder / CONFIG_NAME, "adapters")
+    own = [Path(name) for name in (CONFIG_NAME, CLASSIFIER_NAME, ORDERING_NAME)]
+    own += [
+        Path(name + suffix)
+        for name in dict.fromkeys(names)
+        for suffix in (CONFIG_SUFFIX, WEIGHTS_SUFFIX)
+    ]
+    return [path for path in own if (folder / path).is_file()]
+
+
+def check_other_files(folder: Path, expert_names: list[str]) -> None:
+    """Refuse other files in an existing `folder` that mistral.rs would take for its own.
+
+    mistral.rs gives every file of the folder whose name contains an adapter's name to that
+    adapter (and reads the first file whose name contains `xlora_config.json`, or
+    `xlora_classifier.safetensors`), so a user's `bio_notes.txt` beside adapter `bio` would
+    break loading.
+
+    Raises:
+        ValueError: Naming the files and the fix; nothing is written.
+    """
+    if not folder.is_dir():
+        return
+    names = adapter_names(expert_names)
+    ours = {CONFIG_NAME, CLASSIFIER_NAME, ORDERING_NAME}
+    ours |= {name + suffix for name in names for suffix in (CONFIG_SUFFIX, WEIGHTS_SUFFIX)}
+    ours |= {path.as_posix() for path in own_files(folder)}  # an earlier save's: replaced
+    claimed = [*names, CONFIG_NAME, CLASSIFIER_NAME]
+    clashes = sorted(
+        p.name for p in folder.iterdir() if p.name not in ours and any(c in p.name for c in claimed)
+    )
+    if clashes:
+        raise ValueError(
+            f"{folder} holds {clashes}, whose names contain an adapter's name ({names}) or "
+            f"{CONFIG_NAME} / {CLASSIFIER_NAME}; mistral.rs takes every such file in the folder "
+            "for the X-LoRA's own. Nothing was written: rename or move them, or save to "
+            "another folder."
+        )
 
 
 def read_experts(folder: Path) -> tuple[list[LoraExpert], list[str], str]:

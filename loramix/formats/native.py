@@ -21,6 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from loramix.config import CONFIG_NAME, XLoraConfig
+from loramix.experts import ADAPTER_CONFIG_NAME, BIN_WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME
+from loramix.records import BASE_RECORD_NAME  # written by `loramix.saving`
 
 if TYPE_CHECKING:
     from loramix.formats import Contents
@@ -28,11 +30,22 @@ if TYPE_CHECKING:
 GATE_WEIGHTS_NAME = "gate.safetensors"
 GATE_BIN_NAME = "gate.bin"  # save_pretrained(safe_serialization=False): torch.save
 EXPERTS_DIR = "experts"
+EXPERT_FILES = (ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, BIN_WEIGHTS_NAME)
 
 
 def is_native_folder(folder: Path) -> bool:
     gate = (folder / GATE_WEIGHTS_NAME).is_file() or (folder / GATE_BIN_NAME).is_file()
     return gate and (folder / CONFIG_NAME).is_file()
+
+
+def own_files(folder: Path) -> list[Path]:
+    """The files of an earlier save in `folder` (relative paths); other files are never listed."""
+    own = [Path(name) for name in (CONFIG_NAME, GATE_WEIGHTS_NAME, GATE_BIN_NAME, BASE_RECORD_NAME)]
+    experts = folder / EXPERTS_DIR
+    if experts.is_dir():
+        for expert in sorted(p for p in experts.iterdir() if p.is_dir()):
+            own += [Path(EXPERTS_DIR) / expert.name / name for name in EXPERT_FILES]
+    return [path for path in own if (folder / path).is_file()]
 
 
 def read_config(folder: Path) -> XLoraConfig:

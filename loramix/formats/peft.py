@@ -68,6 +68,17 @@ def is_peft_folder(folder: Path) -> bool:
     return isinstance(data, dict) and str(data.get("peft_type", "")).upper() == "XLORA"
 
 
+def own_files(folder: Path) -> list[Path]:
+    """The files of an earlier save in `folder` (relative paths): the expert folders are
+    those named by a number; other files are never listed."""
+    own = [Path(name) for name in (ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, NAMES_FILE)]
+    for expert in sorted(p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()):
+        own += [
+            Path(expert.name) / name for name in (ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
+        ]
+    return [path for path in own if (folder / path).is_file()]
+
+
 def read_config(folder: Path) -> tuple[XLoraConfig, str | None]:
     """The config with each expert's folder resolved, and `base_model_name_or_path`.
 

@@ -61,6 +61,26 @@ def is_xlora_folder(folder: Path) -> bool:
     )
 
 
+def own_files(folder: Path) -> list[Path]:
+    """The files of an earlier save in `folder` (relative paths): the expert folders are those
+    its `xlora_config.json` names; other files are never listed."""
+    own = [Path(name) for name in (CONFIG_NAME, CLASSIFIER_NAME, CLASSIFIER_PT_NAME)]
+    for name in recorded_names(folder / CONFIG_NAME, "adapters"):
+        own += [Path(name) / file for file in (ADAPTER_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)]
+    return [path for path in own if (folder / path).is_file()]
+
+
+def recorded_names(path: Path, key: str) -> list[str]:
+    """The plain file names listed under `key` of a JSON file (a list, or a dict's keys);
+    none when the file is missing or unreadable (then nothing is taken for an earlier save's)."""
+    try:
+        value = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return []
+    names = list(value) if isinstance(value, (list, dict)) else []
+    return [n for n in names if isinstance(n, str) and n and Path(n).name == n and n != ".."]
+
+
 def read_config(folder: Path) -> tuple[XLoraConfig, list[str]]:
     """The config, with each expert's folder resolved, and the experts' names in order.
 
