@@ -14,8 +14,9 @@ module inside (`unload()` puts them back); no class or method of the base model 
 
 Where the rest lives: the gate in `loramix.gate`, the mixing modules and the experts'
 stacked weights in `loramix.layer`, the two-pass KV cache in `loramix.cache`, generation
-modes in `loramix.generation`, saving and loading in `loramix.saving`, training in
-`loramix.training` (the trainer plumbing is `loramix.training.trainer`).
+modes in `loramix.generation`, fixed mixes and `merge_and_unload` in `loramix.mixes`,
+activation checkpointing in `loramix.checkpointing`, saving and loading in `loramix.saving`,
+training in `loramix.training` (the trainer plumbing is `loramix.training.trainer`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import dataclasses
 import inspect
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,7 +36,8 @@ from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 
 from loramix import generation, saving
 from loramix.cache import XLoraCache, XLoraStaticCache
-from loramix.checks import is_finite, is_int, is_number
+from loramix.checkpointing import CheckpointingMixin
+from loramix.checks import is_int, is_number
 from loramix.config import XLoraConfig
 from loramix.experts import LoraExpert, load_expert
 from loramix.gate import XLoraGate, select_top_k
@@ -47,7 +49,9 @@ from loramix.layer import (
     plan_mixed_modules,
     replace_module,
 )
+from loramix.mixes import FixedMixMixin
 from loramix.records import check_experts_base
+from loramix.saving import SavingMixin
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +61,12 @@ _MIXED_PASS_ONLY = frozenset(
 )
 
 
-class XLoraModel(PreTrainedModel, GenerationMixin):
+class XLoraModel(FixedMixMixin, CheckpointingMixin, SavingMixin, PreTrainedModel, GenerationMixin):
     """An X-LoRA model over any transformers causal LM.
+
+    Fixed mixes (`fixed_scalings`, `mix_weights`, `merge_and_unload`) come from
+    `loramix.mixes`, activation checkpointing from `loramix.checkpointing`, and
+    `save_pretrained` / `from_pretrained` / `expert_state` from `loramix.saving`.
 
     Args:
         base_model: A transformers causal LM. Its adapted modules are replaced in place and
@@ -160,11 +168,6 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
     def expert_dtype(self) -> torch.dtype:
         """The dtype the stacked experts are stored and computed in (the base weights')."""
         return self._first_mixed[0].lora_a.dtype
-
-    @property
-    def has_fixed_scalings(self) -> bool:
-        """Whether a `fixed_scalings` block is active (no scaling pass, no gate)."""
-        return self._fixed_scalings is not None
 
     def mixed_modules(self) -> Iterator[MixedLora]:
         """The mixing modules, in L-axis order."""
@@ -466,191 +469,6 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
         finally:
             self._adapters_disabled = previous
 
-    @contextmanager
-    def fixed_scalings(self, weights: torch.Tensor, per_sequence: bool = False) -> Iterator[None]:
-        """Inside this block every token is mixed with fixed, given weights.
-
-        The scaling pass, the gate and top-k are skipped: `weights` are used exactly as given.
-        One-hot weights give one expert alone (plain LoRA); `1 / E` each gives the uniform
-        average of the experts. A cache filled inside the block has no scaling-pass half, so
-        it cannot be continued with per-token scalings outside it. Works with `generate`
-        (every scalings mode then behaves alike: the mix is already fixed).
-
-        One mix for all sequences is folded into each module's B once per block (under
-        `no_grad`, with frozen experts), as frozen generation does. Different mixes per
-        sequence are applied as per-sequence rank weights, `(B, 1, R)` per module and call:
-        of the exact ways measured (`benchmarks/batched_mixes.py`: per-sequence scaled B or A
-        with a batched matmul), the fastest, since it reads the stacked experts once for the
-        whole batch.
-
-        Args:
-            weights: `(E,)` one weight per expert, or `(L, E)` per adapted module too; with
-                `per_sequence=True`, `(B, E)` or `(B, L, E)`: row `b` mixes sequence `b`, and
-                every forward call inside the block must have batch `B`.
-            per_sequence: Whether the first axis of `weights` is the batch.
-        """
-        n_layers, n_experts = self.n_layers, self.n_experts
-        weights = torch.as_tensor(weights)
-        if per_sequence:
-            if weights.ndim == 2 and weights.shape[1] == n_experts:
-                weights = weights[:, None].expand(-1, n_layers, -1)  # (B, L, E)
-            if weights.ndim != 3 or weights.shape[1:] != (n_layers, n_experts):
-                raise ValueError(
-                    f"per-sequence fixed scalings of shape {tuple(weights.shape)}: give "
-                    f"(B, {n_experts}) (one mix per sequence) or (B, {n_layers}, {n_experts}) "
-                    "(per module too)"
-                )
-        elif weights.shape in ((n_experts,), (n_layers, n_experts)):
-            weights = weights.expand(n_layers, n_experts)[None]  # (1, L, E)
-        else:
-            raise ValueError(
-                f"fixed scalings of shape {tuple(weights.shape)}: give ({n_experts},) "
-                f"(one per expert) or ({n_layers}, {n_experts}) (per module too); for one mix "
-                "per sequence pass per_sequence=True"
-            )
-        reference = self.gate.layers[-1].weight
-        weights = weights.to(device=reference.device, dtype=reference.dtype)
-        if weights.shape[0] > 1 and torch.equal(weights, weights[:1].expand_as(weights)):
-            weights = weights[:1]  # (1, L, E): one mix after all, folded into B below
-        previous = self._fixed_scalings, self._fixed_scaled_b
-        self._fixed_scalings = weights[:, None]  # (B or 1, 1, L, E)
-        self._fixed_scaled_b = None  # formed on first use (one mix only)
-        try:
-            yield
-        finally:
-            self._fixed_scalings, self._fixed_scaled_b = previous
-
-    def _fixed_mix(self, batch: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """Inside `fixed_scalings`: scalings `(B, T, L, E)`, mixing, and maybe scaled B."""
-        fixed = self._fixed_scalings  # (1 or B, 1, L, E)
-        if fixed.shape[0] not in (1, batch):
-            raise ValueError(
-                f"fixed_scalings holds {fixed.shape[0]} per-sequence mixes but this call has "
-                f"batch {batch}; give one row per sequence of the batch"
-            )
-        scalings = fixed.expand(batch, tokens, -1, -1)  # (B, T, L, E)
-        shared = fixed.shape[0] == 1  # one mix for all (equal rows were folded on entry)
-        if not shared or torch.is_grad_enabled() or self.xlora_config.use_trainable_adapters:
-            return scalings, fixed, None  # rank weights (B or 1, 1, R) per module
-        if self._fixed_scaled_b is None:
-            self._fixed_scaled_b = [
-                m.scaled_lora_b(fixed[0, 0, m.layer_index]) for m in self.mixed_modules()
-            ]
-        return scalings, fixed, self._fixed_scaled_b
-
-    def mix_weights(self, weights: torch.Tensor | Mapping[str, float]) -> torch.Tensor:
-        """`(L, E)` float32 weights of a fixed mix given as `(E,)`, `(L, E)` or a dict.
-
-        Raises:
-            ValueError: On another shape, or a dict naming an unknown expert or a weight that
-                is not a finite number.
-        """
-        if isinstance(weights, Mapping):
-            unknown = sorted(set(weights) - set(self.expert_names))
-            bad = {k: v for k, v in weights.items() if not is_finite(v)}
-            if unknown or bad:
-                raise ValueError(
-                    f"mix weights: unknown expert(s) {unknown} (the experts are "
-                    f"{self.expert_names}); weights that are not finite numbers {bad}. Give "
-                    "expert name -> number; experts left out weigh 0."
-                )
-            weights = torch.tensor([float(weights.get(n, 0.0)) for n in self.expert_names])
-        weights = torch.as_tensor(weights, dtype=torch.float32)
-        if weights.shape not in ((self.n_experts,), (self.n_layers, self.n_experts)):
-            raise ValueError(
-                f"fixed scalings of shape {tuple(weights.shape)}: give ({self.n_experts},) "
-                f"(one per expert) or ({self.n_layers}, {self.n_experts}) (per module too)"
-            )
-        return weights.expand(self.n_layers, self.n_experts)  # (L, E)
-
-    def merge_and_unload(self, weights: torch.Tensor | Mapping[str, float]) -> PreTrainedModel:
-        """Folds a fixed mix of the experts into the base weights; returns the base model.
-
-        Every adapted module `l` gets `W + g * sum_i w[l, i] * scale_i * B_i A_i` and is put
-        back as the original `nn.Linear` / `Conv1D` / `nn.Embedding`, so the result is a
-        plain transformers model for any runtime (`save_pretrained`, export, serving). It
-        computes what `with model.fixed_scalings(weights):` computes (no gate, no scaling
-        pass), up to float rounding. The base model's weights are changed in place; this
-        X-LoRA model is unusable afterwards (as peft's `merge_and_unload`).
-
-        Args:
-            weights: `(E,)` one weight per expert (e.g. one-hot: one expert alone; `1 / E`
-                each: the uniform average), `(L, E)` per adapted module too, or a dict
-                expert name -> weight (experts left out weigh 0).
-
-        Raises:
-            ValueError: On weights of another shape or with unknown names, or when an adapted
-                module shares its weight with another module (tied input and output
-                embeddings: merging would change both, the mix changes only one).
-        """
-        mix = self.mix_weights(weights)  # (L, E)
-        tied = self.tied_adapted_weights()
-        if tied:
-            raise ValueError(
-                f"merge_and_unload: the weights of {tied} are tied to another module (e.g. the "
-                "output layer shares the input embeddings), so folding the mix into them would "
-                "change that module too. Untie them first (copy the weight into a new "
-                "nn.Parameter on one side), or mix with `fixed_scalings` instead."
-            )
-        with torch.no_grad():
-            for layer, module in enumerate(self.mixed_modules()):
-                merged = module.merged_weight(mix[layer].to(module.lora_a.device))
-                module.base_layer.weight.copy_(merged)
-        return self.unload()
-
-    def gradient_checkpointing_enable(
-        self, gradient_checkpointing_kwargs: dict | None = None, **options: Any
-    ) -> None:
-        """Activation checkpointing in the base model's layers, for the mixed pass's backward.
-
-        Also reached through transformers' `activation_checkpointing_enable` and the
-        Trainer's `gradient_checkpointing=True`. The gate's gradient flows back through every
-        layer of the mixed pass, so on a large base model the saved activations dominate
-        training memory; checkpointing keeps one tensor per layer and recomputes the rest in
-        the backward pass. Gradients equal those without it (up to float rounding).
-
-        The scalings reach the mixing modules through the model's `MixingState`, not through
-        the layers' inputs, so checkpointing must be non-reentrant, with loramix's
-        `context_fn` giving each recompute the scalings of its own forward call.
-
-        Args:
-            gradient_checkpointing_kwargs: For `torch.utils.checkpoint.checkpoint`, except
-                `use_reentrant=True` and `context_fn`, which are refused.
-            **options: Passed to the base model's method (e.g. `every_n_layers`).
-        """
-        kwargs = dict(gradient_checkpointing_kwargs or {})
-        if kwargs.get("use_reentrant", False):
-            raise ValueError(
-                "gradient_checkpointing_kwargs use_reentrant=True: reentrant checkpointing "
-                "drops the gate's gradient (the scalings are not inputs of the checkpointed "
-                "layers); leave use_reentrant out or set it to False."
-            )
-        if "context_fn" in kwargs:
-            raise ValueError(
-                "gradient_checkpointing_kwargs context_fn: loramix sets its own, which gives "
-                "each recomputed layer the scalings of its forward call; leave it out."
-            )
-        kwargs.update(use_reentrant=False, context_fn=self.mixing_state.checkpoint_contexts)
-        had_input_hooks = bool(getattr(self.lm, "_require_grads_hooks", None))
-        enable = getattr(self.lm, "activation_checkpointing_enable", None)
-        if enable is None:  # transformers releases before the rename
-            enable = self.lm.gradient_checkpointing_enable
-        enable(kwargs, **options)
-        if not had_input_hooks:  # only reentrant checkpointing needs the embeddings' hook
-            self.lm.disable_input_require_grads()
-
-    def gradient_checkpointing_disable(self) -> None:
-        """Turns activation checkpointing off in the base model's layers."""
-        disable = getattr(self.lm, "activation_checkpointing_disable", None)
-        if disable is None:
-            disable = self.lm.gradient_checkpointing_disable
-        disable()
-
-    @property
-    def checkpointing_activations(self) -> bool:
-        """Whether any layer of the base model checkpoints its activations."""
-        return any(getattr(module, "gradient_checkpointing", False) for module in self.lm.modules())
-
     def current_config(self) -> XLoraConfig:
         """The config with the runtime settings (top-k, scaling-pass value, g) folded in."""
         return dataclasses.replace(
@@ -692,97 +510,6 @@ class XLoraModel(PreTrainedModel, GenerationMixin):
             for name, module in zip(self.adapted_modules, self.mixed_modules(), strict=True)
             if owners.get(id(module.base_layer.weight), 0) > 1
         ]
-
-    # ------------------------------------------------------------------- save/load
-
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        *,
-        format: str = "loramix",
-        base_model_id: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """Writes a self-contained folder; see `loramix.saving` for the layout.
-
-        Args:
-            save_directory: The folder. In loramix's format an existing folder keeps its
-                other files (only loramix's own are replaced); other formats replace it.
-            format: "loramix", "peft" (`PeftModel.from_pretrained` loads it), "xlora" (the
-                original package's layout) or "mistralrs"; see `loramix.formats`.
-            base_model_id: The base model's Hub id or path, recorded by the "xlora",
-                "mistralrs" and "peft" formats; defaults to the base model's `name_or_path`.
-            **kwargs: transformers' `safe_serialization`, `is_main_process` and `push_to_hub`
-                (with `repo_id`, `commit_message`, `private`, `token`, `create_pr`); any
-                other keyword is refused by name (see `loramix.saving.save_pretrained`).
-        """
-        saving.save_pretrained(self, save_directory, format, base_model_id, **kwargs)
-
-    @classmethod
-    def from_pretrained(  # type: ignore[override]
-        cls,
-        base_model: PreTrainedModel | str | os.PathLike | None,
-        save_directory: str | os.PathLike,
-        *,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool | None = None,
-        force_download: bool | None = None,
-        dtype: Any = None,
-        torch_dtype: Any = None,
-        device_map: Any = None,
-        **unknown: Any,
-    ) -> XLoraModel:
-        """Loads an X-LoRA folder or Hub repo of any format in `loramix.formats` onto a base.
-
-        Everything is read and checked before the base model is changed (see
-        `loramix.saving`).
-
-        Args:
-            base_model: A transformers causal LM; or its Hub id or folder, loaded with
-                `AutoModelForCausalLM.from_pretrained(..., dtype=, device_map=)` ("smollm2":
-                the embedded SmolLM2-135M-Instruct); or None for the base model the files
-                name (`base_model_id` of the original package and mistral.rs,
-                `base_model_name_or_path` of peft).
-            save_directory: A folder, or a Hugging Face Hub id of one (fetched into, or with
-                `HF_HUB_OFFLINE=1` read from, the Hugging Face cache).
-            revision, cache_dir, token, local_files_only, force_download: For the Hub id of
-                `save_directory`, as transformers and peft take them.
-            dtype, torch_dtype, device_map: For loading `base_model` from an id or folder
-                (`torch_dtype` is transformers' older name of `dtype`). The experts follow
-                the base model's dtype; the gate stays float32 (see `loramix.gate`).
-        """
-        if unknown:
-            raise TypeError(
-                f"XLoraModel.from_pretrained got unknown keyword arguments {sorted(unknown)}; "
-                "it takes revision, cache_dir, token, local_files_only, force_download (for a "
-                "Hub id) and dtype / torch_dtype, device_map (for a base model given by id)"
-            )
-        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
-            raise ValueError(
-                f"dtype={dtype!r} and torch_dtype={torch_dtype!r}: give one (torch_dtype is the "
-                "older name of dtype)"
-            )
-        hub_options = {
-            "revision": revision,
-            "cache_dir": cache_dir,
-            "token": token,
-            "local_files_only": local_files_only,
-            "force_download": force_download,
-        }
-        return saving.load_folder(
-            cls,
-            base_model,
-            save_directory,
-            hub_options=hub_options,
-            dtype=dtype if dtype is not None else torch_dtype,
-            device_map=device_map,
-        )
-
-    def expert_state(self, expert_index: int) -> dict[str, torch.Tensor]:
-        """One expert's weights with PEFT's key names, read back from the stacked modules."""
-        return saving.expert_state(self, expert_index)
 
 
 # ------------------------------------------------------------------------ helpers

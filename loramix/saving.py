@@ -327,3 +327,98 @@ def save_scalings_log(model: XLoraModel, path: str | os.PathLike[str]) -> None:
     arrays["adapted_modules"] = np.array(model.adapted_modules)
     with atomic_file(path, suffix=".npz") as tmp:  # np.savez adds .npz to other names
         np.savez(tmp, **arrays)
+
+
+class SavingMixin:
+    """`XLoraModel`'s `save_pretrained`, `from_pretrained` and `expert_state`: the arguments
+    as transformers and peft take them, checked, then the functions above. Placed before
+    `PreTrainedModel` among the bases, so that these methods replace transformers' own."""
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        format: str = "loramix",
+        base_model_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Writes a self-contained folder; see `loramix.saving` for the layout.
+
+        Args:
+            save_directory: The folder. In loramix's format an existing folder keeps its
+                other files (only loramix's own are replaced); other formats replace it.
+            format: "loramix", "peft" (`PeftModel.from_pretrained` loads it), "xlora" (the
+                original package's layout) or "mistralrs"; see `loramix.formats`.
+            base_model_id: The base model's Hub id or path, recorded by the "xlora",
+                "mistralrs" and "peft" formats; defaults to the base model's `name_or_path`.
+            **kwargs: transformers' `safe_serialization`, `is_main_process` and `push_to_hub`
+                (with `repo_id`, `commit_message`, `private`, `token`, `create_pr`); any
+                other keyword is refused by name (see `loramix.saving.save_pretrained`).
+        """
+        save_pretrained(self, save_directory, format, base_model_id, **kwargs)
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        base_model: PreTrainedModel | str | os.PathLike | None,
+        save_directory: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool | None = None,
+        force_download: bool | None = None,
+        dtype: Any = None,
+        torch_dtype: Any = None,
+        device_map: Any = None,
+        **unknown: Any,
+    ) -> XLoraModel:
+        """Loads an X-LoRA folder or Hub repo of any format in `loramix.formats` onto a base.
+
+        Everything is read and checked before the base model is changed (see
+        `loramix.saving`).
+
+        Args:
+            base_model: A transformers causal LM; or its Hub id or folder, loaded with
+                `AutoModelForCausalLM.from_pretrained(..., dtype=, device_map=)` ("smollm2":
+                the embedded SmolLM2-135M-Instruct); or None for the base model the files
+                name (`base_model_id` of the original package and mistral.rs,
+                `base_model_name_or_path` of peft).
+            save_directory: A folder, or a Hugging Face Hub id of one (fetched into, or with
+                `HF_HUB_OFFLINE=1` read from, the Hugging Face cache).
+            revision, cache_dir, token, local_files_only, force_download: For the Hub id of
+                `save_directory`, as transformers and peft take them.
+            dtype, torch_dtype, device_map: For loading `base_model` from an id or folder
+                (`torch_dtype` is transformers' older name of `dtype`). The experts follow
+                the base model's dtype; the gate stays float32 (see `loramix.gate`).
+        """
+        if unknown:
+            raise TypeError(
+                f"XLoraModel.from_pretrained got unknown keyword arguments {sorted(unknown)}; "
+                "it takes revision, cache_dir, token, local_files_only, force_download (for a "
+                "Hub id) and dtype / torch_dtype, device_map (for a base model given by id)"
+            )
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ValueError(
+                f"dtype={dtype!r} and torch_dtype={torch_dtype!r}: give one (torch_dtype is the "
+                "older name of dtype)"
+            )
+        hub_options = {
+            "revision": revision,
+            "cache_dir": cache_dir,
+            "token": token,
+            "local_files_only": local_files_only,
+            "force_download": force_download,
+        }
+        return load_folder(
+            cls,
+            base_model,
+            save_directory,
+            hub_options=hub_options,
+            dtype=dtype if dtype is not None else torch_dtype,
+            device_map=device_map,
+        )
+
+    def expert_state(self, expert_index: int) -> dict[str, torch.Tensor]:
+        """One expert's weights with PEFT's key names, read back from the stacked modules."""
+        return expert_state(self, expert_index)

@@ -87,6 +87,14 @@ def random_ids(batch: int = 2, tokens: int = 7, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 97, (batch, tokens), generator=generator)
 
 
+def randomize_gate(model: torch.nn.Module, seed: int = 0, std: float = 1.0) -> None:
+    """Random gate weights (an `XLoraModel`'s `gate`), so that the scalings differ."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.gate.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
 def crafted_report(nll: dict[str, dict[str, float]]) -> EvalReport:
     """An evaluation report with the given NLLs (system -> test set -> NLL), nothing run."""
     sets = sorted({name for by_set in nll.values() for name in by_set})

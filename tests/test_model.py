@@ -13,6 +13,7 @@ from helpers import (
     MODEL_FACTORIES,
     make_expert,
     random_ids,
+    randomize_gate,
     tiny_gpt2,
     tiny_llama,
 )
@@ -20,13 +21,6 @@ from peft import PeftModel, get_peft_model
 
 from loramix import XLoraConfig, XLoraModel
 from loramix.cache import XLoraCache
-
-
-def randomize_gate(model: XLoraModel, seed: int = 0, std: float = 1.0) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.gate.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
 def frozen_uniform_gate(model: XLoraModel, value: float) -> None:
@@ -390,136 +384,6 @@ def test_fixed_one_hot_scalings_equal_that_expert_alone(llama_experts: dict[str,
         assert torch.equal(model(input_ids=ids).logits, gated)  # the gate is back afterwards
     with pytest.raises(ValueError, match=r"give \(3,\)"), model.fixed_scalings(torch.ones(4)):
         pass
-
-
-# ------------------------------------------------------------- activation checkpointing
-
-
-def gate_gradients(model: XLoraModel, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The gate's gradients of the summed loss of several forward calls, one backward."""
-    model.gate.zero_grad(set_to_none=True)
-    loss = sum(model(input_ids=ids, labels=ids).loss for ids in batches)
-    loss.backward()
-    return [p.grad.clone() for p in model.gate.parameters()]
-
-
-def count_saved_tensors(model: XLoraModel, ids: torch.Tensor) -> int:
-    packed = []
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        packed.append(1)
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(input_ids=ids, labels=ids)
-    return len(packed)
-
-
-@pytest.mark.parametrize("layerwise", [False, True])
-def test_activation_checkpointing_gives_the_same_gate_gradients(
-    llama_experts: dict, layerwise: bool
-) -> None:
-    config = XLoraConfig(
-        adapters=llama_experts, layerwise_scalings=layerwise, xlora_dropout_p=0.0, top_k_lora=2
-    )
-    model = XLoraModel(tiny_llama(), config).train()
-    randomize_gate(model, std=0.5)
-    batches = [random_ids(seed=1), random_ids(seed=2)]
-    plain = gate_gradients(model, batches)
-    saved_plain = count_saved_tensors(model, batches[0])
-
-    model.gradient_checkpointing_enable()
-    assert model.checkpointing_activations
-    # Two forward calls before one backward: each layer's recompute must see its own call.
-    checkpointed = gate_gradients(model, batches)
-    for expected, got in zip(plain, checkpointed, strict=True):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
-    assert count_saved_tensors(model, batches[0]) < saved_plain / 2  # activations not kept
-    assert trainable_names(model) == GATE_PARAMS
-
-    model.gradient_checkpointing_disable()
-    assert not model.checkpointing_activations
-
-
-def test_activation_checkpointing_leaves_no_hooks(llama_experts: dict) -> None:
-    model = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts))
-    model.activation_checkpointing_enable()  # transformers' newer name reaches the same code
-    assert model.checkpointing_activations
-    assert not model.lm.get_input_embeddings()._forward_hooks
-    base = model.unload()
-    assert not any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "field"),
-    [({"use_reentrant": True}, "use_reentrant"), ({"context_fn": None}, "context_fn")],
-)
-def test_activation_checkpointing_refuses_what_drops_the_gradient(
-    llama_experts: dict, kwargs: dict, field: str
-) -> None:
-    model = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts))
-    with pytest.raises(ValueError, match=field):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    assert not model.checkpointing_activations
-
-
-# ------------------------------------------------------------------- merge_and_unload
-
-MIXES = {
-    "per expert": torch.tensor([0.5, 0.3, 0.2]),
-    "per module": torch.rand(14, 3, generator=torch.Generator().manual_seed(0)),
-    "by name": {"chem": 0.7, "mech": -0.4},  # bio left out: 0
-}
-
-
-@pytest.mark.parametrize("mix", MIXES, ids=list(MIXES))
-def test_merge_and_unload_equals_the_fixed_mix(llama_experts: dict[str, str], mix: str) -> None:
-    weights = MIXES[mix]
-    ids = random_ids(2, 6)
-    reference = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts))
-    with torch.no_grad(), reference.fixed_scalings(reference.mix_weights(weights)):
-        expected = reference(input_ids=ids).logits
-    merged = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts)).merge_and_unload(weights)
-    assert type(merged).__name__ == "LlamaForCausalLM"
-    assert {type(m).__module__.split(".")[0] for m in merged.modules()} <= {"torch", "transformers"}
-    assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
-    with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(tiny_llama()(input_ids=ids).logits, expected, atol=1e-3)
-
-
-def test_merge_and_unload_gpt2_conv1d_and_embedding_experts(tmp_path: Path) -> None:
-    targets = ["embed_tokens", "q_proj"]
-    experts = {
-        "x": str(make_expert(tiny_llama, tmp_path / "x", 1, targets)),
-        "y": str(make_expert(tiny_llama, tmp_path / "y", 2, targets, rank=2)),
-    }
-    gpt2_experts = {
-        "a": str(make_expert(tiny_gpt2, tmp_path / "a", 1, GPT2_TARGETS, rank=4)),
-        "b": str(make_expert(tiny_gpt2, tmp_path / "b", 2, GPT2_TARGETS, rank=2)),
-    }
-    ids = random_ids(2, 6)
-    for factory, adapters in ((tiny_llama, experts), (tiny_gpt2, gpt2_experts)):
-        reference = XLoraModel(factory(), XLoraConfig(adapters=adapters))
-        with torch.no_grad(), reference.fixed_scalings(torch.tensor([0.6, 0.4])):
-            expected = reference(input_ids=ids).logits
-        merged = XLoraModel(factory(), XLoraConfig(adapters=adapters)).merge_and_unload(
-            torch.tensor([0.6, 0.4])
-        )
-        with torch.no_grad():
-            torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
-
-
-def test_merge_and_unload_refuses_tied_weights_and_bad_mixes(tmp_path: Path) -> None:
-    tied = {"e": str(make_expert(tiny_gpt2, tmp_path / "e", 1, ["wte", "c_attn"]))}
-    model = XLoraModel(tiny_gpt2(), XLoraConfig(adapters=tied))
-    with pytest.raises(ValueError, match=r"\['transformer.wte'\] are tied .* Untie them first"):
-        model.merge_and_unload(torch.ones(1))
-    assert any(type(m).__name__ == "MixedEmbedding" for m in model.modules())  # untouched
-    with pytest.raises(ValueError, match=r"unknown expert\(s\) \['f'\]"):
-        model.merge_and_unload({"f": 1.0})
-    with pytest.raises(ValueError, match=r"give \(1,\)"):
-        model.merge_and_unload(torch.ones(2))
 
 
 def test_experts_and_gate_move_with_the_model(llama_experts: dict[str, str]) -> None:

@@ -11,20 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import LLAMA_TARGETS, make_expert, random_ids, tiny_llama
+from helpers import LLAMA_TARGETS, make_expert, random_ids, randomize_gate, tiny_llama
 from peft import PeftModel
 from tiny_tokenizer import save_tiny_model
 from transformers import AutoModelForCausalLM
 
 from loramix import XLoraConfig, XLoraModel
 from loramix.records import CANONICAL_NAME, canonical_base_name, default_base
-
-
-def randomize_gate(model: XLoraModel, seed: int = 0, std: float = 1.0) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.gate.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
 def test_save_load_bit_identical(llama_experts: dict[str, str], tmp_path: Path) -> None:
