@@ -13,9 +13,6 @@ from tiny_tokenizer import tiny_tokenizer
 
 from loramix.training.data import (
     IGNORE_INDEX,
-    MAX_REPORTED_LINES,
-    SHAPES,
-    DataSource,
     PadCollator,
     TokenizedDataset,
     load_jsonl,
@@ -23,6 +20,7 @@ from loramix.training.data import (
     mix_datasets,
     train_test_split,
 )
+from loramix.training.jsonl import MAX_REPORTED_LINES, SHAPES, DataSource
 
 EOS = "<|im_end|>"
 

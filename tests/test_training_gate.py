@@ -24,12 +24,11 @@ from loramix.training.data import PadCollator, load_jsonl
 from loramix.training.expert import LoraSettings, train_expert
 from loramix.training.gate import (
     TRAINABLE_WEIGHTS_NAME,
-    GateRegularizer,
     GateTrainer,
     ScalingsLog,
-    scaling_terms,
     train_gate,
 )
+from loramix.training.regularizer import GateRegularizer, scaling_terms
 from loramix.training.trainer import TrainingConfig
 
 FAST = TrainingConfig(

@@ -65,7 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     add_data_arguments(io)
 
     from loramix.config import XLoraConfig
-    from loramix.training.gate import GateRegularizer
+    from loramix.training.regularizer import GateRegularizer
 
     xlora = parser.add_argument_group("X-LoRA")
     add_fields(xlora, XLoraConfig, skip={"adapters"})
@@ -76,7 +76,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
 def run(args: argparse.Namespace) -> int:
     """Train the gate; print the output folder, or the error and how to fix it."""
     from loramix.config import XLoraConfig
-    from loramix.training.gate import GateRegularizer, train_gate
+    from loramix.training.gate import train_gate
+    from loramix.training.regularizer import GateRegularizer
     from loramix.training.trainer import TrainingConfig
 
     experts: dict[str, str] = {}

@@ -58,13 +58,12 @@ from loramix.checks import is_int, raise_problems
 from loramix.evaluation.report import EvalReport, Score
 from loramix.training.data import (
     IGNORE_INDEX,
-    BadLines,
     PadCollator,
     pad_token_id,
-    read_records,
     render_record,
     tokenize_rendered,
 )
+from loramix.training.jsonl import BadLines, read_records
 
 if TYPE_CHECKING:
     from loramix.model import XLoraModel

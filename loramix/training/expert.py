@@ -30,13 +30,8 @@ from transformers import PreTrainedModel, TrainerCallback, set_seed
 from loramix.checks import is_int, raise_problems
 from loramix.records import TRAINING_RECORD_NAME, base_record, prompt_record
 from loramix.smollm2 import load_base_model, resolve_device
-from loramix.training.data import (
-    DataSource,
-    PadCollator,
-    existing_sources,
-    load_training_data,
-    pad_token_id,
-)
+from loramix.training.data import PadCollator, load_training_data, pad_token_id
+from loramix.training.jsonl import DataSource, existing_sources
 from loramix.training.outputs import (
     check_output,
     data_settings,

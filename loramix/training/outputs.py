@@ -275,7 +275,7 @@ def _short(value: Any) -> str:
 
 
 def data_settings(sources: Sequence[Any]) -> list[dict[str, Any]]:
-    """Each data source (`loramix.data.DataSource`) as path, weight and SHA-256."""
+    """Each data source (`loramix.training.jsonl.DataSource`) as path, weight and SHA-256."""
     return [
         {"path": str(Path(s.path).resolve()), "weight": s.weight, "sha256": file_digest(s.path)}
         for s in sources
