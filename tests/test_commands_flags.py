@@ -90,3 +90,61 @@ def test_every_model_command_takes_the_same_dtype_flag(command: str) -> None:
         assert dtype_from_args(args) == getattr(torch, name)
     with pytest.raises(SystemExit):
         parser.parse_args([*COMMANDS[command], "--dtype", "float64"])
+
+
+# ------------------------------------------------------------------ science retrain
+
+
+@pytest.mark.parametrize("action", [["retrain"], ["add-domain", "physics"]])
+def test_every_retrain_setting_has_a_flag_with_help(action: list[str]) -> None:
+    from loramix.science.pipeline import RetrainSettings
+
+    sub = subcommand(build_parser(), "science", action[0])
+    flags = {a.dest: a for a in sub._actions if a.dest != "help"}
+    for name in RetrainSettings.__dataclass_fields__:
+        if name == "gate_candidates":  # set through --gate-steps
+            assert "gate_steps" in flags
+            continue
+        assert name in flags and flags[name].help, name
+
+
+def test_retrain_flags_round_trip_into_the_settings() -> None:
+    from loramix.commands.science import settings_from_args
+    from loramix.science.pipeline import RetrainSettings
+
+    parser = build_parser()
+    assert settings_from_args(parser.parse_args(["science", "retrain"])) == RetrainSettings()
+    args = parser.parse_args(
+        ["science", "retrain", "--n-train", "12", "--alpha", "4", "--no-layerwise",
+         "--train-dtype", "float32", "--eval-limit", "3", "--targets", "q_proj", "v_proj",
+         "--gate-steps", "7", "--no-multitask", "--domains", "biology,chemistry", "proteins"]
+    )  # fmt: skip
+    settings = settings_from_args(args)
+    assert (settings.n_train, settings.alpha, settings.layerwise) == (12, 4.0, False)
+    assert (settings.train_dtype, settings.eval_limit, settings.multitask) == ("float32", 3, False)
+    assert settings.targets == ("q_proj", "v_proj")
+    assert settings.domains == ("biology", "chemistry", "proteins")
+    assert {c.steps for c in settings.gate_candidates} == {7}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["science", "retrain", "--train-dtype", "float16"])
+
+
+def test_add_domain_defaults_to_every_other_domain() -> None:
+    from loramix.commands.science import add_domain_settings
+    from loramix.science.registry import DOMAINS
+
+    parser = build_parser()
+    args = parser.parse_args(["science", "add-domain", "biology", "--expert-steps", "5"])
+    settings = add_domain_settings(args)
+    assert settings.expert_steps == 5
+    assert settings.domains == tuple(d for d in DOMAINS if d != "biology")
+    args = parser.parse_args(["science", "add-domain", "biology", "--domains", "chemistry"])
+    assert add_domain_settings(args).domains == ("chemistry",)
+
+
+def subcommand(parser: argparse.ArgumentParser, *names: str) -> argparse.ArgumentParser:
+    """The parser of `prog NAME NAME ...`."""
+    for name in names:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        parser = actions[0].choices[name]
+    return parser

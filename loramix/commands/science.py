@@ -2,6 +2,9 @@
 
 loramix science demo [--model DIR] [--out DIR]        answer, colour, evaluate, draw
 loramix science retrain [--out DIR] [--seed N]        data, experts, gate, eval, bundle
+loramix science add-domain DOMAIN [--out DIR]         one more expert and gate on a run
+
+retrain and add-domain take one flag per `RetrainSettings` field (`add_settings_arguments`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     from loramix.commands.flags import add_device_argument, add_progress_argument
     from loramix.commands.generate import add_colour_argument
     from loramix.science.bundle import DEFAULT_BUNDLE
-    from loramix.science.pipeline import RetrainSettings
 
     parser = subparsers.add_parser(
         "science",
@@ -49,7 +51,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "--no-colour", action="store_true", help="same as --colour never: tag tokens by index"
     )
 
-    settings = RetrainSettings()
     retrain = actions.add_parser(
         "retrain",
         help="retrain data, experts and gate from scratch, evaluate, and export the bundle",
@@ -64,52 +65,64 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "--bundle", default=str(DEFAULT_BUNDLE), help="where to export the float16 model"
     )
     retrain.add_argument("--no-export", action="store_true", help="do not touch the bundle")
-    retrain.add_argument(
-        "--expert-steps", type=int, default=settings.expert_steps, help="steps per expert"
-    )
-    retrain.add_argument(
-        "--gate-steps",
-        type=int,
-        default=None,
-        help="optimizer steps of every gate candidate (default: each candidate's own)",
-    )
-    retrain.add_argument(
-        "--no-multitask", action="store_true", help="skip the multitask LoRA baseline"
-    )
-    retrain.add_argument(
-        "--domains",
-        default=None,
-        help="expert domains, comma-separated (default: all of loramix.science.DOMAINS)",
-    )
-    retrain.add_argument(
-        "--eval-limit", type=int, default=settings.eval_limit, help="examples per test set"
-    )
-    retrain.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
-    retrain.add_argument(
-        "--expert-workers",
-        type=int,
-        default=None,
-        help="experts trained side by side, sharing the threads (default: one per CPU core)",
-    )
+    add_settings_arguments(retrain)
 
     add = actions.add_parser(
         "add-domain",
         help="train one more domain's expert and a new gate on a finished retrain run",
         description=(
             "Trains the domain's expert and a gate over every expert (the run's chosen gate "
-            "settings), and records the time beside the run's multitask LoRA time."
+            "settings), and records the time beside the run's multitask LoRA time. Give the "
+            "settings flags the run was made with (they are checked against its run.json)."
         ),
     )
     add.add_argument("domain", help="the domain to add (one of loramix.science.DOMAINS)")
     add.add_argument("--out", default="runs/retrain", help="the finished run's folder")
     add.add_argument("--seed", type=int, default=0, help="the run's seed")
-    add.add_argument(
-        "--domains",
+    add_settings_arguments(add)
+    add.set_defaults(domains=None)  # every domain but the added one
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per `RetrainSettings` field (help from its docstring), and `--gate-steps`.
+
+    `--domains` takes names separated by spaces or commas (`biology,chemistry`, the older
+    spelling); `gate_candidates` has no flag of its own: `--gate-steps` sets the steps of
+    every candidate.
+    """
+    from loramix.commands.flags import add_fields
+    from loramix.science.pipeline import TRAIN_DTYPES, RetrainSettings
+    from loramix.training.trainer import SCHEDULERS
+
+    group = parser.add_argument_group("retrain settings (loramix.science.RetrainSettings)")
+    choices = {"lr_scheduler": SCHEDULERS, "train_dtype": TRAIN_DTYPES}
+    add_fields(group, RetrainSettings, skip=("gate_candidates",), choices=choices)
+    group.add_argument(
+        "--gate-steps",
+        type=int,
         default=None,
-        help="the run's domains, comma-separated (default: every domain but the added one)",
+        help="optimizer steps of every gate candidate (default: each candidate's own)",
     )
+
+
+def settings_from_args(args: argparse.Namespace, **values: Any) -> Any:
+    """The `RetrainSettings` that the flags of `add_settings_arguments` give, plus `values`."""
+    import dataclasses
+
+    from loramix.commands.flags import from_args
+    from loramix.science.pipeline import RetrainSettings
+
+    candidates = RetrainSettings().gate_candidates
+    if args.gate_steps is not None:
+        candidates = tuple(dataclasses.replace(c, steps=args.gate_steps) for c in candidates)
+    if args.domains is not None:
+        values.setdefault("domains", split_names(args.domains))
+    return from_args(RetrainSettings, args, gate_candidates=candidates, **values)
+
+
+def split_names(items: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """`["a,b", "c"]` -> `("a", "b", "c")`: names given with spaces, commas or both."""
+    return tuple(name.strip() for item in items for name in item.split(",") if name.strip())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,21 +135,23 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _add_domain(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from loramix.science.add_domain import add_domain
-    from loramix.science.pipeline import RetrainSettings
-    from loramix.science.registry import DOMAINS
 
-    if args.domains is None:
-        domains = tuple(d for d in DOMAINS if d != args.domain)
-    else:
-        domains = tuple(d.strip() for d in args.domains.split(",") if d.strip())
-    settings = dataclasses.replace(RetrainSettings(), domains=domains)
+    settings = add_domain_settings(args)
     record = add_domain(args.out, args.domain, seed=args.seed, settings=settings)
     for key, value in record.items():
         print(f"{key:22} {value}")
     return 0
+
+
+def add_domain_settings(args: argparse.Namespace) -> Any:
+    """The run's `RetrainSettings` from the `add-domain` flags: without `--domains`, every
+    domain but the added one."""
+    from loramix.science.registry import DOMAINS
+
+    if args.domains is not None:
+        return settings_from_args(args)
+    return settings_from_args(args, domains=tuple(d for d in DOMAINS if d != args.domain))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -238,27 +253,9 @@ def format_report(result: Any, out_dir: str) -> str:
 
 
 def _retrain(args: argparse.Namespace) -> int:
-    import dataclasses
+    from loramix.science.pipeline import retrain
 
-    from loramix.science.pipeline import RetrainSettings, retrain
-
-    defaults = RetrainSettings()
-    candidates = defaults.gate_candidates
-    if args.gate_steps is not None:
-        candidates = tuple(dataclasses.replace(c, steps=args.gate_steps) for c in candidates)
-    domains = defaults.domains
-    if args.domains is not None:
-        domains = tuple(d.strip() for d in args.domains.split(",") if d.strip())
-    settings = dataclasses.replace(
-        defaults,
-        domains=domains,
-        expert_steps=args.expert_steps,
-        gate_candidates=candidates,
-        multitask=not args.no_multitask,
-        eval_limit=args.eval_limit,
-        threads=args.threads,
-        expert_workers=args.expert_workers,
-    )
+    settings = settings_from_args(args)
     timings = retrain(
         args.out,
         seed=args.seed,

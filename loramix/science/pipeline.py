@@ -69,7 +69,7 @@ MULTITASK = "multitask"  # the multitask LoRA's folder under experts/ and its sy
 MULTITASK_JSON = "multitask.json"  # its rank, steps and data, beside its adapter
 _ADAPTER_CONFIG = "adapter_config.json"
 _BUNDLED_REPORTS = ("eval.json", "eval.md")
-_TRAIN_DTYPES = ("float32", "bfloat16")
+TRAIN_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,8 @@ class RetrainSettings:
 
     Attributes:
         base: "smollm2" or a local transformers folder.
-        domains: The expert domains, a subset of `loramix.science.DOMAINS`.
+        domains: The expert domains, a subset of `loramix.science.DOMAINS` (on the command
+            line, separated by spaces or commas).
         n_train: Training examples per domain.
         n_test: Test examples per domain (and in the mixed and composite sets).
         n_dev: Dev examples per domain (and in the mixed and composite dev sets).
@@ -172,8 +173,8 @@ class RetrainSettings:
             problems.append(f"gate_candidates: give one or more, with distinct names ({names}).")
         for candidate in self.gate_candidates:
             problems += candidate.problems(self.domains)
-        if self.train_dtype not in _TRAIN_DTYPES:
-            problems.append(f"train_dtype={self.train_dtype!r}: use one of {_TRAIN_DTYPES}.")
+        if self.train_dtype not in TRAIN_DTYPES:
+            problems.append(f"train_dtype={self.train_dtype!r}: use one of {TRAIN_DTYPES}.")
         if isinstance(self.targets, str) or not self.targets:
             problems.append(f"targets={self.targets!r}: give module names, e.g. ('q_proj',).")
         raise_problems("Invalid RetrainSettings", problems)
