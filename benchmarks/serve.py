@@ -17,6 +17,10 @@ not reached are reported as skipped).
 
     .venv/bin/python benchmarks/serve.py --quick     # ~3 minutes on 2 CPU cores
     .venv/bin/python benchmarks/serve.py             # twice the requests and tokens
+    .venv/bin/python benchmarks/serve.py --quick --levels 1 8 --modes frozen --no-stress
+
+Per level it also reads the server's `/metrics` before and after: the share of the wall time
+in prefills and in decode steps, the mean decode batch and the mean decode step time.
 """
 
 from __future__ import annotations
