@@ -17,6 +17,10 @@ not reached are reported as skipped).
 
     .venv/bin/python benchmarks/serve.py --quick     # ~3 minutes on 2 CPU cores
     .venv/bin/python benchmarks/serve.py             # twice the requests and tokens
+    .venv/bin/python benchmarks/serve.py --quick --levels 1 8 --modes frozen --no-stress
+
+Per level it also reads the server's `/metrics` before and after: the share of the wall time
+in prefills and in decode steps, the mean decode batch and the mean decode step time.
 """
 
 from __future__ import annotations
@@ -155,6 +159,22 @@ def wait_ready(url: str, server: subprocess.Popen, seconds: float = 300) -> None
     raise RuntimeError("the server did not start")
 
 
+def engine_counters(url: str) -> dict[str, float]:
+    """The engine's cumulative forward seconds by phase and decode-step batch sizes."""
+    wanted = {
+        'loramix_forward_seconds_total{phase="prefill"}': "prefill_s",
+        'loramix_forward_seconds_total{phase="decode"}': "decode_s",
+        "loramix_batch_size_sum": "batch_rows",
+        "loramix_batch_size_count": "decode_steps",
+    }
+    counters = dict.fromkeys(wanted.values(), 0.0)
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in wanted:
+            counters[wanted[name]] = float(value)
+    return counters
+
+
 async def benchmark(args: argparse.Namespace, url: str, pid: int) -> dict:
     deadline = time.monotonic() + args.time_limit
     scale = 1 if args.quick else 2
@@ -164,16 +184,23 @@ async def benchmark(args: argparse.Namespace, url: str, pid: int) -> dict:
     body["stream"], body["stream_options"] = True, {"include_usage": True}
     await run_level(url, 1, 2, body, deadline)  # warm-up
     report: dict = {"rss_before_mib": rss_mib(pid), "levels": []}
-    for mode in MODES:
+    for mode in args.modes:
         alone: dict[str, str] = {}
-        for clients in CLIENTS:
+        for clients in args.levels:
             if time.monotonic() > deadline:
                 report["levels"].append({"mode": mode, "clients": clients, "skipped": True})
                 continue
             requests = max(4, 2 * clients) * scale
+            before = engine_counters(url)
             level = await run_level(
                 url, clients, requests, {**body, "scalings_mode": mode}, deadline
             )
+            after = engine_counters(url)
+            spent = {key: after[key] - before[key] for key in after}
+            level["prefill_share"] = spent["prefill_s"] / level["wall_s"]
+            level["decode_share"] = spent["decode_s"] / level["wall_s"]
+            level["mean_decode_batch"] = spent["batch_rows"] / max(spent["decode_steps"], 1)
+            level["decode_step_ms"] = 1000 * spent["decode_s"] / max(spent["decode_steps"], 1)
             answers = level.pop("answers")
             if clients == 1:
                 alone = answers
@@ -182,6 +209,9 @@ async def benchmark(args: argparse.Namespace, url: str, pid: int) -> dict:
             )
             report["levels"].append({"mode": mode, **level})
             print(json.dumps(report["levels"][-1]), flush=True)
+    if args.no_stress:
+        report["rss_after_mib"] = rss_mib(pid)
+        return report
     stress = {**body, "max_tokens": 8 * scale, "scalings_mode": "granular"}
     level = await run_level(url, 16, 200, stress, deadline + 600)  # bounded by its 200 requests
     level.pop("answers")
@@ -193,9 +223,10 @@ async def benchmark(args: argparse.Namespace, url: str, pid: int) -> dict:
 def print_table(report: dict, command: str) -> None:
     print(f"\n`{command}` (indicative: measured on a shared, loaded machine)\n")
     print(
-        "| mode | clients | requests | tokens/s | x 1 client | p50 s | p99 s | TTFT p50 | differ |"
+        "| mode | clients | requests | tokens/s | x 1 client | p50 s | p99 s | TTFT p50 | differ "
+        "| prefill % | decode % | decode batch | step ms |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     single = {}
     for level in report["levels"]:
         if level.get("skipped"):
@@ -208,9 +239,14 @@ def print_table(report: dict, command: str) -> None:
             f"| {level['mode']} | {level['clients']} | {level['requests']} | "
             f"{level['tokens_per_s']:.1f} | {ratio:.2f} | {level['p50_s']:.2f} | "
             f"{level['p99_s']:.2f} | {level['ttft_p50_s']:.2f} | "
-            f"{level['differ_from_1_client']} |"
+            f"{level['differ_from_1_client']} | {100 * level['prefill_share']:.0f} | "
+            f"{100 * level['decode_share']:.0f} | {level['mean_decode_batch']:.1f} | "
+            f"{level['decode_step_ms']:.0f} |"
         )
-    stress = report["stress_200_requests_16_clients"]
+    stress = report.get("stress_200_requests_16_clients")
+    if stress is None:
+        print(f"\nServer RSS {report['rss_after_mib']:.0f} MiB at the end (no stress run).")
+        return
     print(
         f"\n200 requests under 16 clients: {stress['requests'] - stress['failed']} answered, "
         f"{stress['failed']} failed, {stress['lost']} lost, {stress['tokens_per_s']:.1f} tokens/s, "
@@ -225,6 +261,9 @@ def main() -> int:
     parser.add_argument("--model", default=str(ROOT / "models" / "science-xlora"))
     parser.add_argument("--threads", type=int, default=2, help="the server's torch threads")
     parser.add_argument("--time-limit", type=float, default=900, help="seconds for the levels")
+    parser.add_argument("--levels", type=int, nargs="+", default=list(CLIENTS), help="clients")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--no-stress", action="store_true", help="skip the 200-request run")
     parser.add_argument("--json", default=None, help="also write the report here")
     args = parser.parse_args()
     port = free_port()
@@ -236,7 +275,7 @@ def main() -> int:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(120)
-    command = "python benchmarks/serve.py" + (" --quick" if args.quick else "")
+    command = "python " + " ".join(["benchmarks/serve.py", *sys.argv[1:]])
     print_table(report, command)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import openai
@@ -235,6 +236,10 @@ def test_health_and_metrics(served, client) -> None:
     ):
         assert name in text
     assert 'loramix_requests_total{route="chat",status="200"}' in text
+    for phase in ("prefill", "decode"):  # the engine's forward time, by phase
+        line = rf'^loramix_forward_seconds_total{{phase="{phase}"}} (\S+)$'
+        seconds = re.search(line, text, re.M)
+        assert seconds is not None and float(seconds.group(1)) > 0
     unknown = httpx.get(served[0].url + "/v1/nothing")
     assert unknown.status_code == 404 and "error" in unknown.json()
 

@@ -248,7 +248,9 @@ class Engine:
                 with torch.inference_mode():
                     self._admit()
                     for group in list(self._groups.values()):
+                        start = time.perf_counter()
                         self._step(group)
+                        self._count_seconds("decode", start)
             except Exception as error:  # a bug or out of memory: fail the jobs, keep serving
                 logger.exception("engine step failed")
                 self._fail_all(f"{type(error).__name__}: {error}")
@@ -260,6 +262,10 @@ class Engine:
         if self.metrics is not None:
             self.metrics.running.set(self.running)
             self.metrics.queue_length.set(self.waiting)
+
+    def _count_seconds(self, phase: str, start: float) -> None:
+        if self.metrics is not None:
+            self.metrics.forward_seconds.labels(phase).inc(time.perf_counter() - start)
 
     def _fail_all(self, message: str) -> None:
         jobs = {id(r.job): r.job for g in self._groups.values() for r in g.rows}
@@ -287,7 +293,9 @@ class Engine:
             running += job.n
         for jobs in admitted.values():
             self._admitting = jobs  # failed along with the others if the prefill raises
+            start = time.perf_counter()
             self._prefill(jobs)
+            self._count_seconds("prefill", start)
         self._admitting = []
 
     # ------------------------------------------------------------- forward calls

@@ -29,6 +29,12 @@ class Metrics:
         self.batch_size = Histogram(
             "loramix_batch_size", "sequences per decode step", buckets=BATCH_BUCKETS, registry=r
         )
+        self.forward_seconds = Counter(
+            "loramix_forward_seconds",
+            "engine time in forward calls, by phase (prefill or decode)",
+            ["phase"],
+            registry=r,
+        )
         self.queue_length = Gauge("loramix_queue_length", "requests waiting for a slot", registry=r)
         self.running = Gauge("loramix_running_sequences", "sequences in the batch", registry=r)
         self.latency = Histogram(
