@@ -149,14 +149,7 @@ def train_expert(
     with progress_bars(config.progress):
         model, tokenizer = load_base_model(base, dtype=dtype)
     check_targets(model, lora.targets)
-    train, held_out = load_training_data(
-        sources,
-        tokenizer,
-        max_length=config.max_length,
-        chat=config.chat,
-        eval_fraction=config.eval_fraction,
-        seed=config.seed,
-    )
+    train, held_out = load_training_data(sources, tokenizer, **config.data_options())
     run = {
         "base_model": base_record(model),
         "data": data_settings(sources),

@@ -409,14 +409,7 @@ def train_gate(
     state = PartialState(cpu=cpu_data_parallel())  # under torchrun: joins the process group
     with progress_bars(config.progress):
         base_model, tokenizer = load_base_model(base, dtype=dtype)
-    train, held_out = load_training_data(
-        sources,
-        tokenizer,
-        max_length=config.max_length,
-        chat=config.chat,
-        eval_fraction=config.eval_fraction,
-        seed=config.seed,
-    )
+    train, held_out = load_training_data(sources, tokenizer, **config.data_options())
     set_seed(config.seed)  # the gate's initial weights: the same on every process
     model = XLoraModel(base_model, xlora, loaded)
     model.gate.to(torch.float32)

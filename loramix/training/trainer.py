@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -158,6 +159,15 @@ class TrainingConfig:
         if not self.weight_decay >= 0:
             problems.append(f"weight_decay={self.weight_decay}: use a number >= 0.")
         raise_problems("Invalid TrainingConfig", problems)
+
+    def data_options(self) -> dict[str, Any]:
+        """The keyword arguments of `loramix.training.data.load_training_data` set here."""
+        return {
+            "max_length": self.max_length,
+            "chat": self.chat,
+            "eval_fraction": self.eval_fraction,
+            "seed": self.seed,
+        }
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
