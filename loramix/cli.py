@@ -15,7 +15,8 @@ This module collects them and owns the command's manners:
   when both go to one pipe or file.
 * the import-time notices of optional quantization backends (torchao's and bitsandbytes'
   kernels that this machine lacks), which peft triggers on import and which nobody can act
-  on, are dropped by exact logger and message (`IMPORT_NOISE`); every other record passes.
+  on, are dropped by exact logger and message (`loramix.import_noise`); every other record
+  passes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from collections.abc import Iterator, Sequence
 
 from loramix.commands.help_format import DefaultsHelpFormatter
 from loramix.errors import TrainingInterrupted
+from loramix.import_noise import quiet_import_noise
 
 # Subcommand name -> module under loramix.commands. Imported lazily so that
 # `loramix --help` stays fast and optional dependencies load only when used.
@@ -47,14 +49,6 @@ SUBCOMMANDS: dict[str, str] = {
 USER_ERRORS = (ValueError, OSError, ImportError)
 """Exceptions whose message is the whole story: shown as one line, exit status 2."""
 
-IMPORT_NOISE: dict[str, tuple[str, ...]] = {
-    # logger name -> message prefixes dropped. peft imports torchao and bitsandbytes when they
-    # are installed (the `quantization` extra); both log what their optional kernels lack.
-    "torchao": ("Failed to load ",),
-    "torchao.kernel.intmm": ("Warning: Detected no triton",),
-    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
-    "torch.utils._pytree": ("<enum ",),  # torchao's register_constant deprecation notice
-}
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
@@ -115,25 +109,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{name}: error: {error_text(error)}", file=sys.stderr)
         return EXIT_USAGE
-
-
-class _DropPrefixes(logging.Filter):
-    """Drops the records of one logger whose message starts with one of `prefixes`."""
-
-    def __init__(self, prefixes: tuple[str, ...]) -> None:
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefixes)
-
-
-def quiet_import_noise() -> None:
-    """Install the `IMPORT_NOISE` filters once (a logger filter sees only its own records)."""
-    for name, prefixes in IMPORT_NOISE.items():
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropPrefixes) for f in logger.filters):
-            logger.addFilter(_DropPrefixes(prefixes))
 
 
 def error_text(error: BaseException) -> str:

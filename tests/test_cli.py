@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shlex
 import subprocess
 import sys
@@ -188,21 +187,6 @@ def test_help_shows_real_defaults_only():
     assert "--lr LR Peak learning rate. (default: 0.0002)" in helps["loramix train-gate"]
     targets = "(default: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)"
     assert targets in helps["loramix train-expert"]
-
-
-def test_import_notices_of_optional_backends_are_dropped_and_nothing_else(caplog):
-    from loramix.cli import IMPORT_NOISE, quiet_import_noise
-
-    quiet_import_noise()
-    quiet_import_noise()  # idempotent: one filter per logger
-    for name, prefixes in IMPORT_NOISE.items():
-        logger = logging.getLogger(name)
-        assert len(logger.filters) == 1
-        with caplog.at_level(logging.WARNING, logger=name):
-            caplog.clear()
-            logger.warning(prefixes[0] + "something optional")
-            logger.warning("a real problem")
-        assert [r.getMessage() for r in caplog.records] == ["a real problem"]
 
 
 def test_importing_peft_through_the_cli_prints_no_backend_notices():

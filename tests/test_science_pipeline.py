@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from tiny_tokenizer import save_tiny_model
 
 from loramix.config import XLoraConfig
+from loramix.evaluation.report import EvalReport
 from loramix.model import XLoraModel
 from loramix.science.bundle import (
     DEFAULT_BUNDLE,
@@ -47,7 +48,7 @@ TINY = dict(
     save_steps=1,
     eval_limit=2,
     max_new_tokens=3,
-    expert_workers=1,
+    workers=1,
 )
 
 
@@ -208,6 +209,7 @@ def test_the_multitask_lora_matches_the_experts_parameters_and_examples(run):
     assert (config["r"], config["lora_alpha"]) == (2 * settings.rank, 2 * settings.alpha)
     plan = json.loads((out / "experts" / MULTITASK / "multitask.json").read_text())
     assert plan["steps"] == len(settings.domains) * settings.expert_steps  # as many examples
+    assert plan["lr"] == settings.multitask_lr
     assert plan["train_files"] == [f"{d}_train.jsonl" for d in settings.domains]
 
 
@@ -288,7 +290,7 @@ def test_experts_trained_side_by_side_equal_those_trained_here(run, tmp_path):
     out, _, settings, _ = run
     side_by_side = tmp_path / "run"
     shutil.copytree(out / "data", side_by_side / "data")  # the same data; experts redone
-    parallel = dataclasses.replace(settings, expert_workers=2)
+    parallel = dataclasses.replace(settings, workers=2)
     retrain(
         side_by_side,
         seed=3,
@@ -301,10 +303,27 @@ def test_experts_trained_side_by_side_equal_those_trained_here(run, tmp_path):
         assert here.keys() == there.keys()
         for key in here:  # one thread per worker here vs the test's threads: rounding only
             torch.testing.assert_close(there[key], here[key], atol=1e-5, rtol=1e-4)
-    record = json.loads((side_by_side / "timings.json").read_text())["experts"]
+    timings = json.loads((side_by_side / "timings.json").read_text())
+    record = timings["experts"]
     assert record["workers"] == 2 and record["threads"] >= 1
     assert set(record["each"]) == set(settings.domains)
     assert record["cpu_s"] == pytest.approx(sum(e["cpu_s"] for e in record["each"].values()))
+    gates = timings["gates"]  # the candidates side by side too
+    assert gates["workers"] == 2 and set(gates["each"]) == {
+        c.name for c in settings.gate_candidates
+    }
+    here = json.loads((out / "selection.json").read_text())
+    there = json.loads((side_by_side / "selection.json").read_text())
+    assert there["chosen"] == here["chosen"]
+    # the evaluation's parts, gathered from two workers, give the report made here
+    here = EvalReport.read(out / "eval" / "eval.json")
+    there = EvalReport.read(side_by_side / "eval" / "eval.json")
+    assert there.systems == [s for s in here.systems if s != MULTITASK]
+    assert there.usage.keys() == here.usage.keys()
+    for system in there.systems:
+        assert there.scores[system].keys() == here.scores[system].keys()
+        for name, score in there.scores[system].items():
+            assert score.nll == pytest.approx(here.scores[system][name].nll, rel=1e-3)
 
 
 def test_a_run_folder_refuses_other_settings(run):

@@ -15,6 +15,12 @@ def describe(value: int) -> tuple[int, int, int]:
     return value * value, os.getpid(), torch.get_num_threads()
 
 
+def import_peft(value: int) -> int:
+    import peft  # noqa: F401  (imports torchao and bitsandbytes when they are installed)
+
+    return value
+
+
 def fail_on(value: int) -> int:
     if value == 2:
         raise ValueError("two is not allowed")
@@ -50,3 +56,11 @@ def test_bad_counts_are_refused(field, value):
     counts = {"workers": 1, "threads": 1, field: value}
     with pytest.raises(ValueError, match=f"{field}={value!r}: use a whole number >= 1"):
         list(run_jobs(describe, {"a": (1,)}, **counts))
+
+
+def test_workers_print_no_import_notices_of_optional_backends(capfd):
+    jobs = {"a": (1,), "b": (2,)}
+    done = {d.name: d.value for d in run_jobs(import_peft, jobs, workers=2, threads=1)}
+    assert done == {"a": 1, "b": 2}
+    err = capfd.readouterr().err
+    assert "Failed to load" not in err and "register_constant" not in err

@@ -29,16 +29,21 @@ import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from loramix.evaluation.report import EvalReport, Score
     from loramix.science.pipeline import RetrainPaths, RetrainSettings
 
 logger = logging.getLogger(__name__)
 
 ACCURACY_PNG = "accuracy.png"
+MIXTURE_PART = "mixture"  # the part of the evaluation that scores the X-LoRA systems
 
 
 def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> None:
-    """Evaluate every system of the run on its test files; write eval.json/md and the PNGs."""
-    from loramix.config import XLoraConfig
+    """Evaluate every system of the run on its test files; write eval.json/md and the PNGs.
+
+    The systems are scored in parts (`evaluation_parts`), side by side in up to
+    `settings.workers` processes, and gathered into one report.
+    """
     from loramix.evaluation.plots import plot_accuracy, write_eval_plots
     from loramix.evaluation.runner import (
         BASE,
@@ -46,38 +51,30 @@ def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> None:
         UNIFORM,
         XLORA,
         XLORA_FROZEN,
-        evaluate,
         load_test_set,
     )
     from loramix.model import XLoraModel
-    from loramix.science.pipeline import MIXED, MULTITASK
+    from loramix.science.pipeline import MIXED, MULTITASK, worker_plan
     from loramix.science.registry import COMPOSITE
-    from loramix.science.targets import check_targets, science_verifier
+    from loramix.science.targets import check_targets
     from loramix.smollm2 import load_base_model
+    from loramix.training.jobs import run_jobs
 
-    base, tokenizer = load_base_model(settings.base)
-    model = XLoraModel.from_pretrained(base, paths.xlora)
     test_sets = {name: str(path) for name, path in paths.test_sets(settings.domains).items()}
-    options = dict(
-        chat=False,
-        verifier=science_verifier,
-        limit=settings.eval_limit,
-        max_new_tokens=settings.max_new_tokens,
-        max_length=settings.max_length,
-    )
-    report = evaluate(model, tokenizer, test_sets, [BASE, UNIFORM, XLORA, XLORA_FROZEN], **options)
-    for domain in settings.domains:  # each expert where the targets compare it
-        own = EXPERT_PREFIX + domain
-        subset = {k: v for k, v in test_sets.items() if k in (domain, COMPOSITE, MIXED)}
-        report.add_system(own, evaluate(model, tokenizer, subset, [own], **options).scores[own])
-    if settings.multitask:
-        alone = XLoraModel(
-            load_base_model(settings.base)[0],
-            XLoraConfig(adapters={MULTITASK: str(paths.multitask)}, xlora_size=8),
-        )
-        system = EXPERT_PREFIX + MULTITASK  # fixed scaling 1: exactly the plain LoRA
-        scores = evaluate(alone, tokenizer, test_sets, [system], **options).scores[system]
-        report.add_system(MULTITASK, scores)
+    parts = evaluation_parts(settings)
+    jobs = {name: (paths, settings, systems) for name, systems in parts.items()}
+    workers, threads = worker_plan(settings, len(jobs))
+    logger.info("evaluation: %d part(s), %d at a time", len(jobs), workers)
+    done = {
+        d.name: d.value for d in run_jobs(_evaluate_part, jobs, workers=workers, threads=threads)
+    }
+    report = done[MIXTURE_PART]  # the X-LoRA systems, with the expert usage
+    for name in parts:
+        if name != MIXTURE_PART:
+            for system, scores in done[name].items():
+                report.add_system(
+                    MULTITASK if system == EXPERT_PREFIX + MULTITASK else system, scores
+                )
     order = [BASE, *(EXPERT_PREFIX + d for d in settings.domains), UNIFORM, MULTITASK]
     report.systems = [s for s in order if s in report.systems] + [XLORA, XLORA_FROZEN]
     report.settings["systems_on_subsets"] = "expert:<d> on <d>, composite and mixed only"
@@ -102,6 +99,8 @@ def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> None:
     logger.info("evaluation:\n%s", report.table())
     for check in checks:
         logger.info("target %s", check.line())
+    base, tokenizer = load_base_model(settings.base)
+    model = XLoraModel.from_pretrained(base, paths.xlora)
     samples = {
         name: load_test_set(path, tokenizer, chat=False, limit=1)[0].input_ids
         for name, path in test_sets.items()
@@ -109,3 +108,69 @@ def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> None:
     }
     write_eval_plots(model, tokenizer, samples, paths.eval, usage=report.usage)
     plot_accuracy(report, paths.eval / ACCURACY_PNG)
+
+
+def evaluation_parts(settings: RetrainSettings) -> dict[str, list[str]]:
+    """Part name -> the systems it scores; the largest parts first, so that side by side
+    they finish at about the same time: the X-LoRA systems (two passes each), the base and
+    the uniform average, the multitask LoRA, and the experts in two halves (each on its own
+    domain, the mixed and the composite set only).
+    """
+    from loramix.evaluation.runner import BASE, EXPERT_PREFIX, UNIFORM, XLORA, XLORA_FROZEN
+    from loramix.science.pipeline import MULTITASK
+
+    parts = {MIXTURE_PART: [XLORA, XLORA_FROZEN], "references": [BASE, UNIFORM]}
+    if settings.multitask:
+        parts[MULTITASK] = [EXPERT_PREFIX + MULTITASK]
+    experts = [EXPERT_PREFIX + d for d in settings.domains]
+    half = (len(experts) + 1) // 2
+    for i, chunk in enumerate((experts[:half], experts[half:]), start=1):
+        if chunk:
+            parts[f"experts-{i}"] = chunk
+    return parts
+
+
+def _evaluate_part(
+    paths: RetrainPaths, settings: RetrainSettings, systems: list[str]
+) -> EvalReport | dict[str, dict[str, Score]]:
+    """Score `systems` on their test sets (a job of `evaluate_run`).
+
+    Returns:
+        The report of the X-LoRA systems (the frame of the whole report: experts, test
+        sets, usage) for the mixture part; system -> test set -> score for the others.
+    """
+    from loramix.config import XLoraConfig
+    from loramix.evaluation.runner import EXPERT_PREFIX, XLORA, evaluate
+    from loramix.model import XLoraModel
+    from loramix.science.pipeline import MIXED, MULTITASK
+    from loramix.science.registry import COMPOSITE
+    from loramix.science.targets import science_verifier
+    from loramix.smollm2 import load_base_model
+
+    base, tokenizer = load_base_model(settings.base)
+    test_sets = {name: str(path) for name, path in paths.test_sets(settings.domains).items()}
+    options = dict(
+        chat=False,
+        verifier=science_verifier,
+        limit=settings.eval_limit,
+        max_new_tokens=settings.max_new_tokens,
+        max_length=settings.max_length,
+    )
+    if systems == [EXPERT_PREFIX + MULTITASK]:  # fixed scaling 1: exactly the plain LoRA
+        alone = XLoraModel(
+            base, XLoraConfig(adapters={MULTITASK: str(paths.multitask)}, xlora_size=8)
+        )
+        return evaluate(alone, tokenizer, test_sets, systems, **options).scores
+    model = XLoraModel.from_pretrained(base, paths.xlora)
+    if XLORA in systems:
+        return evaluate(model, tokenizer, test_sets, systems, **options)
+    scores = {}
+    for system in systems:
+        own = system.removeprefix(EXPERT_PREFIX)  # an expert: on its own domain only
+        subset = (
+            test_sets
+            if own == system
+            else {k: v for k, v in test_sets.items() if k in (own, COMPOSITE, MIXED)}
+        )
+        scores[system] = evaluate(model, tokenizer, subset, [system], **options).scores[system]
+    return scores

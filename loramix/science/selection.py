@@ -122,6 +122,8 @@ def score_candidates(
     *,
     max_length: int = 1024,
     batch_size: int = 8,
+    workers: int = 1,
+    threads: int = 1,
 ) -> dict[str, dict[str, float]]:
     """X-LoRA's mean NLL per completion token of every gate on every dev file.
 
@@ -131,29 +133,49 @@ def score_candidates(
         dev_files: Dev set name -> `*_dev.jsonl` file.
         max_length: Examples are truncated to this many tokens.
         batch_size: Sequences per forward call.
+        workers: Candidates scored side by side (`loramix.training.jobs`); 1 scores them
+            one after the other here.
+        threads: torch threads of each worker (ignored when `workers` is 1).
 
     Returns:
-        Candidate -> dev set -> NLL.
+        Candidate -> dev set -> NLL, in the order of `gates`.
 
     Raises:
         ValueError: If a file is not a dev file (before any model is loaded).
     """
     check_dev_files(dev_files)
+    from loramix.training.jobs import run_jobs
+
+    jobs = {
+        name: (base, str(folder), {k: str(v) for k, v in dev_files.items()}, max_length, batch_size)
+        for name, folder in gates.items()
+    }
+    found = {
+        done.name: done.value
+        for done in run_jobs(_score_gate, jobs, workers=workers, threads=threads)
+    }
+    scores = {name: found[name] for name in gates}
+    for name, by_set in scores.items():
+        logger.info("gate %s: mean dev NLL %.4f", name, mean_nll(by_set))
+    return scores
+
+
+def _score_gate(
+    base: str, folder: str, dev_files: dict[str, str], max_length: int, batch_size: int
+) -> dict[str, float]:
+    """One gate's NLL on every dev file (a job of `score_candidates`)."""
     from loramix.evaluation.runner import completion_nll, load_test_set
     from loramix.model import XLoraModel
     from loramix.smollm2 import load_base_model
 
-    scores: dict[str, dict[str, float]] = {}
-    for name, folder in gates.items():
-        base_model, tokenizer = load_base_model(base)
-        model = XLoraModel.from_pretrained(base_model, Path(folder))
-        model.eval()
-        scores[name] = {}
-        for set_name, path in dev_files.items():
-            examples = load_test_set(path, tokenizer, chat=False, max_length=max_length)
-            nll, _, _ = completion_nll(model, tokenizer, examples, batch_size)
-            scores[name][set_name] = nll
-        logger.info("gate %s: mean dev NLL %.4f", name, mean_nll(scores[name]))
+    base_model, tokenizer = load_base_model(base)
+    model = XLoraModel.from_pretrained(base_model, Path(folder))
+    model.eval()
+    scores = {}
+    for set_name, path in dev_files.items():
+        examples = load_test_set(path, tokenizer, chat=False, max_length=max_length)
+        nll, _, _ = completion_nll(model, tokenizer, examples, batch_size)
+        scores[set_name] = nll
     return scores
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from loramix.checks import is_int
+from loramix.import_noise import quiet_import_noise
 
 _LOG_FORMAT = "%(levelname)s %(processName)s %(name)s: %(message)s"
 
@@ -119,6 +120,8 @@ def _timed(function: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, fl
 
 
 def _start_worker(threads: int, level: int) -> None:
-    """Worker set-up: its thread count, and logging like the parent's (spawn starts bare)."""
+    """Worker set-up: its thread count, and logging like the parent's (spawn starts bare),
+    without the optional backends' import notices (`loramix.import_noise`)."""
     torch.set_num_threads(threads)
+    quiet_import_noise()
     logging.basicConfig(level=level, format=_LOG_FORMAT)
