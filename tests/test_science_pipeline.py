@@ -32,6 +32,7 @@ from loramix.science.pipeline import (
 )
 from loramix.science.selection import GateCandidate
 from loramix.smollm2 import load_base_model
+from loramix.training.jobs import JobError
 from loramix.training.trainer import CHECKPOINTS
 
 TINY = dict(
@@ -376,6 +377,12 @@ def test_add_domain_cost_reads_one_runs_timings():
     assert cost["ratio"] == pytest.approx(600 / 190, abs=0.01)
     with pytest.raises(ValueError, match="lacks 'select'"):
         add_domain_cost({"experts": timings["experts"], "gates": timings["gates"]}, settings)
+    del timings["experts"]["each"]["proteins"]  # timed by an interrupted call, then lost
+    assert add_domain_cost(timings, settings)["expert_s"] == 100
+    assert add_domain_cost(timings, settings)["experts_timed"] == 1
+    del timings["experts"]["each"]["biology"]
+    with pytest.raises(ValueError, match="lacks 'biology'"):
+        add_domain_cost(timings, settings)
 
 
 def test_add_domain_cli_names_the_problem(tmp_path, capsys):
@@ -404,3 +411,19 @@ def test_export_keeps_the_base_and_prompt_records(tmp_path):
     assert prompt_rendering(tmp_path / "bundle") == {"chat": False, "chat_template": "{{ x }}"}
     assert (tmp_path / "bundle" / "base_model.json").is_file()
     assert default_base(tmp_path / "bundle") == default_base(source)
+
+
+def test_a_failed_experts_step_keeps_the_times_of_finished_experts(run, tmp_path):
+    out, _, settings, _ = run
+    again = tmp_path / "run"
+    shutil.copytree(out / "data", again / "data")
+    (again / "data" / "proteins_train.jsonl").write_text("not json\n")  # biology trains first
+    settings = dataclasses.replace(settings, multitask=False)
+    with pytest.raises(JobError, match="proteins"):
+        retrain(again, seed=3, settings=settings, bundle_dir=None)
+    each = json.loads((again / "timings.json").read_text())["experts"]["each"]
+    assert list(each) == ["biology"] and each["biology"]["wall_s"] > 0
+    shutil.copy(out / "data" / "proteins_train.jsonl", again / "data")
+    retrain(again, seed=3, settings=settings, bundle_dir=None)  # resumes: proteins only
+    each = json.loads((again / "timings.json").read_text())["experts"]["each"]
+    assert set(each) == {"biology", "proteins"}

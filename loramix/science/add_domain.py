@@ -46,7 +46,8 @@ def add_domain_cost(timings: dict[str, Any], settings: RetrainSettings) -> dict[
 
     Args:
         timings: A finished run's `timings.json` (experts with "each", gates with "each",
-            select with "chosen").
+            select with "chosen"). An expert whose time was lost (trained by a call that
+            stopped before the timings of its step were kept) is left out of the slowest.
 
     Returns:
         Seconds of each, the multitask time scaled to one more domain, and their ratio.
@@ -56,7 +57,10 @@ def add_domain_cost(timings: dict[str, Any], settings: RetrainSettings) -> dict[
     """
     try:
         each = timings["experts"]["each"]
-        expert_s = max(each[d]["wall_s"] for d in settings.domains)  # the slowest domain
+        timed = [each[d]["wall_s"] for d in settings.domains if d in each]
+        if not timed:
+            raise KeyError(settings.domains[0])
+        expert_s = max(timed)  # the slowest domain timed
         chosen = timings["select"]["chosen"]
         gate_s = timings["gates"]["each"][chosen]["wall_s"]
         multitask_s = each[MULTITASK]["wall_s"]
@@ -71,6 +75,7 @@ def add_domain_cost(timings: dict[str, Any], settings: RetrainSettings) -> dict[
     return {
         "add_domain_s": round(add_s, 1),
         "expert_s": expert_s,
+        "experts_timed": len(timed),
         "gate_s": gate_s,
         "multitask_retrain_s": round(retrain_s, 1),
         "ratio": round(retrain_s / add_s, 2),

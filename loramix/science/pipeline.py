@@ -384,6 +384,7 @@ def _train_experts(
     for done in run_jobs(_train_job, jobs, workers=workers, threads=threads):
         each[done.name] = {"wall_s": round(done.wall_s, 2), "cpu_s": round(done.cpu_s, 1)}
         logger.info("expert %s: done in %.1f s", done.name, done.wall_s)
+        keep_partial_timings(paths.out, "experts", {"each": each})  # kept if interrupted
     cpu_s = round(sum(each[d]["cpu_s"] for d in domains), 1)
     return {"cpu_s": cpu_s, "workers": workers, "threads": threads, "each": each}
 
@@ -541,6 +542,13 @@ def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> None:
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def keep_partial_timings(out: Path, step: str, record: dict[str, Any]) -> None:
+    """Keep what a step has timed so far in `timings.json`, for a call that resumes it."""
+    timings = read_json(out / TIMINGS_JSON)
+    timings[step] = record
+    write_text_atomic(out / TIMINGS_JSON, json.dumps(timings, indent=2) + "\n")
 
 
 def _check_run_settings(out: Path, seed: int, settings: RetrainSettings) -> None:
