@@ -119,12 +119,14 @@ def build_models(
 ) -> tuple[torch.nn.Module, XLoraModel, str]:
     """The base model and the X-LoRA model at `dtype`, and a line describing them."""
     if args.model == "science":
-        from loramix.science.pipeline import BUNDLE_DIR
+        from loramix.science.bundle import DEFAULT_BUNDLE
         from loramix.smollm2 import load_base_model
 
         base = load_base_model("smollm2", dtype=dtype)[0]
-        model = XLoraModel.from_pretrained(load_base_model("smollm2")[0], BUNDLE_DIR, dtype=dtype)
-        what = f"bundled science model ({BUNDLE_DIR.name})"
+        model = XLoraModel.from_pretrained(
+            load_base_model("smollm2")[0], DEFAULT_BUNDLE, dtype=dtype
+        )
+        what = f"bundled science model ({DEFAULT_BUNDLE.name})"
     else:
         base = random_base().to(dtype)
         model = XLoraModel(random_base(), XLoraConfig(adapters=args.adapters))

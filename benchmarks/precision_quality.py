@@ -4,7 +4,9 @@ For each dtype (base and experts in it, the gate in float32), on the held-out te
 the bundle (`models/science-xlora`, regenerated from its `retrain.json` as the demo does):
 
 - completion NLL per test set (X-LoRA, first `--limit` examples), and its relative
-  difference to float32's (target: within 1%);
+  difference to float32's (target: within 1%); the same for the base model alone
+  (`disable_adapters`), which shows how much of the difference the dtype causes without
+  any expert or gate;
 - greedy answers (first line, `--max-new-tokens` tokens) to the first `--answers` prompts of
   every test set, the first of each being the demo's question, counted equal to float32's.
 
@@ -23,8 +25,8 @@ import torch
 
 from loramix.evaluation.runner import completion_nll, greedy_answers, load_test_set
 from loramix.model import XLoraModel
+from loramix.science.bundle import DEFAULT_BUNDLE
 from loramix.science.demo import write_test_sets
-from loramix.science.pipeline import BUNDLE_DIR
 from loramix.smollm2 import load_base_model
 
 NLL_TOLERANCE = 0.01  # relative to float32's NLL
@@ -42,35 +44,40 @@ def main() -> int:
     print("command:", shlex.join([sys.executable, *sys.argv]))
     data = Path(tempfile.mkdtemp(prefix="loramix-precision-"))
     nll: dict[str, dict[str, float]] = {}
+    base_nll: dict[str, dict[str, float]] = {}
     answers: dict[str, dict[str, list[str]]] = {}
     for name in ["float32", *args.dtype]:
         dtype = getattr(torch, name)
         base, tokenizer = load_base_model("smollm2")
-        model = XLoraModel.from_pretrained(base, BUNDLE_DIR, dtype=dtype)
-        sets = write_test_sets(BUNDLE_DIR, data, model.expert_names)
-        nll[name], answers[name] = {}, {}
+        model = XLoraModel.from_pretrained(base, DEFAULT_BUNDLE, dtype=dtype)
+        sets = write_test_sets(DEFAULT_BUNDLE, data, model.expert_names)
+        nll[name], answers[name], base_nll[name] = {}, {}, {}
         with torch.inference_mode():
             for test_set, path in sets.items():
                 examples = load_test_set(path, tokenizer, chat=False, limit=args.limit)
                 nll[name][test_set] = completion_nll(model, tokenizer, examples)[0]
+                with model.disable_adapters():
+                    base_nll[name][test_set] = completion_nll(model, tokenizer, examples)[0]
                 answers[name][test_set] = greedy_answers(
                     model, tokenizer, examples[: args.answers], args.max_new_tokens
                 )
         print(f"{name}: done", flush=True)
 
-    print()
-    print(f"completion NLL per test set (first {args.limit} examples), x float32 - 1")
-    header = f"{'test set':<12} {'float32':>8} " + " ".join(f"{d:>18}" for d in args.dtype)
-    print(header)
-    print("-" * len(header))
     worst = {d: 0.0 for d in args.dtype}
-    for test_set, reference in nll["float32"].items():
-        cells = []
-        for name in args.dtype:
-            relative = nll[name][test_set] / reference - 1
-            worst[name] = max(worst[name], abs(relative))
-            cells.append(f"{nll[name][test_set]:>8.4f} ({relative:+.2%})")
-        print(f"{test_set:<12} {reference:>8.4f} " + " ".join(f"{c:>18}" for c in cells))
+    for what, table in (("X-LoRA", nll), ("base model alone", base_nll)):
+        print()
+        print(f"{what}: completion NLL per test set (first {args.limit} examples), x float32 - 1")
+        header = f"{'test set':<12} {'float32':>8} " + " ".join(f"{d:>18}" for d in args.dtype)
+        print(header)
+        print("-" * len(header))
+        for test_set, reference in table["float32"].items():
+            cells = []
+            for name in args.dtype:
+                relative = table[name][test_set] / reference - 1
+                if table is nll:
+                    worst[name] = max(worst[name], abs(relative))
+                cells.append(f"{table[name][test_set]:>8.4f} ({relative:+.2%})")
+            print(f"{test_set:<12} {reference:>8.4f} " + " ".join(f"{c:>18}" for c in cells))
     for name in args.dtype:
         verdict = "met" if worst[name] <= NLL_TOLERANCE else "MISSED"
         print(f"{name}: largest NLL difference {worst[name]:.2%} (target 1%: {verdict})")
