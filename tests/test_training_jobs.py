@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
 
-from loramix.training.jobs import JobError, run_jobs
+from loramix.training.jobs import BackgroundJob, JobError, run_jobs
 
 
 def describe(value: int) -> tuple[int, int, int]:
@@ -64,3 +65,29 @@ def test_workers_print_no_import_notices_of_optional_backends(capfd):
     assert done == {"a": 1, "b": 2}
     err = capfd.readouterr().err
     assert "Failed to load" not in err and "register_constant" not in err
+
+
+@pytest.mark.parametrize("here", [False, True])
+def test_a_background_job_runs_beside_this_process(here):
+    job = BackgroundJob("square", describe, (5,), threads=1, here=here)
+    done = job.wait()
+    assert done.name == "square" and done.value[0] == 25 and done.wall_s >= 0
+    assert (done.value[1] == os.getpid()) == here
+    if not here:
+        assert done.value[2] == 1  # the threads asked for
+    job.stop()  # nothing left to stop
+
+
+@pytest.mark.parametrize("here", [False, True])
+def test_a_failing_background_job_is_named_with_its_error(here):
+    job = BackgroundJob("second", fail_on, (2,), threads=1, here=here)
+    with pytest.raises(JobError, match="'second' failed: .*two is not allowed"):
+        job.wait()
+
+
+def test_a_background_job_can_be_stopped():
+    job = BackgroundJob("sleeper", time.sleep, (60,), threads=1)
+    start = time.perf_counter()
+    job.stop()
+    assert time.perf_counter() - start < 30
+    job.stop()  # twice is fine

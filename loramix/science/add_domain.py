@@ -46,8 +46,9 @@ def add_domain_cost(timings: dict[str, Any], settings: RetrainSettings) -> dict[
 
     Args:
         timings: A finished run's `timings.json` (experts with "each", gates with "each",
-            select with "chosen"). An expert whose time was lost (trained by a call that
-            stopped before the timings of its step were kept) is left out of the slowest.
+            select with "chosen", the multitask LoRA's own time in "multitask"). An expert
+            whose time was lost (trained by a call that stopped before the timings of its
+            step were kept) is left out of the slowest.
 
     Returns:
         Seconds of each, the multitask time scaled to one more domain, and their ratio.
@@ -63,7 +64,9 @@ def add_domain_cost(timings: dict[str, Any], settings: RetrainSettings) -> dict[
         expert_s = max(timed)  # the slowest domain timed
         chosen = timings["select"]["chosen"]
         gate_s = timings["gates"]["each"][chosen]["wall_s"]
-        multitask_s = each[MULTITASK]["wall_s"]
+        multitask_s = multitask_seconds(timings)
+        if multitask_s is None:
+            raise KeyError(MULTITASK)
     except (KeyError, TypeError) as error:
         raise ValueError(
             f"timings.json lacks {error}; it needs the experts (with the multitask LoRA), "
@@ -80,6 +83,17 @@ def add_domain_cost(timings: dict[str, Any], settings: RetrainSettings) -> dict[
         "multitask_retrain_s": round(retrain_s, 1),
         "ratio": round(retrain_s / add_s, 2),
     }
+
+
+def multitask_seconds(timings: dict[str, Any]) -> float | None:
+    """The multitask LoRA's own training time in a run's `timings.json`, if it is there:
+    its background job's (the "multitask" step) or, in runs that trained it beside the
+    experts, its entry among the experts'."""
+    job = timings.get(MULTITASK, {}).get("job")
+    if job is not None:
+        return job["wall_s"]
+    each = timings.get("experts", {}).get("each", {})
+    return each[MULTITASK]["wall_s"] if MULTITASK in each else None
 
 
 def add_domain(
@@ -147,10 +161,10 @@ def add_domain(
     train_gate_candidate(paths, staging / "xlora", candidate, seed, wider)
     record["gate_s"] = round(time.perf_counter() - start, 2)
     record["add_domain_s"] = round(record["data_s"] + record["expert_s"] + record["gate_s"], 2)
-    multitask = read_json(paths.out / TIMINGS_JSON).get("experts", {}).get("each", {})
-    if MULTITASK in multitask:
+    multitask_s = multitask_seconds(read_json(paths.out / TIMINGS_JSON))
+    if multitask_s is not None:
         n = len(settings.domains)
-        record["multitask_retrain_s"] = round(multitask[MULTITASK]["wall_s"] * (n + 1) / n, 1)
+        record["multitask_retrain_s"] = round(multitask_s * (n + 1) / n, 1)
         record["ratio"] = round(record["multitask_retrain_s"] / record["add_domain_s"], 2)
     write_text_atomic(staging / TIMINGS_JSON, json.dumps(record, indent=2) + "\n")
     logger.info("added %s in %.0f s: %s", domain, record["add_domain_s"], record)

@@ -8,16 +8,18 @@ in `OUT/timings.json`:
     data     OUT/data/{domain}_{train,dev,test}.jsonl, composite_{dev,test}.jsonl,
              mixed_{dev,test}.jsonl
     experts  OUT/experts/<domain>/           one rank-r LoRA per domain (`train_expert`),
-             OUT/experts/multitask/          and the multitask LoRA: one LoRA on the union
-                                             of the training files, rank E * r on the same
-                                             modules (as many trainable parameters as the E
-                                             experts together) for E * expert_steps steps
-                                             (as many training examples); all side by side
-                                             in worker processes
+                                             side by side in worker processes
     gates    OUT/gates/<candidate>/          one gate per `GateCandidate` over the frozen
                                              experts (`train_gate`)
     select   OUT/selection.json, OUT/xlora/  the candidate with the lowest mean dev NLL
                                              (`loramix.science.selection`: dev files only)
+    multitask OUT/experts/multitask/         the multitask LoRA: one LoRA on the union of
+                                             the training files, rank E * r on the same
+                                             modules (as many trainable parameters as the E
+                                             experts together) for E * expert_steps steps
+                                             (as many training examples). The longest job:
+                                             it starts with the experts, in a worker of its
+                                             own, and this step waits for it
     eval     OUT/eval/eval.{json,md}, *.png  the final report, the only step that opens the
                                              test files (`loramix.science.final_eval`)
     export   BUNDLE (models/science-xlora)   the X-LoRA folder in float16 with the eval files
@@ -46,7 +48,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -58,6 +60,9 @@ from loramix.science.bundle import DEFAULT_BUNDLE, MAX_BUNDLE_BYTES, export_bund
 from loramix.science.registry import COMPOSITE, DOMAINS
 from loramix.science.selection import DEFAULT_CANDIDATES, GateCandidate
 from loramix.training.trainer import CHECKPOINTS, TrainingConfig, last_checkpoint
+
+if TYPE_CHECKING:
+    from loramix.training.jobs import BackgroundJob
 
 logger = logging.getLogger(__name__)
 
@@ -294,21 +299,36 @@ def retrain(
         (paths.data / "manifest.json").is_file(),
         lambda: _write_data(paths, seed, settings),
     )
-    jobs = [MULTITASK] if settings.multitask else []  # the longest job first
-    jobs += list(settings.domains)
-    pending = [name for name in jobs if not _complete(paths.expert(name), _ADAPTER_CONFIG)]
-    step(
-        "experts",
-        not pending,
-        lambda: _train_experts(paths, pending, seed, settings, recorded.get("experts", {})),
-    )
-    gates = [c for c in settings.gate_candidates if not _complete(paths.gate(c.name), CONFIG_NAME)]
-    step("gates", not gates, lambda: _train_gates(paths, gates, seed, settings))
-    step(
-        "select",
-        _complete(paths.xlora, CONFIG_NAME) and (paths.out / SELECTION_JSON).is_file(),
-        lambda: _select_gate(paths, settings),
-    )
+    # The multitask LoRA, the longest job, trains in a worker of its own beside the experts,
+    # gates and selection (which do not need it); the eval step waits for it.
+    multitask = _start_multitask(paths, seed, settings)
+    threads_before = torch.get_num_threads()
+    try:
+        if multitask is not None and not multitask.here:
+            torch.set_num_threads(worker_plan(settings, 2)[1])  # the CPUs left to share
+        busy = 0 if multitask is None or multitask.here else 1
+        pending = [d for d in settings.domains if not _complete(paths.expert(d), _ADAPTER_CONFIG)]
+        step(
+            "experts",
+            not pending,
+            lambda: _train_experts(
+                paths, pending, seed, settings, recorded.get("experts", {}), busy=busy
+            ),
+        )
+        gates = [
+            c for c in settings.gate_candidates if not _complete(paths.gate(c.name), CONFIG_NAME)
+        ]
+        step("gates", not gates, lambda: _train_gates(paths, gates, seed, settings, busy=busy))
+        step(
+            "select",
+            _complete(paths.xlora, CONFIG_NAME) and (paths.out / SELECTION_JSON).is_file(),
+            lambda: _select_gate(paths, settings, busy=busy),
+        )
+        step(MULTITASK, multitask is None, lambda: _finish_multitask(multitask))
+    finally:
+        if multitask is not None:
+            multitask.stop()  # only still running if a step above failed
+        torch.set_num_threads(threads_before)
     step(
         "eval",
         (paths.eval / "eval.json").is_file() and (paths.eval / "expert_usage.png").is_file(),
@@ -361,13 +381,15 @@ def _train_experts(
     seed: int,
     settings: RetrainSettings,
     earlier: dict[str, Any],
+    busy: int = 0,
 ) -> dict[str, Any]:
     """Trains the experts of `domains` (and the multitask LoRA if named), up to
-    `settings.workers` side by side.
+    `settings.workers - busy` side by side.
 
     Args:
         earlier: The experts step's record in timings.json, if an earlier call trained
             some of the experts.
+        busy: Workers taken by a background job (the multitask LoRA).
 
     Returns:
         The step's record besides its wall time: CPU time of all experts (the workers'
@@ -375,7 +397,7 @@ def _train_experts(
     """
     from loramix.training.jobs import run_jobs
 
-    workers, threads = worker_plan(settings, len(domains))
+    workers, threads = worker_plan(settings, len(domains), busy=busy)
     each = dict(earlier.get("each", {}))
     logger.info(
         "training %d expert(s), %d at a time with %d thread(s) each", len(domains), workers, threads
@@ -446,12 +468,16 @@ def _train_job(paths: RetrainPaths, name: str, seed: int, settings: RetrainSetti
 
 
 def _train_gates(
-    paths: RetrainPaths, candidates: Sequence[GateCandidate], seed: int, settings: RetrainSettings
+    paths: RetrainPaths,
+    candidates: Sequence[GateCandidate],
+    seed: int,
+    settings: RetrainSettings,
+    busy: int = 0,
 ) -> dict[str, Any]:
     """Train one gate per candidate, side by side; returns the workers and each one's time."""
     from loramix.training.jobs import run_jobs
 
-    workers, threads = worker_plan(settings, len(candidates))
+    workers, threads = worker_plan(settings, len(candidates), busy=busy)
     logger.info(
         "training %d gate(s), %d at a time with %d thread(s) each",
         len(candidates),
@@ -473,11 +499,35 @@ def _gate_job(
     train_gate_candidate(paths, paths.gate(candidate.name), candidate, seed, settings)
 
 
-def worker_plan(settings: RetrainSettings, n_jobs: int) -> tuple[int, int]:
-    """(processes run at once, torch threads of each) for `n_jobs` jobs of a step."""
-    workers = max(1, min(settings.workers or os.cpu_count() or 1, n_jobs))
-    threads = max(1, (settings.threads or torch.get_num_threads()) // workers)
-    return workers, threads
+def worker_plan(settings: RetrainSettings, n_jobs: int, busy: int = 0) -> tuple[int, int]:
+    """(processes run at once, torch threads of each) for `n_jobs` jobs of a step, while
+    `busy` workers run a background job. With one process left, jobs run in this one."""
+    total = max(1, settings.workers or os.cpu_count() or 1)
+    threads = max(1, (settings.threads or os.cpu_count() or 1) // total)
+    return max(1, min(total - busy, n_jobs)), threads
+
+
+def _start_multitask(
+    paths: RetrainPaths, seed: int, settings: RetrainSettings
+) -> BackgroundJob | None:
+    """Start training the multitask LoRA in its own worker (in this process at the
+    multitask step if there is only one worker); None when it is done or not wanted."""
+    if not settings.multitask or _complete(paths.multitask, _ADAPTER_CONFIG):
+        return None
+    from loramix.training.jobs import BackgroundJob
+
+    workers, threads = worker_plan(settings, 2)
+    logger.info("multitask LoRA: training in the background with %d thread(s)", threads)
+    return BackgroundJob(
+        MULTITASK, _train_job, (paths, MULTITASK, seed, settings), threads=threads, here=workers < 2
+    )
+
+
+def _finish_multitask(job: BackgroundJob) -> dict[str, Any]:
+    """Wait for the multitask LoRA; its own time (it started with the experts) is "job"."""
+    done = job.wait()
+    logger.info("multitask LoRA: done in %.1f s", done.wall_s)
+    return {"job": {"wall_s": round(done.wall_s, 2), "cpu_s": round(done.cpu_s, 1)}}
 
 
 def train_gate_candidate(
@@ -512,13 +562,13 @@ def train_gate_candidate(
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
 
-def _select_gate(paths: RetrainPaths, settings: RetrainSettings) -> dict[str, Any]:
+def _select_gate(paths: RetrainPaths, settings: RetrainSettings, busy: int = 0) -> dict[str, Any]:
     """Score every candidate's gate on the dev files, keep the best as `OUT/xlora`."""
     from loramix.science.selection import choose, score_candidates, selection_record
 
     gates = {c.name: paths.gate(c.name) for c in settings.gate_candidates}
     dev = paths.dev_sets(settings.domains)  # dev files only: selection refuses others
-    workers, threads = worker_plan(settings, len(gates))
+    workers, threads = worker_plan(settings, len(gates), busy=busy)
     scores = score_candidates(
         settings.base, gates, dev, max_length=settings.max_length, workers=workers, threads=threads
     )

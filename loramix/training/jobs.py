@@ -125,3 +125,77 @@ def _start_worker(threads: int, level: int) -> None:
     torch.set_num_threads(threads)
     quiet_import_noise()
     logging.basicConfig(level=level, format=_LOG_FORMAT)
+
+
+class BackgroundJob:
+    """One job that runs beside the caller's work: in its own worker process, started at
+    once with `threads` torch threads, or (`here=True`) in this process when `wait` is called.
+
+        multitask = BackgroundJob("multitask", train_one, ("multitask",), threads=1)
+        ...  # other work, in this process
+        done = multitask.wait()  # a JobResult
+        multitask.stop()  # after an error elsewhere: ends the worker (no-op once waited)
+    """
+
+    def __init__(
+        self,
+        name: str,
+        function: Callable[..., Any],
+        args: tuple[Any, ...],
+        *,
+        threads: int,
+        here: bool = False,
+    ) -> None:
+        if not is_int(threads) or threads < 1:
+            raise ValueError(f"threads={threads!r}: use a whole number >= 1.")
+        self.name, self.function, self.args, self.here = name, function, args, here
+        self._process = self._connection = None
+        if not here:
+            context = multiprocessing.get_context("spawn")
+            self._connection, child = context.Pipe(duplex=False)
+            level = logging.getLogger().getEffectiveLevel()
+            self._process = context.Process(
+                target=_background_main,
+                args=(child, function, args, threads, level),
+                name=f"BackgroundJob-{name}",
+            )
+            self._process.start()
+            child.close()
+
+    def wait(self) -> JobResult:
+        """The job's result, once it has finished.
+
+        Raises:
+            JobError: If the job raised (or its worker died), naming it.
+        """
+        if self._process is None:
+            return _run_here(self.name, self.function, self.args)
+        try:
+            kind, payload = self._connection.recv()
+        except EOFError:
+            kind, payload = "error", f"its worker process ended ({self._process.exitcode})"
+        self._process.join()
+        self._process = None
+        if kind == "error":
+            raise JobError(f"job {self.name!r} failed: {payload}")
+        value, wall_s, cpu_s = payload
+        return JobResult(self.name, value, wall_s, cpu_s)
+
+    def stop(self) -> None:
+        """End the worker if it is still running (what it wrote last is what it kept)."""
+        if self._process is not None:
+            self._process.terminate()
+            self._process.join()
+            self._process = None
+
+
+def _background_main(
+    connection: Any, function: Callable[..., Any], args: tuple[Any, ...], threads: int, level: int
+) -> None:
+    _start_worker(threads, level)
+    try:
+        connection.send(("done", _timed(function, args)))
+    except Exception as error:  # the parent raises it as a JobError naming the job
+        connection.send(("error", f"{type(error).__name__}: {error}"))
+    finally:
+        connection.close()
