@@ -22,6 +22,10 @@ def import_peft(value: int) -> int:
     return value
 
 
+def type_name(kind: type) -> str:
+    return kind.__name__
+
+
 def fail_on(value: int) -> int:
     if value == 2:
         raise ValueError("two is not allowed")
@@ -63,6 +67,9 @@ def test_workers_print_no_import_notices_of_optional_backends(capfd):
     jobs = {"a": (1,), "b": (2,)}
     done = {d.name: d.value for d in run_jobs(import_peft, jobs, workers=2, threads=1)}
     assert done == {"a": 1, "b": 2}
+    from peft import LoraConfig  # an argument whose unpickling imports peft in the worker
+
+    assert BackgroundJob("c", type_name, (LoraConfig,), threads=1).wait().value == "LoraConfig"
     err = capfd.readouterr().err
     assert "Failed to load" not in err and "register_constant" not in err
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import pickle
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -156,7 +157,9 @@ class BackgroundJob:
             level = logging.getLogger().getEffectiveLevel()
             self._process = context.Process(
                 target=_background_main,
-                args=(child, function, args, threads, level),
+                # pickled here, unpickled after the worker's set-up: unpickling imports the
+                # function's module, whose imports may log what the set-up filters out
+                args=(child, pickle.dumps((function, args)), threads, level),
                 name=f"BackgroundJob-{name}",
             )
             self._process.start()
@@ -189,11 +192,10 @@ class BackgroundJob:
             self._process = None
 
 
-def _background_main(
-    connection: Any, function: Callable[..., Any], args: tuple[Any, ...], threads: int, level: int
-) -> None:
+def _background_main(connection: Any, job: bytes, threads: int, level: int) -> None:
     _start_worker(threads, level)
     try:
+        function, args = pickle.loads(job)
         connection.send(("done", _timed(function, args)))
     except Exception as error:  # the parent raises it as a JobError naming the job
         connection.send(("error", f"{type(error).__name__}: {error}"))
