@@ -53,6 +53,10 @@ def test_demo_answers_each_domain_and_a_composite_question(tiny, tmp_path):
         assert all(e in (0, 1) for e in answer.experts)
     assert result.report is not None and result.report.settings["limit"] == 2
     assert {"biology", "proteins", "composite", "mixed"} == set(result.report.test_sets)
+    report = result.report
+    assert report.systems == ["base", "expert:biology", "expert:proteins", "uniform", "xlora"]
+    assert set(report.scores["xlora"]) == {"biology", "proteins", "composite", "mixed"}
+    assert set(report.scores["expert:biology"]) == {"biology", "composite", "mixed"}
     recorded = json.loads((bundle / "eval.json").read_text())
     assert [t.status for t in result.verdicts] == [t["status"] for t in recorded["targets"]]
     assert {t.target.split(":")[0] for t in result.verdicts} >= {"biology", "mixed", "composite"}

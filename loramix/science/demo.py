@@ -11,9 +11,10 @@ unless `dtype` says otherwise; the gate computes in float32), then:
    verifier;
 2. reads the bundle's full evaluation verdicts (its `eval.json`, written by the retrain on
    every held-out example): these say whether the targets are met;
-3. scores base, each expert, their uniform average and X-LoRA on the first `n_eval` examples
-   of every test set: a sample that shows the evaluation running here, too small to judge the
-   targets on, so it carries no pass/fail;
+3. scores base, their uniform average and X-LoRA on the first `n_eval` examples of every
+   test set, and each expert on those of its own domain, the composite and the mixed set (as
+   the retrain's report does): a sample that shows the evaluation running here, too small to
+   judge the targets on, so it carries no pass/fail;
 4. writes the heatmaps of the scalings (per layer and per token, for each question and its
    answer; expert usage per test set) into the output folder.
 
@@ -130,8 +131,9 @@ def run_demo(
     """
     from loramix.config import CONFIG_NAME
     from loramix.evaluation.plots import write_eval_plots
-    from loramix.evaluation.runner import evaluate, load_test_set
+    from loramix.evaluation.runner import BASE, UNIFORM, XLORA, evaluate, load_test_set
     from loramix.model import XLoraModel
+    from loramix.science.final_eval import score_experts_on_their_sets
     from loramix.science.targets import science_verifier
     from loramix.smollm2 import load_base_model
 
@@ -172,15 +174,16 @@ def run_demo(
     report = None
     if n_eval > 0:
         clock = time.perf_counter()
-        report = evaluate(
-            model,
-            tokenizer,
-            {name: str(path) for name, path in test_sets.items()},
-            chat=False,
-            verifier=science_verifier,
-            limit=n_eval,
-            max_new_tokens=max_new_tokens,
+        sets = {name: str(path) for name, path in test_sets.items()}
+        options = dict(
+            chat=False, verifier=science_verifier, limit=n_eval, max_new_tokens=max_new_tokens
         )
+        report = evaluate(model, tokenizer, sets, [BASE, UNIFORM, XLORA], **options)
+        experts = score_experts_on_their_sets(model, tokenizer, sets, model.expert_names, options)
+        for system, scores in experts.items():
+            report.add_system(system, scores)
+        report.systems = [BASE, *experts, UNIFORM, XLORA]
+        report.settings["systems_on_subsets"] = "expert:<d> on <d>, composite and mixed only"
         report.write(out)  # a sample: no verdicts
         seconds["eval"] = _lap(clock)
         log(f"scored a sample of {n_eval} examples per test set in {seconds['eval']:.1f} s")

@@ -26,10 +26,13 @@ nothing here feeds back into training.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from loramix.evaluation.report import EvalReport, Score
+    from loramix.model import XLoraModel
     from loramix.science.pipeline import RetrainPaths, RetrainSettings
 
 logger = logging.getLogger(__name__)
@@ -142,8 +145,7 @@ def _evaluate_part(
     from loramix.config import XLoraConfig
     from loramix.evaluation.runner import EXPERT_PREFIX, XLORA, evaluate
     from loramix.model import XLoraModel
-    from loramix.science.pipeline import MIXED, MULTITASK
-    from loramix.science.registry import COMPOSITE
+    from loramix.science.pipeline import MULTITASK
     from loramix.science.targets import science_verifier
     from loramix.smollm2 import load_base_model
 
@@ -164,13 +166,30 @@ def _evaluate_part(
     model = XLoraModel.from_pretrained(base, paths.xlora)
     if XLORA in systems:
         return evaluate(model, tokenizer, test_sets, systems, **options)
+    experts = [s.removeprefix(EXPERT_PREFIX) for s in systems if s.startswith(EXPERT_PREFIX)]
+    others = [s for s in systems if not s.startswith(EXPERT_PREFIX)]
+    scores = evaluate(model, tokenizer, test_sets, others, **options).scores if others else {}
+    return {**scores, **score_experts_on_their_sets(model, tokenizer, test_sets, experts, options)}
+
+
+def score_experts_on_their_sets(
+    model: XLoraModel,
+    tokenizer: PreTrainedTokenizerBase,
+    test_sets: dict[str, str],
+    experts: list[str],
+    options: dict[str, Any],
+) -> dict[str, dict[str, Score]]:
+    """ "expert:<d>" -> its scores on its own domain's set and the composite and mixed sets
+    (the sets the targets compare it on), with `evaluate`'s keyword `options`."""
+    from loramix.evaluation.runner import EXPERT_PREFIX, evaluate
+    from loramix.science.pipeline import MIXED
+    from loramix.science.registry import COMPOSITE
+
     scores = {}
-    for system in systems:
-        own = system.removeprefix(EXPERT_PREFIX)  # an expert: on its own domain only
-        subset = (
-            test_sets
-            if own == system
-            else {k: v for k, v in test_sets.items() if k in (own, COMPOSITE, MIXED)}
-        )
-        scores[system] = evaluate(model, tokenizer, subset, [system], **options).scores[system]
+    for expert in experts:
+        system = EXPERT_PREFIX + expert
+        subset = {k: v for k, v in test_sets.items() if k in (expert, COMPOSITE, MIXED)}
+        if subset:
+            found = evaluate(model, tokenizer, subset, [system], **options)
+            scores[system] = found.scores[system]
     return scores
