@@ -428,3 +428,17 @@ def test_a_failed_experts_step_keeps_the_times_of_finished_experts(run, tmp_path
     retrain(again, seed=3, settings=settings, bundle_dir=None)  # resumes: proteins only
     each = json.loads((again / "timings.json").read_text())["experts"]["each"]
     assert set(each) == {"biology", "proteins"}
+
+
+def test_the_same_seed_gives_a_byte_identical_bundle(run, tmp_path):
+    out, bundle, settings, _ = run
+    again = tmp_path / "bundle"
+    retrain(tmp_path / "run", seed=3, settings=settings, bundle_dir=again)
+    weights = sorted(p.relative_to(bundle) for p in bundle.rglob("*.safetensors"))
+    assert len(weights) == 3  # the gate and two experts
+    configs = [
+        Path("xlora_config.json"),
+        *sorted(p.relative_to(bundle) for p in bundle.rglob("adapter_config.json")),
+    ]
+    for name in weights + configs:  # eval.json and retrain.json also hold the run's times
+        assert (again / name).read_bytes() == (bundle / name).read_bytes(), name
