@@ -377,6 +377,8 @@ def test_add_domain_cost_reads_one_runs_timings():
         add_domain_cost({"experts": timings["experts"], "gates": timings["gates"]}, settings)
     timings[MULTITASK] = {"wall_s": 5, "job": {"wall_s": 800}}  # trained in the background
     assert add_domain_cost(timings, settings)["multitask_retrain_s"] == 1200
+    timings[MULTITASK]["job"].update(steps=2000, resumed_from_step=1000)  # half timed
+    assert add_domain_cost(timings, settings)["multitask_retrain_s"] == 2400
     del timings[MULTITASK]
     del timings["experts"]["each"]["proteins"]  # timed by an interrupted call, then lost
     assert add_domain_cost(timings, settings)["expert_s"] == 100

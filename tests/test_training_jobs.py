@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +99,48 @@ def test_a_background_job_can_be_stopped():
     job.stop()
     assert time.perf_counter() - start < 30
     job.stop()  # twice is fine
+
+
+def test_a_background_job_ends_when_its_parent_is_killed(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    marker = tmp_path / "child.pid"
+    code = (
+        f"import os, time, sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from loramix.training.jobs import BackgroundJob\n"
+        "import test_training_jobs as t\n"
+        f"job = BackgroundJob('sleeper', t.write_pid_and_sleep, ({str(marker)!r},), threads=1)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    child = int(marker.read_text())
+    parent.send_signal(signal.SIGKILL)  # no clean-up runs in the parent
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(child)
+
+
+def write_pid_and_sleep(path: str) -> None:
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(120)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie has ended
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_waiting_twice_gives_the_result_without_running_again():
+    job = BackgroundJob("pid", describe, (2,), threads=1, here=True)
+    assert job.wait() is job.wait()

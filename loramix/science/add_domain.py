@@ -58,12 +58,12 @@ def add_domain_cost(timings: dict[str, Any], settings: RetrainSettings) -> dict[
     """
     try:
         each = timings["experts"]["each"]
-        timed = [each[d]["wall_s"] for d in settings.domains if d in each]
+        timed = [full_seconds(each[d]) for d in settings.domains if d in each]
         if not timed:
             raise KeyError(settings.domains[0])
         expert_s = max(timed)  # the slowest domain timed
         chosen = timings["select"]["chosen"]
-        gate_s = timings["gates"]["each"][chosen]["wall_s"]
+        gate_s = full_seconds(timings["gates"]["each"][chosen])
         multitask_s = multitask_seconds(timings)
         if multitask_s is None:
             raise KeyError(MULTITASK)
@@ -88,12 +88,22 @@ def add_domain_cost(timings: dict[str, Any], settings: RetrainSettings) -> dict[
 def multitask_seconds(timings: dict[str, Any]) -> float | None:
     """The multitask LoRA's own training time in a run's `timings.json`, if it is there:
     its background job's (the "multitask" step) or, in runs that trained it beside the
-    experts, its entry among the experts'."""
+    experts, its entry among the experts'; scaled to all its steps if it resumed."""
     job = timings.get(MULTITASK, {}).get("job")
-    if job is not None:
-        return job["wall_s"]
-    each = timings.get("experts", {}).get("each", {})
-    return each[MULTITASK]["wall_s"] if MULTITASK in each else None
+    if job is None:
+        job = timings.get("experts", {}).get("each", {}).get(MULTITASK)
+    if job is None:
+        return None
+    return full_seconds(job)
+
+
+def full_seconds(job: dict[str, Any]) -> float:
+    """A training job's wall time, scaled to all its steps when it resumed from a
+    checkpoint (its record then says from which step: `pipeline.job_record`)."""
+    resumed_from = job.get("resumed_from_step", 0)
+    if resumed_from:
+        return round(job["wall_s"] * job["steps"] / (job["steps"] - resumed_from), 1)
+    return job["wall_s"]
 
 
 def add_domain(

@@ -62,7 +62,7 @@ from loramix.science.selection import DEFAULT_CANDIDATES, GateCandidate
 from loramix.training.trainer import CHECKPOINTS, TrainingConfig, last_checkpoint
 
 if TYPE_CHECKING:
-    from loramix.training.jobs import BackgroundJob
+    from loramix.training.jobs import BackgroundJob, JobResult
 
 logger = logging.getLogger(__name__)
 
@@ -301,13 +301,16 @@ def retrain(
     )
     # The multitask LoRA, the longest job, trains in a worker of its own beside the experts,
     # gates and selection (which do not need it); the eval step waits for it.
-    multitask = _start_multitask(paths, seed, settings)
+    pending = [d for d in settings.domains if not _complete(paths.expert(d), _ADAPTER_CONFIG)]
+    gates = [c for c in settings.gate_candidates if not _complete(paths.gate(c.name), CONFIG_NAME)]
+    selected = _complete(paths.xlora, CONFIG_NAME) and (paths.out / SELECTION_JSON).is_file()
+    alone = not pending and not gates and selected
+    multitask = _start_multitask(paths, seed, settings, alone=alone)
     threads_before = torch.get_num_threads()
     try:
         if multitask is not None and not multitask.here:
             torch.set_num_threads(worker_plan(settings, 2)[1])  # the CPUs left to share
         busy = 0 if multitask is None or multitask.here else 1
-        pending = [d for d in settings.domains if not _complete(paths.expert(d), _ADAPTER_CONFIG)]
         step(
             "experts",
             not pending,
@@ -315,16 +318,16 @@ def retrain(
                 paths, pending, seed, settings, recorded.get("experts", {}), busy=busy
             ),
         )
-        gates = [
-            c for c in settings.gate_candidates if not _complete(paths.gate(c.name), CONFIG_NAME)
-        ]
-        step("gates", not gates, lambda: _train_gates(paths, gates, seed, settings, busy=busy))
         step(
-            "select",
-            _complete(paths.xlora, CONFIG_NAME) and (paths.out / SELECTION_JSON).is_file(),
-            lambda: _select_gate(paths, settings, busy=busy),
+            "gates",
+            not gates,
+            lambda: _train_gates(
+                paths, gates, seed, settings, recorded.get("gates", {}), busy=busy
+            ),
         )
-        step(MULTITASK, multitask is None, lambda: _finish_multitask(multitask))
+        step("select", selected, lambda: _select_gate(paths, settings, busy=busy))
+        if settings.multitask:
+            step(MULTITASK, multitask is None, lambda: _finish_multitask(multitask))
     finally:
         if multitask is not None:
             multitask.stop()  # only still running if a step above failed
@@ -347,7 +350,7 @@ def retrain(
             ),
         )
     spent = sum(s for s in timings.values() if s is not None)
-    total = sum(r["wall_s"] for name, r in recorded.items() if name != "export")
+    total = sum(r.get("wall_s", 0) for name, r in recorded.items() if name != "export")
     logger.info("retrain: %.1f s in this call; %.1f s for all steps of the run", spent, total)
     return timings
 
@@ -383,8 +386,7 @@ def _train_experts(
     earlier: dict[str, Any],
     busy: int = 0,
 ) -> dict[str, Any]:
-    """Trains the experts of `domains` (and the multitask LoRA if named), up to
-    `settings.workers - busy` side by side.
+    """Trains the experts of `domains`, up to `settings.workers - busy` side by side.
 
     Args:
         earlier: The experts step's record in timings.json, if an earlier call trained
@@ -404,7 +406,7 @@ def _train_experts(
     )
     jobs = {domain: (paths, domain, seed, settings) for domain in domains}
     for done in run_jobs(_train_job, jobs, workers=workers, threads=threads):
-        each[done.name] = {"wall_s": round(done.wall_s, 2), "cpu_s": round(done.cpu_s, 1)}
+        each[done.name] = job_record(done)
         logger.info("expert %s: done in %.1f s", done.name, done.wall_s)
         keep_partial_timings(paths.out, "experts", {"each": each})  # kept if interrupted
     cpu_s = round(sum(each[d]["cpu_s"] for d in domains), 1)
@@ -432,12 +434,21 @@ def training_config(
     )
 
 
-def _train_job(paths: RetrainPaths, name: str, seed: int, settings: RetrainSettings) -> None:
-    """Train one expert, or the multitask LoRA (`MULTITASK`), in a worker process."""
+def _train_job(
+    paths: RetrainPaths, name: str, seed: int, settings: RetrainSettings
+) -> dict[str, int]:
+    """Train one expert, or the multitask LoRA (`MULTITASK`), in a worker process.
+
+    Returns:
+        Its optimizer steps and the step it resumed from (0 when it started afresh), so
+        that its time can be read as the time of all its steps.
+    """
     from loramix.training.expert import LoraSettings, train_expert
 
     n = len(settings.domains) if name == MULTITASK else 1
     out = paths.expert(name)
+    checkpoint = last_checkpoint(out / CHECKPOINTS)
+    resumed_from = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint is not None else 0
     files = [paths.train_file(d) for d in (settings.domains if name == MULTITASK else [name])]
     train_expert(
         settings.base,
@@ -465,6 +476,7 @@ def _train_job(paths: RetrainPaths, name: str, seed: int, settings: RetrainSetti
             "experts": list(settings.domains),
         }
         write_text_atomic(out / MULTITASK_JSON, json.dumps(plan, indent=2) + "\n")
+    return {"steps": n * settings.expert_steps, "resumed_from_step": resumed_from}
 
 
 def _train_gates(
@@ -472,9 +484,11 @@ def _train_gates(
     candidates: Sequence[GateCandidate],
     seed: int,
     settings: RetrainSettings,
+    earlier: dict[str, Any],
     busy: int = 0,
 ) -> dict[str, Any]:
-    """Train one gate per candidate, side by side; returns the workers and each one's time."""
+    """Train one gate per candidate, side by side; returns the workers and each one's time
+    (with those of `earlier`, the step's record from a call that trained some of them)."""
     from loramix.training.jobs import run_jobs
 
     workers, threads = worker_plan(settings, len(candidates), busy=busy)
@@ -485,18 +499,22 @@ def _train_gates(
         threads,
     )
     jobs = {c.name: (paths, c, seed, settings) for c in candidates}
-    each = {}
+    each = dict(earlier.get("each", {}))
     for done in run_jobs(_gate_job, jobs, workers=workers, threads=threads):
-        each[done.name] = {"wall_s": round(done.wall_s, 2), "cpu_s": round(done.cpu_s, 1)}
+        each[done.name] = job_record(done)
         logger.info("gate %s: done in %.1f s", done.name, done.wall_s)
+        keep_partial_timings(paths.out, "gates", {"each": each})  # kept if interrupted
     return {"workers": workers, "threads": threads, "each": each}
 
 
 def _gate_job(
     paths: RetrainPaths, candidate: GateCandidate, seed: int, settings: RetrainSettings
-) -> None:
-    """Train the gate of one candidate, in a worker process."""
+) -> dict[str, int]:
+    """Train the gate of one candidate, in a worker process (returns as `_train_job`)."""
+    checkpoint = last_checkpoint(paths.gate(candidate.name) / CHECKPOINTS)
+    resumed_from = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint is not None else 0
     train_gate_candidate(paths, paths.gate(candidate.name), candidate, seed, settings)
+    return {"steps": candidate.steps, "resumed_from_step": resumed_from}
 
 
 def worker_plan(settings: RetrainSettings, n_jobs: int, busy: int = 0) -> tuple[int, int]:
@@ -508,26 +526,37 @@ def worker_plan(settings: RetrainSettings, n_jobs: int, busy: int = 0) -> tuple[
 
 
 def _start_multitask(
-    paths: RetrainPaths, seed: int, settings: RetrainSettings
+    paths: RetrainPaths, seed: int, settings: RetrainSettings, *, alone: bool
 ) -> BackgroundJob | None:
-    """Start training the multitask LoRA in its own worker (in this process at the
-    multitask step if there is only one worker); None when it is done or not wanted."""
+    """Start training the multitask LoRA in its own worker; None when it is done or not
+    wanted. With one worker, or `alone` (nothing else left to train or select), it runs
+    in this process, with all its threads, at the multitask step instead."""
     if not settings.multitask or _complete(paths.multitask, _ADAPTER_CONFIG):
         return None
     from loramix.training.jobs import BackgroundJob
 
     workers, threads = worker_plan(settings, 2)
-    logger.info("multitask LoRA: training in the background with %d thread(s)", threads)
-    return BackgroundJob(
-        MULTITASK, _train_job, (paths, MULTITASK, seed, settings), threads=threads, here=workers < 2
-    )
+    here = alone or workers < 2
+    if not here:
+        logger.info("multitask LoRA: training in the background with %d thread(s)", threads)
+    args = (paths, MULTITASK, seed, settings)
+    return BackgroundJob(MULTITASK, _train_job, args, threads=threads, here=here)
 
 
 def _finish_multitask(job: BackgroundJob) -> dict[str, Any]:
     """Wait for the multitask LoRA; its own time (it started with the experts) is "job"."""
     done = job.wait()
     logger.info("multitask LoRA: done in %.1f s", done.wall_s)
-    return {"job": {"wall_s": round(done.wall_s, 2), "cpu_s": round(done.cpu_s, 1)}}
+    return {"job": job_record(done)}
+
+
+def job_record(done: JobResult) -> dict[str, Any]:
+    """A training job's entry in timings.json: its own wall and CPU time, and, when it
+    resumed from a checkpoint, the step it resumed from and its steps in all."""
+    record: dict[str, Any] = {"wall_s": round(done.wall_s, 2), "cpu_s": round(done.cpu_s, 1)}
+    if isinstance(done.value, dict) and done.value.get("resumed_from_step"):
+        record.update(done.value)
+    return record
 
 
 def train_gate_candidate(

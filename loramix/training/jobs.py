@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.connection
+import os
 import pickle
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -45,7 +48,8 @@ class JobResult:
 
 
 class JobError(RuntimeError):
-    """A job raised; the message names it, the original error is the `__cause__`."""
+    """A job raised; the message names it. The original error is the `__cause__` (for a
+    `BackgroundJob`: its type and message are in this message, its traceback in the log)."""
 
 
 def run_jobs(
@@ -151,6 +155,7 @@ class BackgroundJob:
             raise ValueError(f"threads={threads!r}: use a whole number >= 1.")
         self.name, self.function, self.args, self.here = name, function, args, here
         self._process = self._connection = None
+        self._result: JobResult | None = None
         if not here:
             context = multiprocessing.get_context("spawn")
             self._connection, child = context.Pipe(duplex=False)
@@ -171,8 +176,11 @@ class BackgroundJob:
         Raises:
             JobError: If the job raised (or its worker died), naming it.
         """
+        if self._result is not None:
+            return self._result
         if self._process is None:
-            return _run_here(self.name, self.function, self.args)
+            self._result = _run_here(self.name, self.function, self.args)
+            return self._result
         try:
             kind, payload = self._connection.recv()
         except EOFError:
@@ -180,9 +188,9 @@ class BackgroundJob:
         self._process.join()
         self._process = None
         if kind == "error":
-            raise JobError(f"job {self.name!r} failed: {payload}")
-        value, wall_s, cpu_s = payload
-        return JobResult(self.name, value, wall_s, cpu_s)
+            raise JobError(f"job {self.name!r} failed: {payload} (its traceback is in the log)")
+        self._result = JobResult(self.name, *payload)
+        return self._result
 
     def stop(self) -> None:
         """End the worker if it is still running (what it wrote last is what it kept)."""
@@ -194,10 +202,26 @@ class BackgroundJob:
 
 def _background_main(connection: Any, job: bytes, threads: int, level: int) -> None:
     _start_worker(threads, level)
+    _end_with_parent()
     try:
         function, args = pickle.loads(job)
         connection.send(("done", _timed(function, args)))
-    except Exception as error:  # the parent raises it as a JobError naming the job
+    except BaseException as error:  # also Ctrl-C: the parent raises a JobError naming the job
+        logging.getLogger(__name__).exception("background job failed")
         connection.send(("error", f"{type(error).__name__}: {error}"))
     finally:
         connection.close()
+
+
+def _end_with_parent() -> None:
+    """End this worker when its parent process ends, however it ends (a parent killed
+    outright runs no clean-up that would stop it), so no orphan keeps training."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
