@@ -124,7 +124,7 @@ def build_models(
 
         base = load_base_model("smollm2", dtype=dtype)[0]
         model = XLoraModel.from_pretrained(
-            load_base_model("smollm2")[0], DEFAULT_BUNDLE, dtype=dtype
+            load_base_model("smollm2", dtype=dtype)[0], DEFAULT_BUNDLE
         )
         what = f"bundled science model ({DEFAULT_BUNDLE.name})"
     else:

@@ -48,8 +48,8 @@ def main() -> int:
     answers: dict[str, dict[str, list[str]]] = {}
     for name in ["float32", *args.dtype]:
         dtype = getattr(torch, name)
-        base, tokenizer = load_base_model("smollm2")
-        model = XLoraModel.from_pretrained(base, DEFAULT_BUNDLE, dtype=dtype)
+        base, tokenizer = load_base_model("smollm2", dtype=dtype)
+        model = XLoraModel.from_pretrained(base, DEFAULT_BUNDLE)
         sets = write_test_sets(DEFAULT_BUNDLE, data, model.expert_names)
         nll[name], answers[name], base_nll[name] = {}, {}, {}
         with torch.inference_mode():
