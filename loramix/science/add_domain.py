@@ -99,7 +99,7 @@ def multitask_seconds(timings: dict[str, Any]) -> float | None:
 
 def full_seconds(job: dict[str, Any]) -> float:
     """A training job's wall time, scaled to all its steps when it resumed from a
-    checkpoint (its record then says from which step: `pipeline.job_record`)."""
+    checkpoint (its record then says from which step: `retrain_jobs.job_record`)."""
     resumed_from = job.get("resumed_from_step", 0)
     if resumed_from:
         return round(job["wall_s"] * job["steps"] / (job["steps"] - resumed_from), 1)
@@ -130,8 +130,9 @@ def add_domain(
     import dataclasses
 
     from loramix.science.datasets import write_datasets
-    from loramix.science.pipeline import _check_run_settings, _train_job, train_gate_candidate
+    from loramix.science.pipeline import _train_job, train_gate_candidate
     from loramix.science.registry import DOMAINS
+    from loramix.science.retrain_jobs import check_run_settings
 
     settings = settings or RetrainSettings()
     paths = RetrainPaths(Path(out_dir))
@@ -145,7 +146,7 @@ def add_domain(
         problems.append(f"{paths.out} holds no finished run (no {SELECTION_JSON}); retrain first")
     if problems:
         raise ValueError("cannot add a domain: " + "; ".join(problems))
-    _check_run_settings(paths.out, seed, settings)
+    check_run_settings(paths.out, seed, settings)
     candidate = next(c for c in settings.gate_candidates if c.name == selection["chosen"])
     domains = (*settings.domains, domain)
     record: dict[str, Any] = {"domain": domain, "gate": candidate.name}

@@ -39,7 +39,6 @@ the chat template's system prompt would double every sequence and the CPU time w
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -48,7 +47,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -58,16 +57,24 @@ from loramix.config import CONFIG_NAME, XLoraConfig
 from loramix.science import composite
 from loramix.science.bundle import DEFAULT_BUNDLE, MAX_BUNDLE_BYTES, export_bundle
 from loramix.science.registry import COMPOSITE, DOMAINS
+from loramix.science.retrain_jobs import (  # noqa: F401  (RUN_JSON, TIMINGS_JSON, read_json: re-exported)
+    RUN_JSON,
+    TIMINGS_JSON,
+    check_run_settings,
+    finish_multitask,
+    job_record,
+    keep_partial_timings,
+    provenance,
+    read_json,
+    resumed_step,
+    start_multitask,
+    worker_plan,
+)
 from loramix.science.selection import DEFAULT_CANDIDATES, GateCandidate
 from loramix.training.trainer import CHECKPOINTS, TrainingConfig, last_checkpoint
 
-if TYPE_CHECKING:
-    from loramix.training.jobs import BackgroundJob, JobResult
-
 logger = logging.getLogger(__name__)
 
-TIMINGS_JSON = "timings.json"
-RUN_JSON = "run.json"  # the seed and settings of a run folder
 SELECTION_JSON = "selection.json"
 MIXED = "mixed"
 MULTITASK = "multitask"  # the multitask LoRA's folder under experts/ and its system name
@@ -270,7 +277,7 @@ def retrain(
     settings = settings or RetrainSettings()
     paths = RetrainPaths(Path(out_dir))
     paths.out.mkdir(parents=True, exist_ok=True)
-    _check_run_settings(paths.out, seed, settings)
+    check_run_settings(paths.out, seed, settings)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     timings: dict[str, float | None] = {}
@@ -305,7 +312,10 @@ def retrain(
     gates = [c for c in settings.gate_candidates if not _complete(paths.gate(c.name), CONFIG_NAME)]
     selected = _complete(paths.xlora, CONFIG_NAME) and (paths.out / SELECTION_JSON).is_file()
     alone = not pending and not gates and selected
-    multitask = _start_multitask(paths, seed, settings, alone=alone)
+    multitask = None
+    if settings.multitask and not _complete(paths.multitask, _ADAPTER_CONFIG):
+        args = (paths, MULTITASK, seed, settings)
+        multitask = start_multitask(_train_job, args, settings, alone=alone)
     threads_before = torch.get_num_threads()
     try:
         if multitask is not None and not multitask.here:
@@ -327,7 +337,7 @@ def retrain(
         )
         step("select", selected, lambda: _select_gate(paths, settings, busy=busy))
         if settings.multitask:
-            step(MULTITASK, multitask is None, lambda: _finish_multitask(multitask))
+            step(MULTITASK, multitask is None, lambda: finish_multitask(multitask))
     finally:
         if multitask is not None:
             multitask.stop()  # only still running if a step above failed
@@ -345,7 +355,7 @@ def retrain(
                 paths.xlora,
                 bundle_dir,
                 reports=[paths.eval / name for name in _BUNDLED_REPORTS],
-                provenance=_provenance(paths, seed, settings, recorded),
+                provenance=provenance(paths, seed, settings, recorded),
                 max_bytes=max_bundle_bytes,
             ),
         )
@@ -447,8 +457,7 @@ def _train_job(
 
     n = len(settings.domains) if name == MULTITASK else 1
     out = paths.expert(name)
-    checkpoint = last_checkpoint(out / CHECKPOINTS)
-    resumed_from = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint is not None else 0
+    resumed_from = resumed_step(out)
     files = [paths.train_file(d) for d in (settings.domains if name == MULTITASK else [name])]
     train_expert(
         settings.base,
@@ -511,52 +520,9 @@ def _gate_job(
     paths: RetrainPaths, candidate: GateCandidate, seed: int, settings: RetrainSettings
 ) -> dict[str, int]:
     """Train the gate of one candidate, in a worker process (returns as `_train_job`)."""
-    checkpoint = last_checkpoint(paths.gate(candidate.name) / CHECKPOINTS)
-    resumed_from = int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint is not None else 0
+    resumed_from = resumed_step(paths.gate(candidate.name))
     train_gate_candidate(paths, paths.gate(candidate.name), candidate, seed, settings)
     return {"steps": candidate.steps, "resumed_from_step": resumed_from}
-
-
-def worker_plan(settings: RetrainSettings, n_jobs: int, busy: int = 0) -> tuple[int, int]:
-    """(processes run at once, torch threads of each) for `n_jobs` jobs of a step, while
-    `busy` workers run a background job. With one process left, jobs run in this one."""
-    total = max(1, settings.workers or os.cpu_count() or 1)
-    threads = max(1, (settings.threads or os.cpu_count() or 1) // total)
-    return max(1, min(total - busy, n_jobs)), threads
-
-
-def _start_multitask(
-    paths: RetrainPaths, seed: int, settings: RetrainSettings, *, alone: bool
-) -> BackgroundJob | None:
-    """Start training the multitask LoRA in its own worker; None when it is done or not
-    wanted. With one worker, or `alone` (nothing else left to train or select), it runs
-    in this process, with all its threads, at the multitask step instead."""
-    if not settings.multitask or _complete(paths.multitask, _ADAPTER_CONFIG):
-        return None
-    from loramix.training.jobs import BackgroundJob
-
-    workers, threads = worker_plan(settings, 2)
-    here = alone or workers < 2
-    if not here:
-        logger.info("multitask LoRA: training in the background with %d thread(s)", threads)
-    args = (paths, MULTITASK, seed, settings)
-    return BackgroundJob(MULTITASK, _train_job, args, threads=threads, here=here)
-
-
-def _finish_multitask(job: BackgroundJob) -> dict[str, Any]:
-    """Wait for the multitask LoRA; its own time (it started with the experts) is "job"."""
-    done = job.wait()
-    logger.info("multitask LoRA: done in %.1f s", done.wall_s)
-    return {"job": job_record(done)}
-
-
-def job_record(done: JobResult) -> dict[str, Any]:
-    """A training job's entry in timings.json: its own wall and CPU time, and, when it
-    resumed from a checkpoint, the step it resumed from and its steps in all."""
-    record: dict[str, Any] = {"wall_s": round(done.wall_s, 2), "cpu_s": round(done.cpu_s, 1)}
-    if isinstance(done.value, dict) and done.value.get("resumed_from_step"):
-        record.update(done.value)
-    return record
 
 
 def train_gate_candidate(
@@ -623,64 +589,5 @@ def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> None:
 # ---------------------------------------------------------------------------- helpers
 
 
-def keep_partial_timings(out: Path, step: str, record: dict[str, Any]) -> None:
-    """Keep what a step has timed so far in `timings.json`, for a call that resumes it."""
-    timings = read_json(out / TIMINGS_JSON)
-    timings[step] = record
-    write_text_atomic(out / TIMINGS_JSON, json.dumps(timings, indent=2) + "\n")
-
-
-def _check_run_settings(out: Path, seed: int, settings: RetrainSettings) -> None:
-    """Record the seed and settings of the run in `out`, or check them against the record.
-
-    Raises:
-        ValueError: If `out` holds a run made with another seed or other settings (which
-            the skipped steps would silently mix in), naming the differences.
-    """
-    current = {"seed": seed, **dataclasses.asdict(settings)}
-    for speed_only in ("threads", "workers"):  # a run may resume with others
-        current.pop(speed_only)
-    current = json.loads(json.dumps(current))  # tuples as lists, as read back from JSON
-    path = out / RUN_JSON
-    if not path.is_file():
-        write_text_atomic(path, json.dumps(current, indent=2) + "\n")
-        return
-    recorded = read_json(path)
-    changed = sorted(
-        k for k in current.keys() | recorded.keys() if current.get(k) != recorded.get(k)
-    )
-    if changed:
-        details = ", ".join(f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in changed)
-        raise ValueError(
-            f"{out} holds a run made with other settings ({details}); its finished steps "
-            "would be reused. Pass another output folder (--out), or delete this one to "
-            "start over."
-        )
-
-
 def _complete(folder: Path, marker: str) -> bool:
     return (folder / marker).is_file()
-
-
-def _provenance(
-    paths: RetrainPaths, seed: int, settings: RetrainSettings, timings: dict[str, float]
-) -> dict[str, Any]:
-    manifest = read_json(paths.data / "manifest.json")
-    return {
-        "seed": seed,
-        "settings": dataclasses.asdict(settings),
-        "data": {
-            key: manifest.get(key)
-            for key in ("n_train", "n_test", "n_dev", "n_composite", "versions")
-        },
-        "timings": timings,
-        "command": f"loramix science retrain --seed {seed}",
-    }
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """The JSON object in `path`, or {} if it is missing or unreadable."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}

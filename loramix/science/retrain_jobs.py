@@ -1,0 +1,132 @@
+"""The plumbing of a retrain run folder: how many processes and threads each step gets,
+the multitask LoRA's background worker, what each job's time leaves in `timings.json` (kept
+as jobs finish, so that a resumed run still knows them), and the run's settings record
+(`run.json`), which a resumed call must match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loramix.atomic import write_text_atomic
+from loramix.training.trainer import CHECKPOINTS, last_checkpoint
+
+if TYPE_CHECKING:
+    from loramix.science.pipeline import RetrainPaths, RetrainSettings
+    from loramix.training.jobs import BackgroundJob, JobResult
+
+logger = logging.getLogger(__name__)
+
+TIMINGS_JSON = "timings.json"
+RUN_JSON = "run.json"  # the seed and settings of a run folder
+
+
+def worker_plan(settings: RetrainSettings, n_jobs: int, busy: int = 0) -> tuple[int, int]:
+    """(processes run at once, torch threads of each) for `n_jobs` jobs of a step, while
+    `busy` workers run a background job. With one process left, jobs run in this one."""
+    total = max(1, settings.workers or os.cpu_count() or 1)
+    threads = max(1, (settings.threads or os.cpu_count() or 1) // total)
+    return max(1, min(total - busy, n_jobs)), threads
+
+
+def start_multitask(
+    train: Callable[..., Any], args: tuple[Any, ...], settings: RetrainSettings, *, alone: bool
+) -> BackgroundJob:
+    """Start `train(*args)`, the multitask LoRA, in its own worker. With one worker, or
+    `alone` (nothing else left to train or select), it runs in this process, with all its
+    threads, when it is waited for instead."""
+    from loramix.training.jobs import BackgroundJob
+
+    workers, threads = worker_plan(settings, 2)
+    here = alone or workers < 2
+    if not here:
+        logger.info("multitask LoRA: training in the background with %d thread(s)", threads)
+    return BackgroundJob("multitask", train, args, threads=threads, here=here)
+
+
+def finish_multitask(job: BackgroundJob) -> dict[str, Any]:
+    """Wait for the multitask LoRA; its own time (it started with the experts) is "job"."""
+    done = job.wait()
+    logger.info("multitask LoRA: done in %.1f s", done.wall_s)
+    return {"job": job_record(done)}
+
+
+def job_record(done: JobResult) -> dict[str, Any]:
+    """A training job's entry in timings.json: its own wall and CPU time, and, when it
+    resumed from a checkpoint, the step it resumed from and its steps in all."""
+    record: dict[str, Any] = {"wall_s": round(done.wall_s, 2), "cpu_s": round(done.cpu_s, 1)}
+    if isinstance(done.value, dict) and done.value.get("resumed_from_step"):
+        record.update(done.value)
+    return record
+
+
+def resumed_step(out: Path) -> int:
+    """The step a training into `out` resumes from: its last checkpoint's, or 0."""
+    checkpoint = last_checkpoint(out / CHECKPOINTS)
+    return int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint is not None else 0
+
+
+def keep_partial_timings(out: Path, step: str, record: dict[str, Any]) -> None:
+    """Keep what a step has timed so far in `timings.json`, for a call that resumes it."""
+    timings = read_json(out / TIMINGS_JSON)
+    timings[step] = record
+    write_text_atomic(out / TIMINGS_JSON, json.dumps(timings, indent=2) + "\n")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`, or {} if it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def check_run_settings(out: Path, seed: int, settings: RetrainSettings) -> None:
+    """Record the seed and settings of the run in `out`, or check them against the record.
+
+    Raises:
+        ValueError: If `out` holds a run made with another seed or other settings (which
+            the skipped steps would silently mix in), naming the differences.
+    """
+    current = {"seed": seed, **dataclasses.asdict(settings)}
+    for speed_only in ("threads", "workers"):  # a run may resume with others
+        current.pop(speed_only)
+    current = json.loads(json.dumps(current))  # tuples as lists, as read back from JSON
+    path = out / RUN_JSON
+    if not path.is_file():
+        write_text_atomic(path, json.dumps(current, indent=2) + "\n")
+        return
+    recorded = read_json(path)
+    changed = sorted(
+        k for k in current.keys() | recorded.keys() if current.get(k) != recorded.get(k)
+    )
+    if changed:
+        details = ", ".join(f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in changed)
+        raise ValueError(
+            f"{out} holds a run made with other settings ({details}); its finished steps "
+            "would be reused. Pass another output folder (--out), or delete this one to "
+            "start over."
+        )
+
+
+def provenance(
+    paths: RetrainPaths, seed: int, settings: RetrainSettings, timings: dict[str, float]
+) -> dict[str, Any]:
+    """The bundle's `retrain.json`: seed, settings, data sizes and versions, timings."""
+    manifest = read_json(paths.data / "manifest.json")
+    return {
+        "seed": seed,
+        "settings": dataclasses.asdict(settings),
+        "data": {
+            key: manifest.get(key)
+            for key in ("n_train", "n_test", "n_dev", "n_composite", "versions")
+        },
+        "timings": timings,
+        "command": f"loramix science retrain --seed {seed}",
+    }
