@@ -65,6 +65,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "--bundle", default=str(DEFAULT_BUNDLE), help="where to export the float16 model"
     )
     retrain.add_argument("--no-export", action="store_true", help="do not touch the bundle")
+    retrain.add_argument(
+        "--reuse",
+        metavar="RUN",
+        default=None,
+        help="start --out (a new folder) from the finished steps of the run in RUN whose "
+        "settings match: data, experts, multitask LoRA and gate candidates (linked, RUN "
+        "is left unchanged); gate selection and evaluation run again",
+    )
     add_settings_arguments(retrain)
 
     add = actions.add_parser(
@@ -256,6 +264,16 @@ def _retrain(args: argparse.Namespace) -> int:
     from loramix.science.pipeline import retrain
 
     settings = settings_from_args(args)
+    if args.reuse is not None:
+        from loramix.science.reuse import reuse_run
+
+        reused = reuse_run(args.reuse, args.out, args.seed, settings)
+        print(
+            f"reused from {reused['from']}: data {'yes' if reused['data'] else 'no'}, "
+            f"experts {', '.join(reused['experts']) or 'none'}, "
+            f"multitask LoRA {'yes' if reused['multitask'] else 'no'}, "
+            f"gates {', '.join(reused['gates']) or 'none'}"
+        )
     timings = retrain(
         args.out,
         seed=args.seed,

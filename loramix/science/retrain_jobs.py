@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 TIMINGS_JSON = "timings.json"
 RUN_JSON = "run.json"  # the seed and settings of a run folder
+REUSED_JSON = "reused.json"  # what a run took from another (`loramix.science.reuse`)
 
 
 def worker_plan(settings: RetrainSettings, n_jobs: int, busy: int = 0) -> tuple[int, int]:
@@ -129,4 +130,5 @@ def provenance(
         },
         "timings": timings,
         "command": f"loramix science retrain --seed {seed}",
+        **({"reused": reused} if (reused := read_json(paths.out / REUSED_JSON)) else {}),
     }

@@ -1,0 +1,95 @@
+"""Tests of loramix.science.reuse: a new run folder started from another run's finished steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from test_science_pipeline import TINY
+from tiny_tokenizer import save_tiny_model
+
+from loramix.science.pipeline import MULTITASK, SELECTION_JSON, RetrainSettings, retrain
+from loramix.science.retrain_jobs import REUSED_JSON, RUN_JSON, TIMINGS_JSON
+from loramix.science.reuse import reuse_run
+from loramix.science.selection import GateCandidate
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> tuple[Path, RetrainSettings]:
+    root = tmp_path_factory.mktemp("reuse")
+    base = save_tiny_model(root / "tiny-llama")
+    settings = RetrainSettings(base=str(base), **TINY)
+    retrain(root / "run", seed=3, settings=settings, bundle_dir=None)
+    return root / "run", settings
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_new_gate_candidate_trains_alone_and_the_source_is_untouched(source, tmp_path):
+    run, settings = source
+    before = _snapshot(run)
+    more = settings.gate_candidates + (GateCandidate("c", steps=2, temperature=0.5),)
+    wider = dataclasses.replace(settings, gate_candidates=more)
+    out = tmp_path / "run-2"
+    reused = reuse_run(run, out, seed=3, settings=wider)
+    assert reused["data"] and reused["multitask"]
+    assert reused["experts"] == list(settings.domains)
+    assert reused["gates"] == ["a", "b"]
+    timings = retrain(out, seed=3, settings=wider, bundle_dir=None)
+    assert timings["experts"] is None and timings[MULTITASK] is None
+    assert timings["gates"] is not None and timings["select"] is not None
+    assert sorted(p.name for p in (out / "gates").iterdir()) == ["a", "b", "c"]
+    selection = json.loads((out / SELECTION_JSON).read_text())
+    assert sorted(selection["candidates"]) == ["a", "b", "c"]
+    assert (out / "eval" / "eval.json").is_file()
+    recorded = json.loads((out / TIMINGS_JSON).read_text())
+    assert set(recorded["experts"]["each"]) == set(settings.domains)  # the source's times
+    assert json.loads((out / REUSED_JSON).read_text())["from"] == str(run)
+    assert _snapshot(run) == before  # nothing written through the links
+
+
+def test_only_the_steps_whose_settings_match_are_reused(source, tmp_path):
+    run, settings = source
+    changed_candidate = dataclasses.replace(
+        settings, gate_candidates=(settings.gate_candidates[0], GateCandidate("b", steps=3))
+    )
+    assert reuse_run(run, tmp_path / "1", 3, changed_candidate)["gates"] == ["a"]
+    wider_gate = dataclasses.replace(settings, gate_size=16)
+    reused = reuse_run(run, tmp_path / "2", 3, wider_gate)
+    assert reused["experts"] == list(settings.domains) and reused["multitask"]
+    assert reused["gates"] == []
+    longer = dataclasses.replace(settings, expert_steps=3)
+    reused = reuse_run(run, tmp_path / "3", 3, longer)
+    assert reused["data"] and not reused["experts"] and not reused["multitask"]
+    assert not (tmp_path / "3" / "experts").exists()
+    other_seed = reuse_run(run, tmp_path / "4", 4, settings)
+    assert not other_seed["data"] and not (tmp_path / "4" / "data").exists()
+    recorded = json.loads((tmp_path / "4" / RUN_JSON).read_text())
+    assert recorded["seed"] == 4  # the new folder records its own run
+
+
+def test_reuse_names_the_folder_it_cannot_use(source, tmp_path):
+    run, settings = source
+    with pytest.raises(FileNotFoundError, match="run.json.*--reuse"):
+        reuse_run(tmp_path, tmp_path / "new", 3, settings)
+    with pytest.raises(ValueError, match="own folder"):
+        reuse_run(run, run, 3, settings)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty.*without --reuse"):
+        reuse_run(run, tmp_path / "busy", 3, settings)
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
+
+
+def test_retrain_cli_reuse_names_a_missing_run(tmp_path, capsys):
+    from loramix.cli import main
+
+    args = ["science", "retrain", "--out", str(tmp_path / "new"), "--no-export"]
+    assert main([*args, "--reuse", str(tmp_path / "nothing")]) == 2
+    error = capsys.readouterr().err
+    assert "nothing/run.json: missing or unreadable" in error
+    assert not (tmp_path / "new").exists()  # refused before anything was written
