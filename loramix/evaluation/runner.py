@@ -20,7 +20,8 @@ The systems all run on the same model object:
     xlora           the gate's per-token, per-layer scalings ("granular")
     xlora-frozen    X-LoRA with each example's scalings frozen to their mean over its prompt
                     (per adapted module), for the completion's NLL and for the whole answer
-                    (`generate(scalings_mode="frozen")`); examples run one at a time
+                    (`generate(scalings_mode="frozen")`), batched with one fixed mix per
+                    sequence
 
 Each score also carries 95% bootstrap intervals of both numbers over the set's examples
 (`loramix.evaluation.bootstrap.ratio_interval`, whole examples resampled).
@@ -320,7 +321,7 @@ def _score(
 
     start = time.perf_counter()
     if system == XLORA_FROZEN:
-        sums, counts, answers = _frozen_pass(model, tokenizer, examples, max_new_tokens)
+        sums, counts, answers = _frozen_pass(model, tokenizer, examples, max_new_tokens, batch_size)
         expert_usage = None
     else:
         sums, counts, expert_usage = example_nlls(
@@ -359,19 +360,77 @@ def _frozen_pass(
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[EvalExample],
     max_new_tokens: int,
+    batch_size: int = 8,
 ) -> tuple[list[float], list[int], list[str] | None]:
     """Per example: NLL sum and tokens with scalings frozen to the prompt's mean, and the
-    frozen-mode greedy answer (None when `max_new_tokens` is 0)."""
-    sums, counts, answers = [], [], []
-    for example in examples:
-        scalings = example_scalings(model, example.input_ids[: example.prompt_length])  # (P, L, E)
-        with model.fixed_scalings(scalings.mean(dim=0)):  # (L, E)
-            (total,), (count,), _ = example_nlls(model, tokenizer, [example], 1)
-            if max_new_tokens > 0:
-                answers += greedy_answers(model, tokenizer, [example], max_new_tokens, 1)
-        sums.append(total)
-        counts.append(count)
-    return sums, counts, answers if max_new_tokens > 0 else None
+    frozen-mode greedy answer (None when `max_new_tokens` is 0).
+
+    Batched: each batch runs with one fixed mix per sequence (`fixed_scalings(...,
+    per_sequence=True)`). Each batch is handed over already in the order that
+    `example_nlls` and `greedy_answers` sort it in (a stable sort by the same key), so
+    row b of the mixes is the mix of the batch's example b.
+    """
+    frozen = prompt_mean_scalings(model, tokenizer, examples, batch_size)  # (N, L, E)
+    sums: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    indexed = list(enumerate(examples))
+    for batch in _batches(indexed, batch_size, key=lambda item: len(item[1].input_ids)):
+        rows = [index for index, _ in batch]
+        with model.fixed_scalings(frozen[rows], per_sequence=True):  # (B, L, E)
+            totals, tokens, _ = example_nlls(model, tokenizer, [ex for _, ex in batch], len(batch))
+        sums.update(zip(rows, totals, strict=True))
+        counts.update(zip(rows, tokens, strict=True))
+    answers: dict[int, str] = {}
+    if max_new_tokens > 0:
+        for batch in _batches(indexed, batch_size, key=lambda item: item[1].prompt_length):
+            rows = [index for index, _ in batch]
+            with model.fixed_scalings(frozen[rows], per_sequence=True):  # (B, L, E)
+                texts = greedy_answers(
+                    model, tokenizer, [ex for _, ex in batch], max_new_tokens, len(batch)
+                )
+            answers.update(zip(rows, texts, strict=True))
+    order = range(len(examples))
+    return (
+        [sums[i] for i in order],
+        [counts[i] for i in order],
+        [answers[i] for i in order] if max_new_tokens > 0 else None,
+    )
+
+
+@torch.no_grad()
+def prompt_mean_scalings(
+    model: XLoraModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[EvalExample],
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """`(N, L, E)`: each example's X-LoRA scalings (after the softmax, before top-k)
+    averaged over its prompt's tokens, from the scaling pass and the gate alone.
+
+    Prompts are right-padded into batches; with causal attention the padding does not reach
+    the real tokens, and it is left out of the mean.
+    """
+    pad = pad_token_id(tokenizer)
+    device = model.get_input_embeddings().weight.device
+    means: dict[int, torch.Tensor] = {}
+    indexed = list(enumerate(examples))
+    for batch in _batches(indexed, batch_size, key=lambda item: item[1].prompt_length):
+        width = max(ex.prompt_length for _, ex in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, P), right-padded
+        mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, P)
+        for row, (_, ex) in enumerate(batch):
+            ids[row, : ex.prompt_length] = torch.tensor(ex.input_ids[: ex.prompt_length])
+            mask[row, : ex.prompt_length] = 1
+        scalings = (
+            model.compute_scalings(input_ids=ids.to(device), attention_mask=mask.to(device))
+            .float()
+            .cpu()
+        )  # (B, P, L, E)
+        weights = mask.to(scalings.dtype)[:, :, None, None]  # (B, P, 1, 1)
+        batch_means = (scalings * weights).sum(dim=1) / weights.sum(dim=1)  # (B, L, E)
+        for row, (index, _) in enumerate(batch):
+            means[index] = batch_means[row]
+    return torch.stack([means[i] for i in range(len(examples))])  # (N, L, E)
 
 
 def completion_nll(
