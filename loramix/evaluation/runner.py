@@ -415,12 +415,7 @@ def prompt_mean_scalings(
     means: dict[int, torch.Tensor] = {}
     indexed = list(enumerate(examples))
     for batch in _batches(indexed, batch_size, key=lambda item: item[1].prompt_length):
-        width = max(ex.prompt_length for _, ex in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, P), right-padded
-        mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, P)
-        for row, (_, ex) in enumerate(batch):
-            ids[row, : ex.prompt_length] = torch.tensor(ex.input_ids[: ex.prompt_length])
-            mask[row, : ex.prompt_length] = 1
+        ids, mask = padded_prompts([ex for _, ex in batch], pad, left=False)  # (B, P) each
         scalings = (
             model.compute_scalings(input_ids=ids.to(device), attention_mask=mask.to(device))
             .float()
@@ -539,12 +534,8 @@ def greedy_answers(
     answers: dict[int, str] = {}
     indexed = list(enumerate(examples))
     for batch in _batches(indexed, batch_size, key=lambda item: item[1].prompt_length):
-        width = max(ex.prompt_length for _, ex in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, P), left-padded
-        mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, P)
-        for row, (_, ex) in enumerate(batch):
-            ids[row, width - ex.prompt_length :] = torch.tensor(ex.input_ids[: ex.prompt_length])
-            mask[row, width - ex.prompt_length :] = 1
+        ids, mask = padded_prompts([ex for _, ex in batch], pad, left=True)  # (B, P) each
+        width = ids.shape[1]
         device = model.get_input_embeddings().weight.device
         output = model.generate(
             ids.to(device),
@@ -556,6 +547,21 @@ def greedy_answers(
         for (index, _), text in zip(batch, texts, strict=True):
             answers[index] = text
     return [answers[i] for i in range(len(examples))]
+
+
+def padded_prompts(
+    examples: Sequence[EvalExample], pad: int, *, left: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The examples' prompts padded to the longest: `(B, P)` ids and `(B, P)` attention mask,
+    padded on the left (for generation) or on the right."""
+    width = max(ex.prompt_length for ex in examples)
+    ids = torch.full((len(examples), width), pad, dtype=torch.long)  # (B, P)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, P)
+    for row, ex in enumerate(examples):
+        start = width - ex.prompt_length if left else 0
+        ids[row, start : start + ex.prompt_length] = torch.tensor(ex.input_ids[: ex.prompt_length])
+        mask[row, start : start + ex.prompt_length] = 1
+    return ids, mask
 
 
 class FirstLineDone(StoppingCriteria):
