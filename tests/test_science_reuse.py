@@ -32,7 +32,9 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 def test_a_new_gate_candidate_trains_alone_and_the_source_is_untouched(source, tmp_path):
     run, settings = source
     before = _snapshot(run)
-    more = settings.gate_candidates + (GateCandidate("c", steps=2, temperature=0.5),)
+    more = settings.gate_candidates + (
+        GateCandidate("c", steps=2, temperature=0.5, layerwise=False),
+    )
     wider = dataclasses.replace(settings, gate_candidates=more)
     out = tmp_path / "run-2"
     reused = reuse_run(run, out, seed=3, settings=wider)
@@ -43,6 +45,10 @@ def test_a_new_gate_candidate_trains_alone_and_the_source_is_untouched(source, t
     assert timings["experts"] is None and timings[MULTITASK] is None
     assert timings["gates"] is not None and timings["select"] is not None
     assert sorted(p.name for p in (out / "gates").iterdir()) == ["a", "b", "c"]
+    for name, layerwise in (("a", True), ("c", False)):  # c overrides the run's setting
+        config = json.loads((out / "gates" / name / "xlora_config.json").read_text())
+        assert config["layerwise_scalings"] is layerwise
+        assert config["softmax_temperature"] == (0.5 if name == "c" else 1.0)
     selection = json.loads((out / SELECTION_JSON).read_text())
     assert sorted(selection["candidates"]) == ["a", "b", "c"]
     assert (out / "eval" / "eval.json").is_file()
@@ -93,3 +99,21 @@ def test_retrain_cli_reuse_names_a_missing_run(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "nothing/run.json: missing or unreadable" in error
     assert not (tmp_path / "new").exists()  # refused before anything was written
+
+
+def test_a_run_recorded_before_a_candidate_field_existed_still_matches(source, tmp_path):
+    import shutil
+
+    run, settings = source
+    older = tmp_path / "older"
+    shutil.copytree(run, older)
+    recorded = json.loads((older / RUN_JSON).read_text())
+    for candidate in recorded["gate_candidates"]:
+        del candidate["layerwise"]  # as run.json was written before the field existed
+    (older / RUN_JSON).write_text(json.dumps(recorded))
+    assert retrain(older, seed=3, settings=settings, bundle_dir=None)["gates"] is None
+    assert reuse_run(older, tmp_path / "new", 3, settings)["gates"] == ["a", "b"]
+    recorded["gate_candidates"][0]["temperature"] = 2.0  # a real difference still counts
+    (older / RUN_JSON).write_text(json.dumps(recorded))
+    with pytest.raises(ValueError, match="gate_candidates"):
+        retrain(older, seed=3, settings=settings, bundle_dir=None)

@@ -50,7 +50,16 @@ def test_test_files_are_refused_by_construction(tmp_path):
 
 def test_candidates_validate_every_field():
     assert all(not c.problems(DOMAINS) for c in DEFAULT_CANDIDATES)
-    bad = GateCandidate("a b", steps=0, lr=-1, weights={"physics": 0}, temperature=0)
+    bad = GateCandidate(
+        "a b", steps=0, lr=-1, weights={"physics": 0}, temperature=0, layerwise="yes"
+    )
     problems = "\n".join(bad.problems(DOMAINS))
-    for text in ("letters, digits", "steps=0", "lr=-1", "temperature=0", "'physics'"):
+    for text in (
+        "letters, digits",
+        "steps=0",
+        "lr=-1",
+        "temperature=0",
+        "'physics'",
+        "layerwise='yes'",
+    ):
         assert text in problems

@@ -539,7 +539,9 @@ def train_gate_candidate(
     domains = settings.domains if domains is None else domains
     xlora = XLoraConfig(
         adapters={domain: str(paths.expert(domain)) for domain in domains},
-        layerwise_scalings=settings.layerwise,
+        layerwise_scalings=settings.layerwise
+        if candidate.layerwise is None
+        else candidate.layerwise,
         xlora_depth=candidate.depth,
         xlora_size=settings.gate_size,
         xlora_dropout_p=0.0,

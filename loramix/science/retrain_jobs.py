@@ -104,6 +104,10 @@ def check_run_settings(out: Path, seed: int, settings: RetrainSettings) -> None:
         write_text_atomic(path, json.dumps(current, indent=2) + "\n")
         return
     recorded = read_json(path)
+    if isinstance(recorded.get("gate_candidates"), list):
+        from loramix.science.selection import recorded_candidate
+
+        recorded["gate_candidates"] = [recorded_candidate(c) for c in recorded["gate_candidates"]]
     changed = sorted(
         k for k in current.keys() | recorded.keys() if current.get(k) != recorded.get(k)
     )

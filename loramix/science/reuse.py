@@ -77,6 +77,7 @@ def reuse_run(
         ValueError: If `source` and `out` are the same folder.
     """
     from loramix.science.pipeline import MULTITASK, RetrainPaths
+    from loramix.science.selection import recorded_candidate
 
     source_paths, out_paths = RetrainPaths(Path(source)), RetrainPaths(Path(out))
     recorded = read_json(source_paths.out / RUN_JSON)
@@ -131,7 +132,7 @@ def reuse_run(
         reused["multitask"] = True
         _keep(timings, source_timings, MULTITASK)
     if set(reused["experts"]) == set(settings.domains) and _same(recorded, current, GATE_FIELDS):
-        old = {c["name"]: c for c in recorded.get("gate_candidates", [])}
+        old = {c["name"]: recorded_candidate(c) for c in recorded.get("gate_candidates", [])}
         each = source_timings.get("gates", {}).get("each", {})
         for candidate in current["gate_candidates"]:
             name = candidate["name"]

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class GateCandidate:
             not named weigh 1.
         depth: Linear layers in the gate (`xlora_depth`).
         temperature: Softmax temperature over the experts (`softmax_temperature`).
+        layerwise: One set of scalings per adapted module (`layerwise_scalings`), or one
+            shared by all modules (False); None takes the run's `layerwise` setting.
     """
 
     name: str
@@ -45,6 +47,7 @@ class GateCandidate:
     weights: dict[str, float] = field(default_factory=dict)
     depth: int = 2
     temperature: float = 1.0
+    layerwise: bool | None = None
 
     def problems(self, domains: Sequence[str]) -> list[str]:
         """What is wrong with this candidate, one line per problem (empty when valid)."""
@@ -63,6 +66,8 @@ class GateCandidate:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 found.append(f"{where}: {key}={value!r}, use a positive number")
+        if self.layerwise not in (None, True, False):
+            found.append(f"{where}: layerwise={self.layerwise!r}, use True, False or None")
         for domain, weight in self.weights.items():
             if domain not in domains:
                 found.append(f"{where}: weights[{domain!r}] names no domain of {list(domains)}")
@@ -82,6 +87,17 @@ DEFAULT_CANDIDATES: tuple[GateCandidate, ...] = (
 250 steps sees each domain in about 250 examples and routes weakly (the largest share of
 the chemistry, mechanics and bio-inspired tokens went to the mathematics expert in the
 first full run); the v1 gate saw each of its four domains in about 600."""
+
+
+def recorded_candidate(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A candidate as a run's `run.json` holds it, with the defaults of fields added since
+    (so that a run recorded before a field existed still matches its own settings)."""
+    defaults = {
+        f.name: f.default
+        for f in fields(GateCandidate)
+        if f.default is not MISSING and f.name not in record
+    }
+    return {**dict(record), **defaults}
 
 
 def check_dev_files(files: Mapping[str, str | os.PathLike[str]]) -> None:
