@@ -11,7 +11,7 @@ from test_science_pipeline import TINY
 from tiny_tokenizer import save_tiny_model
 
 from loramix.science.pipeline import MULTITASK, SELECTION_JSON, RetrainSettings, retrain
-from loramix.science.retrain_jobs import REUSED_JSON, RUN_JSON, TIMINGS_JSON
+from loramix.science.retrain_jobs import DEV_SCORES_JSON, REUSED_JSON, RUN_JSON, TIMINGS_JSON
 from loramix.science.reuse import reuse_run
 from loramix.science.selection import GateCandidate
 
@@ -29,7 +29,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-def test_a_new_gate_candidate_trains_alone_and_the_source_is_untouched(source, tmp_path):
+def test_a_new_gate_candidate_trains_alone_and_the_source_is_untouched(source, tmp_path, caplog):
     run, settings = source
     before = _snapshot(run)
     more = settings.gate_candidates + (
@@ -41,7 +41,12 @@ def test_a_new_gate_candidate_trains_alone_and_the_source_is_untouched(source, t
     assert reused["data"] and reused["multitask"]
     assert reused["experts"] == list(settings.domains)
     assert reused["gates"] == ["a", "b"]
-    timings = retrain(out, seed=3, settings=wider, bundle_dir=None)
+    carried = json.loads((out / DEV_SCORES_JSON).read_text())
+    source_selection = json.loads((run / SELECTION_JSON).read_text())["candidates"]
+    assert carried == {n: source_selection[n]["dev_nll"] for n in ("a", "b")}
+    with caplog.at_level("INFO", logger="loramix.science.selection"):
+        timings = retrain(out, seed=3, settings=wider, bundle_dir=None)
+    assert "dev scores kept from the reused run: ['a', 'b']" in caplog.text
     assert timings["experts"] is None and timings[MULTITASK] is None
     assert timings["gates"] is not None and timings["select"] is not None
     assert sorted(p.name for p in (out / "gates").iterdir()) == ["a", "b", "c"]
@@ -51,6 +56,7 @@ def test_a_new_gate_candidate_trains_alone_and_the_source_is_untouched(source, t
         assert config["softmax_temperature"] == (0.5 if name == "c" else 1.0)
     selection = json.loads((out / SELECTION_JSON).read_text())
     assert sorted(selection["candidates"]) == ["a", "b", "c"]
+    assert set(json.loads((out / DEV_SCORES_JSON).read_text())) == {"a", "b", "c"}
     assert (out / "eval" / "eval.json").is_file()
     recorded = json.loads((out / TIMINGS_JSON).read_text())
     assert set(recorded["experts"]["each"]) == set(settings.domains)  # the source's times

@@ -70,7 +70,7 @@ from loramix.science.retrain_jobs import (  # noqa: F401  (RUN_JSON, TIMINGS_JSO
     start_multitask,
     worker_plan,
 )
-from loramix.science.selection import DEFAULT_CANDIDATES, GateCandidate
+from loramix.science.selection import DEFAULT_CANDIDATES, GateCandidate, select_gate
 from loramix.training.trainer import CHECKPOINTS, TrainingConfig, last_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -335,7 +335,7 @@ def retrain(
                 paths, gates, seed, settings, recorded.get("gates", {}), busy=busy
             ),
         )
-        step("select", selected, lambda: _select_gate(paths, settings, busy=busy))
+        step("select", selected, lambda: select_gate(paths, settings, busy=busy))
         if settings.multitask:
             step(MULTITASK, multitask is None, lambda: finish_multitask(multitask))
     finally:
@@ -557,28 +557,6 @@ def train_gate_candidate(
         **resume_flags(out),
     )
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-
-
-def _select_gate(paths: RetrainPaths, settings: RetrainSettings, busy: int = 0) -> dict[str, Any]:
-    """Score every candidate's gate on the dev files, keep the best as `OUT/xlora`."""
-    from loramix.science.selection import choose, score_candidates, selection_record
-
-    gates = {c.name: paths.gate(c.name) for c in settings.gate_candidates}
-    dev = paths.dev_sets(settings.domains)  # dev files only: selection refuses others
-    workers, threads = worker_plan(settings, len(gates), busy=busy)
-    scores = score_candidates(
-        settings.base, gates, dev, max_length=settings.max_length, workers=workers, threads=threads
-    )
-    chosen = choose(scores)
-    record = selection_record(settings.gate_candidates, scores, chosen)
-    if paths.xlora.exists():
-        shutil.rmtree(paths.xlora)
-    shutil.copytree(paths.gate(chosen), paths.xlora)
-    write_text_atomic(paths.out / SELECTION_JSON, json.dumps(record, indent=2) + "\n")
-    logger.info(
-        "gate %s chosen on dev (mean NLL %.4f)", chosen, record["candidates"][chosen]["mean"]
-    )
-    return {"chosen": chosen}
 
 
 def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> None:

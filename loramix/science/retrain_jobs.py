@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 TIMINGS_JSON = "timings.json"
 RUN_JSON = "run.json"  # the seed and settings of a run folder
 REUSED_JSON = "reused.json"  # what a run took from another (`loramix.science.reuse`)
+DEV_SCORES_JSON = "dev_scores.json"  # candidate -> dev set -> NLL, kept for later calls
 
 
 def worker_plan(settings: RetrainSettings, n_jobs: int, busy: int = 0) -> tuple[int, int]:

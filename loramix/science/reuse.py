@@ -12,8 +12,10 @@ on every candidate. So trying more gate settings costs the gates, not the expert
 Nothing in `source` changes. Files are hard-linked (copied where links are not possible):
 `retrain` never writes into a finished step's folder, and every file it writes is written
 atomically (a new file renamed over the old), which replaces a link instead of writing
-through it. What was reused, and the times those steps took in `source`, are kept in
-`OUT/reused.json` and `OUT/timings.json`.
+through it. The dev scores of reused gates come along (`dev_scores.json`: the same gate
+files on the same dev files), so the selection scores only the new candidates. What was
+reused, and the times those steps took in `source`, are kept in `OUT/reused.json` and
+`OUT/timings.json`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from loramix.atomic import write_text_atomic
 from loramix.config import CONFIG_NAME
 from loramix.science.retrain_jobs import (
+    DEV_SCORES_JSON,
     REUSED_JSON,
     RUN_JSON,
     TIMINGS_JSON,
@@ -142,6 +145,11 @@ def reuse_run(
                 reused["gates"].append(name)
         if reused["gates"]:
             timings["gates"] = {"each": {n: each[n] for n in reused["gates"] if n in each}}
+            dev_scores = _dev_scores(source_paths.out, reused["gates"])
+            if dev_scores:  # same gate files, same dev files: the selection keeps them
+                write_text_atomic(
+                    out_paths.out / DEV_SCORES_JSON, json.dumps(dev_scores, indent=2) + "\n"
+                )
     out_paths.out.mkdir(parents=True, exist_ok=True)
     check_run_settings(out_paths.out, seed, settings)  # writes the new run.json
     write_text_atomic(out_paths.out / TIMINGS_JSON, json.dumps(timings, indent=2) + "\n")
@@ -155,6 +163,19 @@ def reuse_run(
         reused["gates"] or "none",
     )
     return reused
+
+
+def _dev_scores(source: Path, gates: list[str]) -> dict[str, Any]:
+    """The dev scores `source` computed for `gates` (from its dev-score record, or from
+    its selection record), by gate name."""
+    from loramix.science.pipeline import SELECTION_JSON
+
+    scores = read_json(source / DEV_SCORES_JSON)
+    selected = read_json(source / SELECTION_JSON).get("candidates", {})
+    for name, record in selected.items():
+        if name not in scores and isinstance(record, dict) and "dev_nll" in record:
+            scores[name] = record["dev_nll"]
+    return {name: scores[name] for name in gates if name in scores}
 
 
 def _as_recorded(seed: int, settings: RetrainSettings) -> dict[str, Any]:
