@@ -25,8 +25,14 @@ def source(tmp_path_factory) -> tuple[Path, RetrainSettings]:
     return root / "run", settings
 
 
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int, int]]:
+    """Each file's bytes, inode and modification time: a write through a link changes the
+    time even when it writes the same bytes."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
 
 
 def test_a_new_gate_candidate_trains_alone_and_the_source_is_untouched(source, tmp_path, caplog):
@@ -43,10 +49,12 @@ def test_a_new_gate_candidate_trains_alone_and_the_source_is_untouched(source, t
     assert reused["gates"] == ["a", "b"]
     carried = json.loads((out / DEV_SCORES_JSON).read_text())
     source_selection = json.loads((run / SELECTION_JSON).read_text())["candidates"]
-    assert carried == {n: source_selection[n]["dev_nll"] for n in ("a", "b")}
+    assert {n: e["dev_nll"] for n, e in carried.items()} == {
+        n: source_selection[n]["dev_nll"] for n in ("a", "b")
+    }
     with caplog.at_level("INFO", logger="loramix.science.selection"):
         timings = retrain(out, seed=3, settings=wider, bundle_dir=None)
-    assert "dev scores kept from the reused run: ['a', 'b']" in caplog.text
+    assert "dev scores kept (same gate files): ['a', 'b']" in caplog.text
     assert timings["experts"] is None and timings[MULTITASK] is None
     assert timings["gates"] is not None and timings["select"] is not None
     assert sorted(p.name for p in (out / "gates").iterdir()) == ["a", "b", "c"]
@@ -60,7 +68,9 @@ def test_a_new_gate_candidate_trains_alone_and_the_source_is_untouched(source, t
     assert (out / "eval" / "eval.json").is_file()
     recorded = json.loads((out / TIMINGS_JSON).read_text())
     assert set(recorded["experts"]["each"]) == set(settings.domains)  # the source's times
-    assert json.loads((out / REUSED_JSON).read_text())["from"] == str(run)
+    assert recorded["experts"]["reused_from"] == str(run.resolve())
+    assert json.loads((out / REUSED_JSON).read_text())["from"] == str(run.resolve())
+    assert not list(tmp_path.glob(".*reusing"))  # the staging folder is gone
     assert _snapshot(run) == before  # nothing written through the links
 
 
@@ -78,8 +88,10 @@ def test_only_the_steps_whose_settings_match_are_reused(source, tmp_path):
     reused = reuse_run(run, tmp_path / "3", 3, longer)
     assert reused["data"] and not reused["experts"] and not reused["multitask"]
     assert not (tmp_path / "3" / "experts").exists()
+    assert reused["not_reused"] == dict.fromkeys(("experts", MULTITASK), "expert_steps: 2 -> 3")
     other_seed = reuse_run(run, tmp_path / "4", 4, settings)
     assert not other_seed["data"] and not (tmp_path / "4" / "data").exists()
+    assert other_seed["not_reused"] == {"data": "seed: 3 -> 4"}
     recorded = json.loads((tmp_path / "4" / RUN_JSON).read_text())
     assert recorded["seed"] == 4  # the new folder records its own run
 
@@ -123,3 +135,30 @@ def test_a_run_recorded_before_a_candidate_field_existed_still_matches(source, t
     (older / RUN_JSON).write_text(json.dumps(recorded))
     with pytest.raises(ValueError, match="gate_candidates"):
         retrain(older, seed=3, settings=settings, bundle_dir=None)
+
+
+def test_dev_scores_follow_the_gate_files(source, tmp_path, caplog):
+    import shutil
+
+    run, settings = source
+    older = tmp_path / "older"
+    shutil.copytree(run, older)
+    (older / DEV_SCORES_JSON).unlink()  # a run made before the file existed
+    reused = tmp_path / "new"
+    reuse_run(older, reused, 3, settings)
+    carried = json.loads((reused / DEV_SCORES_JSON).read_text())
+    selection = json.loads((older / SELECTION_JSON).read_text())["candidates"]
+    assert {n: e["dev_nll"] for n, e in carried.items()} == {
+        n: selection[n]["dev_nll"] for n in ("a", "b")
+    }
+    with caplog.at_level("INFO", logger="loramix.science.selection"):
+        retrain(reused, seed=3, settings=settings, bundle_dir=None)
+    assert "dev scores kept (same gate files): ['a', 'b']" in caplog.text
+    # a gate trained again in the same folder is a new candidate: selected and scored again
+    shutil.rmtree(reused / "gates" / "b")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="loramix.science.selection"):
+        timings = retrain(reused, seed=3, settings=settings, bundle_dir=None)
+    assert timings["gates"] is not None and timings["select"] is not None
+    assert timings["eval"] is not None  # a new selection gets a new report
+    assert "dev scores kept (same gate files): ['a']" in caplog.text

@@ -274,6 +274,8 @@ def _retrain(args: argparse.Namespace) -> int:
             f"multitask LoRA {'yes' if reused['multitask'] else 'no'}, "
             f"gates {', '.join(reused['gates']) or 'none'}"
         )
+        for step, why in reused["not_reused"].items():
+            print(f"  {step} not reused: {why}")
     timings = retrain(
         args.out,
         seed=args.seed,

@@ -37,6 +37,7 @@ from loramix.science.pipeline import (
     RetrainSettings,
     read_json,
 )
+from loramix.science.selection import GateCandidate, recorded_candidate
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +147,10 @@ def add_domain(
         problems.append(f"{paths.out} holds no finished run (no {SELECTION_JSON}); retrain first")
     if problems:
         raise ValueError("cannot add a domain: " + "; ".join(problems))
-    check_run_settings(paths.out, seed, settings)
-    candidate = next(c for c in settings.gate_candidates if c.name == selection["chosen"])
+    # The gate candidates do not matter here: the new gate takes the chosen one's settings,
+    # as the run recorded them (a run made with other default candidates still qualifies).
+    check_run_settings(paths.out, seed, settings, ignore=("gate_candidates",))
+    candidate = chosen_candidate(selection, paths.out / SELECTION_JSON)
     domains = (*settings.domains, domain)
     record: dict[str, Any] = {"domain": domain, "gate": candidate.name}
     start = time.perf_counter()
@@ -180,3 +183,17 @@ def add_domain(
     write_text_atomic(staging / TIMINGS_JSON, json.dumps(record, indent=2) + "\n")
     logger.info("added %s in %.0f s: %s", domain, record["add_domain_s"], record)
     return record
+
+
+def chosen_candidate(selection: dict[str, Any], path: Path) -> GateCandidate:
+    """The settings of the gate a run chose, from its selection record at `path`."""
+    chosen = selection.get("chosen")
+    record = selection.get("candidates", {}).get(chosen, {}) if isinstance(chosen, str) else {}
+    fields = record.get("settings") if isinstance(record, dict) else None
+    try:
+        return GateCandidate(**recorded_candidate(fields))
+    except TypeError as error:
+        raise ValueError(
+            f"{path}: the chosen gate {chosen!r} has no readable settings ({error}); "
+            "run the retrain's selection again (delete the file and call retrain)."
+        ) from None

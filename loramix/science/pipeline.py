@@ -12,7 +12,9 @@ in `OUT/timings.json`:
     gates    OUT/gates/<candidate>/          one gate per `GateCandidate` over the frozen
                                              experts (`train_gate`)
     select   OUT/selection.json, OUT/xlora/  the candidate with the lowest mean dev NLL
-                                             (`loramix.science.selection`: dev files only)
+                                             (`loramix.science.selection`: dev files only;
+                                             OUT/dev_scores.json keeps the scores); again,
+                                             and the report too, when a gate was trained
     multitask OUT/experts/multitask/         the multitask LoRA: one LoRA on the union of
                                              the training files, rank E * r on the same
                                              modules (as many trainable parameters as the E
@@ -26,7 +28,9 @@ in `OUT/timings.json`:
                                              (`loramix.science.bundle`)
 
 `OUT/run.json` records the seed and settings; a later call with others is refused, so that
-no step of one run is silently reused by another.
+no step of one run is silently reused by another. To try other settings on the finished
+steps that they leave valid, start a new folder from the run: `--reuse RUN`
+(`loramix.science.reuse`).
 
 The bundle is always re-exported (it is cheap), so it is the output of the run in `OUT`.
 `export_bundle` (`loramix.science.bundle`) converts every weight to float16 and refuses a
@@ -310,7 +314,9 @@ def retrain(
     # gates and selection (which do not need it); the eval step waits for it.
     pending = [d for d in settings.domains if not _complete(paths.expert(d), _ADAPTER_CONFIG)]
     gates = [c for c in settings.gate_candidates if not _complete(paths.gate(c.name), CONFIG_NAME)]
-    selected = _complete(paths.xlora, CONFIG_NAME) and (paths.out / SELECTION_JSON).is_file()
+    selected = (  # a gate trained in this call is a new candidate: select again
+        not gates and _complete(paths.xlora, CONFIG_NAME) and (paths.out / SELECTION_JSON).is_file()
+    )
     alone = not pending and not gates and selected
     multitask = None
     if settings.multitask and not _complete(paths.multitask, _ADAPTER_CONFIG):
@@ -344,7 +350,9 @@ def retrain(
         torch.set_num_threads(threads_before)
     step(
         "eval",
-        (paths.eval / "eval.json").is_file() and (paths.eval / "expert_usage.png").is_file(),
+        timings.get("select") is None  # a new selection gets a new report
+        and (paths.eval / "eval.json").is_file()
+        and (paths.eval / "expert_usage.png").is_file(),
         lambda: evaluate_run(paths, settings),
     )
     if bundle_dir is not None:

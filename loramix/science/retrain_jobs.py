@@ -89,7 +89,9 @@ def read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def check_run_settings(out: Path, seed: int, settings: RetrainSettings) -> None:
+def check_run_settings(
+    out: Path, seed: int, settings: RetrainSettings, ignore: tuple[str, ...] = ()
+) -> None:
     """Record the seed and settings of the run in `out`, or check them against the record.
 
     Raises:
@@ -110,14 +112,17 @@ def check_run_settings(out: Path, seed: int, settings: RetrainSettings) -> None:
 
         recorded["gate_candidates"] = [recorded_candidate(c) for c in recorded["gate_candidates"]]
     changed = sorted(
-        k for k in current.keys() | recorded.keys() if current.get(k) != recorded.get(k)
+        k
+        for k in current.keys() | recorded.keys()
+        if k not in ignore and current.get(k) != recorded.get(k)
     )
     if changed:
         details = ", ".join(f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in changed)
         raise ValueError(
             f"{out} holds a run made with other settings ({details}); its finished steps "
-            "would be reused. Pass another output folder (--out), or delete this one to "
-            "start over."
+            "would be reused. Pass another output folder (--out), optionally starting from "
+            f"this run's finished steps that the new settings leave valid (--out NEW --reuse "
+            f"{out}), or delete this one to start over."
         )
 
 
@@ -134,6 +139,12 @@ def provenance(
             for key in ("n_train", "n_test", "n_dev", "n_composite", "versions")
         },
         "timings": timings,
-        "command": f"loramix science retrain --seed {seed}",
-        **({"reused": reused} if (reused := read_json(paths.out / REUSED_JSON)) else {}),
+        **(
+            {
+                "command": f"loramix science retrain --seed {seed} --reuse {reused['from']}",
+                "reused": reused,
+            }
+            if (reused := read_json(paths.out / REUSED_JSON))
+            else {"command": f"loramix science retrain --seed {seed}"}
+        ),
     }

@@ -12,10 +12,12 @@ on every candidate. So trying more gate settings costs the gates, not the expert
 Nothing in `source` changes. Files are hard-linked (copied where links are not possible):
 `retrain` never writes into a finished step's folder, and every file it writes is written
 atomically (a new file renamed over the old), which replaces a link instead of writing
-through it. The dev scores of reused gates come along (`dev_scores.json`: the same gate
-files on the same dev files), so the selection scores only the new candidates. What was
-reused, and the times those steps took in `source`, are kept in `OUT/reused.json` and
-`OUT/timings.json`.
+through it. The links are made in a staging folder beside `out` and renamed into place, so
+an interrupted call leaves no half-linked step behind. The dev scores of reused gates come
+along (`dev_scores.json`: the same gate files on the same dev files), so the selection
+scores only the new candidates. What was reused, what was not and why (the settings that
+differ), and the times the reused steps took in `source` (marked "reused_from") are kept in
+`OUT/reused.json` and `OUT/timings.json`.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from loramix.atomic import write_text_atomic
 from loramix.config import CONFIG_NAME
+from loramix.science.pipeline import MULTITASK, SELECTION_JSON, RetrainPaths, RetrainSettings
 from loramix.science.retrain_jobs import (
     DEV_SCORES_JSON,
     REUSED_JSON,
@@ -38,9 +41,6 @@ from loramix.science.retrain_jobs import (
     check_run_settings,
     read_json,
 )
-
-if TYPE_CHECKING:
-    from loramix.science.pipeline import RetrainSettings
 
 logger = logging.getLogger(__name__)
 
@@ -72,16 +72,14 @@ def reuse_run(
     docstring.
 
     Returns:
-        What was reused: {"from", "data", "experts", "multitask", "gates"}.
+        What was reused: {"from", "data", "experts", "multitask", "gates", "not_reused"}:
+        the last names, per step left out, the settings that differ (`seed: 3 -> 0`).
 
     Raises:
         FileNotFoundError: If `source` holds no run (no run.json).
         FileExistsError: If `out` already holds a run (resume it without `--reuse`).
         ValueError: If `source` and `out` are the same folder.
     """
-    from loramix.science.pipeline import MULTITASK, RetrainPaths
-    from loramix.science.selection import recorded_candidate
-
     source_paths, out_paths = RetrainPaths(Path(source)), RetrainPaths(Path(out))
     recorded = read_json(source_paths.out / RUN_JSON)
     if not recorded:
@@ -96,86 +94,139 @@ def reuse_run(
             f"{out_paths.out} is not empty; --reuse starts a new run folder. Give another "
             "--out, or run without --reuse to resume the run in it."
         )
-    current = _as_recorded(seed, settings)
-    reused: dict[str, Any] = {
-        "from": str(source_paths.out),
-        "data": False,
-        "experts": [],
-        "multitask": False,
-        "gates": [],
-    }
-    source_timings = read_json(source_paths.out / TIMINGS_JSON)
-    timings: dict[str, Any] = {}
-    if _same(recorded, current, DATA_FIELDS) and _finished(source_paths.data, "manifest.json"):
-        _link_tree(source_paths.data, out_paths.data)
-        reused["data"] = True
-        _keep(timings, source_timings, "data")
-    if reused["data"] and _same(recorded, current, EXPERT_FIELDS):
-        for domain in settings.domains:
-            if _finished(source_paths.expert(domain), "adapter_config.json"):
-                _link_tree(source_paths.expert(domain), out_paths.expert(domain))
-                reused["experts"].append(domain)
-        if reused["experts"]:
-            each = source_timings.get("experts", {}).get("each", {})
-            timings["experts"] = {
-                "each": {d: each[d] for d in reused["experts"] if d in each},
-                **(
-                    {k: v for k, v in source_timings.get("experts", {}).items() if k != "each"}
-                    if len(reused["experts"]) == len(settings.domains)
-                    else {}
-                ),
-            }
-    if (
-        settings.multitask
-        and reused["data"]
-        and _same(recorded, current, MULTITASK_FIELDS)
-        and _finished(source_paths.multitask, "adapter_config.json")
-    ):
-        _link_tree(source_paths.multitask, out_paths.multitask)
-        reused["multitask"] = True
-        _keep(timings, source_timings, MULTITASK)
-    if set(reused["experts"]) == set(settings.domains) and _same(recorded, current, GATE_FIELDS):
-        old = {c["name"]: recorded_candidate(c) for c in recorded.get("gate_candidates", [])}
-        each = source_timings.get("gates", {}).get("each", {})
-        for candidate in current["gate_candidates"]:
-            name = candidate["name"]
-            gate = source_paths.gate(name)
-            if old.get(name) == candidate and _finished(gate, CONFIG_NAME):
-                _link_tree(gate, out_paths.gate(name))
-                reused["gates"].append(name)
-        if reused["gates"]:
-            timings["gates"] = {"each": {n: each[n] for n in reused["gates"] if n in each}}
-            dev_scores = _dev_scores(source_paths.out, reused["gates"])
-            if dev_scores:  # same gate files, same dev files: the selection keeps them
-                write_text_atomic(
-                    out_paths.out / DEV_SCORES_JSON, json.dumps(dev_scores, indent=2) + "\n"
-                )
-    out_paths.out.mkdir(parents=True, exist_ok=True)
+    created = not out_paths.out.exists()
+    staging = out_paths.out.with_name(f".{out_paths.out.name}.reusing")
+    shutil.rmtree(staging, ignore_errors=True)  # a leftover of an interrupted call
+    try:
+        reused = _link_reusable(source_paths, RetrainPaths(staging), recorded, seed, settings)
+        out_paths.out.mkdir(parents=True, exist_ok=True)
+        for item in staging.iterdir():  # each a complete tree: a rename each
+            item.rename(out_paths.out / item.name)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_paths.out, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     check_run_settings(out_paths.out, seed, settings)  # writes the new run.json
-    write_text_atomic(out_paths.out / TIMINGS_JSON, json.dumps(timings, indent=2) + "\n")
-    write_text_atomic(out_paths.out / REUSED_JSON, json.dumps(reused, indent=2) + "\n")
     logger.info(
-        "reused from %s: data %s, experts %s, multitask LoRA %s, gates %s",
-        source_paths.out,
+        "reused from %s: data %s, experts %s, multitask LoRA %s, gates %s%s",
+        reused["from"],
         "yes" if reused["data"] else "no",
         reused["experts"] or "none",
         "yes" if reused["multitask"] else "no",
         reused["gates"] or "none",
+        "".join(f"; {step} not reused ({why})" for step, why in reused["not_reused"].items()),
     )
     return reused
 
 
-def _dev_scores(source: Path, gates: list[str]) -> dict[str, Any]:
-    """The dev scores `source` computed for `gates` (from its dev-score record, or from
-    its selection record), by gate name."""
-    from loramix.science.pipeline import SELECTION_JSON
+def _link_reusable(
+    source: RetrainPaths,
+    out: RetrainPaths,
+    recorded: dict[str, Any],
+    seed: int,
+    settings: RetrainSettings,
+) -> dict[str, Any]:
+    """Link what `settings` would reproduce from `source` into `out` (a staging folder), with
+    `timings.json` (reused steps marked) and `reused.json`; return the `reused.json` record."""
+    from loramix.science.selection import recorded_candidate
 
-    scores = read_json(source / DEV_SCORES_JSON)
-    selected = read_json(source / SELECTION_JSON).get("candidates", {})
-    for name, record in selected.items():
-        if name not in scores and isinstance(record, dict) and "dev_nll" in record:
-            scores[name] = record["dev_nll"]
-    return {name: scores[name] for name in gates if name in scores}
+    current = _as_recorded(seed, settings)
+    reused: dict[str, Any] = {
+        "from": str(source.out.resolve()),
+        "data": False,
+        "experts": [],
+        "multitask": False,
+        "gates": [],
+        "not_reused": {},
+    }
+    source_timings = read_json(source.out / TIMINGS_JSON)
+    timings: dict[str, Any] = {}
+
+    def matches(step: str, fields: tuple[str, ...]) -> bool:
+        differ = [f for f in fields if recorded.get(f) != current.get(f)]
+        if differ:
+            reused["not_reused"][step] = ", ".join(
+                f"{f}: {recorded.get(f)!r} -> {current.get(f)!r}" for f in differ
+            )
+        return not differ
+
+    def keep_time(step: str, record: Any) -> None:
+        if isinstance(record, dict):
+            timings[step] = {**record, "reused_from": reused["from"]}
+
+    out.out.mkdir(parents=True)
+    if matches("data", DATA_FIELDS) and _finished(source.data, "manifest.json"):
+        _link_tree(source.data, out.data)
+        reused["data"] = True
+        keep_time("data", source_timings.get("data"))
+    if reused["data"] and matches("experts", EXPERT_FIELDS):
+        for domain in settings.domains:
+            if _finished(source.expert(domain), "adapter_config.json"):
+                _link_tree(source.expert(domain), out.expert(domain))
+                reused["experts"].append(domain)
+        record = source_timings.get("experts", {})
+        each = record.get("each", {}) if isinstance(record, dict) else {}
+        if len(reused["experts"]) == len(settings.domains):
+            keep_time("experts", record)
+        elif reused["experts"]:  # the others train in the new run; their times add up
+            timings["experts"] = {"each": {d: each[d] for d in reused["experts"] if d in each}}
+    if (
+        settings.multitask
+        and reused["data"]
+        and matches(MULTITASK, MULTITASK_FIELDS)
+        and _finished(source.multitask, "adapter_config.json")
+    ):
+        _link_tree(source.multitask, out.multitask)
+        reused["multitask"] = True
+        keep_time(MULTITASK, source_timings.get(MULTITASK))
+    if set(reused["experts"]) == set(settings.domains) and matches("gates", GATE_FIELDS):
+        old = {
+            c.get("name"): recorded_candidate(c)
+            for c in recorded.get("gate_candidates", [])
+            if isinstance(c, dict)
+        }
+        for candidate in current["gate_candidates"]:
+            name = candidate["name"]
+            if old.get(name) == candidate and _finished(source.gate(name), CONFIG_NAME):
+                _link_tree(source.gate(name), out.gate(name))
+                reused["gates"].append(name)
+        if reused["gates"]:
+            each = source_timings.get("gates", {}).get("each", {})
+            timings["gates"] = {
+                "each": {n: each[n] for n in reused["gates"] if n in each},
+                "reused_from": reused["from"],
+            }
+            scores = _dev_scores(source, reused["gates"])
+            if scores:  # the same gate files on the same dev files: the selection keeps them
+                write_text_atomic(out.out / DEV_SCORES_JSON, json.dumps(scores, indent=2) + "\n")
+    write_text_atomic(out.out / TIMINGS_JSON, json.dumps(timings, indent=2) + "\n")
+    write_text_atomic(out.out / REUSED_JSON, json.dumps(reused, indent=2) + "\n")
+    return reused
+
+
+def _dev_scores(source: RetrainPaths, gates: list[str]) -> dict[str, Any]:
+    """`dev_scores.json` entries for the reused `gates`: the source's own (made for the
+    same gate files), or, for a run made before that file existed, the scores in its
+    selection record with the digest of the gate files they were made for."""
+    from loramix.science.selection import valid_score_entry
+    from loramix.training.outputs import folder_digest
+
+    scores = read_json(source.out / DEV_SCORES_JSON)
+    selected = read_json(source.out / SELECTION_JSON).get("candidates", {})
+    found = {}
+    for name in gates:
+        if valid_score_entry(scores.get(name)):
+            found[name] = scores[name]
+        elif isinstance(selected.get(name), dict) and "dev_nll" in selected[name]:
+            entry = {
+                "gate_digest": folder_digest(source.gate(name)),
+                "dev_nll": selected[name]["dev_nll"],
+            }
+            if valid_score_entry(entry):
+                found[name] = entry
+    return found
 
 
 def _as_recorded(seed: int, settings: RetrainSettings) -> dict[str, Any]:
@@ -191,15 +242,10 @@ def _finished(folder: Path, marker: str) -> bool:
     return (folder / marker).is_file()
 
 
-def _keep(timings: dict[str, Any], source: dict[str, Any], step: str) -> None:
-    if step in source:
-        timings[step] = source[step]
-
-
 def _link_tree(source: Path, dest: Path) -> None:
     """Hard-link every file of `source` into `dest` (copy where linking fails)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(source, dest, copy_function=_link_or_copy)
+    shutil.copytree(source, dest, copy_function=_link_or_copy)  # into the staging folder
 
 
 def _link_or_copy(source: str, dest: str) -> None:

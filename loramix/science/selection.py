@@ -76,7 +76,7 @@ class GateCandidate:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 found.append(f"{where}: {key}={value!r}, use a positive number")
-        if self.layerwise not in (None, True, False):
+        if self.layerwise is not None and not isinstance(self.layerwise, bool):
             found.append(f"{where}: layerwise={self.layerwise!r}, use True, False or None")
         for domain, weight in self.weights.items():
             if domain not in domains:
@@ -101,9 +101,12 @@ mathematics expert); 600 steps lowered the mean dev NLL from 1.231 to 1.131. A l
 rate of 1e-2 was dropped: the worst on dev in both runs that tried it (1.299)."""
 
 
-def recorded_candidate(record: Mapping[str, Any]) -> dict[str, Any]:
+def recorded_candidate(record: Any) -> Any:
     """A candidate as a run's `run.json` holds it, with the defaults of fields added since
-    (so that a run recorded before a field existed still matches its own settings)."""
+    (so that a run recorded before a field existed still matches its own settings);
+    anything but a mapping is returned as it is (and then differs from every candidate)."""
+    if not isinstance(record, Mapping):
+        return record
     defaults = {
         f.name: f.default
         for f in fields(GateCandidate)
@@ -233,18 +236,28 @@ def selection_record(
 
 
 def select_gate(paths: RetrainPaths, settings: RetrainSettings, busy: int = 0) -> dict[str, Any]:
-    """Score every candidate's gate on the dev files, keep the best as `OUT/xlora`."""
+    """Score the candidates' gates on the dev files, keep the best as `OUT/xlora`.
+
+    A score in `OUT/dev_scores.json` is used instead of scoring again only when it was
+    made for the same gate files (their digest is kept beside it): a gate taken over by
+    `--reuse`, or kept from an earlier selection of this run; a gate trained again is
+    scored again.
+    """
     from loramix.science.pipeline import SELECTION_JSON
     from loramix.science.retrain_jobs import DEV_SCORES_JSON, read_json, worker_plan
+    from loramix.training.outputs import folder_digest
 
     gates = {c.name: paths.gate(c.name) for c in settings.gate_candidates}
+    digests = {name: folder_digest(gate) for name, gate in gates.items()}
     dev = paths.dev_sets(settings.domains)  # dev files only: selection refuses others
-    # Dev scores of gates this run took unchanged from another (`loramix.science.reuse`),
-    # over the same dev files, are not computed again.
-    known = read_json(paths.out / DEV_SCORES_JSON)
+    known = {
+        name: entry["dev_nll"]
+        for name, entry in read_json(paths.out / DEV_SCORES_JSON).items()
+        if name in gates and valid_score_entry(entry) and entry["gate_digest"] == digests[name]
+    }
     missing = {name: gate for name, gate in gates.items() if name not in known}
-    if len(missing) < len(gates):
-        logger.info("dev scores kept from the reused run: %s", sorted(set(gates) - set(missing)))
+    if known:
+        logger.info("dev scores kept (same gate files): %s", sorted(known))
     new_scores = {}
     if missing:
         workers, threads = worker_plan(settings, len(missing), busy=busy)
@@ -257,9 +270,11 @@ def select_gate(paths: RetrainPaths, settings: RetrainSettings, busy: int = 0) -
             threads=threads,
         )
     scores = {name: known[name] if name in known else new_scores[name] for name in gates}
-    write_text_atomic(paths.out / DEV_SCORES_JSON, json.dumps(scores, indent=2) + "\n")
+    kept = {name: {"gate_digest": digests[name], "dev_nll": scores[name]} for name in gates}
+    write_text_atomic(paths.out / DEV_SCORES_JSON, json.dumps(kept, indent=2) + "\n")
     chosen = choose(scores)
     record = selection_record(settings.gate_candidates, scores, chosen)
+    record["scores_kept"] = sorted(known)
     if paths.xlora.exists():
         shutil.rmtree(paths.xlora)
     shutil.copytree(paths.gate(chosen), paths.xlora)
@@ -268,3 +283,14 @@ def select_gate(paths: RetrainPaths, settings: RetrainSettings, busy: int = 0) -
         "gate %s chosen on dev (mean NLL %.4f)", chosen, record["candidates"][chosen]["mean"]
     )
     return {"chosen": chosen}
+
+
+def valid_score_entry(entry: Any) -> bool:
+    """Whether a `dev_scores.json` entry is {"gate_digest": str, "dev_nll": {set: number}}
+    (anything else is scored again)."""
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("gate_digest"), str)
+        and isinstance(entry.get("dev_nll"), dict)
+        and all(isinstance(v, int | float) for v in entry["dev_nll"].values())
+    )
