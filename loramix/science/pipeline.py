@@ -334,14 +334,15 @@ def retrain(
                 paths, pending, seed, settings, recorded.get("experts", {}), busy=busy
             ),
         )
+        # The gates and the selection take every worker even while the multitask LoRA
+        # trains: the experts take about as long, so it has little left, and a worker held
+        # back for it would idle for the rest of the step once it ends.
         step(
             "gates",
             not gates,
-            lambda: _train_gates(
-                paths, gates, seed, settings, recorded.get("gates", {}), busy=busy
-            ),
+            lambda: _train_gates(paths, gates, seed, settings, recorded.get("gates", {})),
         )
-        step("select", selected, lambda: select_gate(paths, settings, busy=busy))
+        step("select", selected, lambda: select_gate(paths, settings))
         if settings.multitask:
             step(MULTITASK, multitask is None, lambda: finish_multitask(multitask))
     finally:
