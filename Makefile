@@ -43,9 +43,10 @@ demo: venv
 
 # Retrain the science model from scratch (data, eight experts and the multitask LoRA, gate
 # candidates chosen on dev, the test report) into runs/retrain and export it to
-# models/science-xlora; estimated at about 2 hours on this 2-core machine (two jobs at a time,
-# one thread each; README, "Version 2"). Running it again resumes an interrupted run
-# (finished steps are skipped).
+# models/science-xlora; estimated at about 3 h 20 min on this 2-core machine (two jobs at a
+# time, one thread each; README, "Version 2"). Running it again resumes an interrupted run
+# (finished steps are skipped); to try other gate settings on a finished run, start a new
+# folder from it: loramix science retrain --out runs/retrain-2 --reuse runs/retrain
 retrain: venv
 	$(BIN)/python -m loramix.cli science retrain --out runs/retrain --seed 0
 

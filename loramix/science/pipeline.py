@@ -92,9 +92,9 @@ TRAIN_DTYPES = ("float32", "bfloat16")
 class RetrainSettings:
     """Everything `retrain` does besides the seed and the folders.
 
-    The defaults are sized for the 2-hour retrain budget of a 2-core CPU (README, "The
-    science case study"); the bundled 4-expert model was made with v1 settings recorded in
-    its `retrain.json`.
+    The defaults are the published v2 run's (README, "Version 2": about 3 h 20 min on a
+    2-core CPU, over its 2-hour budget); the bundled 4-expert model was made with v1
+    settings recorded in its `retrain.json`.
 
     Attributes:
         base: "smollm2" or a local transformers folder.
