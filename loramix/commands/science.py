@@ -267,15 +267,7 @@ def _retrain(args: argparse.Namespace) -> int:
     if args.reuse is not None:
         from loramix.science.reuse import reuse_run
 
-        reused = reuse_run(args.reuse, args.out, args.seed, settings)
-        print(
-            f"reused from {reused['from']}: data {'yes' if reused['data'] else 'no'}, "
-            f"experts {', '.join(reused['experts']) or 'none'}, "
-            f"multitask LoRA {'yes' if reused['multitask'] else 'no'}, "
-            f"gates {', '.join(reused['gates']) or 'none'}"
-        )
-        for step, why in reused["not_reused"].items():
-            print(f"  {step} not reused: {why}")
+        reuse_run(args.reuse, args.out, args.seed, settings)  # logs what it reused
     timings = retrain(
         args.out,
         seed=args.seed,

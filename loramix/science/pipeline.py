@@ -503,13 +503,12 @@ def _train_gates(
     seed: int,
     settings: RetrainSettings,
     earlier: dict[str, Any],
-    busy: int = 0,
 ) -> dict[str, Any]:
     """Train one gate per candidate, side by side; returns the workers and each one's time
     (with those of `earlier`, the step's record from a call that trained some of them)."""
     from loramix.training.jobs import run_jobs
 
-    workers, threads = worker_plan(settings, len(candidates), busy=busy)
+    workers, threads = worker_plan(settings, len(candidates))
     logger.info(
         "training %d gate(s), %d at a time with %d thread(s) each",
         len(candidates),

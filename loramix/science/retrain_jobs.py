@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 TIMINGS_JSON = "timings.json"
 RUN_JSON = "run.json"  # the seed and settings of a run folder
 REUSED_JSON = "reused.json"  # what a run took from another (`loramix.science.reuse`)
-DEV_SCORES_JSON = "dev_scores.json"  # candidate -> dev set -> NLL, kept for later calls
+DEV_SCORES_JSON = "dev_scores.json"  # candidate -> its gate files' digest and dev NLLs
 
 
 def worker_plan(settings: RetrainSettings, n_jobs: int, busy: int = 0) -> tuple[int, int]:
@@ -89,6 +89,15 @@ def read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def run_record(seed: int, settings: RetrainSettings) -> dict[str, Any]:
+    """The seed and settings as `run.json` holds them (tuples as lists, candidates as
+    dicts), without the speed-only settings a run may resume with others of."""
+    current = {"seed": seed, **dataclasses.asdict(settings)}
+    for speed_only in ("threads", "workers"):
+        current.pop(speed_only)
+    return json.loads(json.dumps(current))
+
+
 def check_run_settings(
     out: Path, seed: int, settings: RetrainSettings, ignore: tuple[str, ...] = ()
 ) -> None:
@@ -98,10 +107,7 @@ def check_run_settings(
         ValueError: If `out` holds a run made with another seed or other settings (which
             the skipped steps would silently mix in), naming the differences.
     """
-    current = {"seed": seed, **dataclasses.asdict(settings)}
-    for speed_only in ("threads", "workers"):  # a run may resume with others
-        current.pop(speed_only)
-    current = json.loads(json.dumps(current))  # tuples as lists, as read back from JSON
+    current = run_record(seed, settings)
     path = out / RUN_JSON
     if not path.is_file():
         write_text_atomic(path, json.dumps(current, indent=2) + "\n")

@@ -22,7 +22,6 @@ differ), and the times the reused steps took in `source` (marked "reused_from") 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from loramix.science.retrain_jobs import (
     TIMINGS_JSON,
     check_run_settings,
     read_json,
+    run_record,
 )
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def _link_reusable(
     `timings.json` (reused steps marked) and `reused.json`; return the `reused.json` record."""
     from loramix.science.selection import recorded_candidate
 
-    current = _as_recorded(seed, settings)
+    current = run_record(seed, settings)
     reused: dict[str, Any] = {
         "from": str(source.out.resolve()),
         "data": False,
@@ -227,15 +227,6 @@ def _dev_scores(source: RetrainPaths, gates: list[str]) -> dict[str, Any]:
             if valid_score_entry(entry):
                 found[name] = entry
     return found
-
-
-def _as_recorded(seed: int, settings: RetrainSettings) -> dict[str, Any]:
-    """The settings as run.json holds them (tuples as lists, dataclasses as dicts)."""
-    return json.loads(json.dumps({"seed": seed, **dataclasses.asdict(settings)}))
-
-
-def _same(recorded: dict[str, Any], current: dict[str, Any], fields: tuple[str, ...]) -> bool:
-    return all(recorded.get(field) == current.get(field) for field in fields)
 
 
 def _finished(folder: Path, marker: str) -> bool:

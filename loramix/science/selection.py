@@ -236,7 +236,7 @@ def selection_record(
     }
 
 
-def select_gate(paths: RetrainPaths, settings: RetrainSettings, busy: int = 0) -> dict[str, Any]:
+def select_gate(paths: RetrainPaths, settings: RetrainSettings) -> dict[str, Any]:
     """Score the candidates' gates on the dev files, keep the best as `OUT/xlora`.
 
     A score in `OUT/dev_scores.json` is used instead of scoring again only when it was
@@ -261,7 +261,7 @@ def select_gate(paths: RetrainPaths, settings: RetrainSettings, busy: int = 0) -
         logger.info("dev scores kept (same gate files): %s", sorted(known))
     new_scores = {}
     if missing:
-        workers, threads = worker_plan(settings, len(missing), busy=busy)
+        workers, threads = worker_plan(settings, len(missing))
         new_scores = score_candidates(
             settings.base,
             missing,
