@@ -7,7 +7,9 @@ non-zero A and B, so every check can fail):
       modules that see the activations flattened to `(B * T, D)`: OPT, Qwen2-MoE);
     - cached generation equals a full recomputation (sliding-window and hybrid caches too);
     - frozen and merged generation agree and put the base weights back bit for bit;
-    - save and load give bit-identical logits.
+    - save and load give bit-identical logits;
+    - the trainers' loss from the labelled positions only (`loramix.training.loss`) equals the
+      model's own for every model type it is taken for, and differs where logits are changed.
 One model build per architecture is shared by the checks (module-scoped fixture).
 """
 
@@ -24,6 +26,7 @@ from helpers import make_expert
 from peft import PeftModel
 
 from loramix import XLoraConfig, XLoraModel
+from loramix.training.loss import PLAIN_HEAD_MODEL_TYPES, forward_labelled
 
 VOCAB = 97
 NEW = 4  # generated tokens per call
@@ -372,3 +375,44 @@ def test_linear_experts_on_routed_tokens_are_refused_by_name(tmp_path: Path) -> 
         ours = model(input_ids=ids).logits
     with torch.no_grad():
         torch.testing.assert_close(ours, reference(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def labelled_batch() -> dict[str, torch.Tensor]:
+    """Two right-padded rows with labels on their last tokens only."""
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    ids[1, 6:] = PAD
+    labels = torch.full_like(ids, -100)
+    labels[0, 5:] = ids[0, 5:]
+    labels[1, 3:6] = ids[1, 3:6]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("arch", sorted(PLAIN_HEAD_MODEL_TYPES))
+def test_labelled_training_loss_equals_the_models_own(arch):
+    """Every model type the trainers take the labelled-positions loss for
+    (`loramix.training.loss`) gives the same loss as its own."""
+    model = build(arch)
+    assert model.config.model_type == arch
+    batch = labelled_batch()
+    own = model(**batch).loss
+    mine, _ = forward_labelled(model, model.get_output_embeddings(), batch)
+    torch.testing.assert_close(mine, own, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("arch", "change"),
+    [("granite", {}), ("gemma2", {"final_logit_softcapping": 0.05})],  # a cap random logits reach
+)
+def test_models_that_change_their_logits_are_not_listed(arch, change):
+    """Granite scales its logits and Gemma 2 soft-caps them, so the labelled-positions loss
+    differs from their own: neither is listed."""
+    assert arch not in PLAIN_HEAD_MODEL_TYPES
+    spec = ARCHS[arch]
+    torch.manual_seed(0)
+    model = spec.model(spec.config(**{**spec.fields, **change})).eval()
+    batch = labelled_batch()
+    with torch.no_grad():
+        mine, _ = forward_labelled(model, model.get_output_embeddings(), batch)
+        assert abs(float(mine) - float(model(**batch).loss)) > 1e-3

@@ -53,6 +53,7 @@ from loramix.saving import write_folder
 from loramix.smollm2 import load_base_model, resolve_device
 from loramix.training.data import PadCollator, load_training_data, pad_token_id
 from loramix.training.jsonl import DataSource, existing_sources
+from loramix.training.loss import CompletionLossTrainer
 from loramix.training.outputs import (
     check_output,
     data_settings,
@@ -195,10 +196,11 @@ class ScalingsLog:
 # ----------------------------------------------------------------------- trainer
 
 
-class GateTrainer(Trainer):
+class GateTrainer(CompletionLossTrainer):
     """transformers' `Trainer` for an `XLoraModel` whose gate alone is trained.
 
-    Differences from `Trainer`: checkpoints hold only `trainable_state` (`_save`,
+    A `CompletionLossTrainer` (logits only at the labelled positions). Differences from
+    `Trainer`: checkpoints hold only `trainable_state` (`_save`,
     `_load_from_checkpoint`); the optional regularizer is added to the training loss; the mean
     scalings of the training batches are gathered over all processes at every logging step
     and written to the `ScalingsLog`. Under `torchrun`, DDP is set up with

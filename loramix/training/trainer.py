@@ -45,6 +45,7 @@ from loramix.checks import is_int, raise_problems
 from loramix.errors import TrainingInterrupted
 from loramix.smollm2 import DEVICES
 from loramix.training.data import Example, PadCollator
+from loramix.training.loss import CompletionLossTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ def run_trainer(
     out: Path,
     resume_from: Path | None = None,
     callbacks: Sequence[TrainerCallback] = (),
-    trainer_class: Callable[..., Trainer] = Trainer,
+    trainer_class: Callable[..., Trainer] = CompletionLossTrainer,
 ) -> Trainer:
     """Train `model` (only its parameters with requires_grad) with transformers' Trainer.
 
@@ -292,7 +293,9 @@ def run_trainer(
         resume_from: A checkpoint to continue from (see `loramix.training.outputs`).
         callbacks: Extra `TrainerCallback`s (e.g. to log elsewhere, or to stop early).
         trainer_class: `Trainer` or a subclass (or a factory taking Trainer's keyword
-            arguments), e.g. one that saves only some weights in checkpoints.
+            arguments), e.g. one that saves only some weights in checkpoints. The default
+            computes the loss from the labelled positions' logits only
+            (`loramix.training.loss`).
 
     Returns:
         The Trainer after training; `trainer.state.log_history` holds the losses.

@@ -1,0 +1,143 @@
+"""Training step speed with the loss from the labelled positions' logits only, one run.
+
+    .venv/bin/python benchmarks/training_loss.py [--batch 8 --repeats 5 --threads 1]
+
+On SmolLM2-135M-Instruct in bfloat16 (the science retrain's `train_dtype`) and batches of
+science training examples (prompt/completion pairs, loss on the completion; eight domains),
+a step is forward + backward + AdamW step of:
+
+* expert: a LoRA r=8 on q/k/v/o/up/down (the science experts), only the LoRA weights train;
+* gate: the bundled science X-LoRA model, only its gate trains;
+
+each once with the model's own loss (`(B, T, vocab)` logits, all upcast to float32) and once
+with `loramix.training.loss.forward_labelled` (the head applied at the labelled positions
+only), as `CompletionLossTrainer` does. Steps are interleaved per round (each batch once per
+round), so load from other processes falls on both alike. Prints the median step times, the
+ratio labelled / model's loss, and the largest relative difference between the two ways'
+losses on the same batch (the learning rate is 0, so both see the same weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from loramix import XLoraModel
+from loramix.science import DOMAINS
+from loramix.science.bundle import DEFAULT_BUNDLE
+from loramix.science.datasets import write_datasets
+from loramix.smollm2 import load_base_model
+from loramix.training.data import PadCollator, load_training_data, pad_token_id
+from loramix.training.loss import forward_labelled
+
+SCIENCE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+
+
+def science_batches(tokenizer, n_batches: int, batch: int) -> list[dict[str, torch.Tensor]]:
+    """`n_batches` batches of training examples drawn from all eight domains."""
+    with tempfile.TemporaryDirectory() as folder:
+        write_datasets(folder, seed=0, n_train=50, n_test=8)
+        files = [Path(folder) / f"{domain}_train.jsonl" for domain in DOMAINS]
+        train, _ = load_training_data(files, tokenizer, max_length=96)
+    collate = PadCollator(pad_token_id(tokenizer))
+    draw = random.Random(0)
+    return [
+        collate([train[draw.randrange(len(train))] for _ in range(batch)]) for _ in range(n_batches)
+    ]
+
+
+def step_function(
+    model: nn.Module, labelled: bool, optimizer: torch.optim.Optimizer
+) -> Callable[[dict[str, torch.Tensor]], float]:
+    """One optimizer step on a batch; returns the loss."""
+
+    def step(batch: dict[str, torch.Tensor]) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        if labelled:
+            loss, _ = forward_labelled(model, model.get_output_embeddings(), batch)
+        else:
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def lora_expert() -> nn.Module:
+    base, _ = load_base_model("smollm2", dtype=torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=SCIENCE_TARGETS))
+    for parameter in model.parameters():
+        if parameter.requires_grad:  # the LoRA weights train in float32, as in the retrain
+            parameter.data = parameter.data.float()
+    return model
+
+
+def xlora_gate() -> nn.Module:
+    return XLoraModel.from_pretrained("smollm2", DEFAULT_BUNDLE, dtype=torch.bfloat16)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over the batches")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    _, tokenizer = load_base_model("smollm2")
+    batches = science_batches(tokenizer, args.batches, args.batch)
+    labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    positions = sum(b["labels"].numel() for b in batches)
+    print(
+        f"{args.batches} batches of {args.batch} science examples: "
+        f"{positions / args.batches:.0f} positions per batch, {labelled / positions:.1%} "
+        f"labelled; {args.threads} thread(s), bfloat16 base, median over {args.repeats} rounds"
+    )
+    for name, make in (("expert (LoRA r=8)", lora_expert), ("gate (X-LoRA)", xlora_gate)):
+        model = make()
+        # Learning rate 0: the weights stay put, so both ways see the same model and their
+        # losses on a batch must agree; AdamW still does all its work.
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        steps = {
+            "model's loss": step_function(model, False, optimizer),
+            "labelled": step_function(model, True, optimizer),
+        }
+        for step in steps.values():
+            step(batches[0])  # warm-up
+        times: dict[str, list[float]] = {key: [] for key in steps}
+        losses: dict[str, list[float]] = {key: [] for key in steps}
+        for _ in range(args.repeats):
+            for key, step in steps.items():
+                start = time.perf_counter()
+                losses[key] += [step(batch) for batch in batches]
+                times[key].append((time.perf_counter() - start) / len(batches))
+        medians = {key: statistics.median(values) for key, values in times.items()}
+        print(f"{name}:")
+        for key, seconds in medians.items():
+            spread = ", ".join(f"{t * 1000:.0f}" for t in times[key])
+            print(f"  {key:13s} {seconds * 1000:8.0f} ms per step   (rounds: {spread} ms)")
+        ratio = medians["labelled"] / medians["model's loss"]
+        gap = max(
+            abs(a - b) / abs(b)
+            for a, b in zip(losses["labelled"], losses["model's loss"], strict=True)
+        )
+        print(f"  labelled / model's loss time: {ratio:.2f}; losses differ by <= {gap:.1e} (rel.)")
+        del model, steps
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
