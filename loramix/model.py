@@ -231,7 +231,8 @@ class XLoraModel(FixedMixMixin, CheckpointingMixin, SavingMixin, PreTrainedModel
                 fixed scalings replace the scaling pass once the plan has formed them.
             position_ids: `(B, T)` positions, to both passes (named here so that
                 `generate` computes them from the attention mask for left-padded batches).
-            logits_to_keep: Mixed pass only (named so that `generate` sets it to 1).
+            logits_to_keep: Mixed pass only (named so that `generate` sets it to 1); an int
+                k becomes the index tensor of the last k positions (`last_positions`).
             **kwargs: Passed to the base model.
 
         Returns:
@@ -249,7 +250,8 @@ class XLoraModel(FixedMixMixin, CheckpointingMixin, SavingMixin, PreTrainedModel
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         if not isinstance(logits_to_keep, int) or logits_to_keep != 0:
-            kwargs["logits_to_keep"] = logits_to_keep
+            reference = input_ids if input_ids is not None else inputs_embeds
+            kwargs["logits_to_keep"] = last_positions(logits_to_keep, reference)
         if self._adapters_disabled:
             return self.lm(
                 input_ids=input_ids,
@@ -513,6 +515,28 @@ class XLoraModel(FixedMixMixin, CheckpointingMixin, SavingMixin, PreTrainedModel
 
 
 # ------------------------------------------------------------------------ helpers
+
+
+def last_positions(
+    logits_to_keep: int | torch.Tensor, reference: torch.Tensor
+) -> int | torch.Tensor:
+    """`logits_to_keep=k` as the index tensor of the last k of the `T` positions.
+
+    The same logits. transformers slices the hidden states with an int, a strided view, and
+    torch's matmul does not fold a strided `(B, k, D)` input into one matrix product when the
+    head is frozen (as here): it expands the head to `(B, D, vocab)` and copies it. On
+    SmolLM2 in bfloat16 on the CPU that cost 750 ms for a batch of 8 prompts and 90 ms for
+    one (float32: 75 ms for 8), against 8 and 7 ms (20 ms) for the contiguous rows an index
+    tensor gathers. An int of 0 (every position), a tensor, or k >= T stay as they are.
+
+    Args:
+        logits_to_keep: The forward's argument.
+        reference: `(B, T)` input ids or `(B, T, D)` input embeddings.
+    """
+    if not isinstance(logits_to_keep, int) or not 0 < logits_to_keep < reference.shape[1]:
+        return logits_to_keep
+    tokens = reference.shape[1]
+    return torch.arange(tokens - logits_to_keep, tokens, device=reference.device)  # (k,)
 
 
 def _check_hidden_size(base_model: PreTrainedModel, config: XLoraConfig) -> int:
