@@ -1,6 +1,6 @@
 """Training step speed with the loss from the labelled positions' logits only, one run.
 
-    .venv/bin/python benchmarks/training_loss.py [--batch 8 --repeats 5 --threads 1]
+    .venv/bin/python benchmarks/training_loss.py [--batch 8 --batches 4 --repeats 5 --threads 1]
 
 On SmolLM2-135M-Instruct in bfloat16 (the science retrain's `train_dtype`) and batches of
 science training examples (prompt/completion pairs, loss on the completion; eight domains),
@@ -10,11 +10,12 @@ a step is forward + backward + AdamW step of:
 * gate: the bundled science X-LoRA model, only its gate trains;
 
 each once with the model's own loss (`(B, T, vocab)` logits, all upcast to float32) and once
-with `loramix.training.loss.forward_labelled` (the head applied at the labelled positions
-only), as `CompletionLossTrainer` does. Steps are interleaved per round (each batch once per
-round), so load from other processes falls on both alike. Prints the median step times, the
-ratio labelled / model's loss, and the largest relative difference between the two ways'
-losses on the same batch (the learning rate is 0, so both see the same weights).
+with `loramix.training.loss.forward_labelled` (a boolean `logits_to_keep` mask: the model's
+head at the labelled positions only), as `CompletionLossTrainer` does. Steps are interleaved
+per round (each batch once per round), so load from other processes falls on both alike.
+Prints the median step times, the ratio labelled / model's loss, and the largest relative
+difference between the two ways' losses on the same batch (the learning rate is 0, so both
+see the same weights).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def step_function(
     def step(batch: dict[str, torch.Tensor]) -> float:
         optimizer.zero_grad(set_to_none=True)
         if labelled:
-            loss, _ = forward_labelled(model, model.get_output_embeddings(), batch)
+            loss, _ = forward_labelled(model, batch)
         else:
             loss = model(**batch).loss
         loss.backward()
@@ -91,7 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3, help="rounds over the batches")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds over the batches")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,7 +100,7 @@ def main() -> None:
     _, tokenizer = load_base_model("smollm2")
     batches = science_batches(tokenizer, args.batches, args.batch)
     labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-    positions = sum(b["labels"].numel() for b in batches)
+    positions = sum(b["labels"][:, 1:].numel() for b in batches)  # those that predict a token
     print(
         f"{args.batches} batches of {args.batch} science examples: "
         f"{positions / args.batches:.0f} positions per batch, {labelled / positions:.1%} "

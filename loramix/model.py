@@ -518,25 +518,34 @@ class XLoraModel(FixedMixMixin, CheckpointingMixin, SavingMixin, PreTrainedModel
 
 
 def last_positions(
-    logits_to_keep: int | torch.Tensor, reference: torch.Tensor
+    logits_to_keep: int | torch.Tensor, reference: torch.Tensor | None
 ) -> int | torch.Tensor:
-    """`logits_to_keep=k` as the index tensor of the last k of the `T` positions.
+    """`logits_to_keep=k` as the index tensor of the last k of the `T` positions, on the CPU.
 
-    The same logits. transformers slices the hidden states with an int, a strided view, and
-    torch's matmul does not fold a strided `(B, k, D)` input into one matrix product when the
-    head is frozen (as here): it expands the head to `(B, D, vocab)` and copies it. On
-    SmolLM2 in bfloat16 on the CPU that cost 750 ms for a batch of 8 prompts and 90 ms for
-    one (float32: 75 ms for 8), against 8 and 7 ms (20 ms) for the contiguous rows an index
-    tensor gathers. An int of 0 (every position), a tensor, or k >= T stay as they are.
+    The same logits, faster: transformers slices the hidden states with an int, a strided
+    view, and on the CPU torch's matmul does not fold a strided `(B, k, D)` input into one
+    matrix product when the head is frozen (as an X-LoRA model's is): it expands the head to
+    `(B, D, vocab)` and copies it, one copy of the head per sequence (timings in
+    BENCHMARKS.md, "Prefill logits as an index, not a slice"). An index tensor gathers
+    contiguous rows instead. Other devices, an int of 0 (every position), a tensor, or
+    k >= T are left as they are.
 
     Args:
         logits_to_keep: The forward's argument.
-        reference: `(B, T)` input ids or `(B, T, D)` input embeddings.
+        reference: `(B, T)` input ids or `(B, T, D)` input embeddings, or None.
+
+    Returns:
+        `logits_to_keep`, or the `(k,)` positions T - k .. T - 1.
     """
-    if not isinstance(logits_to_keep, int) or not 0 < logits_to_keep < reference.shape[1]:
+    if (
+        reference is None
+        or reference.device.type != "cpu"
+        or not isinstance(logits_to_keep, int)
+        or not 0 < logits_to_keep < reference.shape[1]
+    ):
         return logits_to_keep
     tokens = reference.shape[1]
-    return torch.arange(tokens - logits_to_keep, tokens, device=reference.device)  # (k,)
+    return torch.arange(tokens - logits_to_keep, tokens)  # (k,)
 
 
 def _check_hidden_size(base_model: PreTrainedModel, config: XLoraConfig) -> int:

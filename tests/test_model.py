@@ -18,6 +18,7 @@ from helpers import (
     tiny_llama,
 )
 from peft import PeftModel, get_peft_model
+from transformers import LlamaForCausalLM
 
 from loramix import XLoraConfig, XLoraModel
 from loramix.cache import XLoraCache
@@ -431,23 +432,37 @@ def test_gate_is_float32_over_a_half_precision_base(llama_experts: dict[str, str
     torch.testing.assert_close(scalings.sum(-1), torch.ones(1, 4, model.n_layers))
 
 
+class RecordingLlama(LlamaForCausalLM):
+    """A Llama that keeps the `logits_to_keep` of its last call."""
+
+    def forward(self, *args, logits_to_keep=0, **kwargs):
+        self.last_logits_to_keep = logits_to_keep
+        return super().forward(*args, logits_to_keep=logits_to_keep, **kwargs)
+
+
 @pytest.mark.parametrize("keep", [1, 3, 7, 20])
 def test_logits_to_keep_gives_the_last_positions_logits(llama_experts: dict, keep: int) -> None:
-    model = XLoraModel(tiny_llama(), XLoraConfig(hidden_size=32, adapters=llama_experts))
+    base = RecordingLlama(tiny_llama().config)
+    base.load_state_dict(tiny_llama().state_dict())
+    model = XLoraModel(base, XLoraConfig(hidden_size=32, adapters=llama_experts))
     randomize_gate(model)
     ids = random_ids(batch=3, tokens=7)
     with torch.no_grad():
         full = model(input_ids=ids).logits  # (B, T, vocab)
         last = model(input_ids=ids, logits_to_keep=keep).logits
     torch.testing.assert_close(last, full[:, -keep:], rtol=1e-5, atol=1e-6)
+    passed = base.last_logits_to_keep  # an index where an int would slice part of T
+    assert passed == keep if keep >= 7 else passed.tolist() == list(range(7 - keep, 7))
 
 
-def test_last_positions_gathers_only_where_an_int_slices_part() -> None:
+def test_last_positions_gathers_only_where_an_int_slices_part_on_the_cpu() -> None:
     ids = torch.zeros(2, 5, dtype=torch.long)
     assert last_positions(2, ids).tolist() == [3, 4]
     assert last_positions(1, torch.zeros(2, 5, 8)).tolist() == [4]  # input embeddings
     assert last_positions(0, ids) == 0  # every position
     assert last_positions(5, ids) == 5  # every position too: nothing to gather
     assert last_positions(1, ids[:, :1]) == 1  # one position (a decoding step) is contiguous
+    assert last_positions(2, torch.zeros(2, 5, device="meta")) == 2  # not the CPU
+    assert last_positions(2, None) == 2
     index = torch.tensor([0, 2])
     assert last_positions(index, ids) is index

@@ -9,13 +9,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LLAMA_TARGETS, tiny_llama
+from helpers import LLAMA_TARGETS, TINY_DECODER, randomize_gate, tiny_llama
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import Dataset
-from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM, Trainer
+from transformers import (
+    CohereConfig,
+    CohereForCausalLM,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Trainer,
+    TrainingArguments,
+)
 
 from loramix import XLoraConfig, XLoraModel
 from loramix.training.data import IGNORE_INDEX, PadCollator
+from loramix.training.gate import GateTrainer
 from loramix.training.loss import CompletionLossTrainer, causal_lm_model_type, forward_labelled
 from loramix.training.trainer import TrainingConfig, run_trainer
 
@@ -72,108 +81,156 @@ def test_labelled_loss_and_gradients_equal_the_models(num_items):
     own_grads = lora_grads(model)
     model.zero_grad()
 
-    mine, out = forward_labelled(
-        model, model.get_output_embeddings(), inputs, kwargs.get("num_items_in_batch")
-    )
-    assert out.logits.shape[1] == 1  # one position's logits, not (B, T, vocab)
+    mine, out = forward_labelled(model, inputs, kwargs.get("num_items_in_batch"))
+    labelled = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert out.logits.shape == (labelled, 97)  # not (B, T, vocab)
     mine.backward()
     torch.testing.assert_close(mine, own, rtol=1e-6, atol=1e-7)
     for name, grad in lora_grads(model).items():
         torch.testing.assert_close(grad, own_grads[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def train(model: torch.nn.Module, tmp_path: Path, trainer_class=CompletionLossTrainer) -> Trainer:
+def train(
+    model: torch.nn.Module, tmp_path: Path, trainer_class=CompletionLossTrainer, **changes
+) -> Trainer:
+    settings = {"max_steps": 4, "save_steps": 100, **changes}
     return run_trainer(
         model,
-        Examples(examples(9)),
-        None,
+        Examples(examples(13)),
+        Examples(examples(5, seed=1)),
         collator=PadCollator(0),
-        config=dataclasses.replace(CONFIG, max_steps=4, save_steps=100),
+        config=dataclasses.replace(CONFIG, **settings),
         out=tmp_path,
         trainer_class=trainer_class,
     )
 
 
-def test_trainer_takes_the_labelled_logits_and_trains_as_with_the_models_loss(tmp_path):
-    fast = train(lora_llama(), tmp_path / "fast")
-    plain = train(lora_llama(), tmp_path / "plain", trainer_class=Trainer)
+def logged(trainer: Trainer, key: str) -> list[float]:
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_trainer_takes_the_labelled_logits_and_trains_as_with_the_models_loss(grad_accum, tmp_path):
+    """Also with gradient accumulation over micro-batches of different label counts, where
+    the loss is a sum over the whole accumulated batch's labels."""
+    fast = train(lora_llama(), tmp_path / "fast", grad_accum=grad_accum, eval_steps=2)
+    plain = train(lora_llama(), tmp_path / "plain", Trainer, grad_accum=grad_accum, eval_steps=2)
     assert fast.labelled_logits is True
-    fast_losses = [e["loss"] for e in fast.state.log_history if "loss" in e]
-    plain_losses = [e["loss"] for e in plain.state.log_history if "loss" in e]
-    assert len(fast_losses) == 4
-    assert fast_losses == pytest.approx(plain_losses, rel=1e-5)
+    assert len(logged(fast, "loss")) == 4 and len(logged(fast, "eval_loss")) == 2
+    assert logged(fast, "loss") == pytest.approx(logged(plain, "loss"), rel=1e-5)
+    assert logged(fast, "eval_loss") == pytest.approx(logged(plain, "eval_loss"), rel=1e-5)
     plain_weights = dict(plain.model.named_parameters())
     for name, weight in fast.model.named_parameters():
         if weight.requires_grad:
             torch.testing.assert_close(weight, plain_weights[name], rtol=1e-4, atol=1e-6)
 
 
-class ScaledLlama(LlamaForCausalLM):
-    """A Llama whose logits are scaled after the head (as Cohere's and Granite's are)."""
+def test_a_trained_head_takes_the_labelled_logits_too(tmp_path):
+    def head_trained() -> torch.nn.Module:
+        model = tiny_llama()
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad = name.startswith("lm_head") or "embed_tokens" in name
+        return model
+
+    fast = train(head_trained(), tmp_path / "fast")
+    plain = train(head_trained(), tmp_path / "plain", Trainer)
+    assert fast.labelled_logits is True
+    assert logged(fast, "loss") == pytest.approx(logged(plain, "loss"), rel=1e-5)
+
+
+def test_gate_trainer_takes_the_labelled_logits_of_the_xlora_model(llama_experts, tmp_path):
+    model = XLoraModel(tiny_llama(), XLoraConfig(hidden_size=32, adapters=llama_experts))
+    randomize_gate(model)
+    model.train()
+    inputs = batch()
+    own = model(**inputs).loss
+    own.backward()
+    own_grads = [p.grad.clone() for p in model.gate.parameters()]
+    model.zero_grad()
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = GateTrainer(model=model, args=args)
+    loss, output = trainer.compute_loss(model, dict(inputs), return_outputs=True)
+    assert trainer.labelled_logits is True
+    assert output["scalings"].shape[:2] == inputs["input_ids"].shape
+    loss.backward()
+    torch.testing.assert_close(loss, own, rtol=1e-6, atol=1e-7)
+    for grad, expected in zip((p.grad for p in model.gate.parameters()), own_grads, strict=True):
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)
+
+
+class LlamaWithExtraLoss(LlamaForCausalLM):
+    """A Llama whose loss adds a term of its own (as a z-loss would)."""
 
     def forward(self, *args, **kwargs):
-        labels = kwargs.pop("labels", None)
         output = super().forward(*args, **kwargs)
-        output.logits = output.logits * 4.0
-        if labels is not None:
-            output.loss = self.loss_function(output.logits, labels, self.config.vocab_size)
+        if output.loss is not None:
+            output.loss = output.loss + 0.5
         return output
 
 
-def scaled_llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return ScaledLlama(tiny_llama().config)
+class LlamaWithoutMasks(LlamaForCausalLM):
+    """A Llama that ignores `logits_to_keep` (as a model written before it would)."""
+
+    def forward(self, *args, logits_to_keep=0, **kwargs):
+        return super().forward(*args, **kwargs)
 
 
-def tiny_gemma2() -> torch.nn.Module:
+def tiny_cohere() -> torch.nn.Module:
     torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        final_logit_softcapping=30.0,
-        pad_token_id=0,
+    return CohereForCausalLM(CohereConfig(**TINY_DECODER))
+
+
+def tiny_mixtral_with_router_loss() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        **TINY_DECODER, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True
     )
-    return Gemma2ForCausalLM(config)
+    return MixtralForCausalLM(config)
+
+
+def llama_like(cls):
+    def make() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return cls(tiny_llama().config)
+
+    return make
 
 
 @pytest.mark.parametrize(
     ("make_model", "reason"),
     [
-        (scaled_llama, "logits are not its output embeddings applied"),
-        (tiny_gemma2, "model type 'gemma2' is not known to compute plain logits"),
+        (llama_like(LlamaWithExtraLoss), "its loss differs (first labelled batch"),
+        (llama_like(LlamaWithoutMasks), "it does not take such a mask"),
+        (tiny_cohere, "model type 'cohere' is not among those checked for it"),
+        (tiny_mixtral_with_router_loss, "its loss adds the router's auxiliary loss"),
     ],
 )
-def test_trainer_keeps_the_models_loss_where_logits_differ(make_model, reason, tmp_path, caplog):
-    model = make_model()
-    for name, parameter in model.named_parameters():  # train the last norm only
-        parameter.requires_grad = name.endswith("model.norm.weight")
+def test_trainer_keeps_the_models_loss_where_it_could_differ(make_model, reason, tmp_path, caplog):
+    def norm_trained() -> torch.nn.Module:
+        model = make_model()
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad = name.endswith("model.norm.weight")
+        return model
+
     with caplog.at_level(logging.INFO, logger="loramix.training.loss"):
-        trainer = train(model, tmp_path / "out")
+        trainer = train(norm_trained(), tmp_path / "out")
     assert trainer.labelled_logits is False
     assert reason in caplog.text
-
-    torch.manual_seed(0)
-    reference = make_model()
-    for name, parameter in reference.named_parameters():
-        parameter.requires_grad = name.endswith("model.norm.weight")
-    plain = train(reference, tmp_path / "plain", trainer_class=Trainer)
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    assert losses == pytest.approx([e["loss"] for e in plain.state.log_history if "loss" in e])
+    plain = train(norm_trained(), tmp_path / "plain", Trainer)
+    assert logged(trainer, "loss") == pytest.approx(logged(plain, "loss"))
 
 
-def test_a_trained_head_keeps_the_models_loss(tmp_path, caplog):
-    model = tiny_llama()
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad = name.startswith("lm_head") or name.endswith("embed_tokens.weight")
-    with caplog.at_level(logging.INFO, logger="loramix.training.loss"):
-        trainer = train(model, tmp_path / "out")
-    assert trainer.labelled_logits is False
-    assert "the output embeddings are trained" in caplog.text
+def test_the_check_waits_for_a_batch_with_labels(tmp_path):
+    model = lora_llama().train()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = CompletionLossTrainer(model=model, args=args)
+    unlabelled = batch()
+    unlabelled["labels"] = torch.full_like(unlabelled["labels"], IGNORE_INDEX)
+    trainer.compute_loss(model, unlabelled)
+    assert trainer.labelled_logits is None
+    trainer.compute_loss(model, batch())
+    assert trainer.labelled_logits is True
 
 
 def test_model_type_seen_through_peft_and_xlora(llama_experts):

@@ -5,17 +5,21 @@ upcasts them to float32 and takes the cross entropy of all of them, although onl
 labelled positions count. On loramix's training data (prompt/completion pairs with the loss on
 the completion) about one position in eight carries a label, and the output head with its
 cross entropy is a large share of a step on a small model: SmolLM2-135M's head (576 x 49152)
-does a fifth of the forward pass's multiply-adds. `CompletionLossTrainer` asks the model for
-one position's logits (`logits_to_keep`, which transformers' causal LMs accept) and its
-hidden states, and applies the output embeddings at the labelled positions only; the loss is
-the same number, reduced the same way (mean, or sum over `num_items_in_batch`).
+does a fifth of the forward pass's multiply-adds (measured in BENCHMARKS.md).
 
-That holds only where the logits are `head(last hidden state)`. Some architectures change
-them after the head (Gemma 2's soft-capped logits, Cohere's and Granite's scaled ones, a
-mixture's router loss), and a trainable head would be called outside the model's forward. So
-only the architectures listed in `PLAIN_HEAD_MODEL_TYPES` take this way, and the trainer also
-checks once, on its first batch, that both ways give the same loss; any other model keeps its
-own loss (the same numbers, only slower), and the log says why.
+`CompletionLossTrainer` passes the model a boolean `(B, T)` `logits_to_keep` mask of the
+positions whose next token is labelled: transformers' causal LMs then apply their head, and
+whatever their architecture does after it (Gemma 2's soft cap, Granite's scaling), at those
+positions only, and return `(N, vocab)` logits. The cross entropy of these is the model's own
+loss, reduced the same way (mean, or sum over `num_items_in_batch`).
+
+Where that cannot be known to hold the trainer keeps the model's own loss (the same numbers,
+only slower) and logs why: a model type not listed in `LABELLED_LOGITS_MODEL_TYPES` (each one
+is checked against its own loss in the architecture tests), router losses added to the loss,
+label smoothing or a custom loss function, DataParallel over several GPUs, sequence or
+context parallelism, and evaluation (whose predictions are full logits). It also compares
+both losses once, on the first batch with a label, and keeps the model's own if they differ
+or if the model does not take the mask.
 """
 
 from __future__ import annotations
@@ -29,107 +33,102 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
-from loramix.layer import MixedLora
 from loramix.model import XLoraModel
 from loramix.training.data import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-PLAIN_HEAD_MODEL_TYPES = frozenset(
+LABELLED_LOGITS_MODEL_TYPES = frozenset(
     {
         "falcon",
         "gemma",
+        "gemma2",
+        "gemma3_text",
         "gpt2",
         "gpt_neox",
+        "granite",
         "llama",
         "mistral",
+        "mixtral",
         "olmo2",
         "opt",
         "phi",
         "phi3",
         "qwen2",
+        "qwen2_moe",
         "qwen3",
         "stablelm",
         "starcoder2",
     }
 )
-"""transformers `model_type`s whose causal-LM logits are `lm_head(last hidden state)` and whose
-loss is the plain cross entropy of them (each checked against the model's own loss in the
-architecture tests)."""
+"""transformers `model_type`s whose causal LM takes a boolean `logits_to_keep` mask and whose
+loss is the plain cross entropy of its logits (each checked in the architecture tests)."""
 
 RELATIVE_TOLERANCE = 1e-3
-"""How far (relative) the first batch's two losses may differ: rounding only. Soft-capped or
-scaled logits move the loss by percents."""
+"""How far (relative) the first labelled batch's two losses may differ: rounding only."""
 
 
-def labelled_loss(
-    head: nn.Module,
-    hidden: torch.Tensor,
-    labels: torch.Tensor,
-    num_items_in_batch: torch.Tensor | int | None = None,
-) -> torch.Tensor:
-    """Next-token cross entropy at the labelled positions, as transformers' causal-LM loss.
-
-    Args:
-        head: The output embeddings (hidden size -> vocabulary).
-        hidden: `(B, T, D)` last hidden states.
-        labels: `(B, T)` token ids, `IGNORE_INDEX` where no loss is taken; position t's
-            logits predict label t + 1.
-        num_items_in_batch: If given, the summed loss is divided by it (the Trainer's count
-            over an accumulated batch); otherwise the mean over labelled positions.
-
-    Returns:
-        The scalar loss (float32).
-    """
-    targets = labels[:, 1:]  # (B, T-1)
-    keep = targets != IGNORE_INDEX  # (B, T-1)
-    logits = head(hidden[:, :-1][keep]).float()  # (N, vocab), N labelled positions
-    if num_items_in_batch is None:
-        return F.cross_entropy(logits, targets[keep].to(logits.device))
-    loss = F.cross_entropy(logits, targets[keep].to(logits.device), reduction="sum")
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(loss.device)
-    return loss / num_items_in_batch
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """`(B, T)` labels -> `(B, T)` bool, True where the next token is labelled (position t's
+    logits predict label t + 1; the last position predicts nothing)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
 
 
 def forward_labelled(
     model: nn.Module,
-    head: nn.Module,
     inputs: dict[str, Any],
     num_items_in_batch: torch.Tensor | int | None = None,
 ) -> tuple[torch.Tensor, Any]:
-    """Run `model` on a batch for its hidden states and take `labelled_loss` of them.
+    """Run `model` for the logits of the labelled positions only, and their cross entropy.
 
     Args:
-        model: A causal LM that takes `logits_to_keep` and `output_hidden_states`.
-        head: Its output embeddings.
-        inputs: The batch: input_ids, attention_mask, labels `(B, T)`.
-        num_items_in_batch: As for `labelled_loss`.
+        model: A causal LM that takes a boolean `(B, T)` `logits_to_keep`.
+        inputs: The batch: `(B, T)` input_ids, attention_mask and labels (`IGNORE_INDEX`
+            where no loss is taken).
+        num_items_in_batch: If given, the summed loss is divided by it (the Trainer's count
+            over an accumulated batch); otherwise the mean over labelled positions, as
+            transformers' causal-LM loss.
 
     Returns:
-        The loss, and the model's output with it as `loss` (and the first position's logits,
-        all hidden states, and whatever else the model returns).
+        The float32 loss, and the model's output with it as `loss` (its `logits` are
+        `(N, vocab)`, N the labelled positions in row order).
+
+    Raises:
+        ValueError: If the model did not return one row of logits per labelled position
+            (it does not take a boolean `logits_to_keep`).
     """
+    labels = inputs["labels"]
+    keep = labelled_positions(labels)  # (B, T)
     features = {key: value for key, value in inputs.items() if key != "labels"}
-    # The first position's logits only. An index tensor rather than `logits_to_keep=1`: the
-    # int slices the hidden states into a strided view, and on the CPU a bfloat16 matmul of
-    # that view copies the whole head per row (850 ms for 8 rows on SmolLM2, against 8.5 ms
-    # for the gathered copy an index tensor gives).
-    first = torch.zeros(1, dtype=torch.long, device=inputs["labels"].device)
-    outputs = model(**features, logits_to_keep=first, output_hidden_states=True)
-    loss = labelled_loss(head, outputs.hidden_states[-1], inputs["labels"], num_items_in_batch)
+    outputs = model(**features, logits_to_keep=keep, return_dict=True)
+    logits = outputs.logits  # (N, vocab)
+    count = int(keep.sum())
+    if logits.dim() != 2 or logits.shape[0] != count:
+        raise ValueError(
+            f"the model returned logits of shape {tuple(logits.shape)} for a boolean "
+            f"logits_to_keep with {count} positions; it does not take such a mask"
+        )
+    targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX].to(logits.device)  # (N,)
+    if num_items_in_batch is None:
+        loss = F.cross_entropy(logits.float(), targets)
+    else:
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
     outputs["loss"] = loss  # where the model's own loss would be
     return loss, outputs
 
 
 class CompletionLossTrainer(Trainer):
-    """transformers' `Trainer`, with the causal-LM loss computed by `labelled_loss`.
+    """transformers' `Trainer`, with the training loss from `forward_labelled`.
 
     Attributes:
-        labelled_logits: None until the first batch, then whether the loss is computed from
-            the labelled positions' logits only (True) or by the model itself (False: the
-            check found different logits, a trainable head, label smoothing or a custom
-            loss function).
+        labelled_logits: None until the first training batch with a label, then whether
+            training batches take `forward_labelled` (True) or the model's own loss (False;
+            the log says why). Evaluation always takes the model's own loss.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -143,9 +142,9 @@ class CompletionLossTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
-        if self.labelled_logits is None:
+        if model.training and self.labelled_logits is None and _has_labels(inputs):
             self.labelled_logits = self._check_labelled_logits(model, inputs)
-        if not self.labelled_logits:
+        if not (model.training and self.labelled_logits):
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
@@ -162,64 +161,66 @@ class CompletionLossTrainer(Trainer):
         model's own loss, and the model's output."""
         if not self.model_accepts_loss_kwargs:  # the model's loss would be a plain mean
             num_items_in_batch = None
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        loss, outputs = forward_labelled(model, head, inputs, num_items_in_batch)
+        loss, outputs = forward_labelled(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # As `Trainer.compute_loss` scales a model's own loss: `num_items_in_batch` counts
             # the tokens of every process, and DDP averages the gradients over processes.
             tensor_parallel = getattr(self, "get_tp_size", lambda: 1)()
-            processes = self.accelerator.num_processes // tensor_parallel
-            loss = loss * (processes if self.args.n_gpu <= 1 else self.args.n_gpu)
+            loss = loss * (self.accelerator.num_processes // tensor_parallel)
         return loss, outputs
 
     def _check_labelled_logits(self, model: nn.Module, inputs: dict[str, Any]) -> bool:
-        """Whether `labelled_loss` gives the model's own loss on this batch (see the module
-        docstring); says why not when it does not."""
+        """Whether `forward_labelled` gives the model's own loss on this batch (see the module
+        docstring); logs why not when it does not. (Both forward calls also reach an X-LoRA
+        model's own scalings log, where that is switched on.)"""
         reason = self._unsupported_reason(model, inputs)
         if reason is None:
-            was_training = model.training
             model.eval()  # no dropout: both losses must see the same network
             try:
                 with torch.no_grad():
                     own = float(super().compute_loss(model, dict(inputs)))
-                    mine = float(self._labelled_loss(model, inputs, None)[0])
-            except TypeError as error:  # no `logits_to_keep` or `output_hidden_states`
-                own = mine = math.nan
-                reason = f"the model's forward does not take its arguments ({error})"
+                    mine = float(forward_labelled(model, inputs)[0])
+                if not math.isclose(own, mine, rel_tol=RELATIVE_TOLERANCE):
+                    reason = f"its loss differs (first labelled batch: {own:.6g} vs {mine:.6g})"
+            except Exception as error:  # noqa: BLE001 - any failure means: keep the model's loss
+                reason = f"computing the labelled positions' logits failed ({error})"
             finally:
-                model.train(was_training)
-            if reason is None and not math.isclose(own, mine, rel_tol=RELATIVE_TOLERANCE):
-                reason = (
-                    f"the model's logits are not its output embeddings applied to its last "
-                    f"hidden state (first batch's loss {own:.6g} vs {mine:.6g}; soft-capped "
-                    "or scaled logits?)"
-                )
+                model.train()
         if reason is not None:
-            logger.info("computing the loss from all positions' logits: %s", reason)
+            logger.info("training takes the model's own loss over all positions: %s", reason)
             return False
-        logger.debug("computing the loss from the labelled positions' logits only")
+        logger.debug("training takes the loss from the labelled positions' logits only")
         return True
 
     def _unsupported_reason(self, model: nn.Module, inputs: dict[str, Any]) -> str | None:
-        """Why `labelled_loss` cannot replace the model's loss, or None."""
-        if "labels" not in inputs:
-            return "the batch has no labels"
+        """Why `forward_labelled` cannot replace the model's loss here, or None."""
         if self.label_smoother is not None:
             return "label smoothing is on"
         if self.compute_loss_func is not None:
             return "a custom loss function is set"
+        if self.args.n_gpu > 1:
+            return "DataParallel over several GPUs"
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        split = parallelism is not None and (
+            getattr(parallelism, "sp_enabled", False) or getattr(parallelism, "cp_enabled", False)
+        )
+        if split or "shift_labels" in inputs:
+            return "sequence or context parallelism"
         unwrapped = self.accelerator.unwrap_model(model)
         model_type = causal_lm_model_type(unwrapped)
-        if model_type not in PLAIN_HEAD_MODEL_TYPES:
-            return f"model type {model_type!r} is not known to compute plain logits"
-        head = unwrapped.get_output_embeddings()
-        if head is None:
-            return "the model has no output embeddings"
-        if any(parameter.requires_grad for parameter in head.parameters()):
-            return "the output embeddings are trained"
-        if isinstance(head, MixedLora):  # mixes its experts inside the X-LoRA forward only
-            return "the output embeddings are an X-LoRA adapted module"
+        if model_type not in LABELLED_LOGITS_MODEL_TYPES:
+            return f"model type {model_type!r} is not among those checked for it"
+        config = getattr(unwrapped, "config", None)
+        if isinstance(unwrapped, XLoraModel):
+            config = unwrapped.lm.config
+        if getattr(config, "output_router_logits", False):
+            return "its loss adds the router's auxiliary loss"
         return None
+
+
+def _has_labels(inputs: dict[str, Any]) -> bool:
+    labels = inputs.get("labels")
+    return labels is not None and bool((labels[:, 1:] != IGNORE_INDEX).any())
 
 
 def causal_lm_model_type(model: nn.Module) -> str | None:
