@@ -1,21 +1,24 @@
-"""Training step speed with the loss from the labelled positions' logits only, one run.
+"""Training step and evaluation speed with the logits of the labelled positions only, one run.
 
     .venv/bin/python benchmarks/training_loss.py [--batch 8 --batches 4 --repeats 5 --threads 1]
 
-On SmolLM2-135M-Instruct in bfloat16 (the science retrain's `train_dtype`) and batches of
-science training examples (prompt/completion pairs, loss on the completion; eight domains),
-a step is forward + backward + AdamW step of:
+On SmolLM2-135M-Instruct and batches of science training examples (prompt/completion pairs,
+loss on the completion; eight domains), three things are timed, each once with the model's
+own loss (`(B, T, vocab)` logits, all upcast to float32) and once with a boolean
+`logits_to_keep` mask (the model's head at the labelled positions only):
 
-* expert: a LoRA r=8 on q/k/v/o/up/down (the science experts), only the LoRA weights train;
-* gate: the bundled science X-LoRA model, only its gate trains;
+* expert training step: a LoRA r=8 on q/k/v/o/up/down over the base in bfloat16 (the science
+  retrain's `train_dtype`), forward + backward + AdamW, through `forward_labelled` as
+  `CompletionLossTrainer` takes it;
+* gate training step: the bundled science X-LoRA model over the bfloat16 base, only its gate
+  trains, the same way;
+* evaluation NLL pass: the bundled X-LoRA model in float32 without gradients, each example's
+  summed NLL (`loramix.training.loss.row_nlls`, as `loramix eval` and the retrain score).
 
-each once with the model's own loss (`(B, T, vocab)` logits, all upcast to float32) and once
-with `loramix.training.loss.forward_labelled` (a boolean `logits_to_keep` mask: the model's
-head at the labelled positions only), as `CompletionLossTrainer` does. Steps are interleaved
-per round (each batch once per round), so load from other processes falls on both alike.
-Prints the median step times, the ratio labelled / model's loss, and the largest relative
-difference between the two ways' losses on the same batch (the learning rate is 0, so both
-see the same weights).
+The ways are interleaved per round (each batch once per round), so load from other processes
+falls on both alike. Prints the median times, the ratio labelled / model's loss, and the
+largest relative difference between the two ways' values on the same batch (the learning
+rate is 0, so both see the same weights).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from loramix.science.bundle import DEFAULT_BUNDLE
 from loramix.science.datasets import write_datasets
 from loramix.smollm2 import load_base_model
 from loramix.training.data import PadCollator, load_training_data, pad_token_id
-from loramix.training.loss import forward_labelled
+from loramix.training.loss import forward_labelled, row_nlls
 
 SCIENCE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
@@ -112,32 +115,57 @@ def main() -> None:
         # losses on a batch must agree; AdamW still does all its work.
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
-        steps = {
+        ways = {
             "model's loss": step_function(model, False, optimizer),
             "labelled": step_function(model, True, optimizer),
         }
-        for step in steps.values():
-            step(batches[0])  # warm-up
-        times: dict[str, list[float]] = {key: [] for key in steps}
-        losses: dict[str, list[float]] = {key: [] for key in steps}
-        for _ in range(args.repeats):
-            for key, step in steps.items():
-                start = time.perf_counter()
-                losses[key] += [step(batch) for batch in batches]
-                times[key].append((time.perf_counter() - start) / len(batches))
-        medians = {key: statistics.median(values) for key, values in times.items()}
-        print(f"{name}:")
-        for key, seconds in medians.items():
-            spread = ", ".join(f"{t * 1000:.0f}" for t in times[key])
-            print(f"  {key:13s} {seconds * 1000:8.0f} ms per step   (rounds: {spread} ms)")
-        ratio = medians["labelled"] / medians["model's loss"]
-        gap = max(
-            abs(a - b) / abs(b)
-            for a, b in zip(losses["labelled"], losses["model's loss"], strict=True)
-        )
-        print(f"  labelled / model's loss time: {ratio:.2f}; losses differ by <= {gap:.1e} (rel.)")
-        del model, steps
+        compare(f"{name} training step", ways, batches, args.repeats)
+        del model, ways
+
+    # The evaluation's NLL pass: float32 (as `loramix eval` and the retrain score), no
+    # gradients, each example's summed NLL.
+    model = XLoraModel.from_pretrained("smollm2", DEFAULT_BUNDLE).eval()
+
+    def nll_pass(labelled: bool) -> Callable[[dict[str, torch.Tensor]], float]:
+        def run(batch: dict[str, torch.Tensor]) -> float:
+            with torch.no_grad():
+                sums, _, _ = row_nlls(model, batch, labelled=labelled)
+            return float(sums.sum())
+
+        return run
+
+    ways = {"model's loss": nll_pass(False), "labelled": nll_pass(True)}
+    compare("evaluation NLL pass (X-LoRA, float32)", ways, batches, args.repeats)
     sys.stdout.flush()
+
+
+def compare(
+    name: str,
+    ways: dict[str, Callable[[dict[str, torch.Tensor]], float]],
+    batches: list[dict[str, torch.Tensor]],
+    repeats: int,
+) -> None:
+    """Time each way over the batches, interleaved per round, and print the medians, their
+    ratio and the largest relative difference of the values they return."""
+    for way in ways.values():
+        way(batches[0])  # warm-up
+    times: dict[str, list[float]] = {key: [] for key in ways}
+    values: dict[str, list[float]] = {key: [] for key in ways}
+    for _ in range(repeats):
+        for key, way in ways.items():
+            start = time.perf_counter()
+            values[key] += [way(batch) for batch in batches]
+            times[key].append((time.perf_counter() - start) / len(batches))
+    medians = {key: statistics.median(spread) for key, spread in times.items()}
+    print(f"{name}:")
+    for key, seconds in medians.items():
+        spread = ", ".join(f"{t * 1000:.0f}" for t in times[key])
+        print(f"  {key:13s} {seconds * 1000:8.0f} ms per batch   (rounds: {spread} ms)")
+    ratio = medians["labelled"] / medians["model's loss"]
+    gap = max(
+        abs(a - b) / abs(b) for a, b in zip(values["labelled"], values["model's loss"], strict=True)
+    )
+    print(f"  labelled / model's loss time: {ratio:.2f}; values differ by <= {gap:.1e} (rel.)")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,12 @@ from transformers import (
 from loramix import XLoraConfig, XLoraModel
 from loramix.training.data import IGNORE_INDEX, PadCollator
 from loramix.training.gate import GateTrainer
-from loramix.training.loss import CompletionLossTrainer, causal_lm_model_type, forward_labelled
+from loramix.training.loss import (
+    CompletionLossTrainer,
+    causal_lm_model_type,
+    forward_labelled,
+    row_nlls,
+)
 from loramix.training.trainer import TrainingConfig, run_trainer
 
 CONFIG = TrainingConfig(
@@ -238,3 +243,20 @@ def test_model_type_seen_through_peft_and_xlora(llama_experts):
     xlora = XLoraModel(tiny_llama(), XLoraConfig(hidden_size=32, adapters=llama_experts))
     assert causal_lm_model_type(xlora) == "llama"
     assert causal_lm_model_type(torch.nn.Linear(2, 2)) is None
+
+
+def test_row_nlls_agree_with_and_without_the_labelled_positions(llama_experts):
+    """The evaluation's per-example sums, for a peft LoRA and an X-LoRA model."""
+    xlora = XLoraModel(tiny_llama(), XLoraConfig(hidden_size=32, adapters=llama_experts))
+    randomize_gate(xlora)
+    inputs = batch()
+    inputs["labels"][2] = IGNORE_INDEX  # a row without labels sums to 0
+    for model in (lora_llama().eval(), xlora.eval()):
+        with torch.no_grad():
+            fast_sums, fast_counts, _ = row_nlls(model, inputs, labelled=True)
+            full_sums, full_counts, _ = row_nlls(model, inputs, labelled=False)
+            mean = model(**inputs).loss
+        torch.testing.assert_close(fast_sums, full_sums, rtol=1e-5, atol=1e-6)
+        assert fast_counts.tolist() == full_counts.tolist()
+        assert fast_counts[2] == 0 and fast_sums[2] == 0
+        torch.testing.assert_close(fast_sums.sum() / fast_counts.sum(), mean)

@@ -47,7 +47,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from transformers import (
     GenerationConfig,
     PreTrainedTokenizerBase,
@@ -65,6 +64,7 @@ from loramix.training.data import (
     tokenize_rendered,
 )
 from loramix.training.jsonl import BadLines, read_records
+from loramix.training.loss import labelled_logits_reason, row_nlls
 
 if TYPE_CHECKING:
     from loramix.model import XLoraModel
@@ -468,6 +468,7 @@ def example_nlls(
         (NLL sums `(N,)`, completion tokens `(N,)`, per-expert mean scalings `(E,)` or None).
     """
     collate = PadCollator(pad_token_id(tokenizer))
+    labelled = labelled_logits_reason(model) is None  # logits at the labelled positions only
     sums: dict[int, float] = {}
     counts: dict[int, int] = {}
     usage_sum, usage_count = None, 0
@@ -484,18 +485,11 @@ def example_nlls(
             ]
         )
         device = model.get_input_embeddings().weight.device
-        output = model(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-            use_cache=False,
+        inputs = {key: value.to(device) for key, value in batch.items()}
+        row_sums, row_counts, output = row_nlls(
+            model, {**inputs, "use_cache": False}, labelled=labelled
         )
-        logits = output.logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
-        targets = batch["labels"][:, 1:].to(logits.device)  # (B, T-1)
-        token_nll = F.cross_entropy(
-            logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-        )  # (B, T-1), 0 where ignored
-        row_sums = token_nll.sum(dim=1).tolist()  # (B,)
-        row_counts = (targets != IGNORE_INDEX).sum(dim=1).tolist()  # (B,)
+        row_sums, row_counts = row_sums.tolist(), row_counts.tolist()  # (B,) each
         for (index, _), total, count in zip(batch_items, row_sums, row_counts, strict=True):
             sums[index], counts[index] = total, int(count)
         if usage:

@@ -99,6 +99,23 @@ def forward_labelled(
         ValueError: If the model did not return one row of logits per labelled position
             (it does not take a boolean `logits_to_keep`).
     """
+    logits, targets, _, outputs = _labelled_logits(model, inputs)  # (N, vocab), (N,)
+    if num_items_in_batch is None:
+        loss = F.cross_entropy(logits.float(), targets)
+    else:
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    outputs["loss"] = loss  # where the model's own loss would be
+    return loss, outputs
+
+
+def _labelled_logits(
+    model: nn.Module, inputs: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+    """The model's `(N, vocab)` logits at the labelled positions, their `(N,)` targets (on the
+    logits' device), the `(B, T)` mask of those positions, and the model's output."""
     labels = inputs["labels"]
     keep = labelled_positions(labels)  # (B, T)
     features = {key: value for key, value in inputs.items() if key != "labels"}
@@ -111,15 +128,50 @@ def forward_labelled(
             f"logits_to_keep with {count} positions; it does not take such a mask"
         )
     targets = labels[:, 1:][labels[:, 1:] != IGNORE_INDEX].to(logits.device)  # (N,)
-    if num_items_in_batch is None:
-        loss = F.cross_entropy(logits.float(), targets)
+    return logits, targets, keep, outputs
+
+
+def row_nlls(
+    model: nn.Module, inputs: dict[str, Any], *, labelled: bool
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Each row's summed next-token NLL over its labelled positions, and their number.
+
+    Args:
+        model: A causal LM.
+        inputs: `(B, T)` input_ids, attention_mask and labels, as for `forward_labelled`.
+        labelled: Compute the logits of the labelled positions only (the model must take a
+            boolean `logits_to_keep`; see `labelled_logits_reason`), else all of them.
+
+    Returns:
+        `(B,)` float32 NLL sums and `(B,)` counts (on the CPU), and the model's output.
+    """
+    labels = inputs["labels"]
+    if labelled:
+        logits, targets, keep, outputs = _labelled_logits(model, inputs)
+        token_nll = F.cross_entropy(logits.float(), targets, reduction="none")  # (N,)
+        rows = keep.nonzero(as_tuple=True)[0].to(token_nll.device)  # (N,) row of each
+        sums = token_nll.new_zeros(labels.shape[0]).index_add_(0, rows, token_nll)  # (B,)
     else:
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    outputs["loss"] = loss  # where the model's own loss would be
-    return loss, outputs
+        features = {key: value for key, value in inputs.items() if key != "labels"}
+        outputs = model(**features, return_dict=True)
+        logits = outputs.logits[:, :-1].float()  # (B, T-1, vocab): t predicts token t + 1
+        targets = labels[:, 1:].to(logits.device)  # (B, T-1)
+        sums = F.cross_entropy(
+            logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        ).sum(dim=1)  # (B,), ignored positions count 0
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)  # (B,)
+    return sums.cpu(), counts.cpu(), outputs
+
+
+def labelled_logits_reason(model: nn.Module) -> str | None:
+    """Why `model`'s loss cannot be taken from its labelled positions' logits, or None."""
+    model_type = causal_lm_model_type(model)
+    if model_type not in LABELLED_LOGITS_MODEL_TYPES:
+        return f"model type {model_type!r} is not among those checked for it"
+    config = model.lm.config if isinstance(model, XLoraModel) else getattr(model, "config", None)
+    if getattr(config, "output_router_logits", False):
+        return "its loss adds the router's auxiliary loss"
+    return None
 
 
 class CompletionLossTrainer(Trainer):
@@ -206,16 +258,7 @@ class CompletionLossTrainer(Trainer):
         )
         if split or "shift_labels" in inputs:
             return "sequence or context parallelism"
-        unwrapped = self.accelerator.unwrap_model(model)
-        model_type = causal_lm_model_type(unwrapped)
-        if model_type not in LABELLED_LOGITS_MODEL_TYPES:
-            return f"model type {model_type!r} is not among those checked for it"
-        config = getattr(unwrapped, "config", None)
-        if isinstance(unwrapped, XLoraModel):
-            config = unwrapped.lm.config
-        if getattr(config, "output_router_logits", False):
-            return "its loss adds the router's auxiliary loss"
-        return None
+        return labelled_logits_reason(self.accelerator.unwrap_model(model))
 
 
 def _has_labels(inputs: dict[str, Any]) -> bool:
