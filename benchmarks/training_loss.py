@@ -103,11 +103,11 @@ def main() -> None:
     _, tokenizer = load_base_model("smollm2")
     batches = science_batches(tokenizer, args.batches, args.batch)
     labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-    positions = sum(b["labels"][:, 1:].numel() for b in batches)  # those that predict a token
+    positions = sum(b["labels"][:, 1:].numel() for b in batches)  # padding included
     print(
         f"{args.batches} batches of {args.batch} science examples: "
         f"{positions / args.batches:.0f} positions per batch, {labelled / positions:.1%} "
-        f"labelled; {args.threads} thread(s), bfloat16 base, median over {args.repeats} rounds"
+        f"labelled; {args.threads} thread(s), median over {args.repeats} rounds"
     )
     for name, make in (("expert (LoRA r=8)", lora_expert), ("gate (X-LoRA)", xlora_gate)):
         model = make()
@@ -129,7 +129,7 @@ def main() -> None:
     def nll_pass(labelled: bool) -> Callable[[dict[str, torch.Tensor]], float]:
         def run(batch: dict[str, torch.Tensor]) -> float:
             with torch.no_grad():
-                sums, _, _ = row_nlls(model, batch, labelled=labelled)
+                sums, _, _ = row_nlls(model, {**batch, "use_cache": False}, labelled=labelled)
             return float(sums.sum())
 
         return run

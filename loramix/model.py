@@ -251,7 +251,12 @@ class XLoraModel(FixedMixMixin, CheckpointingMixin, SavingMixin, PreTrainedModel
             kwargs["position_ids"] = position_ids
         if not isinstance(logits_to_keep, int) or logits_to_keep != 0:
             reference = input_ids if input_ids is not None else inputs_embeds
-            kwargs["logits_to_keep"] = last_positions(logits_to_keep, reference)
+            logits_to_keep = last_positions(logits_to_keep, reference)
+            if torch.is_tensor(logits_to_keep) and len(_devices(self.lm)) > 1:
+                # The last hidden states are on the last block's device; torch indexes a
+                # tensor on any device with CPU indices.
+                logits_to_keep = logits_to_keep.cpu()
+            kwargs["logits_to_keep"] = logits_to_keep
         if self._adapters_disabled:
             return self.lm(
                 input_ids=input_ids,
@@ -546,6 +551,11 @@ def last_positions(
         return logits_to_keep
     tokens = reference.shape[1]
     return torch.arange(tokens - logits_to_keep, tokens)  # (k,)
+
+
+def _devices(base_model: nn.Module) -> set[str]:
+    """The devices an accelerate device map spreads the base model over (none without one)."""
+    return {str(device) for device in (getattr(base_model, "hf_device_map", None) or {}).values()}
 
 
 def _check_hidden_size(base_model: PreTrainedModel, config: XLoraConfig) -> int:

@@ -17,6 +17,7 @@ from helpers import LLAMA_TARGETS, make_expert, random_ids, tiny_llama
 from transformers import AutoModelForCausalLM
 
 from loramix import XLoraConfig, XLoraModel
+from loramix.training.loss import row_nlls
 
 NEW = 4
 # The tiny Llama's modules; layer 1, the final norm and the head go to the second device.
@@ -67,6 +68,13 @@ def assert_same_model(placed: XLoraModel, reference: XLoraModel) -> None:
         theirs = reference(input_ids=ids)
     torch.testing.assert_close(ours.scalings.cpu(), theirs.scalings, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.logits.cpu(), theirs.logits, atol=1e-4, rtol=1e-4)
+    labels = ids.clone()
+    labels[:, :3] = -100  # the evaluation's NLL from the labelled positions' logits only
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        sums, _, _ = row_nlls(placed, {k: v.to(device) for k, v in inputs.items()}, labelled=True)
+        expected, _, _ = row_nlls(reference, inputs, labelled=False)
+    torch.testing.assert_close(sums, expected, atol=1e-4, rtol=1e-4)
     for mode in ("granular", "frozen", "merged"):
         kwargs = dict(max_new_tokens=NEW, do_sample=False, scalings_mode=mode)
         expected = reference.generate(ids[:1], **kwargs)

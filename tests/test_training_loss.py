@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LLAMA_TARGETS, TINY_DECODER, randomize_gate, tiny_llama
+from helpers import LLAMA_TARGETS, TINY_DECODER, make_expert, randomize_gate, tiny_llama
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import Dataset
 from transformers import (
@@ -27,8 +27,10 @@ from loramix.training.data import IGNORE_INDEX, PadCollator
 from loramix.training.gate import GateTrainer
 from loramix.training.loss import (
     CompletionLossTrainer,
+    RowNlls,
     causal_lm_model_type,
     forward_labelled,
+    labelled_logits_reason,
     row_nlls,
 )
 from loramix.training.trainer import TrainingConfig, run_trainer
@@ -245,18 +247,67 @@ def test_model_type_seen_through_peft_and_xlora(llama_experts):
     assert causal_lm_model_type(torch.nn.Linear(2, 2)) is None
 
 
+def full_and_labelled_sums(model, inputs, **forward) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        fast_sums, fast_counts, _ = row_nlls(model, {**inputs, **forward}, labelled=True)
+        full_sums, full_counts, _ = row_nlls(model, {**inputs, **forward}, labelled=False)
+    assert fast_counts.tolist() == full_counts.tolist()
+    return fast_sums, full_sums
+
+
 def test_row_nlls_agree_with_and_without_the_labelled_positions(llama_experts):
-    """The evaluation's per-example sums, for a peft LoRA and an X-LoRA model."""
+    """The evaluation's per-example sums: a peft LoRA, and an X-LoRA model with per-token
+    scalings, with one fixed mix per sequence, and with its adapters off."""
     xlora = XLoraModel(tiny_llama(), XLoraConfig(hidden_size=32, adapters=llama_experts))
     randomize_gate(xlora)
+    xlora.eval()
     inputs = batch()
     inputs["labels"][2] = IGNORE_INDEX  # a row without labels sums to 0
-    for model in (lora_llama().eval(), xlora.eval()):
+    for model in (lora_llama().eval(), xlora):
+        fast, full = full_and_labelled_sums(model, inputs)
+        torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+        assert fast[2] == 0
         with torch.no_grad():
-            fast_sums, fast_counts, _ = row_nlls(model, inputs, labelled=True)
-            full_sums, full_counts, _ = row_nlls(model, inputs, labelled=False)
             mean = model(**inputs).loss
-        torch.testing.assert_close(fast_sums, full_sums, rtol=1e-5, atol=1e-6)
-        assert fast_counts.tolist() == full_counts.tolist()
-        assert fast_counts[2] == 0 and fast_sums[2] == 0
-        torch.testing.assert_close(fast_sums.sum() / fast_counts.sum(), mean)
+        counts = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
+        torch.testing.assert_close(fast.sum() / counts, mean)
+    mixes = torch.softmax(torch.randn(len(inputs["labels"]), 3), dim=-1)  # (B, E)
+    with xlora.fixed_scalings(mixes, per_sequence=True):
+        torch.testing.assert_close(*full_and_labelled_sums(xlora, inputs), rtol=1e-5, atol=1e-6)
+    with xlora.disable_adapters():
+        torch.testing.assert_close(*full_and_labelled_sums(xlora, inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_an_adapted_head_takes_every_positions_logits(tmp_path, caplog):
+    """Experts on lm_head: per-token mixing of the head needs every position, so the
+    evaluation (and training) keep the full logits, with the same numbers."""
+    experts = {
+        name: str(make_expert(tiny_llama, tmp_path / name, seed, ["q_proj", "lm_head"]))
+        for seed, name in enumerate(("a", "b"), start=1)
+    }
+    xlora = XLoraModel(tiny_llama(), XLoraConfig(hidden_size=32, adapters=experts))
+    randomize_gate(xlora)
+    xlora.eval()
+    assert "adapt the output head" in labelled_logits_reason(xlora)
+    inputs = batch()
+    with caplog.at_level(logging.INFO, logger="loramix.training.loss"):
+        nlls = RowNlls(xlora)
+        with torch.no_grad():
+            sums, counts, _ = nlls(inputs)
+            full, _, _ = row_nlls(xlora, inputs, labelled=False)
+    assert nlls.labelled is False and "adapt the output head" in caplog.text
+    torch.testing.assert_close(sums, full)
+
+
+def test_row_nlls_fall_back_once_when_the_mask_is_not_taken(caplog):
+    model = llama_like(LlamaWithoutMasks)().eval()
+    nlls = RowNlls(model)
+    assert nlls.labelled is True  # a listed type: tried first
+    with caplog.at_level(logging.INFO, logger="loramix.training.loss"), torch.no_grad():
+        first, _, _ = nlls(batch())
+        second, _, _ = nlls(batch())
+    assert nlls.labelled is False and caplog.text.count("does not take such a mask") == 1
+    with torch.no_grad():
+        expected, _, _ = row_nlls(model, batch(), labelled=False)
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)

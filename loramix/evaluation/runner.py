@@ -64,7 +64,7 @@ from loramix.training.data import (
     tokenize_rendered,
 )
 from loramix.training.jsonl import BadLines, read_records
-from loramix.training.loss import labelled_logits_reason, row_nlls
+from loramix.training.loss import RowNlls
 
 if TYPE_CHECKING:
     from loramix.model import XLoraModel
@@ -468,7 +468,7 @@ def example_nlls(
         (NLL sums `(N,)`, completion tokens `(N,)`, per-expert mean scalings `(E,)` or None).
     """
     collate = PadCollator(pad_token_id(tokenizer))
-    labelled = labelled_logits_reason(model) is None  # logits at the labelled positions only
+    nlls = RowNlls(model)  # logits at the labelled positions only, where the model allows
     sums: dict[int, float] = {}
     counts: dict[int, int] = {}
     usage_sum, usage_count = None, 0
@@ -486,9 +486,7 @@ def example_nlls(
         )
         device = model.get_input_embeddings().weight.device
         inputs = {key: value.to(device) for key, value in batch.items()}
-        row_sums, row_counts, output = row_nlls(
-            model, {**inputs, "use_cache": False}, labelled=labelled
-        )
+        row_sums, row_counts, output = nlls({**inputs, "use_cache": False})
         row_sums, row_counts = row_sums.tolist(), row_counts.tolist()  # (B,) each
         for (index, _), total, count in zip(batch_items, row_sums, row_counts, strict=True):
             sums[index], counts[index] = total, int(count)

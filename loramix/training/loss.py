@@ -3,9 +3,9 @@
 A causal LM's own loss turns every position's last hidden state into `(B, T, vocab)` logits,
 upcasts them to float32 and takes the cross entropy of all of them, although only the
 labelled positions count. On loramix's training data (prompt/completion pairs with the loss on
-the completion) about one position in eight carries a label, and the output head with its
+the completion) about one position in seven carries a label, and the output head with its
 cross entropy is a large share of a step on a small model: SmolLM2-135M's head (576 x 49152)
-does a fifth of the forward pass's multiply-adds (measured in BENCHMARKS.md).
+does about a fifth of the forward pass's multiply-adds (timings in BENCHMARKS.md).
 
 `CompletionLossTrainer` passes the model a boolean `(B, T)` `logits_to_keep` mask of the
 positions whose next token is labelled: transformers' causal LMs then apply their head, and
@@ -15,7 +15,8 @@ loss, reduced the same way (mean, or sum over `num_items_in_batch`).
 
 Where that cannot be known to hold the trainer keeps the model's own loss (the same numbers,
 only slower) and logs why: a model type not listed in `LABELLED_LOGITS_MODEL_TYPES` (each one
-is checked against its own loss in the architecture tests), router losses added to the loss,
+is checked against its own loss in the architecture tests), an X-LoRA model whose experts
+adapt the head (its per-token mixing needs every position), router losses added to the loss,
 label smoothing or a custom loss function, DataParallel over several GPUs, sequence or
 context parallelism, and evaluation (whose predictions are full logits). It also compares
 both losses once, on the first batch with a label, and keeps the model's own if they differ
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
+from loramix.layer import MixedLora
 from loramix.model import XLoraModel
 from loramix.training.data import IGNORE_INDEX
 
@@ -171,7 +173,36 @@ def labelled_logits_reason(model: nn.Module) -> str | None:
     config = model.lm.config if isinstance(model, XLoraModel) else getattr(model, "config", None)
     if getattr(config, "output_router_logits", False):
         return "its loss adds the router's auxiliary loss"
+    if isinstance(model, XLoraModel) and isinstance(model.lm.get_output_embeddings(), MixedLora):
+        return "experts adapt the output head, whose per-token mixing needs every position"
     return None
+
+
+class RowNlls:
+    """`row_nlls` over the batches of one evaluation: from the labelled positions' logits where
+    `labelled_logits_reason` allows it, from all logits otherwise, and from then on also if the
+    model turns out not to take the mask (logged once).
+
+    Args:
+        model: The evaluated causal LM.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        reason = labelled_logits_reason(model)
+        self.labelled = reason is None
+        if reason is not None:
+            logger.info("the NLL takes every position's logits: %s", reason)
+
+    def __call__(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """`(B,)` NLL sums, `(B,)` labelled counts and the model's output; see `row_nlls`."""
+        if self.labelled:
+            try:
+                return row_nlls(self.model, inputs, labelled=True)
+            except (TypeError, ValueError) as error:  # e.g. logits of every position came back
+                self.labelled = False
+                logger.info("the NLL takes every position's logits: %s", error)
+        return row_nlls(self.model, inputs, labelled=False)
 
 
 class CompletionLossTrainer(Trainer):
