@@ -336,6 +336,19 @@ def test_a_run_folder_refuses_other_settings(run):
     assert retrain(out, seed=3, settings=faster, bundle_dir=None)["gates"] is None
 
 
+def test_dropping_a_gate_candidate_selects_again_among_the_rest(run, tmp_path):
+    out, _, settings, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    only_b = dataclasses.replace(settings, gate_candidates=settings.gate_candidates[1:])
+    timings = retrain(copy, seed=3, settings=only_b, bundle_dir=None)
+    assert timings["gates"] is None and timings["select"] is not None  # nothing trained
+    selection = json.loads((copy / SELECTION_JSON).read_text())
+    assert list(selection["candidates"]) == ["b"] and selection["chosen"] == "b"
+    assert timings["eval"] is not None  # a new selection gets a new report
+    assert retrain(copy, seed=3, settings=only_b, bundle_dir=None)["select"] is None
+
+
 def test_adding_a_domain_trains_one_expert_and_one_gate(run):
     from loramix.science.add_domain import add_domain
 

@@ -133,7 +133,7 @@ def test_a_run_recorded_before_a_candidate_field_existed_still_matches(source, t
     assert reuse_run(older, tmp_path / "new", 3, settings)["gates"] == ["a", "b"]
     recorded["gate_candidates"][0]["temperature"] = 2.0  # a real difference still counts
     (older / RUN_JSON).write_text(json.dumps(recorded))
-    with pytest.raises(ValueError, match="gate_candidates"):
+    with pytest.raises(ValueError, match="gate candidate a: .*temperature.: 2.0"):
         retrain(older, seed=3, settings=settings, bundle_dir=None)
 
 

@@ -314,8 +314,11 @@ def retrain(
     # gates and selection (which do not need it); the eval step waits for it.
     pending = [d for d in settings.domains if not _complete(paths.expert(d), _ADAPTER_CONFIG)]
     gates = [c for c in settings.gate_candidates if not _complete(paths.gate(c.name), CONFIG_NAME)]
-    selected = (  # a gate trained in this call is a new candidate: select again
-        not gates and _complete(paths.xlora, CONFIG_NAME) and (paths.out / SELECTION_JSON).is_file()
+    selected = (  # a gate trained in this call, or another list of candidates: select again
+        not gates
+        and _complete(paths.xlora, CONFIG_NAME)
+        and set(read_json(paths.out / SELECTION_JSON).get("candidates", {}))
+        == {c.name for c in settings.gate_candidates}
     )
     alone = not pending and not gates and selected
     multitask = None

@@ -103,6 +103,10 @@ def check_run_settings(
 ) -> None:
     """Record the seed and settings of the run in `out`, or check them against the record.
 
+    Gate candidates may be added or dropped between calls on the same folder (each is trained
+    into its own `gates/NAME` and the selection compares those of the call); the record then
+    takes the call's list. A candidate kept under its name must keep its settings.
+
     Raises:
         ValueError: If `out` holds a run made with another seed or other settings (which
             the skipped steps would silently mix in), naming the differences.
@@ -120,16 +124,38 @@ def check_run_settings(
     changed = sorted(
         k
         for k in current.keys() | recorded.keys()
-        if k not in ignore and current.get(k) != recorded.get(k)
+        if k not in ignore and k != "gate_candidates" and current.get(k) != recorded.get(k)
     )
-    if changed:
-        details = ", ".join(f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in changed)
+    details = [f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in changed]
+    if "gate_candidates" not in ignore:
+        details += _changed_candidates(recorded.get("gate_candidates"), current["gate_candidates"])
+    if details:
         raise ValueError(
-            f"{out} holds a run made with other settings ({details}); its finished steps "
-            "would be reused. Pass another output folder (--out), optionally starting from "
-            f"this run's finished steps that the new settings leave valid (--out NEW --reuse "
-            f"{out}), or delete this one to start over."
+            f"{out} holds a run made with other settings ({', '.join(details)}); its finished "
+            "steps would be reused. Pass another output folder (--out), optionally starting "
+            f"from this run's finished steps that the new settings leave valid (--out NEW "
+            f"--reuse {out}), or delete this one to start over."
         )
+    if (
+        "gate_candidates" not in ignore
+        and recorded["gate_candidates"] != current["gate_candidates"]
+    ):
+        names = [c["name"] for c in current["gate_candidates"]]
+        logger.info("%s: the gate candidates are now %s", out, ", ".join(names))
+        write_text_atomic(path, json.dumps(current, indent=2) + "\n")
+
+
+def _changed_candidates(recorded: Any, current: list[dict[str, Any]]) -> list[str]:
+    """The differences between two candidate lists that a run cannot take: a kept name with
+    other settings (or an unreadable record)."""
+    if not isinstance(recorded, list) or not all(isinstance(c, dict) for c in recorded):
+        return [f"gate_candidates: {recorded!r} -> {current!r}"]
+    before = {c.get("name"): c for c in recorded}
+    return [
+        f"gate candidate {c['name']}: {before[c['name']]!r} -> {c!r}"
+        for c in current
+        if c["name"] in before and before[c["name"]] != c
+    ]
 
 
 def provenance(

@@ -1,0 +1,39 @@
+"""Tests of loramix.science.retrain_jobs: a run folder's settings record (`run.json`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from loramix.science.pipeline import RetrainSettings
+from loramix.science.retrain_jobs import RUN_JSON, check_run_settings
+from loramix.science.selection import GateCandidate
+
+A, B, C = GateCandidate("a", steps=2), GateCandidate("b", steps=3), GateCandidate("c", steps=4)
+
+
+def recorded_names(out) -> list[str]:
+    return [c["name"] for c in json.loads((out / RUN_JSON).read_text())["gate_candidates"]]
+
+
+def test_a_later_call_may_add_and_drop_gate_candidates(tmp_path):
+    settings = RetrainSettings(gate_candidates=(A, B))
+    check_run_settings(tmp_path, 0, settings)
+    check_run_settings(tmp_path, 0, dataclasses.replace(settings, gate_candidates=(B, C)))
+    assert recorded_names(tmp_path) == ["b", "c"]
+    ignored = dataclasses.replace(settings, gate_candidates=(A,))
+    check_run_settings(tmp_path, 0, ignored, ignore=("gate_candidates",))  # add-domain's check
+    assert recorded_names(tmp_path) == ["b", "c"]  # left as it was
+
+
+def test_a_kept_candidate_must_keep_its_settings(tmp_path):
+    settings = RetrainSettings(gate_candidates=(A, B))
+    check_run_settings(tmp_path, 0, settings)
+    longer = dataclasses.replace(B, steps=30)
+    with pytest.raises(ValueError, match=r"gate candidate b: .*'steps': 3.* -> .*'steps': 30"):
+        check_run_settings(tmp_path, 0, dataclasses.replace(settings, gate_candidates=(A, longer)))
+    with pytest.raises(ValueError, match="expert_steps: 250 -> 500"):
+        check_run_settings(tmp_path, 0, dataclasses.replace(settings, expert_steps=500))
+    assert recorded_names(tmp_path) == ["a", "b"]  # a refused call changes nothing
