@@ -1,4 +1,4 @@
-"""The causal-LM training loss, with logits only where a label counts.
+"""The causal-LM loss (training) and NLL sums (evaluation), with logits only where a label counts.
 
 A causal LM's own loss turns every position's last hidden state into `(B, T, vocab)` logits,
 upcasts them to float32 and takes the cross entropy of all of them, although only the
@@ -21,6 +21,9 @@ label smoothing or a custom loss function, DataParallel over several GPUs, seque
 context parallelism, and evaluation (whose predictions are full logits). It also compares
 both losses once, on the first batch with a label, and keeps the model's own if they differ
 or if the model does not take the mask.
+
+The evaluation (`loramix.evaluation.runner`) sums each example's NLL the same way
+(`RowNlls`, `row_nlls`), under the same conditions (`labelled_logits_reason`).
 """
 
 from __future__ import annotations
