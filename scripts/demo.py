@@ -9,10 +9,17 @@ expert, prints a quick evaluation table and writes the heatmaps into `runs/demo`
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import os
 
-from loramix.cli import main
+# OpenMP threads wait passively (unless set otherwise): on a machine busy with other jobs,
+# spinning threads stall every parallel op until the others' time slices end (BENCHMARKS.md,
+# "make demo on a busy machine"). Set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from loramix.cli import main  # noqa: E402
 from loramix.science.bundle import DEFAULT_BUNDLE
 
 BUNDLE = Path(__file__).resolve().parents[1] / DEFAULT_BUNDLE  # this repository's bundle
