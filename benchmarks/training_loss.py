@@ -80,11 +80,9 @@ def step_function(
 
 def lora_expert() -> nn.Module:
     base, _ = load_base_model("smollm2", dtype=torch.bfloat16)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=SCIENCE_TARGETS))
-    for parameter in model.parameters():
-        if parameter.requires_grad:  # the LoRA weights train in float32, as in the retrain
-            parameter.data = parameter.data.float()
-    return model
+    # peft keeps the LoRA weights of a bfloat16 base in float32 (autocast_adapter_dtype), as
+    # the retrain trains them.
+    return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=SCIENCE_TARGETS))
 
 
 def xlora_gate() -> nn.Module:
