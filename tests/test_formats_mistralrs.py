@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from formats_helpers import build, logits
-from helpers import LLAMA_TARGETS, make_expert, random_ids, tiny_llama
+from helpers import LLAMA_TARGETS, TINY_DECODER, make_expert, random_ids, tiny_llama
 from safetensors.torch import load_file
 
 from loramix import XLoraConfig, XLoraModel
@@ -117,15 +117,7 @@ def test_base_folder_for_mistralrs(llama_experts: dict[str, str], tmp_path: Path
     from loramix.formats.mistralrs import write_base_folder
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
+    config = LlamaConfig(**TINY_DECODER, tie_word_embeddings=True)
     base = LlamaForCausalLM(config).eval()
     write_base_folder(base, tmp_path / "base")
     state = load_file(tmp_path / "base" / "model.safetensors")

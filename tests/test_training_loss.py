@@ -11,7 +11,6 @@ import pytest
 import torch
 from helpers import LLAMA_TARGETS, TINY_DECODER, make_expert, randomize_gate, tiny_llama
 from peft import LoraConfig, get_peft_model
-from torch.utils.data import Dataset
 from transformers import (
     CohereConfig,
     CohereForCausalLM,
@@ -23,7 +22,7 @@ from transformers import (
 )
 
 from loramix import XLoraConfig, XLoraModel
-from loramix.training.data import IGNORE_INDEX, PadCollator
+from loramix.training.data import IGNORE_INDEX, PadCollator, TokenizedDataset
 from loramix.training.gate import GateTrainer
 from loramix.training.loss import (
     CompletionLossTrainer,
@@ -59,17 +58,6 @@ def examples(n: int = 6, seed: int = 0) -> list[dict[str, list[int]]]:
     return rows
 
 
-class Examples(Dataset):
-    def __init__(self, rows: list[dict[str, list[int]]]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return self.rows[index]
-
-
 def batch() -> dict[str, torch.Tensor]:
     return PadCollator(0)(examples())  # (B, T) with right padding
 
@@ -103,8 +91,8 @@ def train(
     settings = {"max_steps": 4, "save_steps": 100, **changes}
     return run_trainer(
         model,
-        Examples(examples(13)),
-        Examples(examples(5, seed=1)),
+        TokenizedDataset(examples(13)),
+        TokenizedDataset(examples(5, seed=1)),
         collator=PadCollator(0),
         config=dataclasses.replace(CONFIG, **settings),
         out=tmp_path,
