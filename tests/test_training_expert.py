@@ -128,6 +128,19 @@ def test_resume_continues_from_the_checkpoint(base, data, tmp_path):
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
 
 
+def test_resume_gives_the_uninterrupted_expert_byte_for_byte(base, data, tmp_path):
+    # Dropout is on (the default), so this also checks that the RNG state is restored.
+    settings = fast(max_steps=6, save_steps=2, eval_fraction=0.0)
+    assert LoraSettings().dropout > 0
+    straight = train_expert(base, [data], tmp_path / "straight", training=settings)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        train_expert(base, [data], out, training=settings, callbacks=[StopAt(3)])
+    train_expert(base, [data], out, training=settings, resume=True)
+    weights = "adapter_model.safetensors"
+    assert (out / weights).read_bytes() == (straight / weights).read_bytes()
+
+
 def test_unknown_targets_name_the_real_ones(base):
     model = AutoModelForCausalLM.from_pretrained(base)
     with pytest.raises(ValueError, match=r"\['c_attn'\].*'q_proj'"):
