@@ -102,8 +102,8 @@ def test_every_retrain_setting_has_a_flag_with_help(action: list[str]) -> None:
     sub = subcommand(build_parser(), "science", action[0])
     flags = {a.dest: a for a in sub._actions if a.dest != "help"}
     for name in RetrainSettings.__dataclass_fields__:
-        if name == "gate_candidates":  # set through --gate-steps
-            assert "gate_steps" in flags
+        if name == "gate_candidates":  # set through --gate-candidates and --gate-steps
+            assert {"gate_candidates", "gate_steps"} <= flags.keys()
             continue
         assert name in flags and flags[name].help, name
 
@@ -127,6 +127,26 @@ def test_retrain_flags_round_trip_into_the_settings() -> None:
     assert {c.steps for c in settings.gate_candidates} == {7}
     with pytest.raises(SystemExit):
         parser.parse_args(["science", "retrain", "--train-dtype", "float16"])
+
+
+def test_gate_candidates_keeps_the_named_defaults_in_order() -> None:
+    from loramix.commands.science import settings_from_args
+    from loramix.science.selection import DEFAULT_CANDIDATES
+
+    first, second = DEFAULT_CANDIDATES[-1].name, DEFAULT_CANDIDATES[0].name
+    parser = build_parser()
+    args = parser.parse_args(
+        ["science", "retrain", "--gate-candidates", f"{first},{second}", "--gate-steps", "9"]
+    )
+    candidates = settings_from_args(args).gate_candidates
+    assert [c.name for c in candidates] == [first, second]
+    assert [c.steps for c in candidates] == [9, 9]
+    assert candidates[0].layerwise == DEFAULT_CANDIDATES[-1].layerwise
+
+    for names, problem in (([first, "nope"], r"unknown \['nope'\]"), ([first, first], "repeats")):
+        args = parser.parse_args(["science", "retrain", "--gate-candidates", *names])
+        with pytest.raises(ValueError, match=rf"--gate-candidates: .*{problem}.*{second}"):
+            settings_from_args(args)
 
 
 def test_add_domain_defaults_to_every_other_domain() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from loramix.commands.flags import add_dtype_argument, dtype_from_args
@@ -95,8 +96,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per `RetrainSettings` field (help from its docstring), and `--gate-steps`.
 
     `--domains` takes names separated by spaces or commas (`biology,chemistry`, the older
-    spelling); `gate_candidates` has no flag of its own: `--gate-steps` sets the steps of
-    every candidate.
+    spelling); `gate_candidates` is set by `--gate-candidates` (names of
+    `loramix.science.selection.DEFAULT_CANDIDATES`, all by default) and `--gate-steps` (the
+    steps of every candidate kept).
     """
     from loramix.commands.flags import add_fields
     from loramix.science.pipeline import TRAIN_DTYPES, RetrainSettings
@@ -105,6 +107,16 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("retrain settings (loramix.science.RetrainSettings)")
     choices = {"lr_scheduler": SCHEDULERS, "train_dtype": TRAIN_DTYPES}
     add_fields(group, RetrainSettings, skip=("gate_candidates",), choices=choices)
+    from loramix.science.selection import DEFAULT_CANDIDATES
+
+    group.add_argument(
+        "--gate-candidates",
+        nargs="+",
+        metavar="NAME",
+        default=None,
+        help="the gate settings to try, chosen on dev (names separated by spaces or commas; "
+        f"default: all of {', '.join(c.name for c in DEFAULT_CANDIDATES)})",
+    )
     group.add_argument(
         "--gate-steps",
         type=int,
@@ -121,11 +133,35 @@ def settings_from_args(args: argparse.Namespace, **values: Any) -> Any:
     from loramix.science.pipeline import RetrainSettings
 
     candidates = RetrainSettings().gate_candidates
+    if args.gate_candidates is not None:
+        candidates = pick_candidates(candidates, split_names(args.gate_candidates))
     if args.gate_steps is not None:
         candidates = tuple(dataclasses.replace(c, steps=args.gate_steps) for c in candidates)
     if args.domains is not None:
         values.setdefault("domains", split_names(args.domains))
     return from_args(RetrainSettings, args, gate_candidates=candidates, **values)
+
+
+def pick_candidates(candidates: Sequence[Any], names: Sequence[str]) -> tuple[Any, ...]:
+    """The `candidates` (`GateCandidate`s) called `names`, in the order given.
+
+    Raises:
+        ValueError: If a name is unknown or repeated, or none is given; it lists the known names.
+    """
+    known = {c.name: c for c in candidates}
+    unknown = [name for name in names if name not in known]
+    problem = (
+        f"unknown {unknown}"
+        if unknown
+        else "no name given"
+        if not names
+        else f"{list(names)} repeats a name"
+        if len(set(names)) != len(names)
+        else None
+    )
+    if problem:
+        raise ValueError(f"--gate-candidates: {problem}; choose from {list(known)}")
+    return tuple(known[name] for name in names)
 
 
 def split_names(items: list[str] | tuple[str, ...]) -> tuple[str, ...]:
