@@ -1,5 +1,5 @@
 # loramix: `make demo` runs the main job, `make test` runs lint + format check + tests,
-# `make retrain` rebuilds the bundled science model (models/science-xlora) from scratch.
+# `make retrain` rebuilds the science model v2 from scratch (runs/retrain).
 #
 # `make venv` builds .venv once, and again only when pyproject.toml changes (stamp file).
 # torch is installed first, pinned to the CPU build kept on this machine's disk, so that the
@@ -41,14 +41,15 @@ test: lint
 demo: venv
 	$(BIN)/python scripts/demo.py
 
-# Retrain the science model from scratch (data, eight experts and the multitask LoRA, gate
-# candidates chosen on dev, the test report) into runs/retrain and export it to
-# models/science-xlora; estimated at about 3 h 20 min on this 2-core machine (two jobs at a
-# time, one thread each; README, "Version 2"). Running it again resumes an interrupted run
-# (finished steps are skipped); to try other gate settings on a finished run, start a new
-# folder from it: loramix science retrain --out runs/retrain-2 --reuse runs/retrain
+# Retrain the science model v2 from scratch (data, eight experts and the multitask LoRA,
+# gate candidates chosen on dev, the test report) into runs/retrain, and export it to
+# runs/retrain/bundle-v2; the bundled v1 model in models/science-xlora is left alone (v2 does
+# not beat it on v1's domains yet: README, "Version 2"). Estimated at about 3 h 20 min on
+# this 2-core machine (two jobs at a time, one thread each). Running it again resumes an
+# interrupted run (finished steps are skipped); to try other gate settings on a finished run,
+# start a new folder from it: loramix science retrain --out runs/retrain-2 --reuse runs/retrain
 retrain: venv
-	$(BIN)/python -m loramix.cli science retrain --out runs/retrain --seed 0
+	$(BIN)/python -m loramix.cli science retrain --out runs/retrain --seed 0 --bundle runs/retrain/bundle-v2
 
 clean-venv:
 	rm -rf $(VENV)

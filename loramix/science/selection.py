@@ -89,16 +89,15 @@ class GateCandidate:
 DEFAULT_CANDIDATES: tuple[GateCandidate, ...] = (
     GateCandidate("lr3e-3-s600", steps=600, lr=3e-3),
     GateCandidate("lr3e-3-s600-shared", steps=600, lr=3e-3, layerwise=False),
-    GateCandidate("lr3e-3-s1200", steps=1200, lr=3e-3),
 )
-"""Tried by the retrain, at the v1 bundle's learning rate: 600 and 1200 steps, and one set of
-scalings shared by all modules. Mean dev NLL in the published run
-(`docs/science-v2/selection.json`): 1.131, 1.155 and 1.125 (chosen). The shared gate routes by
-domain best (lowest dev NLL on every domain and the mixed set) but loses on the composite
-set, whose answers need two experts' skills in one answer. No longer tried, from the dev
-scores of that run: 250 steps (1.231: with eight experts a gate of 250 steps sees each domain
-in about 250 examples and routes weakly), a softmax temperature of 0.5 at 600 steps (1.140)
-and a learning rate of 1e-2 (1.299 at 250 steps)."""
+"""Tried by the retrain, at the v1 bundle's learning rate: 600 steps layer-wise, and 600 steps
+with one set of scalings shared by all modules. Mean dev NLL over the experts of 500 steps
+(`docs/science-v2/selection.json`): 1.009 and 0.999 (chosen). With the experts of 250 steps
+(`docs/science-v2/experts-250/selection.json`) these two scored 1.131 and 1.155, and these
+lost on dev: 250 steps (1.231: with eight experts a gate of 250 steps sees each domain in
+about 250 examples and routes weakly), 1200 steps (1.125, the best by 0.5% for twice the
+time: not tried again, to keep the retrain's time down), a softmax temperature of 0.5 at 600
+steps (1.140) and a learning rate of 1e-2 (1.299 at 250 steps)."""
 
 
 def recorded_candidate(record: Any) -> Any:
