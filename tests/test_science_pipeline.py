@@ -72,6 +72,8 @@ def test_retrain_writes_every_step_and_a_loadable_float16_bundle(base, run):
     assert all(seconds is not None for seconds in timings.values())
     for name in ("xlora_config.json", "gate.safetensors", "eval.md", "eval.json", RETRAIN_JSON):
         assert (bundle / name).is_file(), name
+    readme = (bundle / "README.md").read_text()  # its commands name the bundle's own folder
+    assert f"--model {bundle.as_posix()}\n" in readme and "models/science-xlora" not in readme
     weights = [bundle / "gate.safetensors"] + sorted(bundle.glob("experts/*/*.safetensors"))
     assert len(weights) == 3
     for path in weights:

@@ -136,7 +136,9 @@ def test_resume_gives_the_uninterrupted_expert_byte_for_byte(base, data, tmp_pat
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         train_expert(base, [data], out, training=settings, callbacks=[StopAt(3)])
-    train_expert(base, [data], out, training=settings, resume=True)
+    steps = RecordSteps()
+    train_expert(base, [data], out, training=settings, resume=True, callbacks=[steps])
+    assert steps.steps == [3, 4, 5, 6]  # resumed from checkpoint 2, not trained afresh
     weights = "adapter_model.safetensors"
     assert (out / weights).read_bytes() == (straight / weights).read_bytes()
 

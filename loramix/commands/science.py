@@ -63,7 +63,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     retrain.add_argument("--out", default="runs/retrain", help="the run's working folder")
     retrain.add_argument("--seed", type=int, default=0, help="seed of data, experts and gate")
     retrain.add_argument(
-        "--bundle", default=str(DEFAULT_BUNDLE), help="where to export the float16 model"
+        "--bundle",
+        default=None,
+        help="where to export the float16 model (default: OUT/bundle-v2; the bundled v1 model "
+        f"is in {DEFAULT_BUNDLE} and is replaced only when named here)",
     )
     retrain.add_argument("--no-export", action="store_true", help="do not touch the bundle")
     retrain.add_argument(
@@ -297,9 +300,12 @@ def format_report(result: Any, out_dir: str) -> str:
 
 
 def _retrain(args: argparse.Namespace) -> int:
-    from loramix.science.pipeline import retrain
+    from pathlib import Path
+
+    from loramix.science.pipeline import RUN_BUNDLE, retrain
 
     settings = settings_from_args(args)
+    bundle = args.bundle if args.bundle is not None else str(Path(args.out) / RUN_BUNDLE)
     if args.reuse is not None:
         from loramix.science.reuse import reuse_run
 
@@ -308,12 +314,12 @@ def _retrain(args: argparse.Namespace) -> int:
         args.out,
         seed=args.seed,
         settings=settings,
-        bundle_dir=None if args.no_export else args.bundle,
+        bundle_dir=None if args.no_export else bundle,
     )
     for step, seconds in timings.items():
         print(f"{step:20} {'already done' if seconds is None else f'{seconds:.0f} s'}")
     spent = sum(s for s in timings.values() if s is not None)
     print(f"{spent / 60:.1f} min in this call; run folder {args.out}")
     if not args.no_export:
-        print(f"bundle: {args.bundle}")
+        print(f"bundle: {bundle}")
     return 0

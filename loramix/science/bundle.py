@@ -3,7 +3,7 @@
 `export_bundle` is the last step of `loramix.science.pipeline.retrain`; `loramix science demo`
 reads the bundle back. Its place is an argument everywhere (`--bundle`, `--model`); the
 default, `models/science-xlora`, is relative to the working directory (the repository root
-for `make demo` and `make retrain`), never to where the package is installed.
+for `make demo`), never to where the package is installed.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def export_bundle(
             (staging / TRAINING_RECORD_NAME).write_text(json.dumps(kept, indent=2) + "\n")
         if provenance is not None:
             (staging / RETRAIN_JSON).write_text(json.dumps(provenance, indent=2) + "\n")
-            (staging / "README.md").write_text(bundle_readme(provenance))
+            (staging / "README.md").write_text(bundle_readme(provenance, target))
         _make_readable(staging)
         size = folder_size(staging)
         if size > max_bytes:
@@ -141,9 +141,15 @@ def folder_size(folder: str | os.PathLike[str]) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
-def bundle_readme(provenance: dict[str, Any]) -> str:
-    """The bundle's README.md, from the provenance of the run that made it."""
+def bundle_readme(provenance: dict[str, Any], folder: str | os.PathLike[str]) -> str:
+    """The bundle's README.md, from the provenance of the run that made it.
+
+    Args:
+        provenance: The run's settings, data and timings (`retrain.json`).
+        folder: Where the bundle goes, as its commands should name it.
+    """
     settings = provenance.get("settings", {})
+    where = Path(folder).as_posix()
     domains = ", ".join(settings.get("domains", ()))
     return f"""# science-xlora
 
@@ -153,8 +159,8 @@ per adapted module, all weights in float16. It is the output of `{provenance.get
 (`make retrain`); settings, data sizes and step times are in `retrain.json`, the evaluation
 of base, experts, uniform average and X-LoRA on held-out data in `eval.md`.
 
-    loramix science demo --model models/science-xlora
-    loramix generate models/science-xlora --show-experts \\
+    loramix science demo --model {where}
+    loramix generate {where} --show-experts \\
         --prompt "What peptide do the DNA codons ATG GCC TTT encode?"
 
 ```python
@@ -162,7 +168,7 @@ from loramix.model import XLoraModel
 from loramix.smollm2 import load_base_model
 
 base, tokenizer = load_base_model("smollm2")
-model = XLoraModel.from_pretrained(base, "models/science-xlora")  # weights upcast to float32
+model = XLoraModel.from_pretrained(base, "{where}")  # weights upcast to float32
 ```
 
 Prompts are plain text, without the chat template (as in training).

@@ -93,11 +93,12 @@ DEFAULT_CANDIDATES: tuple[GateCandidate, ...] = (
 """Tried by the retrain, at the v1 bundle's learning rate: 600 steps layer-wise, and 600 steps
 with one set of scalings shared by all modules. Mean dev NLL over the experts of 500 steps
 (`docs/science-v2/selection.json`): 1.009 and 0.999 (chosen). With the experts of 250 steps
-(`docs/science-v2/experts-250/selection.json`) these two scored 1.131 and 1.155, and these
-lost on dev: 250 steps (1.231: with eight experts a gate of 250 steps sees each domain in
-about 250 examples and routes weakly), 1200 steps (1.125, the best by 0.5% for twice the
-time: not tried again, to keep the retrain's time down), a softmax temperature of 0.5 at 600
-steps (1.140) and a learning rate of 1e-2 (1.299 at 250 steps)."""
+(`docs/science-v2/experts-250/selection.json`) these two scored 1.131 and 1.155; the others
+tried there lost on dev or cost too much: 250 steps (1.231: with eight experts a gate of 250
+steps sees each domain in about 250 examples and routes weakly), 1200 steps (1.125, the best
+by 0.5% for twice the time: not tried again, to keep the retrain's time down), a softmax
+temperature of 0.5 at 600 steps (1.140) and a learning rate of 1e-2 (1.299 at 250 steps,
+`docs/science-v2/experts-250/first-run/selection.json`)."""
 
 
 def recorded_candidate(record: Any) -> Any:
