@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from loramix.commands.flags import add_dtype_argument, dtype_from_args
@@ -105,13 +106,12 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     """
     from loramix.commands.flags import add_fields
     from loramix.science.pipeline import TRAIN_DTYPES, RetrainSettings
+    from loramix.science.selection import DEFAULT_CANDIDATES
     from loramix.training.trainer import SCHEDULERS
 
     group = parser.add_argument_group("retrain settings (loramix.science.RetrainSettings)")
     choices = {"lr_scheduler": SCHEDULERS, "train_dtype": TRAIN_DTYPES}
     add_fields(group, RetrainSettings, skip=("gate_candidates",), choices=choices)
-    from loramix.science.selection import DEFAULT_CANDIDATES
-
     group.add_argument(
         "--gate-candidates",
         nargs="+",
@@ -153,15 +153,13 @@ def pick_candidates(candidates: Sequence[Any], names: Sequence[str]) -> tuple[An
     """
     known = {c.name: c for c in candidates}
     unknown = [name for name in names if name not in known]
-    problem = (
-        f"unknown {unknown}"
-        if unknown
-        else "no name given"
-        if not names
-        else f"{list(names)} repeats a name"
-        if len(set(names)) != len(names)
-        else None
-    )
+    problem = None
+    if unknown:
+        problem = f"unknown {unknown}"
+    elif not names:
+        problem = "no name given"
+    elif len(set(names)) != len(names):
+        problem = f"{list(names)} repeats a name"
     if problem:
         raise ValueError(f"--gate-candidates: {problem}; choose from {list(known)}")
     return tuple(known[name] for name in names)
@@ -300,8 +298,6 @@ def format_report(result: Any, out_dir: str) -> str:
 
 
 def _retrain(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from loramix.science.pipeline import RUN_BUNDLE, retrain
 
     settings = settings_from_args(args)
