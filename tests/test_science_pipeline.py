@@ -216,6 +216,23 @@ def test_the_multitask_lora_matches_the_experts_parameters_and_examples(run):
     assert plan["train_files"] == [f"{d}_train.jsonl" for d in settings.domains]
 
 
+def test_each_lora_keeps_its_best_checkpoint_on_its_dev_data(run):
+    out, _, settings, _ = run
+    assert settings.keep_best
+    each = json.loads((out / "timings.json").read_text())["experts"]["each"]
+    for name, dev in [(d, [d]) for d in settings.domains] + [(MULTITASK, settings.domains)]:
+        record = json.loads((out / "experts" / name / "training_args.json").read_text())
+        assert [Path(f["path"]).name for f in record["run"]["eval_data"]] == [
+            f"{d}_dev.jsonl" for d in dev
+        ]
+        steps = record["global_step"]
+        assert 1 <= record["kept_step"] <= steps and record["kept_eval_loss"] > 0
+        if name != MULTITASK:
+            assert each[name]["kept_step"] == record["kept_step"]
+    plan = json.loads((out / "experts" / MULTITASK / "multitask.json").read_text())
+    assert plan["kept_step"] >= 1
+
+
 def test_the_gate_is_chosen_on_dev_and_test_files_are_read_by_the_report_only(run):
     out, _, settings, _ = run
     selection = json.loads((out / SELECTION_JSON).read_text())

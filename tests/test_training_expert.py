@@ -244,3 +244,41 @@ def test_saving_the_adapter_never_asks_the_hub(base, data, tmp_path, monkeypatch
     assert (out / "adapter_model.safetensors").is_file()
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_keep_best_ends_at_the_checkpoint_best_on_the_eval_data(base, data, tmp_path):
+    # Answers made of words the training data lacks: training makes them less likely, so
+    # the held-out loss is lowest at an early checkpoint.
+    dev = tmp_path / "dev.jsonl"
+    pairs = [("what is two plus two? ", "zebra kjq"), ("capital of france? ", "vwx zzz")]
+    dev.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in pairs))
+    settings = fast(max_steps=8, save_steps=2, keep_best=True, save_total_limit=None)
+    out = train_expert(base, [data], tmp_path / "expert", training=settings, eval_data=[dev])
+
+    record = json.loads((out / "training_args.json").read_text())
+    assert record["training"]["eval_fraction"] == 0.0  # the eval files replace the split
+    assert record["run"]["eval_data"][0]["path"] == str(dev.resolve())
+    state = json.loads((out / "checkpoints/checkpoint-8/trainer_state.json").read_text())
+    evals = {e["step"]: e["eval_loss"] for e in state["log_history"] if "eval_loss" in e}
+    assert sorted(evals) == [2, 4, 6, 8]
+    best = min(evals, key=evals.get)
+    assert record["kept_step"] == best < 8
+    assert record["kept_eval_loss"] == pytest.approx(evals[best])
+    weights = "adapter_model.safetensors"
+    kept = load_file(out / weights)
+    at_best = load_file(out / f"checkpoints/checkpoint-{best}" / weights)
+    last = load_file(out / "checkpoints/checkpoint-8" / weights)
+    assert all(torch.equal(kept[k], at_best[k]) for k in kept)
+    assert not all(torch.equal(kept[k], last[k]) for k in kept)
+
+
+def test_keep_best_needs_held_out_data_and_aligned_checkpoints(base, data, tmp_path):
+    with pytest.raises(ValueError, match="no held-out data"):
+        train_expert(
+            base,
+            [data],
+            tmp_path / "a",
+            training=fast(max_steps=2, eval_fraction=0.0, keep_best=True),
+        )
+    with pytest.raises(ValueError, match="save_steps=3 is not a multiple of eval_steps=2"):
+        fast(keep_best=True, save_steps=3, eval_steps=2)

@@ -457,3 +457,10 @@ def test_resume_with_other_experts_or_data_says_which_differ(base, data, experts
         train_gate(base, xlora, [other], out, more, resume=True)
     with pytest.raises(ValueError, match=r"training.lr: 0.05 -> 0.1"):
         train_gate(base, xlora, [data], out, dataclasses.replace(more, lr=0.1), resume=True)
+
+
+def test_keep_best_is_refused_for_the_gate(base, data, experts, tmp_path):
+    settings = fast(max_steps=2, eval_fraction=0.25, keep_best=True)
+    with pytest.raises(ValueError, match="keep_best is not available for the gate"):
+        train_gate(base, XLoraConfig(adapters=experts), [data], tmp_path / "gate", settings)
+    assert not (tmp_path / "gate").exists()

@@ -35,6 +35,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "--base", default="smollm2", help="'smollm2' (embedded) or a local transformers folder"
     )
     add_data_arguments(io)
+    io.add_argument(
+        "--eval-data",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a .jsonl file (e.g. a dev split) for the held-out loss, used whole instead of "
+        "--eval-fraction of the training data; repeat for several; with --keep-best the "
+        "adapter is the checkpoint that did best on them",
+    )
     add_fields(parser.add_argument_group("adapter"), LoraSettings)
     add_training_arguments(parser)
 
@@ -51,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         from_args(LoraSettings, args),
         from_args(TrainingConfig, args),
         **run_options(args),
+        eval_data=args.eval_data,
     )
     print(f"saved the LoRA adapter to {out}")
     return 0

@@ -131,7 +131,8 @@ def add_domain(
     import dataclasses
 
     from loramix.science.datasets import write_datasets
-    from loramix.science.pipeline import _train_job, train_gate_candidate
+    from loramix.science.lora_jobs import train_lora_job
+    from loramix.science.pipeline import train_gate_candidate
     from loramix.science.registry import DOMAINS
     from loramix.science.retrain_jobs import check_run_settings
 
@@ -168,7 +169,7 @@ def add_domain(
         write_text_atomic(paths.data / name, (staging / "data" / name).read_text())
     record["data_s"] = round(time.perf_counter() - start, 2)
     start = time.perf_counter()
-    _train_job(paths, domain, seed, settings)
+    train_lora_job(paths, domain, seed, settings)
     record["expert_s"] = round(time.perf_counter() - start, 2)
     start = time.perf_counter()
     wider = dataclasses.replace(settings, domains=domains)

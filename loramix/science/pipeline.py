@@ -60,6 +60,13 @@ from loramix.checks import is_int, is_number, raise_problems
 from loramix.config import CONFIG_NAME, XLoraConfig
 from loramix.science import composite
 from loramix.science.bundle import MAX_BUNDLE_BYTES, export_bundle
+from loramix.science.lora_jobs import (  # noqa: F401  (MULTITASK_JSON: re-exported)
+    MULTITASK,
+    MULTITASK_JSON,
+    resume_flags,
+    train_lora_job,
+    training_config,
+)
 from loramix.science.registry import COMPOSITE, DOMAINS
 from loramix.science.retrain_jobs import (  # noqa: F401  (RUN_JSON, TIMINGS_JSON, read_json: re-exported)
     RUN_JSON,
@@ -75,14 +82,12 @@ from loramix.science.retrain_jobs import (  # noqa: F401  (RUN_JSON, TIMINGS_JSO
     worker_plan,
 )
 from loramix.science.selection import DEFAULT_CANDIDATES, GateCandidate, select_gate
-from loramix.training.trainer import CHECKPOINTS, TrainingConfig, last_checkpoint
+from loramix.training.trainer import CHECKPOINTS
 
 logger = logging.getLogger(__name__)
 
 SELECTION_JSON = "selection.json"
 MIXED = "mixed"
-MULTITASK = "multitask"  # the multitask LoRA's folder under experts/ and its system name
-MULTITASK_JSON = "multitask.json"  # its rank, steps and data, beside its adapter
 _ADAPTER_CONFIG = "adapter_config.json"
 _BUNDLED_REPORTS = ("eval.json", "eval.md")
 TRAIN_DTYPES = ("float32", "bfloat16")
@@ -106,10 +111,11 @@ class RetrainSettings:
         rank: LoRA rank of every expert.
         alpha: LoRA alpha of every expert.
         targets: Adapted linear modules of every expert.
-        expert_steps: Optimizer steps per expert. At 250 steps the biology expert stops
-            before the sudden drop of its training loss (about steps 300 to 500 at seed 0);
-            at 500 it can stop in the middle of it (its dev NLL: 0.53 at 500 steps, 0.22 at
-            1000), so 1000 is the next setting to try, at twice the time.
+        expert_steps: Optimizer steps per expert, at most (see `keep_best`). At 250 steps the
+            biology expert stops before the sudden drop of its training loss (about steps
+            300 to 500 at seed 0); at 500 it can stop in the middle of it (its dev NLL: 0.53
+            at 500 steps, 0.22 at 1000); 1000 steps with the best checkpoint on dev lets each
+            domain take what it needs.
         expert_lr: Peak learning rate of the experts.
         multitask_lr: Peak learning rate of the multitask LoRA. Lower than the experts':
             at rank 64 on SmolLM2 the experts' 3e-3 makes its training loss diverge once
@@ -118,6 +124,10 @@ class RetrainSettings:
             the training loss only: nothing here reads dev or test files).
         multitask: Also train the multitask LoRA baseline (rank and steps times the number
             of domains, alpha too so that alpha / rank is the experts').
+        keep_best: Each expert ends at its checkpoint with the lowest loss on its domain's
+            dev file, the multitask LoRA at its best on all the dev files, measured 20
+            times during training (`loramix.science.lora_jobs`): their steps are chosen on
+            dev, up to `expert_steps` (times the number of domains for the multitask LoRA).
         gate_candidates: The gate settings tried; the one with the lowest mean dev NLL is
             kept (`loramix.science.selection`). Nothing about the gate is chosen on test.
         gate_size: Width of the gate's hidden layers (`xlora_size`).
@@ -150,10 +160,11 @@ class RetrainSettings:
     rank: int = 8
     alpha: float = 16
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
-    expert_steps: int = 500
+    expert_steps: int = 1000
     expert_lr: float = 3e-3
     multitask_lr: float = 1e-3
     multitask: bool = True
+    keep_best: bool = True
     gate_candidates: tuple[GateCandidate, ...] = DEFAULT_CANDIDATES
     gate_size: int = 128
     layerwise: bool = True
@@ -240,6 +251,9 @@ class RetrainPaths:
 
     def train_file(self, domain: str) -> Path:
         return self.data / f"{domain}_train.jsonl"
+
+    def dev_file(self, domain: str) -> Path:
+        return self.data / f"{domain}_dev.jsonl"
 
     def test_sets(self, domains: Sequence[str]) -> dict[str, Path]:
         """Test set name -> file: every domain, the composite set (if any), the mixed set."""
@@ -332,7 +346,7 @@ def retrain(
     multitask = None
     if settings.multitask and not _complete(paths.multitask, _ADAPTER_CONFIG):
         args = (paths, MULTITASK, seed, settings)
-        multitask = start_multitask(_train_job, args, settings, alone=alone)
+        multitask = start_multitask(train_lora_job, args, settings, alone=alone)
     threads_before = torch.get_num_threads()
     try:
         if multitask is not None and not multitask.here:
@@ -402,12 +416,6 @@ def _write_data(paths: RetrainPaths, seed: int, settings: RetrainSettings) -> No
     )
 
 
-def resume_flags(out: Path) -> dict[str, bool]:
-    """Resume from a checkpoint if one exists; otherwise start over (replacing leftovers)."""
-    resume = last_checkpoint(out / CHECKPOINTS) is not None
-    return {"resume": resume, "overwrite": not resume}
-
-
 def _train_experts(
     paths: RetrainPaths,
     domains: Sequence[str],
@@ -435,77 +443,12 @@ def _train_experts(
         "training %d expert(s), %d at a time with %d thread(s) each", len(domains), workers, threads
     )
     jobs = {domain: (paths, domain, seed, settings) for domain in domains}
-    for done in run_jobs(_train_job, jobs, workers=workers, threads=threads):
+    for done in run_jobs(train_lora_job, jobs, workers=workers, threads=threads):
         each[done.name] = job_record(done)
         logger.info("expert %s: done in %.1f s", done.name, done.wall_s)
         keep_partial_timings(paths.out, "experts", {"each": each})  # kept if interrupted
     cpu_s = round(sum(each[d]["cpu_s"] for d in domains), 1)
     return {"cpu_s": cpu_s, "workers": workers, "threads": threads, "each": each}
-
-
-def training_config(
-    settings: RetrainSettings, seed: int, *, lr: float, steps: int
-) -> TrainingConfig:
-    """The one `TrainingConfig` of the run; experts and gate differ in `lr` and `steps` only."""
-    return TrainingConfig(
-        lr=lr,
-        max_steps=steps,
-        batch_size=settings.batch_size,
-        seed=seed,
-        max_length=settings.max_length,
-        chat=False,
-        eval_fraction=0.0,
-        save_steps=settings.save_steps,
-        save_total_limit=1,
-        warmup=0.05,
-        lr_scheduler=settings.lr_scheduler,
-        logging_steps=25,
-        progress=False,
-    )
-
-
-def _train_job(
-    paths: RetrainPaths, name: str, seed: int, settings: RetrainSettings
-) -> dict[str, int]:
-    """Train one expert, or the multitask LoRA (`MULTITASK`), in a worker process.
-
-    Returns:
-        Its optimizer steps and the step it resumed from (0 when it started afresh), so
-        that its time can be read as the time of all its steps.
-    """
-    from loramix.training.expert import LoraSettings, train_expert
-
-    n = len(settings.domains) if name == MULTITASK else 1
-    out = paths.expert(name)
-    resumed_from = resumed_step(out)
-    files = [paths.train_file(d) for d in (settings.domains if name == MULTITASK else [name])]
-    train_expert(
-        settings.base,
-        files,
-        out,
-        LoraSettings(rank=n * settings.rank, alpha=n * settings.alpha, targets=settings.targets),
-        training_config(
-            settings,
-            seed,
-            lr=settings.multitask_lr if name == MULTITASK else settings.expert_lr,
-            steps=n * settings.expert_steps,
-        ),
-        dtype=getattr(torch, settings.train_dtype),
-        **resume_flags(out),
-    )
-    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the adapter is complete
-    if name == MULTITASK:  # how it matches the experts, for the report
-        plan = {
-            "rank": n * settings.rank,
-            "alpha": n * settings.alpha,
-            "steps": n * settings.expert_steps,
-            "lr": settings.multitask_lr,
-            "examples_seen": n * settings.expert_steps * settings.batch_size,
-            "train_files": [f.name for f in files],
-            "experts": list(settings.domains),
-        }
-        write_text_atomic(out / MULTITASK_JSON, json.dumps(plan, indent=2) + "\n")
-    return {"steps": n * settings.expert_steps, "resumed_from_step": resumed_from}
 
 
 def _train_gates(
@@ -538,7 +481,7 @@ def _train_gates(
 def _gate_job(
     paths: RetrainPaths, candidate: GateCandidate, seed: int, settings: RetrainSettings
 ) -> dict[str, int]:
-    """Train the gate of one candidate, in a worker process (returns as `_train_job`)."""
+    """Train the gate of one candidate, in a worker process (returns as `train_lora_job`)."""
     resumed_from = resumed_step(paths.gate(candidate.name))
     train_gate_candidate(paths, paths.gate(candidate.name), candidate, seed, settings)
     return {"steps": candidate.steps, "resumed_from_step": resumed_from}

@@ -60,11 +60,15 @@ def finish_multitask(job: BackgroundJob) -> dict[str, Any]:
 
 
 def job_record(done: JobResult) -> dict[str, Any]:
-    """A training job's entry in timings.json: its own wall and CPU time, and, when it
-    resumed from a checkpoint, the step it resumed from and its steps in all."""
+    """A training job's entry in timings.json: its own wall and CPU time, the step whose
+    weights it kept (when it chose one on dev), and, when it resumed from a checkpoint, the
+    step it resumed from and its steps in all."""
     record: dict[str, Any] = {"wall_s": round(done.wall_s, 2), "cpu_s": round(done.cpu_s, 1)}
-    if isinstance(done.value, dict) and done.value.get("resumed_from_step"):
-        record.update(done.value)
+    value = done.value if isinstance(done.value, dict) else {}
+    if value.get("kept_step") is not None:
+        record["kept_step"] = value["kept_step"]
+    if value.get("resumed_from_step"):
+        record.update({k: v for k, v in value.items() if k != "kept_step"})
     return record
 
 

@@ -53,6 +53,7 @@ EXPERT_FIELDS = DATA_FIELDS + (
     "targets",
     "expert_steps",
     "expert_lr",
+    "keep_best",
     "lr_scheduler",
     "batch_size",
     "max_length",

@@ -394,6 +394,28 @@ def load_training_data(
     return train, held_out
 
 
+def load_held_out(
+    sources: Sequence[DataSource | str | os.PathLike[str]],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int,
+    chat: bool = False,
+) -> Dataset[Example]:
+    """Whole JSON Lines files (e.g. a dev split) as one held-out dataset, in file order.
+
+    Weights of "FILE:WEIGHT" sources are not used: every held-out example counts once.
+
+    Raises:
+        ValueError: If no file is given, or on a malformed file (see `load_jsonl`).
+    """
+    if not sources:
+        raise ValueError("No held-out file given; pass at least one .jsonl file.")
+    parsed = [s if isinstance(s, DataSource) else DataSource.parse(s) for s in sources]
+    parts = [load_jsonl(s.path, tokenizer, max_length=max_length, chat=chat) for s in parsed]
+    logger.info("held-out data: %d example(s) from %d file(s)", sum(map(len, parts)), len(parts))
+    return ConcatDataset(parts)
+
+
 def _nonempty_string(record: dict[str, Any], key: str) -> str:
     value = record[key]
     if not isinstance(value, str):

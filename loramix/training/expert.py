@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, TrainerCallback, set_seed
 from loramix.checks import is_int, raise_problems
 from loramix.records import TRAINING_RECORD_NAME, base_record, prompt_record
 from loramix.smollm2 import load_base_model, resolve_device
-from loramix.training.data import PadCollator, load_training_data, pad_token_id
+from loramix.training.data import PadCollator, load_held_out, load_training_data, pad_token_id
 from loramix.training.jsonl import DataSource, existing_sources
 from loramix.training.outputs import (
     check_output,
@@ -112,6 +112,7 @@ def train_expert(
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
     callbacks: Sequence[TrainerCallback] = (),
+    eval_data: Sequence[str | os.PathLike[str] | DataSource] = (),
 ) -> Path:
     """Train one LoRA adapter on `base` and save it as a PEFT adapter folder in `out`.
 
@@ -127,6 +128,9 @@ def train_expert(
         overwrite: Replace an earlier run in `out` instead of refusing.
         dtype: Dtype of the base weights (the adapter is trained in float32).
         callbacks: Extra transformers `TrainerCallback`s.
+        eval_data: JSON Lines files (e.g. a dev split) for the held-out loss, used whole;
+            the training files are then not split (`eval_fraction` is set to 0). With
+            `training.keep_best`, the adapter is the checkpoint that did best on them.
 
     Returns:
         `out`, holding `adapter_config.json` and `adapter_model.safetensors`.
@@ -142,6 +146,9 @@ def train_expert(
     out = Path(out)
     resolve_device(config.device)  # an unavailable device fails before anything loads
     sources = existing_sources(data)  # before loading anything
+    eval_sources = existing_sources(eval_data) if eval_data else []
+    if eval_sources:
+        config = dataclasses.replace(config, eval_fraction=0.0)
     plan = check_output(
         out, command=COMMAND, resume=resume, overwrite=overwrite, final_files=ADAPTER_FILES
     )
@@ -150,9 +157,14 @@ def train_expert(
         model, tokenizer = load_base_model(base, dtype=dtype)
     check_targets(model, lora.targets)
     train, held_out = load_training_data(sources, tokenizer, **config.data_options())
+    if eval_sources:
+        held_out = load_held_out(
+            eval_sources, tokenizer, max_length=config.max_length, chat=config.chat
+        )
     run = {
         "base_model": base_record(model),
         "data": data_settings(sources),
+        **({"eval_data": data_settings(eval_sources)} if eval_sources else {}),
         "lora": dataclasses.asdict(lora),
         "training": training_settings(config),
         "dtype": str(dtype).removeprefix("torch."),

@@ -400,6 +400,12 @@ def train_gate(
             next(iter(xlora.adapters)),
         )
     config = training if training is not None else TrainingConfig()
+    if config.keep_best:
+        raise ValueError(
+            "keep_best is not available for the gate (its checkpoints hold the gate alone); "
+            "choose the gate's steps on dev data instead, e.g. with several candidates "
+            "(loramix.science.selection)."
+        )
     out = Path(out)
     resolve_device(config.device)  # an unavailable device fails before anything loads
     sources = existing_sources(data)  # before loading anything

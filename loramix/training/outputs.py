@@ -217,12 +217,18 @@ def run_differences(
     return differing
 
 
+LATER_FIELDS = {"keep_best": False}
+"""`TrainingConfig` fields added after runs were recorded, with their defaults: left out of
+`training_settings` at the default, so that those runs still resume."""
+
+
 def training_settings(config: TrainingConfig) -> dict[str, Any]:
     """The training settings a resumed run must share."""
     return {
         name: getattr(config, name)
         for name in TrainingConfig.field_names()
         if name not in RESUMABLE_CHANGES
+        and not (name in LATER_FIELDS and getattr(config, name) == LATER_FIELDS[name])
     }
 
 
@@ -309,5 +315,7 @@ def finished_record(
         "last_loss": losses[-1] if losses else None,
         "first_eval_loss": evals[0] if evals else None,
         "last_eval_loss": evals[-1] if evals else None,
+        "kept_step": state.best_global_step if config.keep_best else state.global_step,
+        "kept_eval_loss": state.best_metric if config.keep_best else None,
         "run": run,
     }

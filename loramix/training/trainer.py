@@ -88,6 +88,10 @@ class TrainingConfig:
             or "mps".
         report_to: Where Trainer also sends its logs: "none", "tensorboard" (event files in
             OUT/checkpoints/runs) or "wandb" (Weights & Biases); the package must be installed.
+        keep_best: End with the weights of the checkpoint whose held-out loss was lowest
+            (early stopping, chosen on the held-out data) instead of the last step's; needs
+            held-out data (`eval_fraction` or the trainers' `eval_data`), and `save_steps` a
+            multiple of `eval_steps`.
     """
 
     lr: float = 2e-4
@@ -110,6 +114,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     device: str = "auto"
     report_to: str = "none"
+    keep_best: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -159,6 +164,18 @@ class TrainingConfig:
             )
         if not self.weight_decay >= 0:
             problems.append(f"weight_decay={self.weight_decay}: use a number >= 0.")
+        if not isinstance(self.keep_best, bool):
+            problems.append(f"keep_best={self.keep_best!r}: use True or False.")
+        elif (
+            self.keep_best
+            and is_int(self.eval_steps)
+            and is_int(self.save_steps)
+            and self.save_steps % self.eval_steps
+        ):
+            problems.append(
+                f"keep_best needs checkpoints where the held-out loss is measured: save_steps="
+                f"{self.save_steps} is not a multiple of eval_steps={self.eval_steps}."
+            )
         raise_problems("Invalid TrainingConfig", problems)
 
     def data_options(self) -> dict[str, Any]:
@@ -256,6 +273,9 @@ def training_arguments(
         save_total_limit=config.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps if has_eval else None,
+        load_best_model_at_end=config.keep_best,
+        metric_for_best_model="eval_loss" if config.keep_best else None,
+        greater_is_better=False if config.keep_best else None,
         prediction_loss_only=True,  # never gather (B, T, vocab) logits during evaluation
         logging_strategy="steps",
         logging_steps=config.logging_steps,
@@ -306,6 +326,11 @@ def run_trainer(
     """
     if held_out is not None and len(held_out) == 0:  # type: ignore[arg-type]
         held_out = None
+    if config.keep_best and held_out is None:
+        raise ValueError(
+            "keep_best chooses the checkpoint by its held-out loss, but there is no held-out "
+            "data: set eval_fraction above 0 or give eval data (e.g. a dev split)."
+        )
     args = training_arguments(config, out / CHECKPOINTS, has_eval=held_out is not None)
     trainer = trainer_class(
         model=model,
@@ -334,6 +359,12 @@ def run_trainer(
     evals = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
     if evals:
         logger.info("held-out loss %.4f (first measured: %.4f)", evals[-1], evals[0])
+    if config.keep_best and trainer.state.best_global_step is not None:
+        logger.info(
+            "kept the weights of step %d (lowest held-out loss, %.4f)",
+            trainer.state.best_global_step,
+            trainer.state.best_metric,
+        )
     return trainer
 
 
