@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 MULTITASK = "multitask"  # the multitask LoRA's folder under experts/ and its system name
 MULTITASK_JSON = "multitask.json"  # its rank, steps and data, beside its adapter
-EVAL_POINTS = 20
+EVAL_POINTS = 10
 """Dev-loss measurements (and checkpoints) per adapter when `keep_best` is on."""
 
 

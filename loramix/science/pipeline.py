@@ -125,7 +125,7 @@ class RetrainSettings:
         multitask: Also train the multitask LoRA baseline (rank and steps times the number
             of domains, alpha too so that alpha / rank is the experts').
         keep_best: Each expert ends at its checkpoint with the lowest loss on its domain's
-            dev file, the multitask LoRA at its best on all the dev files, measured 20
+            dev file, the multitask LoRA at its best on all the dev files, measured 10
             times during training (`loramix.science.lora_jobs`): their steps are chosen on
             dev, up to `expert_steps` (times the number of domains for the multitask LoRA).
         gate_candidates: The gate settings tried; the one with the lowest mean dev NLL is
