@@ -97,8 +97,10 @@ TRAIN_DTYPES = ("float32", "bfloat16")
 class RetrainSettings:
     """Everything `retrain` does besides the seed and the folders.
 
-    The defaults are the published v2 run's (README, "Version 2": about 3 h 20 min on a
-    2-core CPU, over its 2-hour budget); the bundled 4-expert model was made with v1
+    The defaults are the published v2 run's (README, "Version 2", about 3 h 20 min on a
+    2-core CPU, over its 2-hour budget) except for the experts: up to 1000 steps, each kept
+    at its best checkpoint on dev (`keep_best`; about 6 h). The published run is
+    `expert_steps=500, keep_best=False`. The bundled 4-expert model was made with v1
     settings recorded in its `retrain.json`.
 
     Attributes:
