@@ -38,3 +38,14 @@ def test_a_kept_candidate_must_keep_its_settings(tmp_path):
     with pytest.raises(ValueError, match=f"expert_steps: {steps} -> {2 * steps}"):
         check_run_settings(tmp_path, 0, dataclasses.replace(settings, expert_steps=2 * steps))
     assert recorded_names(tmp_path) == ["a", "b"]  # a refused call changes nothing
+
+
+def test_a_run_recorded_before_keep_best_existed_reads_as_without_it(tmp_path):
+    old = dataclasses.replace(RetrainSettings(gate_candidates=(A,)), keep_best=False)
+    check_run_settings(tmp_path, 0, old)
+    record = json.loads((tmp_path / RUN_JSON).read_text())
+    del record["keep_best"]  # as an older loramix wrote it
+    (tmp_path / RUN_JSON).write_text(json.dumps(record))
+    check_run_settings(tmp_path, 0, old)  # resumes
+    with pytest.raises(ValueError, match="keep_best: False -> True"):
+        check_run_settings(tmp_path, 0, dataclasses.replace(old, keep_best=True))

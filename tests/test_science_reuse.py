@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,18 @@ def test_dev_scores_follow_the_gate_files(source, tmp_path, caplog):
     assert timings["gates"] is not None and timings["select"] is not None
     assert timings["eval"] is not None  # a new selection gets a new report
     assert "dev scores kept (same gate files): ['a']" in caplog.text
+
+
+def test_a_source_recorded_before_keep_best_existed_is_reused_without_it(source, tmp_path):
+    run, settings = source
+    old = tmp_path / "old"
+    shutil.copytree(run, old, symlinks=True)
+    record = json.loads((old / RUN_JSON).read_text())
+    del record["keep_best"]  # as an older loramix wrote it: those runs had no keep_best
+    (old / RUN_JSON).write_text(json.dumps(record))
+    without = dataclasses.replace(settings, keep_best=False)
+    reused = reuse_run(old, tmp_path / "1", 3, without)
+    assert reused["experts"] == list(settings.domains) and reused["multitask"]
+    reused = reuse_run(old, tmp_path / "2", 3, settings)
+    assert not reused["experts"]
+    assert reused["not_reused"]["experts"] == "keep_best: False -> True"

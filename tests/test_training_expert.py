@@ -280,5 +280,6 @@ def test_keep_best_needs_held_out_data_and_aligned_checkpoints(base, data, tmp_p
             tmp_path / "a",
             training=fast(max_steps=2, eval_fraction=0.0, keep_best=True),
         )
+    assert not (tmp_path / "a").exists()  # refused before the output folder is made
     with pytest.raises(ValueError, match="save_steps=3 is not a multiple of eval_steps=2"):
         fast(keep_best=True, save_steps=3, eval_steps=2)

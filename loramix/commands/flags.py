@@ -123,15 +123,15 @@ def add_data_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--overwrite", action="store_true", help="replace an earlier run in OUT")
 
 
-def add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `TrainingConfig` flags (`--device`, `--report-to`, `--no-progress` among them) and
-    `--dtype`."""
+def add_training_arguments(parser: argparse.ArgumentParser, skip: Collection[str] = ()) -> None:
+    """The `TrainingConfig` flags (`--device`, `--report-to`, `--no-progress` among them) but
+    those of the fields in `skip`, and `--dtype`."""
     from loramix.smollm2 import DEVICES
     from loramix.training.trainer import REPORTERS, SCHEDULERS, TrainingConfig
 
     training = parser.add_argument_group("training")
     choices = {"lr_scheduler": SCHEDULERS, "device": DEVICES, "report_to": REPORTERS}
-    add_fields(training, TrainingConfig, choices=choices)
+    add_fields(training, TrainingConfig, skip=skip, choices=choices)
     add_dtype_argument(training)
 
 

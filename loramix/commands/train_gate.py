@@ -70,7 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     xlora = parser.add_argument_group("X-LoRA")
     add_fields(xlora, XLoraConfig, skip={"adapters"})
     add_fields(xlora, GateRegularizer)
-    add_training_arguments(parser)
+    add_training_arguments(parser, skip={"keep_best"})  # the gate refuses it
 
 
 def run(args: argparse.Namespace) -> int:

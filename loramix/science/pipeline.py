@@ -98,10 +98,10 @@ class RetrainSettings:
     """Everything `retrain` does besides the seed and the folders.
 
     The defaults are the published v2 run's (README, "Version 2", about 3 h 20 min on a
-    2-core CPU, over its 2-hour budget) except for the experts: up to 1000 steps, each kept
-    at its best checkpoint on dev (`keep_best`; about 6 h). The published run is
-    `expert_steps=500, keep_best=False`. The bundled 4-expert model was made with v1
-    settings recorded in its `retrain.json`.
+    2-core CPU, over its 2-hour budget) except for the experts and the multitask LoRA: up to
+    1000 and 8000 steps, each kept at its best checkpoint on dev (`keep_best`; about 6 h).
+    The published run is `expert_steps=500, keep_best=False`. The bundled 4-expert model was
+    made with v1 settings recorded in its `retrain.json`.
 
     Attributes:
         base: "smollm2" or a local transformers folder.
@@ -140,7 +140,9 @@ class RetrainSettings:
         batch_size: Examples per optimizer step (experts and gate).
         max_length: Tokens per training example (the longest science examples, reasoning
             puzzles, have under 90).
-        save_steps: Steps between checkpoints, from which an interrupted step resumes.
+        save_steps: Steps between checkpoints, from which an interrupted step resumes (with
+            `keep_best`, the experts' and the multitask LoRA's checkpoints come with their dev
+            measurements instead: every tenth of their steps, if that is longer).
         eval_limit: Examples per test set in the evaluation; None uses all.
         max_new_tokens: Greedy tokens per answer in the evaluation.
         train_dtype: Dtype of the frozen base model while experts and gate train ("bfloat16"

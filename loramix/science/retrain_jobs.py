@@ -61,8 +61,8 @@ def finish_multitask(job: BackgroundJob) -> dict[str, Any]:
 
 def job_record(done: JobResult) -> dict[str, Any]:
     """A training job's entry in timings.json: its own wall and CPU time, the step whose
-    weights it kept (when it chose one on dev), and, when it resumed from a checkpoint, the
-    step it resumed from and its steps in all."""
+    weights it kept (its best on dev, or its last), and, when it resumed from a checkpoint,
+    the step it resumed from and its steps in all."""
     record: dict[str, Any] = {"wall_s": round(done.wall_s, 2), "cpu_s": round(done.cpu_s, 1)}
     value = done.value if isinstance(done.value, dict) else {}
     if value.get("kept_step") is not None:
@@ -102,6 +102,18 @@ def run_record(seed: int, settings: RetrainSettings) -> dict[str, Any]:
     return json.loads(json.dumps(current))
 
 
+LATER_SETTINGS = {"keep_best": False}
+"""`RetrainSettings` fields added after runs were recorded, with the value those runs had:
+a `run.json` without them is read with them (`recorded_run`), so that those runs still
+resume and can be reused."""
+
+
+def recorded_run(path: Path) -> dict[str, Any]:
+    """A run's `run.json` (empty if missing), with `LATER_SETTINGS` where it lacks them."""
+    recorded = read_json(path)
+    return {**LATER_SETTINGS, **recorded} if recorded else recorded
+
+
 def check_run_settings(
     out: Path, seed: int, settings: RetrainSettings, ignore: tuple[str, ...] = ()
 ) -> None:
@@ -120,7 +132,7 @@ def check_run_settings(
     if not path.is_file():
         write_text_atomic(path, json.dumps(current, indent=2) + "\n")
         return
-    recorded = read_json(path)
+    recorded = recorded_run(path)
     if isinstance(recorded.get("gate_candidates"), list):
         from loramix.science.selection import recorded_candidate
 

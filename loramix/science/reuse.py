@@ -39,6 +39,7 @@ from loramix.science.retrain_jobs import (
     TIMINGS_JSON,
     check_run_settings,
     read_json,
+    recorded_run,
     run_record,
 )
 
@@ -82,7 +83,7 @@ def reuse_run(
         ValueError: If `source` and `out` are the same folder.
     """
     source_paths, out_paths = RetrainPaths(Path(source)), RetrainPaths(Path(out))
-    recorded = read_json(source_paths.out / RUN_JSON)
+    recorded = recorded_run(source_paths.out / RUN_JSON)
     if not recorded:
         raise FileNotFoundError(
             f"{source_paths.out / RUN_JSON}: missing or unreadable; --reuse takes the folder "

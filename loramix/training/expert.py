@@ -161,6 +161,11 @@ def train_expert(
         held_out = load_held_out(
             eval_sources, tokenizer, max_length=config.max_length, chat=config.chat
         )
+    if config.keep_best and not held_out:  # before `start_output` touches `out`
+        raise ValueError(
+            "keep_best chooses the checkpoint by its held-out loss, but there is no held-out "
+            "data: set eval_fraction above 0 or give eval_data (e.g. a dev split)."
+        )
     run = {
         "base_model": base_record(model),
         "data": data_settings(sources),

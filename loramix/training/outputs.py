@@ -315,7 +315,8 @@ def finished_record(
         "last_loss": losses[-1] if losses else None,
         "first_eval_loss": evals[0] if evals else None,
         "last_eval_loss": evals[-1] if evals else None,
-        "kept_step": state.best_global_step if config.keep_best else state.global_step,
+        # with keep_best the best checkpoint's (the last step's if none was measured)
+        "kept_step": (config.keep_best and state.best_global_step) or state.global_step,
         "kept_eval_loss": state.best_metric if config.keep_best else None,
         "run": run,
     }

@@ -91,7 +91,8 @@ class TrainingConfig:
         keep_best: End with the weights of the checkpoint whose held-out loss was lowest
             (early stopping, chosen on the held-out data) instead of the last step's; needs
             held-out data (`eval_fraction` or the trainers' `eval_data`), and `save_steps` a
-            multiple of `eval_steps`.
+            multiple of `eval_steps`. At the end, a `save_total_limit` of 1 keeps only the best
+            checkpoint, so raising `max_steps` on a finished run continues from there.
     """
 
     lr: float = 2e-4
