@@ -92,17 +92,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     add.add_argument("domain", help="the domain to add (one of loramix.science.DOMAINS)")
     add.add_argument("--out", default="runs/retrain", help="the finished run's folder")
     add.add_argument("--seed", type=int, default=0, help="the run's seed")
-    add_settings_arguments(add)
+    # The new gate takes the settings of the gate the run chose: no gate flags here.
+    add_settings_arguments(add, gate_flags=False)
     add.set_defaults(domains=None)  # every domain but the added one
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+def add_settings_arguments(parser: argparse.ArgumentParser, gate_flags: bool = True) -> None:
     """One flag per `RetrainSettings` field (help from its docstring), and `--gate-steps`.
 
     `--domains` takes names separated by spaces or commas (`biology,chemistry`, the older
     spelling); `gate_candidates` is set by `--gate-candidates` (names of
     `loramix.science.selection.DEFAULT_CANDIDATES`, all by default) and `--gate-steps` (the
-    steps of every candidate kept).
+    steps of every candidate kept); without `gate_flags` neither is declared.
     """
     from loramix.commands.flags import add_fields
     from loramix.science.pipeline import TRAIN_DTYPES, RetrainSettings
@@ -112,6 +113,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("retrain settings (loramix.science.RetrainSettings)")
     choices = {"lr_scheduler": SCHEDULERS, "train_dtype": TRAIN_DTYPES}
     add_fields(group, RetrainSettings, skip=("gate_candidates",), choices=choices)
+    if not gate_flags:
+        return
     group.add_argument(
         "--gate-candidates",
         nargs="+",
@@ -136,9 +139,9 @@ def settings_from_args(args: argparse.Namespace, **values: Any) -> Any:
     from loramix.science.pipeline import RetrainSettings
 
     candidates = RetrainSettings().gate_candidates
-    if args.gate_candidates is not None:
+    if getattr(args, "gate_candidates", None) is not None:
         candidates = pick_candidates(candidates, split_names(args.gate_candidates))
-    if args.gate_steps is not None:
+    if getattr(args, "gate_steps", None) is not None:
         candidates = tuple(dataclasses.replace(c, steps=args.gate_steps) for c in candidates)
     if args.domains is not None:
         values.setdefault("domains", split_names(args.domains))
