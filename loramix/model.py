@@ -110,6 +110,10 @@ class XLoraModel(FixedMixMixin, CheckpointingMixin, SavingMixin, PreTrainedModel
 
         super().__init__(copy.deepcopy(base_model.config))
         self.lm = base_model
+        # The base model's loss is the model's loss: transformers' Trainer reads `loss_type`
+        # to know that labels are shifted (it then counts `num_items_in_batch` without each
+        # row's first label); the class name alone would leave it None.
+        self.loss_type = getattr(base_model, "loss_type", None)
         self.generation_config = copy.deepcopy(base_model.generation_config)
         self.xlora_config = config
         self.expert_names = [expert.name for expert in experts]

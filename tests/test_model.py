@@ -157,6 +157,20 @@ def test_expert_names_and_layer_order(llama_experts: dict[str, str]) -> None:
     assert model.base_model is model.lm
 
 
+def test_loss_type_is_the_base_models_so_the_trainer_counts_shifted_labels(
+    llama_experts: dict[str, str], tmp_path: Path
+) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    base = tiny_llama()
+    model = XLoraModel(base, XLoraConfig(adapters=llama_experts))
+    assert model.loss_type == base.loss_type == "ForCausalLM"
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    # Without it the Trainer counts every row's first label in `num_items_in_batch`, and the
+    # loss of a batch whose first tokens are labelled (plain text lines) comes out too small.
+    assert Trainer(model=model, args=args)._loss_shifts_labels
+
+
 def test_scalings_are_softmax_over_experts(llama_experts: dict[str, str]) -> None:
     model = XLoraModel(tiny_llama(), XLoraConfig(adapters=llama_experts, top_k_lora=1))
     randomize_gate(model)
