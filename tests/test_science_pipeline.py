@@ -23,6 +23,7 @@ from loramix.science.bundle import (
     export_bundle,
     folder_size,
 )
+from loramix.science.final_eval import evaluation_parts
 from loramix.science.pipeline import (
     MULTITASK,
     SELECTION_JSON,
@@ -107,12 +108,32 @@ def test_a_second_call_skips_every_finished_step(run):
 
 def test_a_removed_step_is_redone_alone(run):
     out, _, settings, _ = run
-    for path in (out / "eval").iterdir():
-        path.unlink()
+    shutil.rmtree(out / "eval")
     timings = retrain(out, seed=3, settings=settings, bundle_dir=None)
     assert {name for name, s in timings.items() if s is not None} == {"eval"}
     assert (out / "eval" / "eval.json").is_file()
     assert "export" not in timings
+
+
+def test_the_report_keeps_the_parts_scored_from_the_same_inputs(run):
+    out, _, settings, _ = run
+    parts = list(evaluation_parts(settings))
+    before = EvalReport.read(out / "eval" / "eval.json")
+    (out / "eval" / "eval.json").unlink()  # an evaluation interrupted before its report
+    saved = out / "eval" / "parts" / "references.json"
+    record = json.loads(saved.read_text())
+    record["inputs"]["test_files"]["mixed"] = "another file"  # as if the mixed set changed
+    saved.write_text(json.dumps(record))
+    retrain(out, seed=3, settings=settings, bundle_dir=None)
+    recorded = json.loads((out / "timings.json").read_text())["eval"]
+    assert recorded["scored"] == ["references"]
+    assert recorded["kept"] == [p for p in parts if p != "references"]
+    after = EvalReport.read(out / "eval" / "eval.json")
+    assert after.systems == before.systems
+    for system in after.systems:  # the same numbers (not times), kept or scored again
+        for name, score in after.scores[system].items():
+            again = dataclasses.replace(score, seconds=0)
+            assert again == dataclasses.replace(before.scores[system][name], seconds=0)
 
 
 def test_an_interrupted_step_resumes_from_its_checkpoint(tmp_path):
@@ -333,6 +354,10 @@ def test_experts_trained_side_by_side_equal_those_trained_here(run, tmp_path):
     here = json.loads((out / "selection.json").read_text())
     there = json.loads((side_by_side / "selection.json").read_text())
     assert there["chosen"] == here["chosen"]
+    # the parts without the multitask LoRA were scored while it trained, the rest after it
+    parts = list(evaluation_parts(settings))
+    assert timings["eval-early"]["scored"] == [p for p in parts if p != MULTITASK]
+    assert timings["eval"]["scored"] == [MULTITASK]
     # the evaluation's parts, gathered from two workers, give the report made here
     here = EvalReport.read(out / "eval" / "eval.json")
     there = EvalReport.read(side_by_side / "eval" / "eval.json")

@@ -21,12 +21,24 @@ expert, and the accuracy table as a chart.
 
 Gate settings were chosen on the dev files before this step (`loramix.science.selection`);
 nothing here feeds back into training.
+
+The systems are scored in parts (`evaluation_parts`), each saved as it finishes into
+`OUT/eval/parts/<part>.json` with what its scores were made from (`part_inputs`: the digests
+of the models it loads and of the test files, and the evaluation settings). A part whose
+saved inputs match is not scored again: an interrupted evaluation loses only the parts in
+progress, and the parts that do not need the multitask LoRA can be scored while it still
+trains (`score_parts`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from loramix.atomic import write_text_atomic
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -39,13 +51,18 @@ logger = logging.getLogger(__name__)
 
 ACCURACY_PNG = "accuracy.png"
 MIXTURE_PART = "mixture"  # the part of the evaluation that scores the X-LoRA systems
+PARTS = "parts"  # OUT/eval/parts/<part>.json: a part's scores and what they were made from
 
 
-def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> None:
+def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> dict[str, list[str]]:
     """Evaluate every system of the run on its test files; write eval.json/md and the PNGs.
 
     The systems are scored in parts (`evaluation_parts`), side by side in up to
-    `settings.workers` processes, and gathered into one report.
+    `settings.workers` processes, and gathered into one report; parts saved earlier from the
+    same inputs are kept (`score_parts`).
+
+    Returns:
+        The parts scored in this call and those kept (see `score_parts`).
     """
     from loramix.evaluation.plots import plot_accuracy, write_eval_plots
     from loramix.evaluation.runner import (
@@ -57,24 +74,19 @@ def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> None:
         load_test_set,
     )
     from loramix.model import XLoraModel
-    from loramix.science.pipeline import MIXED, MULTITASK, worker_plan
+    from loramix.science.pipeline import MIXED, MULTITASK
     from loramix.science.registry import COMPOSITE
     from loramix.science.targets import check_targets
     from loramix.smollm2 import load_base_model
-    from loramix.training.jobs import run_jobs
 
     test_sets = {name: str(path) for name, path in paths.test_sets(settings.domains).items()}
     parts = evaluation_parts(settings)
-    jobs = {name: (paths, settings, systems) for name, systems in parts.items()}
-    workers, threads = worker_plan(settings, len(jobs))
-    logger.info("evaluation: %d part(s), %d at a time", len(jobs), workers)
-    done = {
-        d.name: d.value for d in run_jobs(_evaluate_part, jobs, workers=workers, threads=threads)
-    }
+    scored = score_parts(paths, settings)
+    done = {name: saved_part(paths, name) for name in parts}
     report = done[MIXTURE_PART]  # the X-LoRA systems, with the expert usage
     for name in parts:
         if name != MIXTURE_PART:
-            for system, scores in done[name].items():
+            for system, scores in done[name].scores.items():
                 report.add_system(
                     MULTITASK if system == EXPERT_PREFIX + MULTITASK else system, scores
                 )
@@ -111,6 +123,87 @@ def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> None:
     }
     write_eval_plots(model, tokenizer, samples, paths.eval, usage=report.usage)
     plot_accuracy(report, paths.eval / ACCURACY_PNG)
+    return scored
+
+
+def score_parts(
+    paths: RetrainPaths,
+    settings: RetrainSettings,
+    names: Sequence[str] | None = None,
+    busy: int = 0,
+) -> dict[str, list[str]]:
+    """Score the evaluation parts `names` (default: all of `evaluation_parts`) that have no
+    saved scores made from today's inputs, side by side in up to `settings.workers - busy`
+    processes, saving each as it finishes.
+
+    Returns:
+        {"scored": the parts scored now, "kept": those whose saved scores still hold}.
+    """
+    from loramix.science.pipeline import worker_plan
+    from loramix.training.jobs import run_jobs
+
+    parts = evaluation_parts(settings)
+    names = list(parts) if names is None else list(names)
+    inputs = {name: part_inputs(paths, settings, parts[name]) for name in names}
+    todo = [name for name in names if _read_part(paths, name).get("inputs") != inputs[name]]
+    kept = [name for name in names if name not in todo]
+    if kept:
+        logger.info("evaluation: kept the saved scores of %s (same models and test files)", kept)
+    if todo:
+        workers, threads = worker_plan(settings, len(todo), busy=busy)
+        logger.info("evaluation: %d part(s), %d at a time", len(todo), workers)
+        jobs = {name: (paths, settings, parts[name]) for name in todo}
+        for done in run_jobs(_evaluate_part, jobs, workers=workers, threads=threads):
+            record = {"inputs": inputs[done.name], "report": done.value.to_dict()}
+            folder = paths.eval / PARTS
+            folder.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(folder / f"{done.name}.json", json.dumps(record, indent=2) + "\n")
+            logger.info("evaluation: part %s done in %.1f s", done.name, done.wall_s)
+    return {"scored": todo, "kept": kept}
+
+
+def part_inputs(paths: RetrainPaths, settings: RetrainSettings, systems: list[str]) -> dict:
+    """What the scores of a part scoring `systems` are made from: the SHA-256 of each model
+    folder it loads (the chosen gate and the experts, or the multitask LoRA) and of each test
+    file, and the evaluation settings."""
+    from loramix.evaluation.runner import EXPERT_PREFIX
+    from loramix.science.pipeline import MULTITASK
+    from loramix.training.outputs import file_digest, folder_digest
+
+    if systems == [EXPERT_PREFIX + MULTITASK]:
+        models = {MULTITASK: paths.multitask}
+    else:
+        models = {"xlora": paths.xlora, **{d: paths.expert(d) for d in settings.domains}}
+    return {
+        "systems": list(systems),
+        "models": {name: folder_digest(folder) for name, folder in models.items()},
+        "test_files": {
+            name: file_digest(path) for name, path in paths.test_sets(settings.domains).items()
+        },
+        "settings": {
+            "base": settings.base,
+            "eval_limit": settings.eval_limit,
+            "max_new_tokens": settings.max_new_tokens,
+            "max_length": settings.max_length,
+        },
+    }
+
+
+def saved_part(paths: RetrainPaths, name: str) -> EvalReport:
+    """The saved scores of the part `name` (`score_parts` writes them)."""
+    from loramix.evaluation.report import EvalReport
+
+    return EvalReport.from_dict(_read_part(paths, name)["report"])
+
+
+def _read_part(paths: RetrainPaths, name: str) -> dict[str, Any]:
+    """A part's saved record, or {} when there is none or it cannot be read."""
+    path = Path(paths.eval) / PARTS / f"{name}.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) and "report" in record else {}
 
 
 def evaluation_parts(settings: RetrainSettings) -> dict[str, list[str]]:
@@ -135,14 +228,15 @@ def evaluation_parts(settings: RetrainSettings) -> dict[str, list[str]]:
 
 def _evaluate_part(
     paths: RetrainPaths, settings: RetrainSettings, systems: list[str]
-) -> EvalReport | dict[str, dict[str, Score]]:
-    """Score `systems` on their test sets (a job of `evaluate_run`).
+) -> EvalReport:
+    """Score `systems` on their test sets (a job of `score_parts`).
 
     Returns:
         The report of the X-LoRA systems (the frame of the whole report: experts, test
-        sets, usage) for the mixture part; system -> test set -> score for the others.
+        sets, usage) for the mixture part; for the others, a report holding their scores.
     """
     from loramix.config import XLoraConfig
+    from loramix.evaluation.report import EvalReport
     from loramix.evaluation.runner import EXPERT_PREFIX, XLORA, evaluate
     from loramix.model import XLoraModel
     from loramix.science.pipeline import MULTITASK
@@ -162,14 +256,15 @@ def _evaluate_part(
         alone = XLoraModel(
             base, XLoraConfig(adapters={MULTITASK: str(paths.multitask)}, xlora_size=8)
         )
-        return evaluate(alone, tokenizer, test_sets, systems, **options).scores
+        return evaluate(alone, tokenizer, test_sets, systems, **options)
     model = XLoraModel.from_pretrained(base, paths.xlora)
     if XLORA in systems:
         return evaluate(model, tokenizer, test_sets, systems, **options)
     experts = [s.removeprefix(EXPERT_PREFIX) for s in systems if s.startswith(EXPERT_PREFIX)]
     others = [s for s in systems if not s.startswith(EXPERT_PREFIX)]
     scores = evaluate(model, tokenizer, test_sets, others, **options).scores if others else {}
-    return {**scores, **score_experts_on_their_sets(model, tokenizer, test_sets, experts, options)}
+    scores |= score_experts_on_their_sets(model, tokenizer, test_sets, experts, options)
+    return EvalReport(list(model.expert_names), test_sets, list(scores), scores)
 
 
 def score_experts_on_their_sets(

@@ -22,7 +22,11 @@ in `OUT/timings.json`:
                                              (as many training examples). The longest job:
                                              it starts with the experts, in a worker of its
                                              own, and this step waits for it
-    eval     OUT/eval/eval.{json,md}, *.png  the final report, the only step that opens the
+    eval-early OUT/eval/parts/*.json         while the multitask LoRA trains in the
+                                             background: the parts of the report that do
+                                             not need it
+    eval     OUT/eval/eval.{json,md}, *.png  the final report (the parts still missing):
+                                             with eval-early, the only step that opens the
                                              test files (`loramix.science.final_eval`)
     export   BUNDLE (the CLI: OUT/bundle-v2) the X-LoRA folder in float16 with the eval files
                                              (`loramix.science.bundle`)
@@ -372,6 +376,10 @@ def retrain(
             lambda: _train_gates(paths, gates, seed, settings, recorded.get("gates", {})),
         )
         step("select", selected, lambda: select_gate(paths, settings))
+        if multitask is not None and not multitask.here:
+            # The parts of the report that do not need the multitask LoRA take the core it
+            # leaves free (they are saved, and the eval step below keeps them).
+            step("eval-early", False, lambda: evaluate_early(paths, settings))
         if settings.multitask:
             step(MULTITASK, multitask is None, lambda: finish_multitask(multitask))
     finally:
@@ -525,11 +533,20 @@ def train_gate_candidate(
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
 
-def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> None:
-    """The final report (`loramix.science.final_eval`): the one step that reads test files."""
+def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> dict[str, Any]:
+    """The final report (`loramix.science.final_eval`): with `evaluate_early`, the only step
+    that reads test files."""
     from loramix.science.final_eval import evaluate_run as final_report
 
-    final_report(paths, settings)
+    return final_report(paths, settings)
+
+
+def evaluate_early(paths: RetrainPaths, settings: RetrainSettings) -> dict[str, Any]:
+    """Score the parts of the final report that do not need the multitask LoRA, beside it."""
+    from loramix.science.final_eval import evaluation_parts, score_parts
+
+    names = [name for name in evaluation_parts(settings) if name != MULTITASK]
+    return score_parts(paths, settings, names, busy=1)
 
 
 # ---------------------------------------------------------------------------- helpers
