@@ -144,3 +144,23 @@ def _alive(pid: int) -> bool:
 def test_waiting_twice_gives_the_result_without_running_again():
     job = BackgroundJob("pid", describe, (2,), threads=1, here=True)
     assert job.wait() is job.wait()
+
+
+@pytest.mark.parametrize("here", [False, True])
+def test_finished_says_whether_the_job_has_ended(here):
+    job = BackgroundJob("square", describe, (5,), threads=1, here=here)
+    if not here:
+        deadline = time.perf_counter() + 60
+        while not job.finished() and time.perf_counter() < deadline:
+            time.sleep(0.05)
+    assert job.finished() is not here  # a job run here starts when waited for
+    job.wait()
+    assert job.finished()
+
+
+def test_a_running_background_job_is_not_finished():
+    job = BackgroundJob("sleeper", time.sleep, (60,), threads=1)
+    try:
+        assert not job.finished()
+    finally:
+        job.stop()

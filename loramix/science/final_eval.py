@@ -24,14 +24,17 @@ nothing here feeds back into training.
 
 The systems are scored in parts (`evaluation_parts`), each saved as it finishes into
 `OUT/eval/parts/<part>.json` with what its scores were made from (`part_inputs`: the digests
-of the models it loads and of the test files, and the evaluation settings). A part whose
-saved inputs match is not scored again: an interrupted evaluation loses only the parts in
-progress, and the parts that do not need the multitask LoRA can be scored while it still
-trains (`score_parts`).
+of the models it loads and of the test files, the evaluation settings and loramix's source).
+A part whose saved inputs match is not scored again: an interrupted evaluation loses only the
+parts in progress, and the parts that do not need the multitask LoRA can be scored while it
+still trains (`score_parts`). `eval.json` records the digest of all the parts' inputs, so that
+`report_is_current` tells a report made from today's models, test files and code from a stale
+one. Removing `OUT/eval` scores everything again.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -52,6 +55,7 @@ logger = logging.getLogger(__name__)
 ACCURACY_PNG = "accuracy.png"
 MIXTURE_PART = "mixture"  # the part of the evaluation that scores the X-LoRA systems
 PARTS = "parts"  # OUT/eval/parts/<part>.json: a part's scores and what they were made from
+INPUTS_KEY = "inputs_sha256"  # eval.json's settings: the digest of all its parts' inputs
 
 
 def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> dict[str, list[str]]:
@@ -83,6 +87,7 @@ def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> dict[str, li
     parts = evaluation_parts(settings)
     scored = score_parts(paths, settings)
     done = {name: saved_part(paths, name) for name in parts}
+    inputs_digest = _inputs_digest(paths, settings)
     report = done[MIXTURE_PART]  # the X-LoRA systems, with the expert usage
     for name in parts:
         if name != MIXTURE_PART:
@@ -93,6 +98,7 @@ def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> dict[str, li
     order = [BASE, *(EXPERT_PREFIX + d for d in settings.domains), UNIFORM, MULTITASK]
     report.systems = [s for s in order if s in report.systems] + [XLORA, XLORA_FROZEN]
     report.settings["systems_on_subsets"] = "expert:<d> on <d>, composite and mixed only"
+    report.settings[INPUTS_KEY] = inputs_digest
     if settings.multitask:  # what the mixture buys: add a domain vs retrain the baseline
         from loramix.science.add_domain import add_domain_cost
         from loramix.science.pipeline import TIMINGS_JSON, read_json
@@ -137,7 +143,8 @@ def score_parts(
     processes, saving each as it finishes.
 
     Returns:
-        {"scored": the parts scored now, "kept": those whose saved scores still hold}.
+        {"scored": the parts scored now, "kept": those whose saved scores still hold, "each":
+        part -> its own wall and CPU time (when it was scored)}.
     """
     from loramix.science.pipeline import worker_plan
     from loramix.training.jobs import run_jobs
@@ -154,12 +161,65 @@ def score_parts(
         logger.info("evaluation: %d part(s), %d at a time", len(todo), workers)
         jobs = {name: (paths, settings, parts[name]) for name in todo}
         for done in run_jobs(_evaluate_part, jobs, workers=workers, threads=threads):
-            record = {"inputs": inputs[done.name], "report": done.value.to_dict()}
+            record = {
+                "inputs": inputs[done.name],
+                "wall_s": round(done.wall_s, 2),
+                "cpu_s": round(done.cpu_s, 1),
+                "report": done.value.to_dict(),
+            }
             folder = paths.eval / PARTS
             folder.mkdir(parents=True, exist_ok=True)
             write_text_atomic(folder / f"{done.name}.json", json.dumps(record, indent=2) + "\n")
             logger.info("evaluation: part %s done in %.1f s", done.name, done.wall_s)
-    return {"scored": todo, "kept": kept}
+    each = {}
+    for name in names:
+        record = _read_part(paths, name)
+        each[name] = {key: record[key] for key in ("wall_s", "cpu_s") if key in record}
+    return {"scored": todo, "kept": kept, "each": each}
+
+
+def report_is_current(paths: RetrainPaths, settings: RetrainSettings) -> bool:
+    """Whether `OUT/eval` holds a whole report (eval.json and its pictures) made from the
+    parts' inputs of today: the same models, test files, settings and code."""
+    from loramix.evaluation.plots import USAGE_PNG
+    from loramix.evaluation.report import REPORT_JSON
+
+    files = [paths.eval / name for name in (REPORT_JSON, USAGE_PNG, ACCURACY_PNG)]
+    if not all(path.is_file() for path in files):
+        return False
+    try:
+        recorded = json.loads(files[0].read_text(encoding="utf-8"))["settings"][INPUTS_KEY]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return recorded == _inputs_digest(paths, settings)
+
+
+def _inputs_digest(paths: RetrainPaths, settings: RetrainSettings) -> str:
+    """SHA-256 of every part's inputs (`part_inputs`)."""
+    import hashlib
+
+    inputs = {
+        name: part_inputs(paths, settings, systems)
+        for name, systems in evaluation_parts(settings).items()
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+@functools.cache
+def source_digest() -> str:
+    """SHA-256 over loramix's Python source files (names and bytes), as this process first
+    read them: scores made by other code are not kept."""
+    import hashlib
+
+    import loramix
+    from loramix.training.outputs import file_digest
+
+    root = Path(loramix.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(file_digest(path).encode())
+    return digest.hexdigest()
 
 
 def part_inputs(paths: RetrainPaths, settings: RetrainSettings, systems: list[str]) -> dict:
@@ -186,6 +246,7 @@ def part_inputs(paths: RetrainPaths, settings: RetrainSettings, systems: list[st
             "max_new_tokens": settings.max_new_tokens,
             "max_length": settings.max_length,
         },
+        "code": source_digest(),
     }
 
 
@@ -197,13 +258,16 @@ def saved_part(paths: RetrainPaths, name: str) -> EvalReport:
 
 
 def _read_part(paths: RetrainPaths, name: str) -> dict[str, Any]:
-    """A part's saved record, or {} when there is none or it cannot be read."""
+    """A part's saved record, or {} when there is none or it cannot be read as a report."""
+    from loramix.evaluation.report import EvalReport
+
     path = Path(paths.eval) / PARTS / f"{name}.json"
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        EvalReport.from_dict(record["report"])
+    except (OSError, ValueError, KeyError, TypeError):
         return {}
-    return record if isinstance(record, dict) and "report" in record else {}
+    return record if isinstance(record, dict) else {}
 
 
 def evaluation_parts(settings: RetrainSettings) -> dict[str, list[str]]:

@@ -64,6 +64,7 @@ from loramix.checks import is_int, is_number, raise_problems
 from loramix.config import CONFIG_NAME, XLoraConfig
 from loramix.science import composite
 from loramix.science.bundle import MAX_BUNDLE_BYTES, export_bundle
+from loramix.science.final_eval import report_is_current
 from loramix.science.lora_jobs import (  # noqa: F401  (MULTITASK_JSON: re-exported)
     MULTITASK,
     MULTITASK_JSON,
@@ -341,7 +342,7 @@ def retrain(
         lambda: _write_data(paths, seed, settings),
     )
     # The multitask LoRA, the longest job, trains in a worker of its own beside the experts,
-    # gates and selection (which do not need it); the eval step waits for it.
+    # gates and selection (which do not need it); the multitask step waits for it.
     pending = [d for d in settings.domains if not _complete(paths.expert(d), _ADAPTER_CONFIG)]
     gates = [c for c in settings.gate_candidates if not _complete(paths.gate(c.name), CONFIG_NAME)]
     selected = (  # a gate trained in this call, or another list of candidates: select again
@@ -376,8 +377,8 @@ def retrain(
             lambda: _train_gates(paths, gates, seed, settings, recorded.get("gates", {})),
         )
         step("select", selected, lambda: select_gate(paths, settings))
-        if multitask is not None and not multitask.here:
-            # The parts of the report that do not need the multitask LoRA take the core it
+        if multitask is not None and not multitask.here and not multitask.finished():
+            # The parts of the report that do not need the multitask LoRA take the workers it
             # leaves free (they are saved, and the eval step below keeps them).
             step("eval-early", False, lambda: evaluate_early(paths, settings))
         if settings.multitask:
@@ -388,9 +389,7 @@ def retrain(
         torch.set_num_threads(threads_before)
     step(
         "eval",
-        timings.get("select") is None  # a new selection gets a new report
-        and (paths.eval / "eval.json").is_file()
-        and (paths.eval / "expert_usage.png").is_file(),
+        report_is_current(paths, settings),  # same models, test files and code
         lambda: evaluate_run(paths, settings),
     )
     if bundle_dir is not None:

@@ -192,6 +192,15 @@ class BackgroundJob:
         self._result = JobResult(self.name, *payload)
         return self._result
 
+    def finished(self) -> bool:
+        """Whether the job has ended (so `wait` returns at once); a job that runs here has
+        not, until it is waited for."""
+        if self._result is not None:
+            return True
+        return (
+            self._connection is not None and self._process is not None and self._connection.poll()
+        )
+
     def stop(self) -> None:
         """End the worker if it is still running (what it wrote last is what it kept)."""
         if self._process is not None:
