@@ -58,7 +58,7 @@ PARTS = "parts"  # OUT/eval/parts/<part>.json: a part's scores and what they wer
 INPUTS_KEY = "inputs_sha256"  # eval.json's settings: the digest of all its parts' inputs
 
 
-def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> dict[str, list[str]]:
+def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> dict[str, Any]:
     """Evaluate every system of the run on its test files; write eval.json/md and the PNGs.
 
     The systems are scored in parts (`evaluation_parts`), side by side in up to
@@ -137,7 +137,7 @@ def score_parts(
     settings: RetrainSettings,
     names: Sequence[str] | None = None,
     busy: int = 0,
-) -> dict[str, list[str]]:
+) -> dict[str, Any]:
     """Score the evaluation parts `names` (default: all of `evaluation_parts`) that have no
     saved scores made from today's inputs, side by side in up to `settings.workers - busy`
     processes, saving each as it finishes.
