@@ -40,7 +40,13 @@ from loramix.training.outputs import (
     training_settings,
     write_record,
 )
-from loramix.training.trainer import TrainingConfig, progress_bars, publish, run_trainer
+from loramix.training.trainer import (
+    TrainingConfig,
+    check_held_out,
+    progress_bars,
+    publish,
+    run_trainer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -161,11 +167,7 @@ def train_expert(
         held_out = load_held_out(
             eval_sources, tokenizer, max_length=config.max_length, chat=config.chat
         )
-    if config.keep_best and not held_out:  # before `start_output` touches `out`
-        raise ValueError(
-            "keep_best chooses the checkpoint by its held-out loss, but there is no held-out "
-            "data: set eval_fraction above 0 or give eval_data (e.g. a dev split)."
-        )
+    check_held_out(config, held_out)  # before `start_output` touches `out`
     run = {
         "base_model": base_record(model),
         "data": data_settings(sources),

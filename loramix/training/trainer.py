@@ -327,11 +327,7 @@ def run_trainer(
     """
     if held_out is not None and len(held_out) == 0:  # type: ignore[arg-type]
         held_out = None
-    if config.keep_best and held_out is None:
-        raise ValueError(
-            "keep_best chooses the checkpoint by its held-out loss, but there is no held-out "
-            "data: set eval_fraction above 0 or give eval data (e.g. a dev split)."
-        )
+    check_held_out(config, held_out)
     args = training_arguments(config, out / CHECKPOINTS, has_eval=held_out is not None)
     trainer = trainer_class(
         model=model,
@@ -367,6 +363,19 @@ def run_trainer(
             trainer.state.best_metric,
         )
     return trainer
+
+
+def check_held_out(config: TrainingConfig, held_out: Dataset[Example] | None) -> None:
+    """Refuse `keep_best` without held-out examples (call it before anything is written).
+
+    Raises:
+        ValueError: Saying how to give held-out data.
+    """
+    if config.keep_best and not held_out:
+        raise ValueError(
+            "keep_best chooses the checkpoint by its held-out loss, but there is no held-out "
+            "data: set eval_fraction above 0 or give eval_data (e.g. a dev split)."
+        )
 
 
 class _DropMessage(logging.Filter):
