@@ -376,6 +376,7 @@ def test_experts_trained_side_by_side_equal_those_trained_here(run, tmp_path):
     assert gates["workers"] == 2 and set(gates["each"]) == {
         c.name for c in settings.gate_candidates
     }
+    assert gates["cpu_s"] == pytest.approx(sum(g["cpu_s"] for g in gates["each"].values()))
     here = json.loads((out / "selection.json").read_text())
     there = json.loads((side_by_side / "selection.json").read_text())
     assert there["chosen"] == here["chosen"]

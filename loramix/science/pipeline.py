@@ -102,11 +102,11 @@ TRAIN_DTYPES = ("float32", "bfloat16")
 class RetrainSettings:
     """Everything `retrain` does besides the seed and the folders.
 
-    The defaults are the published v2 run's (README, "Version 2", about 3 h 20 min on a
-    2-core CPU, over its 2-hour budget) except for the experts and the multitask LoRA: up to
-    1000 and 8000 steps, each kept at its best checkpoint on dev (`keep_best`; about 6 h).
-    The published run is `expert_steps=500, keep_best=False`. The bundled 4-expert model was
-    made with v1 settings recorded in its `retrain.json`.
+    The defaults are the published v2 run's (README, "Version 2"): experts and the
+    multitask LoRA up to 1000 and 8000 steps, each kept at its best checkpoint on dev
+    (`keep_best`); about 6 h 10 min of work on a 2-core CPU, over its 2-hour budget. The
+    previous run, `expert_steps=500, keep_best=False`, took about 3 h 20 min. The bundled
+    4-expert model was made with v1 settings recorded in its `retrain.json`.
 
     Attributes:
         base: "smollm2" or a local transformers folder.
@@ -469,8 +469,9 @@ def _train_gates(
     settings: RetrainSettings,
     earlier: dict[str, Any],
 ) -> dict[str, Any]:
-    """Train one gate per candidate, side by side; returns the workers and each one's time
-    (with those of `earlier`, the step's record from a call that trained some of them)."""
+    """Train one gate per candidate, side by side; returns the CPU time of all candidates (the
+    workers'), the workers and each one's time (with those of `earlier`, the step's record
+    from a call that trained some of them)."""
     from loramix.training.jobs import run_jobs
 
     workers, threads = worker_plan(settings, len(candidates))
@@ -486,7 +487,8 @@ def _train_gates(
         each[done.name] = job_record(done)
         logger.info("gate %s: done in %.1f s", done.name, done.wall_s)
         keep_partial_timings(paths.out, "gates", {"each": each})  # kept if interrupted
-    return {"workers": workers, "threads": threads, "each": each}
+    cpu_s = round(sum(each[c.name]["cpu_s"] for c in candidates if c.name in each), 1)
+    return {"cpu_s": cpu_s, "workers": workers, "threads": threads, "each": each}
 
 
 def _gate_job(

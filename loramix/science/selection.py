@@ -91,8 +91,10 @@ DEFAULT_CANDIDATES: tuple[GateCandidate, ...] = (
     GateCandidate("lr3e-3-s600-shared", steps=600, lr=3e-3, layerwise=False),
 )
 """Tried by the retrain, at the v1 bundle's learning rate: 600 steps layer-wise, and 600 steps
-with one set of scalings shared by all modules. Mean dev NLL over the experts of 500 steps
-(`docs/science-v2/selection.json`): 1.009 and 0.999 (chosen). With the experts of 250 steps
+with one set of scalings shared by all modules. Mean dev NLL over the experts of up to 1000
+steps (`docs/science-v2/selection.json`): 0.967 (chosen) and 0.996; over the experts of 500
+steps (`docs/science-v2/experts-500/selection.json`): 1.009 and 0.999 (chosen). With the
+experts of 250 steps
 (`docs/science-v2/experts-250/selection.json`) these two scored 1.131 and 1.155; the others
 tried there lost on dev or cost too much: 250 steps (1.231: with eight experts a gate of 250
 steps sees each domain in about 250 examples and routes weakly), 1200 steps (1.125, the best
