@@ -154,6 +154,29 @@ def test_gate_candidates_keeps_the_named_defaults_in_order() -> None:
             settings_from_args(args)
 
 
+def test_gate_candidates_spelled_by_their_settings() -> None:
+    from loramix.commands.science import settings_from_args
+    from loramix.science.selection import DEFAULT_CANDIDATES, GateCandidate, candidate_from_name
+
+    parser = build_parser()
+    args = parser.parse_args(
+        ["science", "retrain", "--gate-candidates", "lr3e-3-s600,lr1e-2-s1200-shared,lr0.5-s7"]
+    )
+    candidates = settings_from_args(args).gate_candidates
+    assert candidates == (
+        DEFAULT_CANDIDATES[0],
+        GateCandidate("lr1e-2-s1200-shared", steps=1200, lr=1e-2, layerwise=False),
+        GateCandidate("lr0.5-s7", steps=7, lr=0.5),
+    )
+    for default in DEFAULT_CANDIDATES:  # the defaults spell themselves
+        assert candidate_from_name(default.name) == default
+    for name in ("lr3e-3", "s600", "lr0-s600", "lr3e-3-s0", "lr3e-3-s600-shared-x"):
+        assert candidate_from_name(name) is None
+        args = parser.parse_args(["science", "retrain", "--gate-candidates", name])
+        with pytest.raises(ValueError, match=r"unknown .*lr<learning rate>-s<steps>"):
+            settings_from_args(args)
+
+
 def test_add_domain_defaults_to_every_other_domain() -> None:
     from loramix.commands.science import add_domain_settings
     from loramix.science.registry import DOMAINS

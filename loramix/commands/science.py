@@ -102,7 +102,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser, gate_flags: bool = T
 
     `--domains` takes names separated by spaces or commas (`biology,chemistry`, the older
     spelling); `gate_candidates` is set by `--gate-candidates` (names of
-    `loramix.science.selection.DEFAULT_CANDIDATES`, all by default) and `--gate-steps` (the
+    `loramix.science.selection.DEFAULT_CANDIDATES`, all by default, or names that spell the
+    settings, `pick_candidates`) and `--gate-steps` (the
     steps of every candidate kept); without `gate_flags` neither is declared.
     """
     from loramix.commands.flags import add_fields
@@ -121,7 +122,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser, gate_flags: bool = T
         metavar="NAME",
         default=None,
         help="the gate settings to try, chosen on dev (names separated by spaces or commas; "
-        f"default: all of {', '.join(c.name for c in DEFAULT_CANDIDATES)})",
+        f"default: all of {', '.join(c.name for c in DEFAULT_CANDIDATES)}; another name "
+        "spells its settings: lr<learning rate>-s<steps>[-shared], e.g. lr3e-3-s1200)",
     )
     group.add_argument(
         "--gate-steps",
@@ -149,13 +151,18 @@ def settings_from_args(args: argparse.Namespace, **values: Any) -> Any:
 
 
 def pick_candidates(candidates: Sequence[Any], names: Sequence[str]) -> tuple[Any, ...]:
-    """The `candidates` (`GateCandidate`s) called `names`, in the order given.
+    """The `candidates` (`GateCandidate`s) called `names`, in the order given; a name that is
+    not one of them but spells its settings (`lr3e-3-s1200`, `lr3e-3-s1200-shared`: see
+    `loramix.science.selection.CANDIDATE_NAME`) makes a new candidate.
 
     Raises:
         ValueError: If a name is unknown or repeated, or none is given; it lists the known names.
     """
+    from loramix.science.selection import candidate_from_name
+
     known = {c.name: c for c in candidates}
-    unknown = [name for name in names if name not in known]
+    spelled = {name: candidate_from_name(name) for name in names if name not in known}
+    unknown = [name for name, candidate in spelled.items() if candidate is None]
     problem = None
     if unknown:
         problem = f"unknown {unknown}"
@@ -164,8 +171,11 @@ def pick_candidates(candidates: Sequence[Any], names: Sequence[str]) -> tuple[An
     elif len(set(names)) != len(names):
         problem = f"{list(names)} repeats a name"
     if problem:
-        raise ValueError(f"--gate-candidates: {problem}; choose from {list(known)}")
-    return tuple(known[name] for name in names)
+        raise ValueError(
+            f"--gate-candidates: {problem}; choose from {list(known)} or spell the settings "
+            "as lr<learning rate>-s<steps>[-shared], e.g. lr3e-3-s1200"
+        )
+    return tuple(known[name] if name in known else spelled[name] for name in names)
 
 
 def split_names(items: list[str] | tuple[str, ...]) -> tuple[str, ...]:

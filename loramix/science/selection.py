@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
@@ -101,6 +102,26 @@ steps sees each domain in about 250 examples and routes weakly), 1200 steps (1.1
 by 0.5% for twice the time: not tried again, to keep the retrain's time down), a softmax
 temperature of 0.5 at 600 steps (1.140) and a learning rate of 1e-2 (1.299 at 250 steps,
 `docs/science-v2/experts-250/first-run/selection.json`)."""
+
+
+CANDIDATE_NAME = re.compile(
+    r"lr(?P<lr>\d+(?:\.\d+)?(?:e-?\d+)?)-s(?P<steps>\d+)(?P<shared>-shared)?"
+)
+"""Names that spell a candidate's settings: `lr<learning rate>-s<steps>`, with `-shared` for
+scalings shared by all modules (`lr3e-3-s1200`, `lr1e-3-s600-shared`); the defaults are
+named this way."""
+
+
+def candidate_from_name(name: str) -> GateCandidate | None:
+    """The candidate that `name` spells (see `CANDIDATE_NAME`), with the other settings at
+    their defaults; None if `name` is not of that form."""
+    match = CANDIDATE_NAME.fullmatch(name)
+    if match is None or int(match["steps"]) < 1 or not float(match["lr"]) > 0:
+        return None
+    layerwise = False if match["shared"] else None
+    return GateCandidate(
+        name, steps=int(match["steps"]), lr=float(match["lr"]), layerwise=layerwise
+    )
 
 
 def recorded_candidate(record: Any) -> Any:
