@@ -170,7 +170,7 @@ def test_gate_candidates_spelled_by_their_settings() -> None:
     )
     for default in DEFAULT_CANDIDATES:  # the defaults spell themselves
         assert candidate_from_name(default.name) == default
-    for name in ("lr3e-3", "s600", "lr0-s600", "lr3e-3-s0", "lr3e-3-s600-shared-x"):
+    for name in ("lr3e-3", "s600", "lr0-s600", "lr1e999-s6", "lr3e-3-s0", "lr3e-3-s600-x"):
         assert candidate_from_name(name) is None
         args = parser.parse_args(["science", "retrain", "--gate-candidates", name])
         with pytest.raises(ValueError, match=r"unknown .*lr<learning rate>-s<steps>"):

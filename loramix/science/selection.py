@@ -116,7 +116,7 @@ def candidate_from_name(name: str) -> GateCandidate | None:
     """The candidate that `name` spells (see `CANDIDATE_NAME`), with the other settings at
     their defaults; None if `name` is not of that form."""
     match = CANDIDATE_NAME.fullmatch(name)
-    if match is None or int(match["steps"]) < 1 or not float(match["lr"]) > 0:
+    if match is None or int(match["steps"]) < 1 or not 0 < float(match["lr"]) < math.inf:
         return None
     layerwise = False if match["shared"] else None
     return GateCandidate(
