@@ -75,7 +75,11 @@ class GateCandidate:
                 found.append(f"{where}: {key}={value!r}, use a whole number >= 1")
         for key in ("lr", "temperature"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 < value < math.inf
+            ):
                 found.append(f"{where}: {key}={value!r}, use a positive number")
         if self.layerwise is not None and not isinstance(self.layerwise, bool):
             found.append(f"{where}: layerwise={self.layerwise!r}, use True, False or None")
@@ -116,12 +120,13 @@ def candidate_from_name(name: str) -> GateCandidate | None:
     """The candidate that `name` spells (see `CANDIDATE_NAME`), with the other settings at
     their defaults; None if `name` is not of that form."""
     match = CANDIDATE_NAME.fullmatch(name)
-    if match is None or int(match["steps"]) < 1 or not 0 < float(match["lr"]) < math.inf:
+    if match is None:
         return None
     layerwise = False if match["shared"] else None
-    return GateCandidate(
+    candidate = GateCandidate(
         name, steps=int(match["steps"]), lr=float(match["lr"]), layerwise=layerwise
     )
+    return None if candidate.problems(()) else candidate  # e.g. 0 steps, lr 0 or inf
 
 
 def recorded_candidate(record: Any) -> Any:
