@@ -467,6 +467,12 @@ def test_add_domain_cost_reads_one_runs_timings():
     assert add_domain_cost(timings, settings)["multitask_retrain_s"] == 1200
     timings[MULTITASK]["job"].update(steps=2000, resumed_from_step=1000)  # half timed
     assert add_domain_cost(timings, settings)["multitask_retrain_s"] == 2400
+    timings["multitask-candidates"] = {"each": {"multitask-s500": {"wall_s": 200}}}
+    timings["multitask-select"] = {"chosen": "s500"}  # the baseline chosen on dev
+    assert add_domain_cost(timings, settings)["multitask_retrain_s"] == 2400  # not a candidate
+    chosen = dataclasses.replace(settings, multitask_candidates=("s500",))
+    assert add_domain_cost(timings, chosen)["multitask_retrain_s"] == 300
+    assert add_domain_cost(timings, chosen)["multitask"] == "s500"
     del timings[MULTITASK]
     del timings["experts"]["each"]["proteins"]  # timed by an interrupted call, then lost
     assert add_domain_cost(timings, settings)["expert_s"] == 100

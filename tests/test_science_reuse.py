@@ -178,3 +178,31 @@ def test_a_source_recorded_before_keep_best_existed_is_reused_without_it(source,
     reused = reuse_run(old, tmp_path / "2", 3, settings)
     assert not reused["experts"]
     assert reused["not_reused"]["experts"] == "keep_best: False -> True"
+
+
+def test_a_later_source_fills_in_what_the_first_left_out(source, tmp_path):
+    run, settings = source  # its own multitask LoRA: 2 domains x 2 steps, best on dev
+    shorter = tmp_path / "shorter"  # the same data; its own multitask LoRA: 2 x 1 steps
+    retrain(shorter, seed=3, settings=dataclasses.replace(settings, expert_steps=1))
+    other_data = tmp_path / "other-data"
+    shutil.copytree(shorter, other_data)
+    dev = other_data / "data" / "biology_dev.jsonl"
+    dev.write_text(dev.read_text().replace("A", "G", 1))
+    wider = dataclasses.replace(settings, multitask_candidates=("s2-best",))
+    out = tmp_path / "run-2"
+    reused = reuse_run([run, other_data, shorter], out, seed=3, settings=wider)
+    assert reused["data"] and reused["multitask"] and reused["gates"] == ["a", "b"]
+    assert reused["multitask_candidates"] == {}  # the first source has no 2-step LoRA
+    refused, filled = reused["also"]
+    assert "data files differ" in refused["not_reused"]["data"]
+    assert refused["multitask_candidates"] == {}
+    assert not filled["data"] and filled["experts"] == [] and filled["gates"] == []
+    assert filled["multitask_candidates"] == {"s2-best": MULTITASK}
+    assert _snapshot(out / "experts" / "multitask-s2-best") == _snapshot(
+        shorter / "experts" / MULTITASK
+    )  # hard links to the very same files
+    assert _snapshot(out / "experts" / MULTITASK) == _snapshot(run / "experts" / MULTITASK)
+    timings = json.loads((out / TIMINGS_JSON).read_text())
+    assert set(timings["multitask-candidates"]["each"]) == {"multitask-s2-best"}
+    assert timings["multitask-candidates"]["reused_from"] == str(shorter.resolve())
+    assert json.loads((out / REUSED_JSON).read_text()) == reused

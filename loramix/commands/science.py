@@ -73,10 +73,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     retrain.add_argument(
         "--reuse",
         metavar="RUN",
+        nargs="+",
         default=None,
         help="start --out (a new folder) from the finished steps of the run in RUN whose "
-        "settings match: data, experts, multitask LoRA and gate candidates (linked, RUN "
-        "is left unchanged); gate selection and evaluation run again",
+        "settings match: data, experts, multitask LoRAs and gate candidates (linked, RUN "
+        "is left unchanged); gate selection and evaluation run again. With several runs, "
+        "each later one fills in what the ones before left out, on the same data",
     )
     add_settings_arguments(retrain)
 
@@ -100,11 +102,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
 def add_settings_arguments(parser: argparse.ArgumentParser, gate_flags: bool = True) -> None:
     """One flag per `RetrainSettings` field (help from its docstring), and `--gate-steps`.
 
-    `--domains` takes names separated by spaces or commas (`biology,chemistry`, the older
-    spelling); `gate_candidates` is set by `--gate-candidates` (names of
-    `loramix.science.selection.DEFAULT_CANDIDATES`, all by default, or names that spell the
-    settings, `pick_candidates`) and `--gate-steps` (the
-    steps of every candidate kept); without `gate_flags` neither is declared.
+    `--domains` and `--multitask-candidates` take names separated by spaces or commas
+    (`biology,chemistry`, the older spelling); `gate_candidates` is set by `--gate-candidates`
+    (names of `loramix.science.selection.DEFAULT_CANDIDATES`, all by default, or names that
+    spell the settings, `pick_candidates`) and `--gate-steps` (the steps of every candidate
+    kept); without `gate_flags` neither is declared.
     """
     from loramix.commands.flags import add_fields
     from loramix.science.pipeline import TRAIN_DTYPES, RetrainSettings
@@ -147,6 +149,8 @@ def settings_from_args(args: argparse.Namespace, **values: Any) -> Any:
         candidates = tuple(dataclasses.replace(c, steps=args.gate_steps) for c in candidates)
     if args.domains is not None:
         values.setdefault("domains", split_names(args.domains))
+    if getattr(args, "multitask_candidates", None) is not None:
+        values.setdefault("multitask_candidates", split_names(args.multitask_candidates))
     return from_args(RetrainSettings, args, gate_candidates=candidates, **values)
 
 

@@ -43,7 +43,8 @@ logger = logging.getLogger(__name__)
 
 
 def add_domain_cost(timings: dict[str, Any], settings: RetrainSettings) -> dict[str, Any]:
-    """Adding a domain (one expert + one gate) against retraining the multitask LoRA.
+    """Adding a domain (one expert + one gate) against retraining the multitask LoRA (the
+    one the report scores: `chosen_baseline`).
 
     Args:
         timings: A finished run's `timings.json` (experts with "each", gates with "each",
@@ -65,9 +66,10 @@ def add_domain_cost(timings: dict[str, Any], settings: RetrainSettings) -> dict[
         expert_s = max(timed)  # the slowest domain timed
         chosen = timings["select"]["chosen"]
         gate_s = full_seconds(timings["gates"]["each"][chosen])
-        multitask_s = multitask_seconds(timings)
+        baseline = chosen_baseline(timings, settings)
+        multitask_s = multitask_seconds(timings, baseline)
         if multitask_s is None:
-            raise KeyError(MULTITASK)
+            raise KeyError(baseline)
     except (KeyError, TypeError) as error:
         raise ValueError(
             f"timings.json lacks {error}; it needs the experts (with the multitask LoRA), "
@@ -82,14 +84,28 @@ def add_domain_cost(timings: dict[str, Any], settings: RetrainSettings) -> dict[
         "experts_timed": len(timed),
         "gate_s": gate_s,
         "multitask_retrain_s": round(retrain_s, 1),
+        "multitask": baseline,
         "ratio": round(retrain_s / add_s, 2),
     }
 
 
-def multitask_seconds(timings: dict[str, Any]) -> float | None:
-    """The multitask LoRA's own training time in a run's `timings.json`, if it is there:
-    its background job's (the "multitask" step) or, in runs that trained it beside the
-    experts, its entry among the experts'; scaled to all its steps if it resumed."""
+def chosen_baseline(timings: dict[str, Any], settings: RetrainSettings) -> str:
+    """The multitask LoRA the run's report scores: the one its `multitask-select` step
+    chose among `settings.multitask_candidates`, or its own (`MULTITASK`)."""
+    chosen = timings.get("multitask-select", {}).get("chosen")
+    return chosen if chosen in settings.multitask_candidates else MULTITASK
+
+
+def multitask_seconds(timings: dict[str, Any], name: str = MULTITASK) -> float | None:
+    """A multitask LoRA's own training time in a run's `timings.json`, if it is there; scaled
+    to all its steps if it resumed. The run's own (`MULTITASK`): its background job's (the
+    "multitask" step) or, in runs that trained it beside the experts, its entry among the
+    experts'. A candidate (`s4000`): its entry in the "multitask-candidates" step."""
+    if name != MULTITASK:
+        from loramix.science.multitask_choice import candidate_folder
+
+        job = timings.get("multitask-candidates", {}).get("each", {}).get(candidate_folder(name))
+        return None if job is None else full_seconds(job)
     job = timings.get(MULTITASK, {}).get("job")
     if job is None:
         job = timings.get("experts", {}).get("each", {}).get(MULTITASK)
@@ -134,7 +150,7 @@ def add_domain(
     from loramix.science.lora_jobs import train_lora_job
     from loramix.science.pipeline import train_gate_candidate
     from loramix.science.registry import DOMAINS
-    from loramix.science.retrain_jobs import check_run_settings
+    from loramix.science.retrain_jobs import CHANGEABLE, check_run_settings
 
     settings = settings or RetrainSettings()
     paths = RetrainPaths(Path(out_dir))
@@ -150,7 +166,7 @@ def add_domain(
         raise ValueError("cannot add a domain: " + "; ".join(problems))
     # The gate candidates do not matter here: the new gate takes the chosen one's settings,
     # as the run recorded them (a run made with other default candidates still qualifies).
-    check_run_settings(paths.out, seed, settings, ignore=("gate_candidates",))
+    check_run_settings(paths.out, seed, settings, ignore=CHANGEABLE)
     candidate = chosen_candidate(selection, paths.out / SELECTION_JSON)
     domains = (*settings.domains, domain)
     record: dict[str, Any] = {"domain": domain, "gate": candidate.name}

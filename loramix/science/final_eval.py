@@ -99,7 +99,16 @@ def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> dict[str, An
     report.systems = [s for s in order if s in report.systems] + [XLORA, XLORA_FROZEN]
     report.settings["systems_on_subsets"] = "expert:<d> on <d>, composite and mixed only"
     report.settings[INPUTS_KEY] = inputs_digest
-    if settings.multitask:  # what the mixture buys: add a domain vs retrain the baseline
+    if settings.multitask:  # which multitask LoRA; what the mixture buys against it
+        from loramix.science.multitask_choice import chosen_multitask, multitask_plan
+
+        chosen, folder = chosen_multitask(paths, settings)
+        report.settings["multitask_lora"] = {
+            "name": chosen,
+            "folder": str(folder.relative_to(paths.out)),
+            **multitask_plan(folder),
+            "chosen_on_dev": bool(settings.multitask_candidates),
+        }
         from loramix.science.add_domain import add_domain_cost
         from loramix.science.pipeline import TIMINGS_JSON, read_json
 
@@ -224,18 +233,24 @@ def source_digest() -> str:
 
 def part_inputs(paths: RetrainPaths, settings: RetrainSettings, systems: list[str]) -> dict:
     """What the scores of a part scoring `systems` are made from: the SHA-256 of each model
-    folder it loads (the chosen gate and the experts, or the multitask LoRA) and of each test
-    file, and the evaluation settings."""
+    folder it loads (the chosen gate and the experts, or the multitask LoRA, with the
+    candidates it was chosen among) and of each test file, and the evaluation settings."""
     from loramix.evaluation.runner import EXPERT_PREFIX
     from loramix.science.pipeline import MULTITASK
     from loramix.training.outputs import file_digest, folder_digest
 
+    choice = {}
     if systems == [EXPERT_PREFIX + MULTITASK]:
-        models = {MULTITASK: paths.multitask}
+        from loramix.science.multitask_choice import chosen_multitask
+
+        chosen, folder = chosen_multitask(paths, settings)
+        models = {MULTITASK: folder}
+        choice = {"multitask": {"chosen": chosen, "among": list(settings.multitask_candidates)}}
     else:
         models = {"xlora": paths.xlora, **{d: paths.expert(d) for d in settings.domains}}
     return {
         "systems": list(systems),
+        **choice,
         "models": {name: folder_digest(folder) for name, folder in models.items()},
         "test_files": {
             name: file_digest(path) for name, path in paths.test_sets(settings.domains).items()
@@ -317,9 +332,10 @@ def _evaluate_part(
         max_length=settings.max_length,
     )
     if systems == [EXPERT_PREFIX + MULTITASK]:  # fixed scaling 1: exactly the plain LoRA
-        alone = XLoraModel(
-            base, XLoraConfig(adapters={MULTITASK: str(paths.multitask)}, xlora_size=8)
-        )
+        from loramix.science.multitask_choice import chosen_multitask
+
+        folder = chosen_multitask(paths, settings)[1]
+        alone = XLoraModel(base, XLoraConfig(adapters={MULTITASK: str(folder)}, xlora_size=8))
         return evaluate(alone, tokenizer, test_sets, systems, **options)
     model = XLoraModel.from_pretrained(base, paths.xlora)
     if XLORA in systems:

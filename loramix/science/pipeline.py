@@ -25,6 +25,11 @@ in `OUT/timings.json`:
     eval-early OUT/eval/parts/*.json         while the multitask LoRA trains in the
                                              background: the parts of the report that do
                                              not need it
+    multitask-candidates                     with `multitask_candidates` only: the other
+             OUT/experts/multitask-<name>/   schedules of the multitask LoRA (`s4000`)
+    multitask-select                         the multitask LoRA with the lowest mean dev NLL
+             OUT/multitask_selection.json    (`loramix.science.multitask_choice`), the one
+                                             the report scores
     eval     OUT/eval/eval.{json,md}, *.png  the final report (the parts still missing):
                                              with eval-early, the only step that opens the
                                              test files (`loramix.science.final_eval`)
@@ -70,7 +75,14 @@ from loramix.science.lora_jobs import (  # noqa: F401  (MULTITASK_JSON: re-expor
     MULTITASK_JSON,
     resume_flags,
     train_lora_job,
+    train_loras,
     training_config,
+)
+from loramix.science.multitask_choice import (
+    candidate_folder,
+    candidate_problems,
+    select_multitask,
+    selection_is_current,
 )
 from loramix.science.registry import COMPOSITE, DOMAINS
 from loramix.science.retrain_jobs import (  # noqa: F401  (RUN_JSON, TIMINGS_JSON, read_json: re-exported)
@@ -92,6 +104,7 @@ from loramix.training.trainer import CHECKPOINTS
 logger = logging.getLogger(__name__)
 
 SELECTION_JSON = "selection.json"
+MULTITASK_CANDIDATES = "multitask-candidates"  # the step training the other schedules
 MIXED = "mixed"
 _ADAPTER_CONFIG = "adapter_config.json"
 _BUNDLED_REPORTS = ("eval.json", "eval.md")
@@ -131,6 +144,11 @@ class RetrainSettings:
             the training loss only: nothing here reads dev or test files).
         multitask: Also train the multitask LoRA baseline (rank and steps times the number
             of domains, alpha too so that alpha / rank is the experts').
+        multitask_candidates: Other schedules of the multitask LoRA to choose from on dev,
+            spelled `s<steps>` (trained to its end) or `s<steps>-best` (kept at its best
+            checkpoint on dev), e.g. `s4000`; the run's own is always one of them, and the
+            report scores the one with the lowest mean dev NLL
+            (`loramix.science.multitask_choice`). Empty: the run's own, unchosen.
         keep_best: Each expert ends at its checkpoint with the lowest loss on its domain's
             dev file, the multitask LoRA at its best on all the dev files, measured 10
             times during training (`loramix.science.lora_jobs`): their steps are chosen on
@@ -173,6 +191,7 @@ class RetrainSettings:
     expert_lr: float = 3e-3
     multitask_lr: float = 1e-3
     multitask: bool = True
+    multitask_candidates: tuple[str, ...] = ()
     keep_best: bool = True
     gate_candidates: tuple[GateCandidate, ...] = DEFAULT_CANDIDATES
     gate_size: int = 128
@@ -219,6 +238,7 @@ class RetrainSettings:
             problems.append(f"gate_candidates: give one or more, with distinct names ({names}).")
         for candidate in self.gate_candidates:
             problems += candidate.problems(self.domains)
+        problems += candidate_problems(self)
         if self.train_dtype not in TRAIN_DTYPES:
             problems.append(f"train_dtype={self.train_dtype!r}: use one of {TRAIN_DTYPES}.")
         if isinstance(self.targets, str) or not self.targets:
@@ -364,8 +384,8 @@ def retrain(
         step(
             "experts",
             not pending,
-            lambda: _train_experts(
-                paths, pending, seed, settings, recorded.get("experts", {}), busy=busy
+            lambda: train_loras(
+                "experts", paths, pending, seed, settings, recorded.get("experts", {}), busy=busy
             ),
         )
         # The gates and the selection take every worker even while the multitask LoRA
@@ -387,6 +407,29 @@ def retrain(
         if multitask is not None:
             multitask.stop()  # only still running if a step above failed
         torch.set_num_threads(threads_before)
+    if settings.multitask_candidates:  # other schedules of the baseline, chosen on dev
+        more = [
+            candidate_folder(name)
+            for name in settings.multitask_candidates
+            if not _complete(paths.expert(candidate_folder(name)), _ADAPTER_CONFIG)
+        ]
+        step(
+            MULTITASK_CANDIDATES,
+            not more,
+            lambda: train_loras(
+                MULTITASK_CANDIDATES,
+                paths,
+                more,
+                seed,
+                settings,
+                recorded.get(MULTITASK_CANDIDATES, {}),
+            ),
+        )
+        step(
+            "multitask-select",
+            selection_is_current(paths, settings),
+            lambda: select_multitask(paths, settings),
+        )
     step(
         "eval",
         report_is_current(paths, settings),  # same models, test files and code
@@ -425,41 +468,6 @@ def _write_data(paths: RetrainPaths, seed: int, settings: RetrainSettings) -> No
         n_dev=settings.n_dev,
         domains=settings.domains,
     )
-
-
-def _train_experts(
-    paths: RetrainPaths,
-    domains: Sequence[str],
-    seed: int,
-    settings: RetrainSettings,
-    earlier: dict[str, Any],
-    busy: int = 0,
-) -> dict[str, Any]:
-    """Trains the experts of `domains`, up to `settings.workers - busy` side by side.
-
-    Args:
-        earlier: The experts step's record in timings.json, if an earlier call trained
-            some of the experts.
-        busy: Workers taken by a background job (the multitask LoRA).
-
-    Returns:
-        The step's record besides its wall time: CPU time of all experts (the workers'
-        included), workers, threads per worker, and each expert's own times.
-    """
-    from loramix.training.jobs import run_jobs
-
-    workers, threads = worker_plan(settings, len(domains), busy=busy)
-    each = dict(earlier.get("each", {}))
-    logger.info(
-        "training %d expert(s), %d at a time with %d thread(s) each", len(domains), workers, threads
-    )
-    jobs = {domain: (paths, domain, seed, settings) for domain in domains}
-    for done in run_jobs(train_lora_job, jobs, workers=workers, threads=threads):
-        each[done.name] = job_record(done)
-        logger.info("expert %s: done in %.1f s", done.name, done.wall_s)
-        keep_partial_timings(paths.out, "experts", {"each": each})  # kept if interrupted
-    cpu_s = round(sum(each[d]["cpu_s"] for d in domains), 1)
-    return {"cpu_s": cpu_s, "workers": workers, "threads": threads, "each": each}
 
 
 def _train_gates(

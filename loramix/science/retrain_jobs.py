@@ -102,7 +102,7 @@ def run_record(seed: int, settings: RetrainSettings) -> dict[str, Any]:
     return json.loads(json.dumps(current))
 
 
-LATER_SETTINGS = {"keep_best": False}
+LATER_SETTINGS = {"keep_best": False, "multitask_candidates": []}
 """`RetrainSettings` fields added after runs were recorded, with the value those runs had:
 a `run.json` without them is read with them (`recorded_run`), so that those runs still
 resume and can be reused."""
@@ -121,7 +121,9 @@ def check_run_settings(
 
     Gate candidates may be added or dropped between calls on the same folder (each is trained
     into its own `gates/NAME` and the selection compares those of the call); the record then
-    takes the call's list. A candidate kept under its name must keep its settings.
+    takes the call's list. A candidate kept under its name must keep its settings. Multitask
+    candidates (`multitask_candidates`, names that spell their settings) may be added or
+    dropped the same way.
 
     Raises:
         ValueError: If `out` holds a run made with another seed or other settings (which
@@ -140,7 +142,7 @@ def check_run_settings(
     changed = sorted(
         k
         for k in current.keys() | recorded.keys()
-        if k not in ignore and k != "gate_candidates" and current.get(k) != recorded.get(k)
+        if k not in ignore and k not in CHANGEABLE and current.get(k) != recorded.get(k)
     )
     details = [f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in changed]
     if "gate_candidates" not in ignore:
@@ -152,13 +154,16 @@ def check_run_settings(
             f"from this run's finished steps that the new settings leave valid (--out NEW "
             f"--reuse {out}), or delete this one to start over."
         )
-    if (
-        "gate_candidates" not in ignore
-        and recorded["gate_candidates"] != current["gate_candidates"]
-    ):
-        names = [c["name"] for c in current["gate_candidates"]]
-        logger.info("%s: the gate candidates are now %s", out, ", ".join(names))
-        write_text_atomic(path, json.dumps(current, indent=2) + "\n")
+    now = {k: current[k] for k in CHANGEABLE if k not in ignore and recorded.get(k) != current[k]}
+    if now:
+        shown = {k: [c["name"] for c in v] if k == "gate_candidates" else v for k, v in now.items()}
+        logger.info("%s: now %s", out, "; ".join(f"{k} {v}" for k, v in shown.items()))
+        write_text_atomic(path, json.dumps({**recorded, **now}, indent=2) + "\n")
+
+
+CHANGEABLE = ("gate_candidates", "multitask_candidates")
+"""Settings a later call on the same run folder may change: candidates to choose among, each
+trained into a folder of its own."""
 
 
 def _changed_candidates(recorded: Any, current: list[dict[str, Any]]) -> list[str]:
@@ -189,7 +194,8 @@ def provenance(
         "timings": timings,
         **(
             {
-                "command": f"loramix science retrain --seed {seed} --reuse {reused['from']}",
+                "command": f"loramix science retrain --seed {seed} --reuse "
+                + " ".join([reused["from"], *(r["from"] for r in reused.get("also", []))]),
                 "reused": reused,
             }
             if (reused := read_json(paths.out / REUSED_JSON))
