@@ -93,6 +93,23 @@ def test_every_model_command_takes_the_same_dtype_flag(command: str) -> None:
         parser.parse_args([*COMMANDS[command], "--dtype", "float64"])
 
 
+@pytest.mark.parametrize("command", ["eval", "generate", "serve"])
+def test_commands_that_load_a_model_take_a_threads_flag(command: str) -> None:
+    from loramix.commands.flags import apply_threads
+
+    parser = build_parser()
+    assert parser.parse_args(COMMANDS[command]).threads is None
+    args = parser.parse_args([*COMMANDS[command], "--threads", "0"])
+    with pytest.raises(ValueError, match="--threads=0: use an int >= 1"):
+        apply_threads(args)
+    before = torch.get_num_threads()
+    try:
+        apply_threads(parser.parse_args([*COMMANDS[command], "--threads", "1"]))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------ science retrain
 
 
@@ -121,11 +138,15 @@ def test_retrain_flags_round_trip_into_the_settings() -> None:
     args = parser.parse_args(
         ["science", "retrain", "--n-train", "12", "--alpha", "4", "--no-layerwise",
          "--train-dtype", "float32", "--eval-limit", "3", "--targets", "q_proj", "v_proj",
-         "--gate-steps", "7", "--no-multitask", "--domains", "biology,chemistry", "proteins"]
+         "--gate-steps", "7", "--domains", "biology,chemistry", "proteins",
+         "--multitask-candidates", "s400,s800-best", "s100"]
     )  # fmt: skip
     settings = settings_from_args(args)
     assert (settings.n_train, settings.alpha, settings.layerwise) == (12, 4.0, False)
-    assert (settings.train_dtype, settings.eval_limit, settings.multitask) == ("float32", 3, False)
+    assert (settings.train_dtype, settings.eval_limit) == ("float32", 3)
+    assert settings.multitask_candidates == ("s400", "s800-best", "s100")
+    no_baseline = settings_from_args(parser.parse_args(["science", "retrain", "--no-multitask"]))
+    assert not no_baseline.multitask
     assert settings.targets == ("q_proj", "v_proj")
     assert settings.domains == ("biology", "chemistry", "proteins")
     assert {c.steps for c in settings.gate_candidates} == {7}

@@ -13,6 +13,8 @@ from loramix.commands.flags import (
     add_device_argument,
     add_dtype_argument,
     add_progress_argument,
+    add_threads_argument,
+    apply_threads,
     dtype_from_args,
 )
 
@@ -95,6 +97,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     add_dtype_argument(parser)
     add_device_argument(parser)
+    add_threads_argument(parser)
     add_progress_argument(parser)
 
 
@@ -111,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     tests = _pairs(args.test, "--test", "NAME=FILE")
     domain_experts = _pairs(args.expert_for, "--expert-for", "SET=EXPERT")
     blocks = _blocks(args.blocks)
+    apply_threads(args)
     if args.plots:
         from loramix.evaluation.plots import require_matplotlib
 

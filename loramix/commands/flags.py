@@ -147,6 +147,29 @@ def add_device_argument(group: argparse._ActionsContainer) -> None:
     )
 
 
+def add_threads_argument(group: argparse._ActionsContainer) -> None:
+    """`--threads N`: torch CPU threads (`apply_threads`); fewer than the cores leaves room
+    for another job beside this one."""
+    group.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's CPU threads to `--threads`, if given.
+
+    Raises:
+        ValueError: If it is below 1.
+    """
+    if args.threads is None:
+        return
+    if args.threads < 1:
+        raise ValueError(f"--threads={args.threads}: use an int >= 1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+
 def add_progress_argument(group: argparse._ActionsContainer) -> None:
     """`--no-progress` (sets `progress` to False, as `TrainingConfig.progress` does): the
     `loramix` command then shows no progress bar at all."""

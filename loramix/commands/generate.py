@@ -15,6 +15,8 @@ from loramix.commands.flags import (
     add_device_argument,
     add_dtype_argument,
     add_progress_argument,
+    add_threads_argument,
+    apply_threads,
     dtype_from_args,
 )
 from loramix.errors import UsageError
@@ -76,6 +78,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     add_dtype_argument(parser)
     add_device_argument(parser)
+    add_threads_argument(parser)
     add_progress_argument(parser)
 
 
@@ -85,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from loramix.records import choose_chat
 
     _check_args(args)
+    apply_threads(args)
     model, tokenizer = _load(args.model_dir, args.base, dtype_from_args(args), args.device)
     chat = choose_chat(args.model_dir, args.chat, tokenizer, fallback=False)
     ids = encode_prompt(tokenizer, args.prompt, chat=chat).to(model.device)

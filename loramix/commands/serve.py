@@ -13,7 +13,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from loramix.commands.flags import add_dtype_argument, add_fields, dtype_from_args, from_args
+from loramix.commands.flags import (
+    add_dtype_argument,
+    add_fields,
+    add_threads_argument,
+    apply_threads,
+    dtype_from_args,
+    from_args,
+)
 from loramix.serving.config import MODES, ServeConfig
 
 
@@ -41,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     add_dtype_argument(parser)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_threads_argument(parser)
     add_fields(parser, ServeConfig, skip={"model_name"}, choices={"mode": MODES})
     parser.add_argument(
         "--model-name", default=None, help="the model id clients pass (default: MODEL_DIR's name)"
@@ -50,7 +57,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
 
 def run(args: argparse.Namespace) -> int:
     """Load the model and serve it until SIGTERM / Ctrl-C."""
-    import torch
 
     try:
         from loramix.serving.app import create_app, run_server
@@ -61,10 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from loramix.records import choose_chat, prompt_rendering
 
     try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"--threads={args.threads}: use an int >= 1")
-            torch.set_num_threads(args.threads)
+        apply_threads(args)
         if not 0 < args.port < 65536:
             raise ValueError(f"--port={args.port}: use a port between 1 and 65535")
         name = args.model_name or Path(args.model_dir).resolve().name
