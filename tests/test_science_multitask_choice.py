@@ -16,6 +16,7 @@ from loramix.science.multitask_choice import (
     MULTITASK_SELECTION_JSON,
     chosen_multitask,
     parse_candidate,
+    recorded_choice,
     score_loras,
 )
 from loramix.science.pipeline import MULTITASK, RetrainPaths, RetrainSettings, retrain
@@ -103,11 +104,10 @@ def test_candidates_train_and_the_report_scores_the_one_chosen_on_dev(run, tmp_p
     assert all(set(c["dev_nll"]) == DEV_SETS for c in candidates.values())
     means = {name: c["mean"] for name, c in candidates.items()}
     assert means[selection["chosen"]] == min(means.values())
-    assert len(set(means.values())) == 3  # three different LoRAs, three different scores
 
     paths = RetrainPaths(out)
     chosen, folder = chosen_multitask(paths, wider)
-    assert chosen == selection["chosen"]
+    assert chosen == selection["chosen"] == recorded_choice(paths)
     report = json.loads((out / "eval" / "eval.json").read_text())
     assert report["settings"]["multitask_lora"]["name"] == chosen
     assert report["settings"]["multitask_lora"]["chosen_on_dev"] is True
@@ -119,10 +119,17 @@ def test_candidates_train_and_the_report_scores_the_one_chosen_on_dev(run, tmp_p
     assert again["multitask-candidates"] is None and again["multitask-select"] is None
     assert again["eval"] is None
 
+    fewer = dataclasses.replace(settings, multitask_candidates=("s1",))
+    assert retrain(out, seed=3, settings=fewer)["multitask-select"] is not None  # chosen again
+    kept = json.loads((out / MULTITASK_SELECTION_JSON).read_text())["candidates"]
+    assert list(kept) == [MULTITASK, "s1"]
+    assert all(kept[n]["dev_nll"] == candidates[n]["dev_nll"] for n in kept)  # same files
+
     retrain(out, seed=3, settings=settings)  # candidates dropped: the run's own again
     part = json.loads((out / "eval" / PARTS / f"{MULTITASK}.json").read_text())
     assert part["inputs"]["models"] == {MULTITASK: folder_digest(out / "experts" / MULTITASK)}
     assert json.loads((out / RUN_JSON).read_text())["multitask_candidates"] == []
+    assert recorded_choice(paths) == MULTITASK
 
 
 def test_a_new_run_takes_the_sources_own_lora_as_the_candidate_of_its_schedule(run, tmp_path):

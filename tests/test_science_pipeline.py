@@ -435,6 +435,7 @@ def test_adding_a_domain_trains_one_expert_and_one_gate(run):
         load_base_model(settings.base)[0], out / "add-chemistry" / "xlora"
     )
     assert model.expert_names == ["biology", "proteins", "chemistry"]
+    assert record["multitask"] == MULTITASK  # the run chose among no other schedules
     assert record["ratio"] == pytest.approx(  # the ratio is rounded to 2 decimals
         record["multitask_retrain_s"] / record["add_domain_s"], abs=0.0051
     )
@@ -468,11 +469,10 @@ def test_add_domain_cost_reads_one_runs_timings():
     timings[MULTITASK]["job"].update(steps=2000, resumed_from_step=1000)  # half timed
     assert add_domain_cost(timings, settings)["multitask_retrain_s"] == 2400
     timings["multitask-candidates"] = {"each": {"multitask-s500": {"wall_s": 200}}}
-    timings["multitask-select"] = {"chosen": "s500"}  # the baseline chosen on dev
-    assert add_domain_cost(timings, settings)["multitask_retrain_s"] == 2400  # not a candidate
-    chosen = dataclasses.replace(settings, multitask_candidates=("s500",))
-    assert add_domain_cost(timings, chosen)["multitask_retrain_s"] == 300
-    assert add_domain_cost(timings, chosen)["multitask"] == "s500"
+    chosen = add_domain_cost(timings, settings, "s500")  # a baseline chosen on dev
+    assert (chosen["multitask_retrain_s"], chosen["multitask"]) == (300, "s500")
+    with pytest.raises(ValueError, match="lacks 's700'"):
+        add_domain_cost(timings, settings, "s700")
     del timings[MULTITASK]
     del timings["experts"]["each"]["proteins"]  # timed by an interrupted call, then lost
     assert add_domain_cost(timings, settings)["expert_s"] == 100

@@ -188,13 +188,16 @@ def test_a_later_source_fills_in_what_the_first_left_out(source, tmp_path):
     shutil.copytree(shorter, other_data)
     dev = other_data / "data" / "biology_dev.jsonl"
     dev.write_text(dev.read_text().replace("A", "G", 1))
+    manifest = json.loads((shorter / "data" / "manifest.json").read_text())
+    manifest["versions"] = {"sympy": "0.0"}  # other libraries, the same data files: reusable
+    (shorter / "data" / "manifest.json").write_text(json.dumps(manifest))
     wider = dataclasses.replace(settings, multitask_candidates=("s2-best",))
     out = tmp_path / "run-2"
     reused = reuse_run([run, other_data, shorter], out, seed=3, settings=wider)
     assert reused["data"] and reused["multitask"] and reused["gates"] == ["a", "b"]
     assert reused["multitask_candidates"] == {}  # the first source has no 2-step LoRA
     refused, filled = reused["also"]
-    assert "data files differ" in refused["not_reused"]["data"]
+    assert "*.jsonl files differ" in refused["not_reused"]["data"]
     assert refused["multitask_candidates"] == {}
     assert not filled["data"] and filled["experts"] == [] and filled["gates"] == []
     assert filled["multitask_candidates"] == {"s2-best": MULTITASK}
@@ -203,6 +206,9 @@ def test_a_later_source_fills_in_what_the_first_left_out(source, tmp_path):
     )  # hard links to the very same files
     assert _snapshot(out / "experts" / MULTITASK) == _snapshot(run / "experts" / MULTITASK)
     timings = json.loads((out / TIMINGS_JSON).read_text())
-    assert set(timings["multitask-candidates"]["each"]) == {"multitask-s2-best"}
-    assert timings["multitask-candidates"]["reused_from"] == str(shorter.resolve())
+    each = timings["multitask-candidates"]["each"]
+    assert set(each) == {"multitask-s2-best"}
+    assert each["multitask-s2-best"]["reused_from"] == str(shorter.resolve())
+    own = json.loads((shorter / TIMINGS_JSON).read_text())[MULTITASK]["job"]
+    assert each["multitask-s2-best"] == {"reused_from": str(shorter.resolve()), **own}
     assert json.loads((out / REUSED_JSON).read_text()) == reused

@@ -4,7 +4,8 @@ This is what the mixture buys in practice. The experts already trained stay froz
 reused; adding a domain trains one expert and one gate (with the settings chosen on dev in
 the run). The multitask LoRA, by contrast, has to be retrained on the union of all the
 domains' data. `add_domain` does the former and records, in `OUT/add-<domain>/timings.json`,
-its wall time beside the run's multitask training time (from `OUT/timings.json`), scaled to
+its wall time beside the training time of the run's multitask LoRA (from `OUT/timings.json`;
+the one chosen on dev when the run had candidates, `OUT/multitask_selection.json`), scaled to
 one more domain.
 
 `add_domain_cost` reads the same comparison off the timings of a single full run (one
@@ -42,9 +43,11 @@ from loramix.science.selection import GateCandidate, recorded_candidate
 logger = logging.getLogger(__name__)
 
 
-def add_domain_cost(timings: dict[str, Any], settings: RetrainSettings) -> dict[str, Any]:
-    """Adding a domain (one expert + one gate) against retraining the multitask LoRA (the
-    one the report scores: `chosen_baseline`).
+def add_domain_cost(
+    timings: dict[str, Any], settings: RetrainSettings, baseline: str = MULTITASK
+) -> dict[str, Any]:
+    """Adding a domain (one expert + one gate) against retraining the multitask LoRA
+    `baseline` (the one the report scores: the run's own, or a candidate chosen on dev).
 
     Args:
         timings: A finished run's `timings.json` (experts with "each", gates with "each",
@@ -66,7 +69,6 @@ def add_domain_cost(timings: dict[str, Any], settings: RetrainSettings) -> dict[
         expert_s = max(timed)  # the slowest domain timed
         chosen = timings["select"]["chosen"]
         gate_s = full_seconds(timings["gates"]["each"][chosen])
-        baseline = chosen_baseline(timings, settings)
         multitask_s = multitask_seconds(timings, baseline)
         if multitask_s is None:
             raise KeyError(baseline)
@@ -87,13 +89,6 @@ def add_domain_cost(timings: dict[str, Any], settings: RetrainSettings) -> dict[
         "multitask": baseline,
         "ratio": round(retrain_s / add_s, 2),
     }
-
-
-def chosen_baseline(timings: dict[str, Any], settings: RetrainSettings) -> str:
-    """The multitask LoRA the run's report scores: the one its `multitask-select` step
-    chose among `settings.multitask_candidates`, or its own (`MULTITASK`)."""
-    chosen = timings.get("multitask-select", {}).get("chosen")
-    return chosen if chosen in settings.multitask_candidates else MULTITASK
 
 
 def multitask_seconds(timings: dict[str, Any], name: str = MULTITASK) -> float | None:
@@ -148,6 +143,7 @@ def add_domain(
 
     from loramix.science.datasets import write_datasets
     from loramix.science.lora_jobs import train_lora_job
+    from loramix.science.multitask_choice import recorded_choice
     from loramix.science.pipeline import train_gate_candidate
     from loramix.science.registry import DOMAINS
     from loramix.science.retrain_jobs import CHANGEABLE, check_run_settings
@@ -192,7 +188,8 @@ def add_domain(
     train_gate_candidate(paths, staging / "xlora", candidate, seed, wider)
     record["gate_s"] = round(time.perf_counter() - start, 2)
     record["add_domain_s"] = round(record["data_s"] + record["expert_s"] + record["gate_s"], 2)
-    multitask_s = multitask_seconds(read_json(paths.out / TIMINGS_JSON))
+    record["multitask"] = recorded_choice(paths)
+    multitask_s = multitask_seconds(read_json(paths.out / TIMINGS_JSON), record["multitask"])
     if multitask_s is not None:
         n = len(settings.domains)
         record["multitask_retrain_s"] = round(multitask_s * (n + 1) / n, 1)

@@ -8,9 +8,10 @@ interval):
                     composite set (the sets the targets compare it on)
     uniform         the plain average of the experts
     multitask       one LoRA trained on the union of the training files, with as many
-                    trainable parameters and training examples as the experts together
-                    (`loramix.science.pipeline`), evaluated as the only expert of an X-LoRA
-                    model with its scaling fixed to 1 (which equals plain LoRA)
+                    trainable parameters as the experts together and, unless another
+                    schedule was chosen on dev (`loramix.science.multitask_choice`), as many
+                    training examples (`loramix.science.pipeline`), evaluated as the only
+                    expert of an X-LoRA model with its scaling fixed to 1 (plain LoRA)
     xlora           the chosen gate's per-token, per-layer mixture ("granular")
     xlora-frozen    the same, scalings frozen per example to their mean over the prompt
 
@@ -113,7 +114,7 @@ def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> dict[str, An
         from loramix.science.pipeline import TIMINGS_JSON, read_json
 
         try:
-            cost = add_domain_cost(read_json(paths.out / TIMINGS_JSON), settings)
+            cost = add_domain_cost(read_json(paths.out / TIMINGS_JSON), settings, chosen)
         except ValueError as error:  # e.g. steps timed in an earlier call were lost
             logger.warning("add-a-domain cost not reported: %s", error)
         else:
@@ -245,7 +246,7 @@ def part_inputs(paths: RetrainPaths, settings: RetrainSettings, systems: list[st
 
         chosen, folder = chosen_multitask(paths, settings)
         models = {MULTITASK: folder}
-        choice = {"multitask": {"chosen": chosen, "among": list(settings.multitask_candidates)}}
+        choice = {"multitask": {"chosen": chosen, "among": sorted(settings.multitask_candidates)}}
     else:
         models = {"xlora": paths.xlora, **{d: paths.expert(d) for d in settings.domains}}
     return {

@@ -95,14 +95,23 @@ def chosen_multitask(paths: RetrainPaths, settings: RetrainSettings) -> tuple[st
     folders = multitask_folders(paths, settings)
     if not settings.multitask_candidates:
         return MULTITASK, folders[MULTITASK]
-    record = _read(paths.out / MULTITASK_SELECTION_JSON)
-    chosen = record.get("chosen")
-    if chosen not in folders or set(record.get("candidates", {})) != set(folders):
+    chosen = _read(paths.out / MULTITASK_SELECTION_JSON).get("chosen")
+    if chosen not in folders or not selection_is_current(paths, settings):
         raise ValueError(
-            f"{paths.out / MULTITASK_SELECTION_JSON}: no choice among {list(folders)}; the "
-            "retrain's multitask-select step makes it."
+            f"{paths.out / MULTITASK_SELECTION_JSON}: no choice among the current files of "
+            f"{list(folders)}; the retrain's multitask-select step makes it."
         )
     return chosen, folders[chosen]
+
+
+def recorded_choice(paths: RetrainPaths) -> str:
+    """The multitask LoRA a finished run's report scored: the one in its
+    `multitask_selection.json` if its `run.json` still lists that candidate, else its own."""
+    from loramix.science.retrain_jobs import RUN_JSON
+
+    chosen = _read(paths.out / MULTITASK_SELECTION_JSON).get("chosen")
+    listed = _read(paths.out / RUN_JSON).get("multitask_candidates")
+    return chosen if isinstance(listed, list) and chosen in listed else MULTITASK
 
 
 def selection_is_current(paths: RetrainPaths, settings: RetrainSettings) -> bool:
@@ -145,7 +154,7 @@ def select_multitask(paths: RetrainPaths, settings: RetrainSettings) -> dict[str
             workers=workers,
             threads=threads,
         )
-    chosen = choose({name: scores[name] for name in folders})
+    chosen = choose({name: scores[name] for name in folders}, what="multitask LoRA")
     record = {
         "criterion": "mean NLL per completion token over the dev sets, equal weight per set",
         "chosen": chosen,

@@ -150,9 +150,10 @@ class RetrainSettings:
             report scores the one with the lowest mean dev NLL
             (`loramix.science.multitask_choice`). Empty: the run's own, unchosen.
         keep_best: Each expert ends at its checkpoint with the lowest loss on its domain's
-            dev file, the multitask LoRA at its best on all the dev files, measured 10
-            times during training (`loramix.science.lora_jobs`): their steps are chosen on
+            dev file, the run's own multitask LoRA at its best on all the dev files, measured
+            10 times during training (`loramix.science.lora_jobs`): their steps are chosen on
             dev, up to `expert_steps` (times the number of domains for the multitask LoRA).
+            A multitask candidate's name says this for itself (`s4000-best`).
         gate_candidates: The gate settings tried; the one with the lowest mean dev NLL is
             kept (`loramix.science.selection`). Nothing about the gate is chosen on test.
         gate_size: Width of the gate's hidden layers (`xlora_size`).

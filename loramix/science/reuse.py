@@ -90,8 +90,9 @@ def reuse_run(
     the module docstring.
 
     `source` may name several runs: each later one fills in only what the ones before left
-    out, and only when its data files are the same as those already linked (and, for its
-    gates, its experts too).
+    out, and only when its data files (`*.jsonl`) are the same bytes as those already linked
+    (and, for its gates, its experts too). Each reused job's time in `timings.json` says
+    which run it was timed in ("reused_from").
 
     Returns:
         What was reused from the first source: {"from", "data", "experts", "multitask",
@@ -203,9 +204,9 @@ def _link_reusable(
     out.out.mkdir(parents=True, exist_ok=True)
     same_data = matches("data", DATA_FIELDS) and _finished(source.data, "manifest.json")
     if same_data and _finished(out.data, "manifest.json"):  # from an earlier source
-        same_data = folder_digest(source.data) == folder_digest(out.data)
+        same_data = _data_digest(source.data) == _data_digest(out.data)
         if not same_data:
-            reused["not_reused"]["data"] = f"its data files differ from those of {out.data}"
+            reused["not_reused"]["data"] = f"its *.jsonl files differ from those in {out.data}"
     elif same_data:
         _link_tree(source.data, out.data)
         reused["data"] = True
@@ -310,7 +311,7 @@ def _link_candidates(
         own = None
     earlier = source_timings.get(MULTITASK_CANDIDATES, {})
     earlier = earlier.get("each", {}) if isinstance(earlier, dict) else {}
-    each = {}
+    each: dict[str, Any] = {}  # folder -> its time, marked with the run it was timed in
     for name in settings.multitask_candidates:
         folder = candidate_folder(name)
         if out.expert(folder).exists():  # from an earlier source
@@ -318,15 +319,18 @@ def _link_candidates(
         if _finished(source.expert(folder), "adapter_config.json"):
             _link_tree(source.expert(folder), out.expert(folder))
             reused["multitask_candidates"][name] = folder
-            each[folder] = earlier.get(folder)
+            record = earlier.get(folder)
+            if isinstance(record, dict):  # its own "reused_from", if it has one, wins
+                each[folder] = {"reused_from": reused["from"], **record}
         elif parse_candidate(name) == own and _finished(source.multitask, "adapter_config.json"):
             _link_tree(source.multitask, out.expert(folder))
             reused["multitask_candidates"][name] = MULTITASK
             job = source_timings.get(MULTITASK, {})
-            each[folder] = job.get("job") if isinstance(job, dict) else None
-    found = {folder: record for folder, record in each.items() if isinstance(record, dict)}
-    if found:
-        timings[MULTITASK_CANDIDATES] = {"each": found, "reused_from": reused["from"]}
+            job = job.get("job") if isinstance(job, dict) else None
+            if isinstance(job, dict):
+                each[folder] = {"reused_from": reused["from"], **job}
+    if each:
+        timings[MULTITASK_CANDIDATES] = {"each": each}
 
 
 def _dev_scores(source: RetrainPaths, gates: list[str]) -> dict[str, Any]:
@@ -350,6 +354,14 @@ def _dev_scores(source: RetrainPaths, gates: list[str]) -> dict[str, Any]:
             if valid_score_entry(entry):
                 found[name] = entry
     return found
+
+
+def _data_digest(folder: Path) -> dict[str, str]:
+    """The SHA-256 of each data file (`*.jsonl`) in `folder`; the manifest, which also records
+    the library versions that made them, is left out."""
+    from loramix.training.outputs import file_digest
+
+    return {path.name: file_digest(path) for path in sorted(folder.glob("*.jsonl"))}
 
 
 def _finished(folder: Path, marker: str) -> bool:

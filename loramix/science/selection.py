@@ -158,11 +158,12 @@ def check_dev_files(files: Mapping[str, str | os.PathLike[str]]) -> None:
         )
 
 
-def choose(scores: Mapping[str, Mapping[str, float]]) -> str:
+def choose(scores: Mapping[str, Mapping[str, float]], what: str = "gate candidate") -> str:
     """The candidate with the lowest mean dev NLL over its sets (the first one on a tie).
 
     Args:
         scores: Candidate -> dev set -> NLL.
+        what: What the candidates are, for the error.
 
     Raises:
         ValueError: If there is no candidate, or a candidate has no finite score.
@@ -170,7 +171,7 @@ def choose(scores: Mapping[str, Mapping[str, float]]) -> str:
     means = {name: mean_nll(by_set) for name, by_set in scores.items()}
     bad = sorted(name for name, value in means.items() if not math.isfinite(value))
     if not means or bad:
-        raise ValueError(f"no gate candidate to choose from (without finite dev NLL: {bad})")
+        raise ValueError(f"no {what} to choose from (without finite dev NLL: {bad})")
     return min(means, key=lambda name: (means[name], list(means).index(name)))
 
 
