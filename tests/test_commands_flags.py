@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from loramix.cli import build_parser
-from loramix.commands.flags import DTYPES, add_fields, attribute_docs, dtype_from_args, from_args
+from loramix.commands.flags import (
+    DTYPES,
+    add_fields,
+    attribute_docs,
+    dtype_from_args,
+    field_flags,
+    from_args,
+)
 from loramix.config import XLoraConfig
 from loramix.training.expert import LoraSettings
 from loramix.training.trainer import SCHEDULERS, TrainingConfig
@@ -51,6 +58,31 @@ def test_one_flag_per_field_and_back() -> None:
     assert from_args(Toy, parser.parse_args(argv)) == expected
     with pytest.raises(SystemExit):
         parser.parse_args(["--steps", "many"])
+
+
+def test_the_flags_of_a_settings_object_rebuild_it() -> None:
+    parser = argparse.ArgumentParser()
+    add_fields(parser, Toy)
+    assert field_flags(Toy()) == []  # defaults need no flag
+    changed = Toy(steps=7, rate=0.5, fast=True, shown=False, names=("x",))
+    flags = field_flags(changed)
+    assert flags == ["--steps", "7", "--rate", "0.5", "--fast", "--no-shown", "--names", "x"]
+    assert from_args(Toy, parser.parse_args(flags)) == changed
+    assert field_flags(changed, skip=("steps", "names")) == [
+        "--rate",
+        "0.5",
+        "--fast",
+        "--no-shown",
+    ]
+
+
+def test_a_value_no_flag_gives_is_refused_by_name() -> None:
+    @dataclass(frozen=True)
+    class Unsettable:
+        limit: int | None = 5
+
+    with pytest.raises(ValueError, match="limit=None"):
+        field_flags(Unsettable(limit=None))
 
 
 def test_every_field_of_the_training_settings_has_a_documented_flag() -> None:

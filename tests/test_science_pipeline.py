@@ -88,6 +88,8 @@ def test_retrain_writes_every_step_and_a_loadable_float16_bundle(base, run):
     provenance = json.loads((bundle / RETRAIN_JSON).read_text())
     assert provenance["seed"] == 3
     assert provenance["settings"]["expert_steps"] == 2
+    # gate candidates "a" and "b" do not spell their settings: no command line makes this run
+    assert provenance["command"] is None and "through the Python API" in readme
     assert (out / "eval" / "expert_usage.png").is_file()
     assert not (out / "experts" / "biology" / CHECKPOINTS).exists()  # cleaned up when done
 

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import multiprocessing
+import shlex
+import time
+from pathlib import Path
 
 import pytest
 
-from loramix.science.pipeline import RetrainSettings
-from loramix.science.retrain_jobs import RUN_JSON, check_run_settings
-from loramix.science.selection import GateCandidate
+from loramix.cli import build_parser
+from loramix.commands.science import settings_from_args
+from loramix.science.bundle import MAKE_RETRAIN, bundle_readme
+from loramix.science.pipeline import RetrainPaths, RetrainSettings
+from loramix.science.retrain_jobs import (
+    REUSED_JSON,
+    RUN_JSON,
+    check_run_settings,
+    cpu_seconds,
+    retrain_command,
+)
+from loramix.science.selection import GateCandidate, candidate_from_name
 
 A, B, C = GateCandidate("a", steps=2), GateCandidate("b", steps=3), GateCandidate("c", steps=4)
 
@@ -49,3 +63,74 @@ def test_a_run_recorded_before_keep_best_existed_reads_as_without_it(tmp_path):
     check_run_settings(tmp_path, 0, old)  # resumes
     with pytest.raises(ValueError, match="keep_best: False -> True"):
         check_run_settings(tmp_path, 0, dataclasses.replace(old, keep_best=True))
+
+
+# ------------------------------------------------------------------ the recorded command
+
+
+def rebuilt(command: str) -> tuple[argparse.Namespace, RetrainSettings]:
+    """The parsed flags and settings of a recorded `loramix science retrain` command."""
+    words = shlex.split(command)
+    assert words[:1] == ["loramix"]
+    args = build_parser().parse_args(words[1:])
+    return args, settings_from_args(args)
+
+
+def test_the_recorded_command_rebuilds_the_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    paths = RetrainPaths(tmp_path / "runs" / "mine")
+    paths.out.mkdir(parents=True)
+    assert retrain_command(paths, 0, RetrainSettings()) == MAKE_RETRAIN.replace(
+        "runs/retrain", "runs/mine"
+    )
+    settings = RetrainSettings(
+        domains=("biology", "chemistry"),
+        expert_steps=300,
+        keep_best=False,
+        multitask_candidates=("s4000",),
+        gate_candidates=(candidate_from_name("lr3e-3-s1200"), RetrainSettings().gate_candidates[1]),
+        eval_limit=40,
+        workers=1,  # speed only: not part of the command
+    )
+    sources = [{"from": str(tmp_path / "runs" / "old")}, {"from": "/elsewhere/run"}]
+    (paths.out / REUSED_JSON).write_text(json.dumps({**sources[0], "also": sources[1:]}))
+    command = retrain_command(paths, 7, settings, bundle_dir=tmp_path / "models" / "x")
+    args, again = rebuilt(command)
+    assert again == dataclasses.replace(settings, workers=None)
+    assert (args.out, args.seed, args.bundle) == ("runs/mine", 7, "models/x")
+    assert args.reuse == ["runs/old", "/elsewhere/run"]  # relative where it can be
+    assert "--workers" not in command and "--threads" not in command
+
+
+def test_settings_no_flag_gives_record_no_command(tmp_path):
+    paths = RetrainPaths(tmp_path)
+    renamed = RetrainSettings(gate_candidates=(A,))  # "a" does not spell steps=2
+    assert retrain_command(paths, 0, renamed) is None
+    readme = bundle_readme({"command": None, "settings": {}}, "models/x")
+    assert "made through the Python API" in readme
+
+
+def test_make_retrain_runs_the_command_its_bundles_name():
+    makefile = (Path(__file__).parent.parent / "Makefile").read_text()
+    assert f"-m loramix.cli {MAKE_RETRAIN.removeprefix('loramix ')}\n" in makefile
+    readme = bundle_readme({"command": MAKE_RETRAIN, "settings": {}}, "models/x")
+    assert f"`make retrain`:\n\n    {MAKE_RETRAIN}\n" in readme
+
+
+# ------------------------------------------------------------------ CPU time of a step
+
+
+def _burn(seconds: float) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_a_steps_cpu_time_counts_its_finished_workers():
+    before, own_before = cpu_seconds(), time.process_time()
+    worker = multiprocessing.get_context("spawn").Process(target=_burn, args=(0.5,))
+    worker.start()
+    worker.join()
+    assert worker.exitcode == 0
+    assert cpu_seconds() - before >= 0.5  # the worker's time (its start-up comes on top)
+    assert time.process_time() - own_before < 0.5  # which this process's own clock misses

@@ -85,6 +85,31 @@ def from_args(cls: type[T], args: argparse.Namespace, **values: Any) -> T:
     return cls(**(found | values))
 
 
+def field_flags(settings: Any, *, skip: Collection[str] = ()) -> list[str]:
+    """The flags of `add_fields` that rebuild the dataclass `settings` (the inverse of
+    `from_args`): one per field whose value differs from its default, in field order.
+
+    Raises:
+        ValueError: If a field holds a value no flag can give (None where the default is
+            not None), naming the field.
+    """
+    words: list[str] = []
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if field.name in skip or value == _default(field):
+            continue
+        name = field.name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(f"--{name}" if value else f"--no-{name}")
+        elif isinstance(value, (tuple, list)):
+            words += [f"--{name}", *(str(item) for item in value)]
+        elif value is None:
+            raise ValueError(f"{field.name}=None: no flag of --{name} gives it")
+        else:
+            words += [f"--{name}", str(value)]
+    return words
+
+
 def attribute_docs(cls: type) -> dict[str, str]:
     """Field name -> its description in the Google-style "Attributes:" docstring section."""
     docs: dict[str, str] = {}

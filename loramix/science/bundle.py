@@ -35,6 +35,9 @@ MAX_BUNDLE_BYTES = 40_000_000
 RETRAIN_JSON = "retrain.json"
 """Settings, data manifest and step timings of the run that made a bundle."""
 
+MAKE_RETRAIN = "loramix science retrain --out runs/retrain --seed 0"
+"""The command `make retrain` runs (Makefile), as `retrain.json` records it."""
+
 _WEIGHT_SUFFIX = ".safetensors"
 _ADAPTER_CONFIG = "adapter_config.json"
 _BUNDLED_RECORD = ("command", "status", "base_model", "prompts", "global_step")
@@ -151,13 +154,23 @@ def bundle_readme(provenance: dict[str, Any], folder: str | os.PathLike[str]) ->
     settings = provenance.get("settings", {})
     where = Path(folder).as_posix()
     domains = ", ".join(settings.get("domains", ()))
+    command = provenance.get("command")
+    if command == MAKE_RETRAIN:
+        made = f"It is the output of `make retrain`:\n\n    {command}\n"
+    elif command:
+        made = f"It is the output of\n\n    {command}\n"
+    else:
+        made = "It was made through the Python API (`loramix.science.retrain`).\n"
+    systems = "base, experts, uniform average" + (
+        ", multitask LoRA" if settings.get("multitask") else ""
+    )
     return f"""# science-xlora
 
 An X-LoRA model over SmolLM2-135M-Instruct: {len(settings.get("domains", ()))} rank-\
 {settings.get("rank")} LoRA experts ({domains}) and the gate that mixes them per token and
-per adapted module, all weights in float16. It is the output of `{provenance.get("command")}`
-(`make retrain`); settings, data sizes and step times are in `retrain.json`, the evaluation
-of base, experts, uniform average and X-LoRA on held-out data in `eval.md`.
+per adapted module, all weights in float16. {made}
+Settings, data sizes and step times are in `retrain.json`, the evaluation of {systems} and
+X-LoRA on held-out data in `eval.md`.
 
     loramix science demo --model {where}
     loramix generate {where} --show-experts \\

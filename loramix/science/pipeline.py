@@ -89,6 +89,7 @@ from loramix.science.retrain_jobs import (  # noqa: F401  (RUN_JSON, TIMINGS_JSO
     RUN_JSON,
     TIMINGS_JSON,
     check_run_settings,
+    cpu_seconds,
     finish_multitask,
     job_record,
     keep_partial_timings,
@@ -345,12 +346,12 @@ def retrain(
             timings[name] = None
             return
         logger.info("step %s: starting", name)
-        start, cpu_start = time.perf_counter(), time.process_time()
+        start, cpu_start = time.perf_counter(), cpu_seconds()
         result = action()
-        details = result if isinstance(result, dict) else {}  # e.g. its workers' CPU time
+        details = result if isinstance(result, dict) else {}  # e.g. its jobs' CPU, all calls
         seconds = round(time.perf_counter() - start, 2)
         timings[name] = seconds
-        cpu_s = round(time.process_time() - cpu_start, 1)
+        cpu_s = round(cpu_seconds() - cpu_start, 1)
         recorded[name] = {"wall_s": seconds, "cpu_s": cpu_s, **details}
         write_text_atomic(paths.out / TIMINGS_JSON, json.dumps(recorded, indent=2) + "\n")
         logger.info(
@@ -444,7 +445,7 @@ def retrain(
                 paths.xlora,
                 bundle_dir,
                 reports=[paths.eval / name for name in _BUNDLED_REPORTS],
-                provenance=provenance(paths, seed, settings, recorded),
+                provenance=provenance(paths, seed, settings, recorded, bundle_dir),
                 max_bytes=max_bundle_bytes,
             ),
         )

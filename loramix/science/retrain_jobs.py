@@ -10,6 +10,8 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,10 +55,24 @@ def start_multitask(
 
 
 def finish_multitask(job: BackgroundJob) -> dict[str, Any]:
-    """Wait for the multitask LoRA; its own time (it started with the experts) is "job"."""
+    """Wait for the multitask LoRA; its own time (it started with the experts) is "job", and
+    the step's CPU time is the job's (the wait itself takes next to none)."""
     done = job.wait()
     logger.info("multitask LoRA: done in %.1f s", done.wall_s)
-    return {"job": job_record(done)}
+    record = job_record(done)
+    return {"cpu_s": record["cpu_s"], "job": record}
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its child processes that have ended (the workers
+    of a step, once it has waited for them): the difference across a step is its CPU time,
+    workers included."""
+    try:
+        import resource
+    except ImportError:  # not on Windows: this process's time only
+        return time.process_time()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def job_record(done: JobResult) -> dict[str, Any]:
@@ -180,11 +196,18 @@ def _changed_candidates(recorded: Any, current: list[dict[str, Any]]) -> list[st
 
 
 def provenance(
-    paths: RetrainPaths, seed: int, settings: RetrainSettings, timings: dict[str, float]
+    paths: RetrainPaths,
+    seed: int,
+    settings: RetrainSettings,
+    timings: dict[str, float],
+    bundle_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """The bundle's `retrain.json`: seed, settings, data sizes and versions, timings."""
+    """The bundle's `retrain.json`: the command that made it, seed, settings, data sizes and
+    versions, timings, and what the run reused from others."""
     manifest = read_json(paths.data / "manifest.json")
+    reused = read_json(paths.out / REUSED_JSON)
     return {
+        "command": retrain_command(paths, seed, settings, bundle_dir),
         "seed": seed,
         "settings": dataclasses.asdict(settings),
         "data": {
@@ -192,13 +215,48 @@ def provenance(
             for key in ("n_train", "n_test", "n_dev", "n_composite", "versions")
         },
         "timings": timings,
-        **(
-            {
-                "command": f"loramix science retrain --seed {seed} --reuse "
-                + " ".join([reused["from"], *(r["from"] for r in reused.get("also", []))]),
-                "reused": reused,
-            }
-            if (reused := read_json(paths.out / REUSED_JSON))
-            else {"command": f"loramix science retrain --seed {seed}"}
-        ),
+        **({"reused": reused} if reused else {}),
     }
+
+
+def retrain_command(
+    paths: RetrainPaths,
+    seed: int,
+    settings: RetrainSettings,
+    bundle_dir: str | os.PathLike[str] | None = None,
+) -> str | None:
+    """The `loramix science retrain` command line that makes this run again (run from the
+    same working directory): its folder, seed, reused runs, export folder when not the
+    default, and a flag for every setting that is not its default (speed-only settings left
+    out). None when the settings came from Python and no flags give them (a gate candidate
+    whose name does not spell its settings, or None where a flag needs a value).
+    """
+    from loramix.commands.flags import field_flags
+    from loramix.science.pipeline import RUN_BUNDLE
+    from loramix.science.selection import DEFAULT_CANDIDATES, candidate_from_name
+
+    words = ["loramix", "science", "retrain", "--out", _shown(paths.out), "--seed", str(seed)]
+    reused = read_json(paths.out / REUSED_JSON)
+    if reused:
+        words += ["--reuse", *(_shown(r["from"]) for r in [reused, *reused.get("also", [])])]
+    if bundle_dir is not None and Path(bundle_dir).resolve() != (paths.out / RUN_BUNDLE).resolve():
+        words += ["--bundle", _shown(bundle_dir)]
+    candidates = settings.gate_candidates
+    if tuple(candidates) != DEFAULT_CANDIDATES:
+        known = {c.name: c for c in DEFAULT_CANDIDATES}
+        if any(c != (known.get(c.name) or candidate_from_name(c.name)) for c in candidates):
+            return None
+        words += ["--gate-candidates", *(c.name for c in candidates)]
+    try:
+        words += field_flags(settings, skip=("gate_candidates", "threads", "workers"))
+    except ValueError:
+        return None
+    return shlex.join(words)
+
+
+def _shown(path: str | os.PathLike[str]) -> str:
+    """`path` relative to the working directory when it lies under it, else as given."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
