@@ -83,6 +83,9 @@ def test_a_value_no_flag_gives_is_refused_by_name() -> None:
 
     with pytest.raises(ValueError, match="limit=None"):
         field_flags(Unsettable(limit=None))
+    with pytest.raises(ValueError, match="limit=True: --limit takes a number"):
+        field_flags(Unsettable(limit=True))
+    assert field_flags(Toy(names=["a", "b"])) == []  # a list equal to the default tuple
 
 
 def test_every_field_of_the_training_settings_has_a_documented_flag() -> None:

@@ -13,7 +13,7 @@ from tiny_tokenizer import save_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loramix import XLoraConfig, XLoraModel
-from loramix.evaluation.report import EvalReport
+from loramix.evaluation.report import EvalReport, nll_difference_interval
 from loramix.evaluation.runner import (
     FirstLineDone,
     completion_nll,
@@ -295,3 +295,9 @@ def test_scores_carry_bootstrap_intervals(base_dir, experts, tokenizer, test_fil
     assert "## 95% confidence intervals" in report.to_markdown()
     again = EvalReport.from_dict(json.loads(json.dumps(report.to_dict())))
     assert again.score("xlora", "qa") == report.score("xlora", "qa")  # intervals survive JSON
+    ours, theirs = report.score("xlora", "qa"), report.score("base", "qa")
+    assert len(ours.example_nlls) == ours.n_examples == len(ours.example_tokens)
+    assert sum(ours.example_nlls) / sum(ours.example_tokens) == pytest.approx(ours.nll)
+    assert ours.example_tokens == theirs.example_tokens  # the same examples, in the same order
+    low, high = nll_difference_interval(ours, theirs)
+    assert low <= ours.nll - theirs.nll <= high

@@ -24,6 +24,7 @@ from loramix.science.retrain_jobs import (
     retrain_command,
 )
 from loramix.science.selection import GateCandidate, candidate_from_name
+from loramix.training.jobs import run_jobs
 
 A, B, C = GateCandidate("a", steps=2), GateCandidate("b", steps=3), GateCandidate("c", steps=4)
 
@@ -102,10 +103,27 @@ def test_the_recorded_command_rebuilds_the_run(tmp_path, monkeypatch):
     assert "--workers" not in command and "--threads" not in command
 
 
+def test_gate_steps_given_to_every_candidate_are_one_flag(tmp_path):
+    paths = RetrainPaths(tmp_path)
+    shorter = tuple(dataclasses.replace(c, steps=50) for c in RetrainSettings().gate_candidates)
+    settings = RetrainSettings(gate_candidates=shorter)
+    command = retrain_command(paths, 0, settings)
+    assert "--gate-steps 50" in command and "--gate-candidates" not in command
+    assert rebuilt(command)[1] == settings
+    spelled = (dataclasses.replace(candidate_from_name("lr3e-3-s1200"), steps=50),)
+    command = retrain_command(paths, 0, RetrainSettings(gate_candidates=spelled))
+    assert rebuilt(command)[1].gate_candidates == spelled
+
+
 def test_settings_no_flag_gives_record_no_command(tmp_path):
     paths = RetrainPaths(tmp_path)
     renamed = RetrainSettings(gate_candidates=(A,))  # "a" does not spell steps=2
     assert retrain_command(paths, 0, renamed) is None
+    one, other = candidate_from_name("lr3e-3-s1200"), RetrainSettings().gate_candidates[1]
+    uneven = (dataclasses.replace(one, steps=50), dataclasses.replace(other, steps=60))
+    assert retrain_command(paths, 0, RetrainSettings(gate_candidates=uneven)) is None
+    tuned = dataclasses.replace(one, lr=1e-2)  # its name spells 3e-3
+    assert retrain_command(paths, 0, RetrainSettings(gate_candidates=(tuned,))) is None
     readme = bundle_readme({"command": None, "settings": {}}, "models/x")
     assert "made through the Python API" in readme
 
@@ -120,17 +138,18 @@ def test_make_retrain_runs_the_command_its_bundles_name():
 # ------------------------------------------------------------------ CPU time of a step
 
 
-def _burn(seconds: float) -> None:
-    end = time.process_time() + seconds
-    while time.process_time() < end:
-        pass
+WORK = range(20_000_000)  # sum() of it: about a second of CPU, in a child that imports little
 
 
-def test_a_steps_cpu_time_counts_its_finished_workers():
+def test_a_steps_cpu_time_counts_its_workers_and_nothing_else():
+    longer = range(3 * len(WORK))  # three jobs' worth: counted, it would show
+    background = multiprocessing.get_context("spawn").Process(target=sum, args=(longer,))
+    background.start()  # as the multitask LoRA's worker: its own result holds its time
+    background.join()
     before, own_before = cpu_seconds(), time.process_time()
-    worker = multiprocessing.get_context("spawn").Process(target=_burn, args=(0.5,))
-    worker.start()
-    worker.join()
-    assert worker.exitcode == 0
-    assert cpu_seconds() - before >= 0.5  # the worker's time (its start-up comes on top)
-    assert time.process_time() - own_before < 0.5  # which this process's own clock misses
+    done = list(run_jobs(sum, {"a": (WORK,), "b": (WORK,)}, workers=2, threads=1))
+    workers = sum(job.cpu_s for job in done)
+    assert min(job.cpu_s for job in done) > 0.1
+    measured = cpu_seconds() - before
+    assert measured == pytest.approx(workers + time.process_time() - own_before, abs=0.05)
+    assert measured < 1.5 * workers  # not the background worker's time (reaped meanwhile)

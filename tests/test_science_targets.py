@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from helpers import NUMBERS, crafted_report
 
+from loramix.evaluation.report import nll_difference_interval
 from loramix.science.targets import check_targets, science_verifier
 
 
@@ -59,3 +62,53 @@ def test_multitask_is_a_rival_on_mixed_and_reported_on_every_set() -> None:
         c.target.split(":")[0]: c.status for c in checks if "vs the multitask LoRA" in c.target
     }
     assert versus == {"bio": "fail", "chem": "pass", "mixed": "fail", "composite": "pass"}
+
+
+def with_examples(report, system: str, test_set: str, nlls, tokens):
+    """`report` with per-example values for one score (their ratio becomes its NLL)."""
+    score = report.scores[system][test_set]
+    report.scores[system][test_set] = dataclasses.replace(
+        score,
+        nll=sum(nlls) / sum(tokens),
+        example_nlls=tuple(nlls),
+        example_tokens=tuple(tokens),
+    )
+
+
+def test_target_details_add_the_paired_interval_where_examples_are_kept() -> None:
+    report = crafted_report(NUMBERS)
+    tokens = [4, 6, 5, 5]
+    theirs = [1.0 * t for t in tokens]  # expert:bio, NLL 1.0 on every example
+    with_examples(report, "expert:bio", "bio", theirs, tokens)
+    with_examples(report, "xlora", "bio", [v * 1.05 for v in theirs], tokens)  # 5% above
+    with_examples(report, "uniform", "mixed", [1.6 * t for t in tokens], tokens)
+    with_examples(report, "xlora", "mixed", [1.5 * t for t in tokens], tokens)
+    checks = {c.target.split(":")[0]: c for c in check_targets(report, {"bio": "bio"})}
+    assert checks["bio"].detail == (
+        "X-LoRA 1.050 vs 1.000 (+5.0%, paired 95% interval [+5.0%, +5.0%])"
+    )
+    assert checks["mixed"].status == "pass"
+    assert checks["mixed"].detail.endswith(
+        "uniform 1.600 (difference -0.100, paired 95% interval [-0.100, -0.100])"
+    )
+    assert "interval" not in checks["composite"].detail  # no per-example values there
+
+
+def test_scores_of_other_examples_are_not_paired() -> None:
+    report = crafted_report(NUMBERS)
+    with_examples(report, "expert:bio", "bio", [4.0, 6.0], [4, 6])
+    with_examples(report, "xlora", "bio", [4.4, 6.6], [5, 5])  # other token counts
+    (check,) = [c for c in check_targets(report, {"bio": "bio"}) if c.target.startswith("bio")]
+    assert "interval" not in check.detail
+    assert (
+        nll_difference_interval(report.score("xlora", "bio"), report.score("uniform", "bio"))
+        is None
+    )
+
+
+def test_a_rival_with_zero_nll_in_a_resample_leaves_the_relative_interval_out() -> None:
+    report = crafted_report(NUMBERS)
+    with_examples(report, "expert:bio", "bio", [0.0, 3.0], [2, 2])  # a resample of [0, 0]
+    with_examples(report, "xlora", "bio", [1.0, 2.0], [2, 2])
+    (check,) = [c for c in check_targets(report, {"bio": "bio"}) if c.target.startswith("bio")]
+    assert check.status == "pass" and "interval" not in check.detail  # no crash, no interval

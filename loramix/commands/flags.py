@@ -91,17 +91,23 @@ def field_flags(settings: Any, *, skip: Collection[str] = ()) -> list[str]:
 
     Raises:
         ValueError: If a field holds a value no flag can give (None where the default is
-            not None), naming the field.
+            not None, a bool in a field of numbers), naming the field.
     """
     words: list[str] = []
+    hints = typing.get_type_hints(type(settings))
     for field in dataclasses.fields(settings):
         value = getattr(settings, field.name)
-        if field.name in skip or value == _default(field):
+        value = tuple(value) if isinstance(value, list) else value
+        default = _default(field)
+        default = tuple(default) if isinstance(default, list) else default
+        if field.name in skip or value == default:
             continue
         name = field.name.replace("_", "-")
-        if isinstance(value, bool):
+        if _unwrap(hints[field.name])[0] is bool:
             words.append(f"--{name}" if value else f"--no-{name}")
-        elif isinstance(value, (tuple, list)):
+        elif isinstance(value, bool):
+            raise ValueError(f"{field.name}={value!r}: --{name} takes a number, not a bool")
+        elif isinstance(value, tuple):
             words += [f"--{name}", *(str(item) for item in value)]
         elif value is None:
             raise ValueError(f"{field.name}=None: no flag of --{name} gives it")

@@ -35,6 +35,11 @@ class Score:
         seconds: Wall time of the NLL pass and the generation together.
         nll_ci: 95% bootstrap interval of `nll` over the examples, or None.
         accuracy_ci: 95% bootstrap interval of `accuracy`, or None.
+        example_nlls: Each example's summed completion-token NLL `(N,)`, in the test file's
+            order (`nll` is their sum over the sum of `example_tokens`), or None (a report
+            written before they were kept). Two systems' values on the same examples give
+            the paired interval of their difference (`nll_difference_interval`).
+        example_tokens: Each example's completion tokens `(N,)`, or None.
     """
 
     nll: float
@@ -45,6 +50,8 @@ class Score:
     seconds: float = 0.0
     nll_ci: tuple[float, float] | None = None
     accuracy_ci: tuple[float, float] | None = None
+    example_nlls: tuple[float, ...] | None = None
+    example_tokens: tuple[int, ...] | None = None
 
     def interval_cell(self) -> str:
         """ "0.123 [0.110, 0.140] / 45% [35, 55]" (the bootstrap intervals, where known)."""
@@ -295,9 +302,33 @@ def format_targets(checks: Sequence[TargetCheck]) -> str:
     return "\n".join(check.line() for check in checks)
 
 
+def nll_difference_interval(
+    ours: Score, theirs: Score, *, relative: bool = False
+) -> tuple[float, float] | None:
+    """The 95% paired bootstrap interval of `ours.nll - theirs.nll` (with `relative`,
+    of `ours.nll / theirs.nll - 1`), both scored on the same examples
+    (`loramix.evaluation.bootstrap.paired_interval`).
+
+    None when either score lacks its per-example values, or when their examples differ (the
+    counts of examples or of each example's completion tokens do not match), so that no
+    interval pairs unrelated examples.
+    """
+    from loramix.evaluation.bootstrap import paired_interval
+
+    kept = (ours.example_nlls, ours.example_tokens, theirs.example_nlls, theirs.example_tokens)
+    if any(values is None for values in kept) or ours.example_tokens != theirs.example_tokens:
+        return None
+    return paired_interval(
+        (ours.example_nlls, ours.example_tokens),
+        (theirs.example_nlls, theirs.example_tokens),
+        relative=relative,
+    )
+
+
+_TUPLES = ("nll_ci", "accuracy_ci", "example_nlls", "example_tokens")
+
+
 def _score_from_dict(data: Mapping[str, Any]) -> Score:
-    """A `Score` from its `asdict` form (JSON turns the interval tuples into lists)."""
-    intervals = {
-        key: tuple(data[key]) for key in ("nll_ci", "accuracy_ci") if data.get(key) is not None
-    }
-    return Score(**{**data, **intervals})
+    """A `Score` from its `asdict` form (JSON turns the tuples into lists)."""
+    tuples = {key: tuple(data[key]) for key in _TUPLES if data.get(key) is not None}
+    return Score(**{**data, **tuples})

@@ -24,7 +24,9 @@ The systems all run on the same model object:
                     sequence
 
 Each score also carries 95% bootstrap intervals of both numbers over the set's examples
-(`loramix.evaluation.bootstrap.ratio_interval`, whole examples resampled).
+(`loramix.evaluation.bootstrap.ratio_interval`, whole examples resampled), and each example's
+NLL sum and token count, from which two systems' paired interval is computed
+(`loramix.evaluation.report.nll_difference_interval`).
 
 For X-LoRA the report also holds each expert's usage per test set: its scalings (after the
 gate's softmax, before top-k) averaged over the adapted layers and over the real prompt and
@@ -350,6 +352,8 @@ def _score(
         seconds=round(time.perf_counter() - start, 3),
         nll_ci=ratio_interval(sums, counts),
         accuracy_ci=accuracy_ci,
+        example_nlls=tuple(float(value) for value in sums),
+        example_tokens=tuple(int(count) for count in counts),
     )
     return score, expert_usage
 

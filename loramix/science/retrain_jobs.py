@@ -64,15 +64,12 @@ def finish_multitask(job: BackgroundJob) -> dict[str, Any]:
 
 
 def cpu_seconds() -> float:
-    """CPU seconds of this process and of its child processes that have ended (the workers
-    of a step, once it has waited for them): the difference across a step is its CPU time,
-    workers included."""
-    try:
-        import resource
-    except ImportError:  # not on Windows: this process's time only
-        return time.process_time()
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
+    """CPU seconds of this process and of the jobs its `run_jobs` workers finished: the
+    difference across a step is its CPU time, workers included (the multitask LoRA's
+    background worker is not counted here: its step takes its job's own time)."""
+    from loramix.training.jobs import workers_cpu_seconds
+
+    return time.process_time() + workers_cpu_seconds()
 
 
 def job_record(done: JobResult) -> dict[str, Any]:
@@ -229,7 +226,8 @@ def retrain_command(
     same working directory): its folder, seed, reused runs, export folder when not the
     default, and a flag for every setting that is not its default (speed-only settings left
     out). None when the settings came from Python and no flags give them (a gate candidate
-    whose name does not spell its settings, or None where a flag needs a value).
+    whose name spells other settings than its own, beyond the steps that `--gate-steps`
+    gives all of them, or None where a flag needs a value).
     """
     from loramix.commands.flags import field_flags
     from loramix.science.pipeline import RUN_BUNDLE
@@ -241,12 +239,19 @@ def retrain_command(
         words += ["--reuse", *(_shown(r["from"]) for r in [reused, *reused.get("also", [])])]
     if bundle_dir is not None and Path(bundle_dir).resolve() != (paths.out / RUN_BUNDLE).resolve():
         words += ["--bundle", _shown(bundle_dir)]
-    candidates = settings.gate_candidates
-    if tuple(candidates) != DEFAULT_CANDIDATES:
-        known = {c.name: c for c in DEFAULT_CANDIDATES}
-        if any(c != (known.get(c.name) or candidate_from_name(c.name)) for c in candidates):
-            return None
+    candidates = tuple(settings.gate_candidates)
+    known = {c.name: c for c in DEFAULT_CANDIDATES}
+    named = [known.get(c.name) or candidate_from_name(c.name) for c in candidates]
+    if [c.name for c in candidates] != list(known):
         words += ["--gate-candidates", *(c.name for c in candidates)]
+    if any(c != spelled for c, spelled in zip(candidates, named, strict=True)):
+        steps = {c.steps for c in candidates}  # `--gate-steps N` sets every candidate's steps
+        if len(steps) != 1 or any(
+            spelled is None or c != dataclasses.replace(spelled, steps=c.steps)
+            for c, spelled in zip(candidates, named, strict=True)
+        ):
+            return None
+        words += ["--gate-steps", str(steps.pop())]
     try:
         words += field_flags(settings, skip=("gate_candidates", "threads", "workers"))
     except ValueError:

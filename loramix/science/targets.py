@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from loramix.evaluation.report import EvalReport, TargetCheck
+from loramix.evaluation.report import EvalReport, TargetCheck, nll_difference_interval
 from loramix.evaluation.runner import EXPERT_PREFIX, UNIFORM, XLORA
 from loramix.science.registry import verify
 
@@ -53,6 +53,10 @@ def check_targets(
       "pass" (X-LoRA's NLL lower) or "fail", win or lose.
 
     A tie does not beat. A target whose system or test set the report lacks is "missing".
+    Each verdict goes by the two NLLs; its detail adds the paired 95% bootstrap interval of
+    the difference (relative, for the domains) where the report keeps per-example values:
+    an interval that holds 0 (or the 10%) says that these test examples cannot tell the two
+    apart.
 
     Args:
         domain_experts: Test set name of a domain -> the name of that domain's expert.
@@ -71,11 +75,12 @@ def check_targets(
             continue
         ours, theirs = report.score(XLORA, domain).nll, report.score(own, domain).nll
         excess = ours / theirs - 1 if theirs > 0 else math.inf
+        interval = _paired(report, own, domain, relative=True) if theirs > 0 else ""
         checks.append(
             TargetCheck(
                 target,
                 "pass" if ours <= (1 + tolerance) * theirs else "fail",
-                f"X-LoRA {ours:.3f} vs {theirs:.3f} ({excess:+.1%})",
+                f"X-LoRA {ours:.3f} vs {theirs:.3f} ({excess:+.1%}{interval})",
             )
         )
     experts = [EXPERT_PREFIX + name for name in report.expert_names]
@@ -103,7 +108,8 @@ def check_targets(
             TargetCheck(
                 target,
                 "pass" if ours < theirs else "fail",
-                f"X-LoRA {ours:.3f} vs best rival {best} {theirs:.3f}",
+                f"X-LoRA {ours:.3f} vs best rival {best} {theirs:.3f}"
+                + _difference(report, best, name),
             )
         )
     if multitask is not None:
@@ -118,10 +124,34 @@ def check_targets(
                 TargetCheck(
                     target,
                     "pass" if ours < theirs else "fail",
-                    f"X-LoRA {ours:.3f} vs multitask {theirs:.3f}",
+                    f"X-LoRA {ours:.3f} vs multitask {theirs:.3f}"
+                    + _difference(report, multitask, name),
                 )
             )
     return checks
+
+
+def _difference(report: EvalReport, rival: str, test_set: str) -> str:
+    """ " (difference -0.013, paired 95% interval [-0.031, +0.004])", or "" (see `_paired`)."""
+    ours, theirs = report.score(XLORA, test_set).nll, report.score(rival, test_set).nll
+    interval = _paired(report, rival, test_set, relative=False)
+    return f" (difference {ours - theirs:+.3f}{interval})" if interval else ""
+
+
+def _paired(report: EvalReport, rival: str, test_set: str, *, relative: bool) -> str:
+    """ ", paired 95% interval [a, b]" of X-LoRA's NLL against `rival`'s on `test_set` (as a
+    share with `relative`), or "" when the scores cannot be paired (a report without
+    per-example values, or other examples) or the rival's NLL is 0 in a resample."""
+    try:
+        interval = nll_difference_interval(
+            report.score(XLORA, test_set), report.score(rival, test_set), relative=relative
+        )
+    except ValueError:  # a resample where the rival's NLL is 0: no relative interval
+        interval = None
+    if interval is None:
+        return ""
+    low, high = (f"{v:+.1%}" if relative else f"{v:+.3f}" for v in interval)
+    return f", paired 95% interval [{low}, {high}]"
 
 
 def _missing(report: EvalReport, systems: Sequence[str], test_set: str) -> str:

@@ -13,6 +13,10 @@ Workers are started with the "spawn" method (a fresh interpreter, safe with torc
 pools), so `function` must be importable by name (a module-level function) and its
 arguments picklable. With `workers=1` the jobs run one after the other in this process,
 with this process's threads, which is also what tests use.
+
+`workers_cpu_seconds()` adds up the CPU time of every job a worker of `run_jobs` finished in
+this process's calls so far, so that a caller can time a step, its workers included
+(`loramix.science.retrain_jobs.cpu_seconds`). A `BackgroundJob`'s time is its own result's.
 """
 
 from __future__ import annotations
@@ -35,6 +39,15 @@ from loramix.checks import is_int
 from loramix.import_noise import quiet_import_noise
 
 _LOG_FORMAT = "%(levelname)s %(processName)s %(name)s: %(message)s"
+
+
+_workers_cpu_s = 0.0  # CPU seconds of the jobs `run_jobs`'s workers finished, all calls
+
+
+def workers_cpu_seconds() -> float:
+    """CPU seconds spent by `run_jobs`'s worker processes on the jobs they finished (jobs
+    run in this process count in its own `time.process_time()` instead)."""
+    return _workers_cpu_s
 
 
 @dataclass(frozen=True)
@@ -103,10 +116,16 @@ def run_jobs(
                         value, wall_s, cpu_s = future.result()
                     except Exception as error:
                         raise JobError(f"job {name!r} failed: {error}") from error
+                    _count_worker_cpu(cpu_s)
                     yield JobResult(name, value, wall_s, cpu_s)
         finally:
             for future in pending:
                 future.cancel()
+
+
+def _count_worker_cpu(seconds: float) -> None:
+    global _workers_cpu_s
+    _workers_cpu_s += seconds
 
 
 def _run_here(name: str, function: Callable[..., Any], args: tuple[Any, ...]) -> JobResult:
