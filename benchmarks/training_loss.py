@@ -89,14 +89,20 @@ def xlora_gate() -> nn.Module:
     return XLoraModel.from_pretrained("smollm2", DEFAULT_BUNDLE, dtype=torch.bfloat16)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_batch_arguments(description: str) -> argparse.Namespace:
+    """--batch, --batches, --repeats and --threads (torch's CPU threads, set here)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5, help="rounds over the batches")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    args = parse_batch_arguments(__doc__.split("\n")[0])
 
     _, tokenizer = load_base_model("smollm2")
     batches = science_batches(tokenizer, args.batches, args.batch)

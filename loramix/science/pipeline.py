@@ -171,8 +171,9 @@ class RetrainSettings:
         eval_limit: Examples per test set in the evaluation; None uses all.
         max_new_tokens: Greedy tokens per answer in the evaluation.
         train_dtype: Dtype of the frozen base model while experts and gate train ("bfloat16"
-            is faster than "float32" on CPUs with AVX512-BF16; the LoRA weights and the gate
-            always train in float32). The evaluation runs in float32.
+            takes 0.79x the time of "float32" per expert step on this 2-core CPU with
+            AVX512-BF16, `benchmarks/train_dtype.py`; the LoRA weights and the gate always
+            train in float32). The evaluation runs in float32.
         threads: torch CPU threads; None leaves torch's default.
         workers: Jobs run side by side, each in its own process with `threads // workers`
             threads (see `loramix.training.jobs`: on a small CPU this finishes sooner than

@@ -1,0 +1,89 @@
+"""Expert training step with the frozen base in float32 and in bfloat16, one run.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/train_dtype.py [--batches 4 --repeats 5 --threads 1]
+
+The science retrain trains its experts and gates over a bfloat16 copy of the frozen base
+(`RetrainSettings.train_dtype`); the LoRA weights train in float32 either way (peft keeps an
+adapter over a bfloat16 base in float32). This times the experts' step both ways on
+SmolLM2-135M-Instruct: a LoRA r=8 on q/k/v/o/up/down, forward + backward + AdamW on batches of
+science training examples from all eight domains (the loss on the labelled positions only,
+as `CompletionLossTrainer` computes it), one thread as each retrain worker runs.
+
+The two dtypes are interleaved per round (each batch once per round), so load from other
+processes falls on both alike. Prints the median times, the ratio bfloat16 / float32, and the
+largest relative difference of the two ways' losses on the same batch (the learning rate is
+0, so both see their starting weights; the adapters start from the same seed).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as benchmarks/generate.py; see there
+
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from training_loss import (  # noqa: E402
+    SCIENCE_TARGETS,
+    parse_batch_arguments,
+    science_batches,
+    step_function,
+)
+
+from loramix.smollm2 import load_base_model  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def lora_expert(dtype: torch.dtype) -> nn.Module:
+    """The retrain's expert over a base in `dtype`, its LoRA weights in float32."""
+    base, _ = load_base_model("smollm2", dtype=dtype)
+    torch.manual_seed(0)  # the same A matrices both ways
+    return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=SCIENCE_TARGETS))
+
+
+def main() -> None:
+    args = parse_batch_arguments(__doc__.split("\n")[0])
+
+    _, tokenizer = load_base_model("smollm2")
+    batches = science_batches(tokenizer, args.batches, args.batch)
+    steps = {}
+    for name, dtype in DTYPES.items():
+        model = lora_expert(dtype).train()
+        adapter = {p.dtype for p in model.parameters() if p.requires_grad}
+        assert adapter == {torch.float32}, f"{name}: adapter weights in {adapter}"
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        steps[name] = step_function(model, True, optimizer)
+        steps[name](batches[0])  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    losses: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            losses[name] += [step(batch) for batch in batches]
+            times[name].append((time.perf_counter() - start) / len(batches))
+    print(
+        f"expert training step (LoRA r=8), {args.batches} batches of {args.batch} science "
+        f"examples, {args.threads} thread(s), median over {args.repeats} rounds:"
+    )
+    medians = {name: statistics.median(spread) for name, spread in times.items()}
+    for name, seconds in medians.items():
+        spread = ", ".join(f"{t * 1000:.0f}" for t in times[name])
+        print(f"  base in {name:9s} {seconds * 1000:7.0f} ms per step   (rounds: {spread} ms)")
+    gap = max(
+        abs(a - b) / abs(b) for a, b in zip(losses["bfloat16"], losses["float32"], strict=True)
+    )
+    ratio = medians["bfloat16"] / medians["float32"]
+    print(f"  bfloat16 / float32 time: {ratio:.2f}; losses differ by <= {gap:.1e} (rel.)")
+
+
+if __name__ == "__main__":
+    main()
