@@ -1,6 +1,6 @@
 """Expert training step with the frozen base in float32 and in bfloat16, one run.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/train_dtype.py [--batches 4 --repeats 5 --threads 1]
+    PYTHONPATH=. .venv/bin/python benchmarks/train_dtype.py [--batch 8 --batches 4 --repeats 5]
 
 The science retrain trains its experts and gates over a bfloat16 copy of the frozen base
 (`RetrainSettings.train_dtype`); the LoRA weights train in float32 either way (peft keeps an
@@ -9,10 +9,12 @@ SmolLM2-135M-Instruct: a LoRA r=8 on q/k/v/o/up/down, forward + backward + AdamW
 science training examples from all eight domains (the loss on the labelled positions only,
 as `CompletionLossTrainer` computes it), one thread as each retrain worker runs.
 
-The two dtypes are interleaved per round (each batch once per round), so load from other
+The two dtypes are interleaved per round (each batch once per round, the order of the two
+alternating from round to round, after a warm-up on every batch), so load from other
 processes falls on both alike. Prints the median times, the ratio bfloat16 / float32, and the
 largest relative difference of the two ways' losses on the same batch (the learning rate is
-0, so both see their starting weights; the adapters start from the same seed).
+0, so both see their starting weights; the adapters start from the same seed, and each batch
+gets the same dropout masks both ways).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft import get_peft_model  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -39,21 +41,25 @@ from training_loss import (  # noqa: E402
 )
 
 from loramix.smollm2 import load_base_model  # noqa: E402
+from loramix.training.expert import LoraSettings  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def lora_expert(dtype: torch.dtype) -> nn.Module:
-    """The retrain's expert over a base in `dtype`, its LoRA weights in float32."""
+    """The retrain's expert (`LoraSettings` as `RetrainSettings` gives them: rank 8, alpha 16,
+    dropout 0.05, its targets) over a base in `dtype`, its LoRA weights in float32."""
     base, _ = load_base_model("smollm2", dtype=dtype)
     torch.manual_seed(0)  # the same A matrices both ways
-    return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=SCIENCE_TARGETS))
+    lora = LoraSettings(rank=8, alpha=16, targets=tuple(SCIENCE_TARGETS))
+    return get_peft_model(base, lora.peft_config())
 
 
 def main() -> None:
     args = parse_batch_arguments(__doc__.split("\n")[0])
 
-    _, tokenizer = load_base_model("smollm2")
+    model, tokenizer = load_base_model("smollm2")
+    del model  # only its tokenizer is needed here
     batches = science_batches(tokenizer, args.batches, args.batch)
     steps = {}
     for name, dtype in DTYPES.items():
@@ -62,13 +68,17 @@ def main() -> None:
         assert adapter == {torch.float32}, f"{name}: adapter weights in {adapter}"
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
         steps[name] = step_function(model, True, optimizer)
-        steps[name](batches[0])  # warm-up
+        for batch in batches:  # warm-up: every padded shape once
+            steps[name](batch)
     times: dict[str, list[float]] = {name: [] for name in steps}
     losses: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.repeats):
-        for name, step in steps.items():
+    for round_index in range(args.repeats):
+        order = list(steps) if round_index % 2 == 0 else list(reversed(steps))  # alternate
+        for name in order:
             start = time.perf_counter()
-            losses[name] += [step(batch) for batch in batches]
+            for index, batch in enumerate(batches):
+                torch.manual_seed(index)  # the same dropout masks both ways
+                losses[name].append(steps[name](batch))
             times[name].append((time.perf_counter() - start) / len(batches))
     print(
         f"expert training step (LoRA r=8), {args.batches} batches of {args.batch} science "

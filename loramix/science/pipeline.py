@@ -171,9 +171,9 @@ class RetrainSettings:
         eval_limit: Examples per test set in the evaluation; None uses all.
         max_new_tokens: Greedy tokens per answer in the evaluation.
         train_dtype: Dtype of the frozen base model while experts and gate train ("bfloat16"
-            takes 0.79x the time of "float32" per expert step on this 2-core CPU with
-            AVX512-BF16, `benchmarks/train_dtype.py`; the LoRA weights and the gate always
-            train in float32). The evaluation runs in float32.
+            takes about 0.8x the time of "float32" per expert step on a CPU with
+            AVX512-BF16: BENCHMARKS.md, `benchmarks/train_dtype.py`; the LoRA weights and the
+            gate always train in float32). The evaluation runs in float32.
         threads: torch CPU threads; None leaves torch's default.
         workers: Jobs run side by side, each in its own process with `threads // workers`
             threads (see `loramix.training.jobs`: on a small CPU this finishes sooner than
@@ -349,7 +349,7 @@ def retrain(
         logger.info("step %s: starting", name)
         start, cpu_start = time.perf_counter(), cpu_seconds()
         result = action()
-        details = result if isinstance(result, dict) else {}  # e.g. its jobs' CPU, all calls
+        details = result if isinstance(result, dict) else {}  # e.g. its jobs' CPU time
         seconds = round(time.perf_counter() - start, 2)
         timings[name] = seconds
         cpu_s = round(cpu_seconds() - cpu_start, 1)

@@ -65,8 +65,9 @@ def finish_multitask(job: BackgroundJob) -> dict[str, Any]:
 
 def cpu_seconds() -> float:
     """CPU seconds of this process and of the jobs its `run_jobs` workers finished: the
-    difference across a step is its CPU time, workers included (the multitask LoRA's
-    background worker is not counted here: its step takes its job's own time)."""
+    difference across a step is its CPU time, workers included (their jobs' own time: a
+    worker's start-up, a few seconds of imports, is not counted; nor is the multitask LoRA's
+    background worker, whose step takes its job's own time)."""
     from loramix.training.jobs import workers_cpu_seconds
 
     return time.process_time() + workers_cpu_seconds()
