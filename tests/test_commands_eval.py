@@ -68,6 +68,10 @@ def test_eval_prints_the_table_and_writes_report_and_plots(setup, tmp_path, caps
         names
     )
     assert len(json.loads((out / "eval.json").read_text())["targets"]) == 3
+    markdown = (out / "eval.md").read_text()  # every system against X-LoRA, paired
+    paired = markdown[markdown.index("## Against xlora, paired") :]
+    base_row = next(line for line in paired.splitlines() if line.startswith("| base |"))
+    assert base_row.count("[") == 3 and "| xlora |" not in paired.split("\n\n")[1]
 
 
 def test_eval_with_chosen_systems_and_expert_mapping(setup, tmp_path, capsys) -> None:
@@ -93,6 +97,7 @@ def test_eval_with_chosen_systems_and_expert_mapping(setup, tmp_path, capsys) ->
         (["--systems", "gpt"], "unknown ['gpt']"),
         (["--blocks", "3"], "START:END"),
         (["--expert-for", "bio=phys"], "unknown expert(s) phys"),
+        (["--systems", "base", "xlora", "--reference", "uniform"], "--reference 'uniform': not"),
     ],
 )
 def test_eval_errors_say_what_to_do(setup, tmp_path, capsys, flags, message) -> None:

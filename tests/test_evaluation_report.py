@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -33,3 +34,23 @@ def test_reading_a_foreign_json_names_the_cause(tmp_path: Path) -> None:
     path.write_text('{"scores": {}}')
     with pytest.raises(ValueError, match="not a loramix evaluation report"):
         EvalReport.read(path)
+
+
+def test_the_paired_table_compares_every_system_with_the_reference() -> None:
+    report = crafted_report(NUMBERS)
+    tokens = (4, 6)
+    for system, nll in (("xlora", 1.0), ("uniform", 1.5)):
+        report.scores[system]["bio"] = dataclasses.replace(
+            report.score(system, "bio"),
+            nll=nll,
+            example_nlls=(nll * 4, nll * 6),
+            example_tokens=tokens,
+        )
+    rows = {line.split(" | ")[0]: line for line in report.paired_table("xlora").splitlines()}
+    assert "| xlora" not in rows  # the reference has no row of its own
+    assert "| uniform | +0.500 [+0.500, +0.500] |" in rows["| uniform"]  # paired: bio
+    assert "| +0.300 (unpaired) |" in rows["| uniform"]  # chem: no per-example values kept
+    assert "## Against xlora, paired" in report.to_markdown(reference="xlora")
+    assert "paired" not in report.to_markdown()
+    with pytest.raises(ValueError, match="reference system 'gpt' is not in the report"):
+        report.paired_table("gpt")

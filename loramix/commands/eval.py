@@ -84,6 +84,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         metavar="SET=EXPERT",
         help="the expert of a domain test set, for the targets (default: same name)",
     )
+    parser.add_argument(
+        "--reference",
+        default=None,
+        metavar="SYSTEM",
+        help="eval.md adds every other system's NLL minus this one's, with paired 95%% "
+        "bootstrap intervals (default: xlora when it is evaluated)",
+    )
     parser.add_argument("--mixed", default="mixed", help="name of the mixed test set")
     parser.add_argument("--composite", default="composite", help="name of the composite test set")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per model call")
@@ -105,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate; print the table and the targets, or the error and how to fix it."""
 
     from loramix.evaluation.report import format_targets
-    from loramix.evaluation.runner import evaluate, exact_match, load_test_set
+    from loramix.evaluation.runner import evaluate, exact_match, load_test_set, resolve_systems
     from loramix.model import XLoraModel
     from loramix.records import base_to_load, choose_chat
     from loramix.science.targets import check_targets, science_verifier
@@ -125,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     )
     chat = choose_chat(args.model_dir, args.chat, tokenizer, fallback=True)
     model = XLoraModel.from_pretrained(base, args.model_dir)
+    reference = _reference(args.reference, resolve_systems(args.systems, model.expert_names))
     report = evaluate(
         model,
         tokenizer,
@@ -150,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         mixed=args.mixed if args.mixed in tests else None,
         composite=args.composite if args.composite in tests else None,
     )
-    written = list(report.write(args.out, targets).values())
+    written = list(report.write(args.out, targets, reference=reference).values())
     if args.plots:
         from loramix.evaluation.plots import write_eval_plots
 
@@ -171,6 +179,25 @@ def run(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def _reference(chosen: str | None, systems: list[str]) -> str | None:
+    """The system the paired table compares the others with: `chosen`, or xlora when it is
+    evaluated (None: no table).
+
+    Raises:
+        ValueError: If `chosen` is not one of the evaluated systems.
+    """
+    from loramix.evaluation.runner import XLORA
+
+    if chosen is None:
+        return XLORA if XLORA in systems and len(systems) > 1 else None
+    if chosen not in systems:
+        raise ValueError(
+            f"--reference {chosen!r}: not among the evaluated systems ({', '.join(systems)}); "
+            "name one of them, or add it to --systems"
+        )
+    return chosen
 
 
 def _pairs(values: list[str], flag: str, shape: str) -> dict[str, str]:

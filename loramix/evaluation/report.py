@@ -167,6 +167,45 @@ class EvalReport:
             lines.append(f"| {system} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
+    def paired_table(self, reference: str) -> str:
+        """Markdown: rows are the other systems, columns test sets, cells the row's NLL minus
+        `reference`'s with the paired 95% bootstrap interval of that difference
+        (`nll_difference_interval`): above 0, `reference` is better; an interval that holds
+        0 cannot tell the two apart on these examples. A cell is empty where either system
+        was not scored on the set, and "-0.013 (unpaired)" where the scores keep no
+        per-example values or were made on other examples.
+
+        Raises:
+            ValueError: If `reference` is not one of the report's systems.
+        """
+        if reference not in self.systems:
+            raise ValueError(
+                f"reference system {reference!r} is not in the report; choose one of "
+                f"{', '.join(self.systems)}"
+            )
+        names = list(self.test_sets)
+        lines = [
+            "| system | " + " | ".join(names) + " |",
+            "|:--|" + "--:|" * len(names),
+        ]
+        for system in self.systems:
+            if system == reference:
+                continue
+            cells = []
+            for name in names:
+                ours, theirs = self.scores[system].get(name), self.scores[reference].get(name)
+                if ours is None or theirs is None:
+                    cells.append("")
+                    continue
+                interval = nll_difference_interval(ours, theirs)
+                difference = f"{ours.nll - theirs.nll:+.3f}"
+                if interval is None:
+                    cells.append(f"{difference} (unpaired)")
+                else:
+                    cells.append(f"{difference} [{interval[0]:+.3f}, {interval[1]:+.3f}]")
+            lines.append(f"| {system} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
     def usage_table(self) -> str:
         """Markdown: rows are test sets, columns experts, cells X-LoRA's mean scalings."""
         if not self.usage:
@@ -184,8 +223,9 @@ class EvalReport:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
-    def to_markdown(self, targets: Sequence[TargetCheck] = ()) -> str:
-        """The whole report: scores, expert usage, targets (if given) and settings."""
+    def to_markdown(self, targets: Sequence[TargetCheck] = (), reference: str | None = None) -> str:
+        """The whole report: scores, intervals, the other systems against `reference` (if
+        given, `paired_table`), expert usage, targets (if given) and settings."""
         sizes = ", ".join(
             f"{name} {next(iter(self.scores.values()))[name].n_examples}" for name in self.test_sets
         )
@@ -208,6 +248,18 @@ class EvalReport:
                 self.table(intervals=True),
                 "",
                 "Percentile bootstrap over the examples of each set (2000 resamples, seed 0).",
+            ]
+        if reference is not None:
+            parts += [
+                "",
+                f"## Against {reference}, paired",
+                "",
+                self.paired_table(reference),
+                "",
+                f"Cells: the system's NLL minus {reference}'s (above 0: {reference} is better) "
+                "and the 95% interval of that difference, both systems scored on the same "
+                "resampled examples (percentile bootstrap, 2000 resamples, seed 0). An interval "
+                "that holds 0 cannot tell the two apart on these examples.",
             ]
         if self.usage:
             parts += [
@@ -273,8 +325,14 @@ class EvalReport:
         except (KeyError, TypeError) as error:
             raise ValueError(f"malformed evaluation report ({error!r})") from None
 
-    def write(self, out_dir: str | os.PathLike[str], targets: Sequence[TargetCheck] = ()) -> dict:
-        """Writes `eval.json` and `eval.md` into `out_dir` (created if missing), atomically.
+    def write(
+        self,
+        out_dir: str | os.PathLike[str],
+        targets: Sequence[TargetCheck] = (),
+        reference: str | None = None,
+    ) -> dict:
+        """Writes `eval.json` and `eval.md` into `out_dir` (created if missing), atomically;
+        `reference` adds the paired table to `eval.md` (`to_markdown`).
 
         Returns:
             File name -> path.
@@ -285,7 +343,7 @@ class EvalReport:
             REPORT_JSON: write_text_atomic(
                 out / REPORT_JSON, json.dumps(self.to_dict(targets), indent=2) + "\n"
             ),
-            REPORT_MD: write_text_atomic(out / REPORT_MD, self.to_markdown(targets)),
+            REPORT_MD: write_text_atomic(out / REPORT_MD, self.to_markdown(targets, reference)),
         }
 
     @classmethod

@@ -126,7 +126,7 @@ def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> dict[str, An
         composite=COMPOSITE if COMPOSITE in test_sets else None,
         multitask=MULTITASK if settings.multitask else None,
     )
-    report.write(paths.eval, checks)
+    report.write(paths.eval, checks, reference=XLORA)  # every system against X-LoRA, paired
     logger.info("evaluation:\n%s", report.table())
     for check in checks:
         logger.info("target %s", check.line())
