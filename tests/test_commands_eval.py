@@ -97,7 +97,10 @@ def test_eval_with_chosen_systems_and_expert_mapping(setup, tmp_path, capsys) ->
         (["--systems", "gpt"], "unknown ['gpt']"),
         (["--blocks", "3"], "START:END"),
         (["--expert-for", "bio=phys"], "unknown expert(s) phys"),
-        (["--systems", "base", "xlora", "--reference", "uniform"], "--reference 'uniform': not"),
+        (["--systems", "base", "xlora", "--reference", "uniform"], "--reference 'uniform': comp"),
+        (["--systems", "xlora", "--reference", "xlora"], "compare it with other evaluated"),
+        (["--systems", "gpt", "--batch-size", "0"], "batch_size=0"),  # both problems named
+        (["--systems", "gpt", "--batch-size", "0"], "unknown ['gpt']"),
     ],
 )
 def test_eval_errors_say_what_to_do(setup, tmp_path, capsys, flags, message) -> None:
@@ -125,3 +128,38 @@ def test_eval_renders_prompts_as_training_did(setup, tmp_path, caplog) -> None:
     said = "training rendered prompts plain (no chat template), but they are rendered with the"
     assert said in caplog.text
     assert json.loads((tmp_path / "b" / "eval.json").read_text())["settings"]["chat"] is True
+
+
+def test_a_bad_reference_fails_before_any_scoring(setup, tmp_path, capsys, monkeypatch) -> None:
+    def never(*args, **kwargs):
+        raise AssertionError("evaluate ran")
+
+    monkeypatch.setattr("loramix.evaluation.runner.evaluate", never)
+    argv = ["eval", str(setup["xlora"]), "--base", str(setup["base"]), "--out", str(tmp_path)]
+    argv += ["--test", f"bio={setup['bio']}", "--reference", "expert:bio", "--systems", "base"]
+    assert main(argv) == 2
+    assert "--reference 'expert:bio'" in capsys.readouterr().err
+
+
+def test_the_paired_table_takes_the_reference_asked_for(setup, tmp_path) -> None:
+    argv = ["eval", str(setup["xlora"]), "--base", str(setup["base"])]
+    argv += ["--test", f"bio={setup['bio']}", "--limit", "2", "--max-new-tokens", "0"]
+    assert (
+        main(
+            [
+                *argv,
+                "--systems",
+                "base",
+                "xlora",
+                "--reference",
+                "base",
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
+    paired = (tmp_path / "a" / "eval.md").read_text().split("## Against base, paired")[1]
+    assert "| xlora | " in paired and "| base | " not in paired.split("Cells:")[0]
+    assert main([*argv, "--systems", "xlora", "--out", str(tmp_path / "b")]) == 0
+    assert "paired" not in (tmp_path / "b" / "eval.md").read_text()  # nothing to compare with

@@ -43,14 +43,24 @@ def test_the_paired_table_compares_every_system_with_the_reference() -> None:
         report.scores[system]["bio"] = dataclasses.replace(
             report.score(system, "bio"),
             nll=nll,
+            n_examples=2,
+            n_tokens=10,
             example_nlls=(nll * 4, nll * 6),
             example_tokens=tokens,
         )
+    del report.scores["expert:chem"]["mixed"]  # not scored there: an empty cell
     rows = {line.split(" | ")[0]: line for line in report.paired_table("xlora").splitlines()}
     assert "| xlora" not in rows  # the reference has no row of its own
     assert "| uniform | +0.500 [+0.500, +0.500] |" in rows["| uniform"]  # paired: bio
     assert "| +0.300 (unpaired) |" in rows["| uniform"]  # chem: no per-example values kept
     assert "## Against xlora, paired" in report.to_markdown(reference="xlora")
     assert "paired" not in report.to_markdown()
+    assert rows["| expert:chem"].endswith("|  |")  # mixed, the last column, is empty
     with pytest.raises(ValueError, match="reference system 'gpt' is not in the report"):
         report.paired_table("gpt")
+
+
+def test_a_bad_reference_writes_no_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="reference system 'gpt'"):
+        crafted_report(NUMBERS).write(tmp_path / "out", reference="gpt")
+    assert not (tmp_path / "out").exists()

@@ -89,7 +89,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         default=None,
         metavar="SYSTEM",
         help="eval.md adds every other system's NLL minus this one's, with paired 95%% "
-        "bootstrap intervals (default: xlora when it is evaluated)",
+        "bootstrap intervals (default: xlora when it is evaluated with another system)",
     )
     parser.add_argument("--mixed", default="mixed", help="name of the mixed test set")
     parser.add_argument("--composite", default="composite", help="name of the composite test set")
@@ -132,7 +132,11 @@ def run(args: argparse.Namespace) -> int:
     )
     chat = choose_chat(args.model_dir, args.chat, tokenizer, fallback=True)
     model = XLoraModel.from_pretrained(base, args.model_dir)
-    reference = _reference(args.reference, resolve_systems(args.systems, model.expert_names))
+    try:
+        systems = resolve_systems(args.systems, model.expert_names)
+    except ValueError:  # `evaluate` names it, with any other problem of the arguments
+        systems = None
+    reference = _reference(args.reference, systems) if systems is not None else None
     report = evaluate(
         model,
         tokenizer,
@@ -192,10 +196,10 @@ def _reference(chosen: str | None, systems: list[str]) -> str | None:
 
     if chosen is None:
         return XLORA if XLORA in systems and len(systems) > 1 else None
-    if chosen not in systems:
+    if chosen not in systems or len(systems) < 2:
         raise ValueError(
-            f"--reference {chosen!r}: not among the evaluated systems ({', '.join(systems)}); "
-            "name one of them, or add it to --systems"
+            f"--reference {chosen!r}: compare it with other evaluated systems (evaluated: "
+            f"{', '.join(systems)}); name one of them, or add systems to --systems"
         )
     return chosen
 

@@ -178,7 +178,7 @@ class EvalReport:
         Raises:
             ValueError: If `reference` is not one of the report's systems.
         """
-        if reference not in self.systems:
+        if reference not in self.systems or reference not in self.scores:
             raise ValueError(
                 f"reference system {reference!r} is not in the report; choose one of "
                 f"{', '.join(self.systems)}"
@@ -193,7 +193,8 @@ class EvalReport:
                 continue
             cells = []
             for name in names:
-                ours, theirs = self.scores[system].get(name), self.scores[reference].get(name)
+                ours = self.scores.get(system, {}).get(name)
+                theirs = self.scores[reference].get(name)
                 if ours is None or theirs is None:
                     cells.append("")
                     continue
@@ -259,7 +260,9 @@ class EvalReport:
                 f"Cells: the system's NLL minus {reference}'s (above 0: {reference} is better) "
                 "and the 95% interval of that difference, both systems scored on the same "
                 "resampled examples (percentile bootstrap, 2000 resamples, seed 0). An interval "
-                "that holds 0 cannot tell the two apart on these examples.",
+                'that holds 0 cannot tell the two apart on these examples. "(unpaired)": no '
+                "interval, as a score keeps no per-example values or was made on other "
+                "examples; empty: one of the two was not scored on the set.",
             ]
         if self.usage:
             parts += [
@@ -337,13 +340,13 @@ class EvalReport:
         Returns:
             File name -> path.
         """
+        markdown = self.to_markdown(targets, reference)  # checks `reference` before any write
+        data = json.dumps(self.to_dict(targets), indent=2) + "\n"
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         return {
-            REPORT_JSON: write_text_atomic(
-                out / REPORT_JSON, json.dumps(self.to_dict(targets), indent=2) + "\n"
-            ),
-            REPORT_MD: write_text_atomic(out / REPORT_MD, self.to_markdown(targets, reference)),
+            REPORT_JSON: write_text_atomic(out / REPORT_JSON, data),
+            REPORT_MD: write_text_atomic(out / REPORT_MD, markdown),
         }
 
     @classmethod
