@@ -246,12 +246,17 @@ def test_saving_the_adapter_never_asks_the_hub(base, data, tmp_path, monkeypatch
     assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def test_keep_best_ends_at_the_checkpoint_best_on_the_eval_data(base, data, tmp_path):
-    # Answers made of words the training data lacks: training makes them less likely, so
-    # the held-out loss is lowest at an early checkpoint.
-    dev = tmp_path / "dev.jsonl"
+def unlearned_dev(folder: Path) -> Path:
+    """Answers made of words the training data lacks: training makes them less likely, so
+    the held-out loss is lowest at an early checkpoint."""
+    dev = folder / "dev.jsonl"
     pairs = [("what is two plus two? ", "zebra kjq"), ("capital of france? ", "vwx zzz")]
     dev.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in pairs))
+    return dev
+
+
+def test_keep_best_ends_at_the_checkpoint_best_on_the_eval_data(base, data, tmp_path):
+    dev = unlearned_dev(tmp_path)
     settings = fast(max_steps=8, save_steps=2, keep_best=True, save_total_limit=None)
     out = train_expert(base, [data], tmp_path / "expert", training=settings, eval_data=[dev])
 
@@ -272,7 +277,42 @@ def test_keep_best_ends_at_the_checkpoint_best_on_the_eval_data(base, data, tmp_
     assert not all(torch.equal(kept[k], last[k]) for k in kept)
 
 
-def test_keep_best_needs_held_out_data_and_aligned_checkpoints(base, data, tmp_path):
+def test_keep_best_resumes_from_checkpoints_between_its_measurements(base, data, tmp_path):
+    dev = unlearned_dev(tmp_path)
+    # Checkpoints only where the dev loss is measured, as keep_best saved before...
+    measured_only = fast(max_steps=8, save_steps=4, eval_steps=4, keep_best=True)
+    straight = train_expert(
+        base, [data], tmp_path / "straight", training=measured_only, eval_data=[dev]
+    )
+    # ...and with resume points every 3 steps in between, as the science retrain saves.
+    between = fast(max_steps=8, save_steps=3, eval_steps=4, keep_best=True, save_total_limit=1)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        train_expert(base, [data], out, training=between, eval_data=[dev], callbacks=[StopAt(7)])
+    state = json.loads((out / "checkpoints/checkpoint-6/trainer_state.json").read_text())
+    assert state["best_global_step"] == 4
+    # The newest resume point and the best measurement; the older resume point 3 is rotated.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
+
+    steps = RecordSteps()
+    train_expert(
+        base, [data], out, training=between, eval_data=[dev], resume=True, callbacks=[steps]
+    )
+    assert steps.steps == [7, 8]  # from checkpoint 6, which measured nothing
+    record = json.loads((out / "training_args.json").read_text())
+    assert (
+        record["kept_step"]
+        == json.loads((straight / "training_args.json").read_text())["kept_step"]
+    )
+    weights = "adapter_model.safetensors"
+    assert (out / weights).read_bytes() == (straight / weights).read_bytes()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-4"]
+
+
+def test_keep_best_needs_held_out_data(base, data, tmp_path):
     with pytest.raises(ValueError, match="no held-out data"):
         train_expert(
             base,
@@ -281,5 +321,3 @@ def test_keep_best_needs_held_out_data_and_aligned_checkpoints(base, data, tmp_p
             training=fast(max_steps=2, eval_fraction=0.0, keep_best=True),
         )
     assert not (tmp_path / "a").exists()  # refused before the output folder is made
-    with pytest.raises(ValueError, match="save_steps=3 is not a multiple of eval_steps=2"):
-        fast(keep_best=True, save_steps=3, eval_steps=2)

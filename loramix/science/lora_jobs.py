@@ -51,12 +51,11 @@ def training_config(
     settings: RetrainSettings, seed: int, *, lr: float, steps: int, keep_best: bool = False
 ) -> TrainingConfig:
     """The one `TrainingConfig` of the run; experts and gate differ in `lr` and `steps`, and
-    the LoRA adapters may keep their best checkpoint on dev (`keep_best`): they then save a
-    checkpoint and measure the dev loss every `steps / EVAL_POINTS` steps (at least
-    `settings.save_steps`)."""
-    save_steps = (
-        max(settings.save_steps, steps // EVAL_POINTS) if keep_best else settings.save_steps
-    )
+    the LoRA adapters may keep their best checkpoint on dev (`keep_best`): they then measure
+    the dev loss, and save a checkpoint, every `steps / EVAL_POINTS` steps (at least
+    `settings.save_steps`). Checkpoints to resume from come every `settings.save_steps`
+    either way."""
+    eval_steps = max(settings.save_steps, steps // EVAL_POINTS) if keep_best else None
     return TrainingConfig(
         lr=lr,
         max_steps=steps,
@@ -65,8 +64,8 @@ def training_config(
         max_length=settings.max_length,
         chat=False,
         eval_fraction=0.0,
-        save_steps=save_steps,
-        eval_steps=save_steps if keep_best else None,
+        save_steps=settings.save_steps,
+        eval_steps=eval_steps,
         save_total_limit=1,
         warmup=0.05,
         lr_scheduler=settings.lr_scheduler,

@@ -166,8 +166,8 @@ class RetrainSettings:
         max_length: Tokens per training example (the longest science examples, reasoning
             puzzles, have under 90).
         save_steps: Steps between checkpoints, from which an interrupted step resumes (with
-            `keep_best`, the experts' and the multitask LoRA's checkpoints come with their dev
-            measurements instead: every tenth of their steps, if that is longer).
+            `keep_best`, the experts and the multitask LoRA also save one at each of their dev
+            measurements: every tenth of their steps, if that is longer).
         eval_limit: Examples per test set in the evaluation; None uses all.
         max_new_tokens: Greedy tokens per answer in the evaluation.
         train_dtype: Dtype of the frozen base model while experts and gate train ("bfloat16"

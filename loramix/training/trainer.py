@@ -73,7 +73,8 @@ class TrainingConfig:
         max_length: Examples are truncated to this many tokens.
         chat: Render prompt/completion pairs with the tokenizer's chat template.
         eval_fraction: Share of each data file held out for the eval loss; 0 for none.
-        save_steps: Optimizer steps between checkpoints (one is also saved at the end).
+        save_steps: Optimizer steps between checkpoints, the points an interrupted run
+            resumes from (one is also saved at the end).
         eval_steps: Optimizer steps between eval-loss measurements; `save_steps` if None.
         save_total_limit: Checkpoints kept (oldest deleted first); None keeps all.
         warmup: Linear warmup: a fraction of all steps if < 1, else a number of steps.
@@ -90,9 +91,12 @@ class TrainingConfig:
             OUT/checkpoints/runs) or "wandb" (Weights & Biases); the package must be installed.
         keep_best: End with the weights of the checkpoint whose held-out loss was lowest
             (early stopping, chosen on the held-out data) instead of the last step's; needs
-            held-out data (`eval_fraction` or the trainers' `eval_data`), and `save_steps` a
-            multiple of `eval_steps`. At the end, a `save_total_limit` of 1 keeps only the best
-            checkpoint, so raising `max_steps` on a finished run continues from there.
+            held-out data (`eval_fraction` or the trainers' `eval_data`). Every measurement
+            then also saves a checkpoint (the candidates), besides those every `save_steps`
+            (so measurements far apart do not make an interruption lose more steps); the
+            best one is never rotated away. At the end, a `save_total_limit` of 1 keeps only
+            the best checkpoint, so raising `max_steps` on a finished run continues from
+            there.
     """
 
     lr: float = 2e-4
@@ -167,16 +171,6 @@ class TrainingConfig:
             problems.append(f"weight_decay={self.weight_decay}: use a number >= 0.")
         if not isinstance(self.keep_best, bool):
             problems.append(f"keep_best={self.keep_best!r}: use True or False.")
-        elif (
-            self.keep_best
-            and is_int(self.eval_steps)
-            and is_int(self.save_steps)
-            and self.save_steps % self.eval_steps
-        ):
-            problems.append(
-                f"keep_best needs checkpoints where the held-out loss is measured: save_steps="
-                f"{self.save_steps} is not a multiple of eval_steps={self.eval_steps}."
-            )
         raise_problems("Invalid TrainingConfig", problems)
 
     def data_options(self) -> dict[str, Any]:
@@ -246,8 +240,14 @@ def cpu_data_parallel() -> bool:
 def training_arguments(
     config: TrainingConfig, output_dir: Path, has_eval: bool
 ) -> TrainingArguments:
-    """Translate a `TrainingConfig` into transformers' `TrainingArguments`."""
+    """Translate a `TrainingConfig` into transformers' `TrainingArguments`.
+
+    With `keep_best` and held-out data, Trainer saves at every measurement (it needs a
+    checkpoint there to load the best one); `ResumePoints` adds the saves every
+    `config.save_steps` in between.
+    """
     eval_steps = config.eval_steps or config.save_steps
+    best_candidates = config.keep_best and has_eval
     on_cpus = cpu_data_parallel()
     # The Trainer turns it on through the model's own method (XLoraModel's checks the kwargs);
     # transformers releases before 5.x's rename only know the older field name.
@@ -270,7 +270,7 @@ def training_arguments(
         seed=config.seed,
         data_seed=config.seed,
         save_strategy="steps",
-        save_steps=config.save_steps,
+        save_steps=eval_steps if best_candidates else config.save_steps,
         save_total_limit=config.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=eval_steps if has_eval else None,
@@ -329,6 +329,8 @@ def run_trainer(
         held_out = None
     check_held_out(config, held_out)
     args = training_arguments(config, out / CHECKPOINTS, has_eval=held_out is not None)
+    if args.save_steps != config.save_steps:  # keep_best saves at its measurements
+        callbacks = [*callbacks, ResumePoints(config.save_steps)]
     trainer = trainer_class(
         model=model,
         args=args,
@@ -402,6 +404,24 @@ def _without_mtime_notice() -> Iterator[None]:
         yield
     finally:
         source.removeFilter(drop)
+
+
+class ResumePoints(TrainerCallback):
+    """Save a checkpoint every `every` optimizer steps, besides Trainer's own saves.
+
+    With `keep_best`, Trainer saves where it measures the held-out loss (a tenth of the run
+    apart in the science retrain); these saves in between are where an interrupted run
+    resumes from. Saving reads the random states and changes none, so the run's steps are
+    the same either way, and Trainer's rotation keeps the best checkpoint.
+    """
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+
+    def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step % self.every == 0:
+            control.should_save = True
+        return control
 
 
 class LogCallback(TrainerCallback):
