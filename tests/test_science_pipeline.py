@@ -27,6 +27,7 @@ from loramix.science.final_eval import evaluation_parts, report_is_current
 from loramix.science.pipeline import (
     MULTITASK,
     SELECTION_JSON,
+    TIMINGS_JSON,
     RetrainPaths,
     RetrainSettings,
     evaluate_early,
@@ -446,6 +447,19 @@ def test_adding_a_domain_trains_one_expert_and_one_gate(run):
     assert record["ratio"] == pytest.approx(  # the ratio is rounded to 2 decimals
         record["multitask_retrain_s"] / record["add_domain_s"], abs=0.0051
     )
+    cpu = record["cpu"]  # the same comparison in CPU time, against the multitask job's own
+    assert cpu["expert_s"] > 0 and cpu["gate_s"] > 0
+    assert cpu["add_domain_s"] == pytest.approx(
+        cpu["data_s"] + cpu["expert_s"] + cpu["gate_s"], abs=0.011
+    )
+    timings = json.loads((out / TIMINGS_JSON).read_text())
+    own = (
+        timings[MULTITASK]["job"] if MULTITASK in timings else timings["experts"]["each"][MULTITASK]
+    )
+    assert cpu["multitask_retrain_s"] == pytest.approx(own["cpu_s"] * 3 / 2, abs=0.1)
+    assert cpu["ratio"] == pytest.approx(
+        cpu["multitask_retrain_s"] / cpu["add_domain_s"], abs=0.0051
+    )
     with pytest.raises(ValueError, match="already has the domain 'biology'"):
         add_domain(out, "biology", seed=3, settings=settings)
 
@@ -469,12 +483,27 @@ def test_add_domain_cost_reads_one_runs_timings():
     assert cost["add_domain_s"] == 190  # the slowest expert + the chosen gate
     assert cost["multitask_retrain_s"] == 600  # 400 s for 2 domains, scaled to 3
     assert cost["ratio"] == pytest.approx(600 / 190, abs=0.01)
+    assert "cpu" not in cost  # timings without CPU time (older runs): wall time only
+    cpu_s = {"biology": 90, "proteins": 60, MULTITASK: 300, "a": 40, "b": 30}
+    for job in [*timings["experts"]["each"].items(), *timings["gates"]["each"].items()]:
+        job[1]["cpu_s"] = cpu_s[job[0]]
+    cost = add_domain_cost(timings, settings)
+    # CPU time takes its own slowest expert (biology, though proteins took longer in wall)
+    assert cost["cpu"] == {
+        "add_domain_s": 120,
+        "expert_s": 90,
+        "gate_s": 30,
+        "multitask_retrain_s": 450,
+        "ratio": 3.75,
+    }
+    assert cost["add_domain_s"] == 190  # the wall-time figures are unchanged
     with pytest.raises(ValueError, match="lacks 'select'"):
         add_domain_cost({"experts": timings["experts"], "gates": timings["gates"]}, settings)
-    timings[MULTITASK] = {"wall_s": 5, "job": {"wall_s": 800}}  # trained in the background
+    timings[MULTITASK] = {"wall_s": 5, "job": {"wall_s": 800, "cpu_s": 700}}  # in background
     assert add_domain_cost(timings, settings)["multitask_retrain_s"] == 1200
     timings[MULTITASK]["job"].update(steps=2000, resumed_from_step=1000)  # half timed
     assert add_domain_cost(timings, settings)["multitask_retrain_s"] == 2400
+    assert add_domain_cost(timings, settings)["cpu"]["multitask_retrain_s"] == 2100
     timings["multitask-candidates"] = {"each": {"multitask-s500": {"wall_s": 200}}}
     chosen = add_domain_cost(timings, settings, "s500")  # a baseline chosen on dev
     assert (chosen["multitask_retrain_s"], chosen["multitask"]) == (300, "s500")

@@ -4,9 +4,15 @@ This is what the mixture buys in practice. The experts already trained stay froz
 reused; adding a domain trains one expert and one gate (with the settings chosen on dev in
 the run). The multitask LoRA, by contrast, has to be retrained on the union of all the
 domains' data. `add_domain` does the former and records, in `OUT/add-<domain>/timings.json`,
-its wall time beside the training time of the run's multitask LoRA (from `OUT/timings.json`;
+its wall and CPU time beside those of the run's multitask LoRA (from `OUT/timings.json`;
 the one chosen on dev when the run had candidates, `OUT/multitask_selection.json`), scaled to
 one more domain.
+
+Both clocks are given because they answer different questions. Wall time is what a user
+waits on an idle machine; but a run shares its cores (the multitask LoRA trains beside the
+experts, and anything else on the machine slows both), so a job's wall time also counts its
+neighbours. CPU time counts only the job's own work, and is the comparison that holds when
+the run was not alone on the machine.
 
 `add_domain_cost` reads the same comparison off the timings of a single full run (one
 expert's time plus the chosen gate's time, against the multitask LoRA's time), so a run
@@ -63,14 +69,12 @@ def add_domain_cost(
     """
     try:
         each = timings["experts"]["each"]
-        timed = [full_seconds(each[d]) for d in settings.domains if d in each]
-        if not timed:
+        experts = [each[d] for d in settings.domains if d in each]
+        if not experts:
             raise KeyError(settings.domains[0])
-        expert_s = max(timed)  # the slowest domain timed
-        chosen = timings["select"]["chosen"]
-        gate_s = full_seconds(timings["gates"]["each"][chosen])
-        multitask_s = multitask_seconds(timings, baseline)
-        if multitask_s is None:
+        gate = timings["gates"]["each"][timings["select"]["chosen"]]
+        multitask = multitask_job(timings, baseline)
+        if multitask is None:
             raise KeyError(baseline)
     except (KeyError, TypeError) as error:
         raise ValueError(
@@ -78,44 +82,58 @@ def add_domain_cost(
             "gates and select steps of one run, timed in the same call"
         ) from None
     n = len(settings.domains)
-    retrain_s = multitask_s * (n + 1) / n  # one more domain's data and steps
-    add_s = expert_s + gate_s
-    return {
-        "add_domain_s": round(add_s, 1),
-        "expert_s": expert_s,
-        "experts_timed": len(timed),
-        "gate_s": gate_s,
-        "multitask_retrain_s": round(retrain_s, 1),
-        "multitask": baseline,
-        "ratio": round(retrain_s / add_s, 2),
-    }
+
+    def compare(clock: str) -> dict[str, Any]:
+        expert_s = max(full_seconds(job, clock) for job in experts)  # the slowest domain
+        gate_s = full_seconds(gate, clock)
+        retrain_s = full_seconds(multitask, clock) * (n + 1) / n  # one more domain's steps
+        add_s = expert_s + gate_s
+        return {
+            "add_domain_s": round(add_s, 1),
+            "expert_s": expert_s,
+            "gate_s": gate_s,
+            "multitask_retrain_s": round(retrain_s, 1),
+            "ratio": round(retrain_s / add_s, 2),
+        }
+
+    cost = {**compare("wall_s"), "experts_timed": len(experts), "multitask": baseline}
+    if all("cpu_s" in job for job in [*experts, gate, multitask]):  # older runs lack it
+        cost["cpu"] = compare("cpu_s")
+    return cost
 
 
-def multitask_seconds(timings: dict[str, Any], name: str = MULTITASK) -> float | None:
-    """A multitask LoRA's own training time in a run's `timings.json`, if it is there; scaled
-    to all its steps if it resumed. The run's own (`MULTITASK`): its background job's (the
-    "multitask" step) or, in runs that trained it beside the experts, its entry among the
-    experts'. A candidate (`s4000`): its entry in the "multitask-candidates" step."""
+def multitask_job(timings: dict[str, Any], name: str = MULTITASK) -> dict[str, Any] | None:
+    """A multitask LoRA's own job record in a run's `timings.json`, if it is there. The
+    run's own (`MULTITASK`): its background job's (the "multitask" step) or, in runs that
+    trained it beside the experts, its entry among the experts'. A candidate (`s4000`): its
+    entry in the "multitask-candidates" step."""
     if name != MULTITASK:
         from loramix.science.multitask_choice import candidate_folder
 
-        job = timings.get("multitask-candidates", {}).get("each", {}).get(candidate_folder(name))
-        return None if job is None else full_seconds(job)
+        return timings.get("multitask-candidates", {}).get("each", {}).get(candidate_folder(name))
     job = timings.get(MULTITASK, {}).get("job")
     if job is None:
         job = timings.get("experts", {}).get("each", {}).get(MULTITASK)
-    if job is None:
-        return None
-    return full_seconds(job)
+    return job
 
 
-def full_seconds(job: dict[str, Any]) -> float:
-    """A training job's wall time, scaled to all its steps when it resumed from a
-    checkpoint (its record then says from which step: `retrain_jobs.job_record`)."""
+def multitask_seconds(
+    timings: dict[str, Any], name: str = MULTITASK, clock: str = "wall_s"
+) -> float | None:
+    """A multitask LoRA's own training time (`clock`: "wall_s" or "cpu_s") in a run's
+    `timings.json`, if it is there; scaled to all its steps if it resumed."""
+    job = multitask_job(timings, name)
+    return None if job is None or clock not in job else full_seconds(job, clock)
+
+
+def full_seconds(job: dict[str, Any], clock: str = "wall_s") -> float:
+    """A training job's time (`clock`: "wall_s" or "cpu_s"), scaled to all its steps when
+    it resumed from a checkpoint (its record then says from which step:
+    `retrain_jobs.job_record`)."""
     resumed_from = job.get("resumed_from_step", 0)
     if resumed_from:
-        return round(job["wall_s"] * job["steps"] / (job["steps"] - resumed_from), 1)
-    return job["wall_s"]
+        return round(job[clock] * job["steps"] / (job["steps"] - resumed_from), 1)
+    return job[clock]
 
 
 def add_domain(
@@ -166,7 +184,8 @@ def add_domain(
     candidate = chosen_candidate(selection, paths.out / SELECTION_JSON)
     domains = (*settings.domains, domain)
     record: dict[str, Any] = {"domain": domain, "gate": candidate.name}
-    start = time.perf_counter()
+    cpu: dict[str, float] = {}  # the same steps' CPU time (everything runs in this process)
+    start, cpu_start = time.perf_counter(), time.process_time()
     staging = paths.out / f"add-{domain}"
     write_datasets(
         staging / "data",
@@ -180,20 +199,26 @@ def add_domain(
         name = f"{domain}_{split}.jsonl"
         write_text_atomic(paths.data / name, (staging / "data" / name).read_text())
     record["data_s"] = round(time.perf_counter() - start, 2)
-    start = time.perf_counter()
+    cpu["data_s"] = round(time.process_time() - cpu_start, 2)
+    start, cpu_start = time.perf_counter(), time.process_time()
     train_lora_job(paths, domain, seed, settings)
     record["expert_s"] = round(time.perf_counter() - start, 2)
-    start = time.perf_counter()
+    cpu["expert_s"] = round(time.process_time() - cpu_start, 2)
+    start, cpu_start = time.perf_counter(), time.process_time()
     wider = dataclasses.replace(settings, domains=domains)
     train_gate_candidate(paths, staging / "xlora", candidate, seed, wider)
     record["gate_s"] = round(time.perf_counter() - start, 2)
-    record["add_domain_s"] = round(record["data_s"] + record["expert_s"] + record["gate_s"], 2)
+    cpu["gate_s"] = round(time.process_time() - cpu_start, 2)
     record["multitask"] = recorded_choice(paths)
-    multitask_s = multitask_seconds(read_json(paths.out / TIMINGS_JSON), record["multitask"])
-    if multitask_s is not None:
-        n = len(settings.domains)
-        record["multitask_retrain_s"] = round(multitask_s * (n + 1) / n, 1)
-        record["ratio"] = round(record["multitask_retrain_s"] / record["add_domain_s"], 2)
+    timings = read_json(paths.out / TIMINGS_JSON)
+    n = len(settings.domains)
+    for times, clock in ((record, "wall_s"), (cpu, "cpu_s")):
+        times["add_domain_s"] = round(times["data_s"] + times["expert_s"] + times["gate_s"], 2)
+        multitask_s = multitask_seconds(timings, record["multitask"], clock)
+        if multitask_s is not None:
+            times["multitask_retrain_s"] = round(multitask_s * (n + 1) / n, 1)
+            times["ratio"] = round(times["multitask_retrain_s"] / times["add_domain_s"], 2)
+    record["cpu"] = cpu
     write_text_atomic(staging / TIMINGS_JSON, json.dumps(record, indent=2) + "\n")
     logger.info("added %s in %.0f s: %s", domain, record["add_domain_s"], record)
     return record
