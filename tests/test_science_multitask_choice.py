@@ -8,10 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from test_science_pipeline import TINY
 from tiny_tokenizer import save_tiny_model
 
 from loramix.science.final_eval import PARTS, part_inputs
+from loramix.science.lora_jobs import train_lora_job
 from loramix.science.multitask_choice import (
     MULTITASK_SELECTION_JSON,
     chosen_multitask,
@@ -147,3 +150,33 @@ def test_a_new_run_takes_the_sources_own_lora_as_the_candidate_of_its_schedule(r
     assert json.loads((out / REUSED_JSON).read_text())["multitask_candidates"] == {
         "s4-best": MULTITASK
     }
+
+
+def test_candidates_train_in_the_background_beside_the_multitask_lora(run, tmp_path):
+    source, settings = run
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    shutil.rmtree(out / "experts" / MULTITASK)  # experts, gates and selection stay done
+    two = dataclasses.replace(settings, workers=2, multitask_candidates=("s1",))
+    timings = retrain(out, seed=3, settings=two, bundle_dir=None)
+    assert timings["experts"] is None and timings["gates"] is None
+    recorded = json.loads((out / TIMINGS_JSON).read_text())
+    assert recorded[MULTITASK]["job"]["wall_s"] > 0  # its own job, in a worker
+    step = recorded["multitask-candidates"]
+    assert step["background"] is True  # beside it, not after it
+    assert set(step["each"]) == {"multitask-s1"}
+    assert step["cpu_s"] == step["each"]["multitask-s1"]["cpu_s"] > 0
+    assert json.loads((out / MULTITASK_SELECTION_JSON).read_text())["chosen"] in (MULTITASK, "s1")
+
+    # The same LoRAs as trained here, one after the other (one thread per worker there vs
+    # the test's threads here: rounding only).
+    here = tmp_path / "here"
+    shutil.copytree(source, here)
+    shutil.rmtree(here / "experts" / MULTITASK)
+    for name in (MULTITASK, "multitask-s1"):
+        train_lora_job(RetrainPaths(here), name, 3, two)
+        weights = f"experts/{name}/adapter_model.safetensors"
+        there, mine = load_file(out / weights), load_file(here / weights)
+        assert there.keys() == mine.keys()
+        for key in mine:
+            torch.testing.assert_close(there[key], mine[key], atol=1e-5, rtol=1e-4)

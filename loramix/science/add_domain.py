@@ -12,7 +12,9 @@ Both clocks are given because they answer different questions. Wall time is what
 waits on an idle machine; but a run shares its cores (the multitask LoRA trains beside the
 experts, and anything else on the machine slows both), so a job's wall time also counts its
 neighbours. CPU time counts only the job's own work, and is the comparison that holds when
-the run was not alone on the machine.
+the run was not alone on the machine. It holds at equal threads per job: the retrain's jobs
+run on one thread each on a 2-core machine, while `add_domain` runs here with torch's
+threads (its record says how many), whose overhead counts against adding the domain.
 
 `add_domain_cost` reads the same comparison off the timings of a single full run (one
 expert's time plus the chosen gate's time, against the multitask LoRA's time), so a run
@@ -34,6 +36,8 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from loramix.atomic import write_text_atomic
 from loramix.science.pipeline import (
@@ -183,7 +187,11 @@ def add_domain(
     check_run_settings(paths.out, seed, settings, ignore=CHANGEABLE)
     candidate = chosen_candidate(selection, paths.out / SELECTION_JSON)
     domains = (*settings.domains, domain)
-    record: dict[str, Any] = {"domain": domain, "gate": candidate.name}
+    record: dict[str, Any] = {
+        "domain": domain,
+        "gate": candidate.name,
+        "threads": torch.get_num_threads(),
+    }
     cpu: dict[str, float] = {}  # the same steps' CPU time (everything runs in this process)
     start, cpu_start = time.perf_counter(), time.process_time()
     staging = paths.out / f"add-{domain}"

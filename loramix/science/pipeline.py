@@ -26,7 +26,10 @@ in `OUT/timings.json`:
                                              background: the parts of the report that do
                                              not need it
     multitask-candidates                     with `multitask_candidates` only: the other
-             OUT/experts/multitask-<name>/   schedules of the multitask LoRA (`s4000`)
+             OUT/experts/multitask-<name>/   schedules of the multitask LoRA (`s4000`),
+                                             each in a worker of its own from the start,
+                                             like the multitask LoRA (or on every worker
+                                             here, when nothing else is left to train)
     multitask-select                         the multitask LoRA with the lowest mean dev NLL
              OUT/multitask_selection.json    (`loramix.science.multitask_choice`), the one
                                              the report scores
@@ -60,7 +63,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -90,17 +93,22 @@ from loramix.science.retrain_jobs import (  # noqa: F401  (RUN_JSON, TIMINGS_JSO
     TIMINGS_JSON,
     check_run_settings,
     cpu_seconds,
+    finish_candidates,
     finish_multitask,
     job_record,
     keep_partial_timings,
     provenance,
     read_json,
     resumed_step,
+    share_threads,
     start_multitask,
     worker_plan,
 )
 from loramix.science.selection import DEFAULT_CANDIDATES, GateCandidate, select_gate
 from loramix.training.trainer import CHECKPOINTS
+
+if TYPE_CHECKING:
+    from loramix.training.jobs import BackgroundJob, JobResult
 
 logger = logging.getLogger(__name__)
 
@@ -374,16 +382,41 @@ def retrain(
         and set(read_json(paths.out / SELECTION_JSON).get("candidates", {}))
         == {c.name for c in settings.gate_candidates}
     )
-    alone = not pending and not gates and selected
-    multitask = None
-    if settings.multitask and not _complete(paths.multitask, _ADAPTER_CONFIG):
-        args = (paths, MULTITASK, seed, settings)
-        multitask = start_multitask(train_lora_job, args, settings, alone=alone)
+    own = settings.multitask and not _complete(paths.multitask, _ADAPTER_CONFIG)
+    more = [  # other schedules of the baseline, to choose from on dev
+        candidate_folder(name)
+        for name in settings.multitask_candidates
+        if not _complete(paths.expert(candidate_folder(name)), _ADAPTER_CONFIG)
+    ]
+    # The multitask candidates train in workers of their own too, from the start, beside the
+    # other steps or beside each other: left to their own step, they would train after
+    # everything else, one job on cores that one job cannot fill (two jobs on one thread each
+    # finish 1.74x sooner than one after the other on two threads: BENCHMARKS.md). Alone,
+    # one multitask LoRA trains here, with every thread.
+    only_loras = not pending and not gates and selected  # nothing else left to train
+    alone = only_loras and own + len(more) < 2
+    # Left alone, the multitask LoRAs share every CPU; otherwise each takes a worker's share.
+    threads = share_threads(settings, own + len(more)) if only_loras else None
+    multitask: BackgroundJob | None = None
+    candidates: dict[str, BackgroundJob] = {}
+    earlier = recorded.get(MULTITASK_CANDIDATES, {})
     threads_before = torch.get_num_threads()
     try:
-        if multitask is not None and not multitask.here:
+        if own:
+            args = (paths, MULTITASK, seed, settings)
+            multitask = start_multitask(
+                train_lora_job, args, settings, alone=alone, threads=threads
+            )
+        if more and not alone and worker_plan(settings, 2)[0] >= 2:
+            for name in more:
+                args = (paths, name, seed, settings)
+                candidates[name] = start_multitask(
+                    train_lora_job, args, settings, alone=False, name=name, threads=threads
+                )
+        background = [j for j in (multitask, *candidates.values()) if j and not j.here]
+        if background:
             torch.set_num_threads(worker_plan(settings, 2)[1])  # the CPUs left to share
-        busy = 0 if multitask is None or multitask.here else 1
+        busy = len(background)
         step(
             "experts",
             not pending,
@@ -391,43 +424,50 @@ def retrain(
                 "experts", paths, pending, seed, settings, recorded.get("experts", {}), busy=busy
             ),
         )
-        # The gates and the selection take every worker even while the multitask LoRA
-        # trains: the experts take about as long, so it has little left, and a worker held
-        # back for it would idle for the rest of the step once it ends.
+        # The gates and the selection take every worker even while the multitask LoRAs
+        # train: the experts take about as long, so they have little left, and a worker held
+        # back for them would idle for the rest of the step once they end.
         step(
             "gates",
             not gates,
             lambda: _train_gates(paths, gates, seed, settings, recorded.get("gates", {})),
         )
         step("select", selected, lambda: select_gate(paths, settings))
-        if multitask is not None and not multitask.here and not multitask.finished():
-            # The parts of the report that do not need the multitask LoRA take the workers it
-            # leaves free (they are saved, and the eval step below keeps them).
-            step("eval-early", False, lambda: evaluate_early(paths, settings))
+        running = sum(not job.finished() for job in background)
+        if running:
+            # The parts of the report that do not need the multitask LoRAs take the workers
+            # they leave free (they are saved, and the eval step below keeps them).
+            step("eval-early", False, lambda: evaluate_early(paths, settings, busy=running))
         if settings.multitask:
             step(MULTITASK, multitask is None, lambda: finish_multitask(multitask))
+        if candidates:
+            step(
+                MULTITASK_CANDIDATES,
+                False,
+                lambda: finish_candidates(paths.out, MULTITASK_CANDIDATES, candidates, earlier),
+            )
+    except BaseException:
+        # The multitask LoRAs that finished meanwhile are done for the next call, which skips
+        # their steps: keep their times now, or they would be lost with their workers.
+        keep_finished_jobs(
+            paths,
+            None if MULTITASK in timings else multitask,
+            {} if MULTITASK_CANDIDATES in timings else candidates,
+            earlier,
+        )
+        raise
     finally:
-        if multitask is not None:
-            multitask.stop()  # only still running if a step above failed
+        for job in (multitask, *candidates.values()):
+            if job is not None:
+                job.stop()  # only still running if a step above failed
         torch.set_num_threads(threads_before)
     if settings.multitask_candidates:  # other schedules of the baseline, chosen on dev
-        more = [
-            candidate_folder(name)
-            for name in settings.multitask_candidates
-            if not _complete(paths.expert(candidate_folder(name)), _ADAPTER_CONFIG)
-        ]
-        step(
-            MULTITASK_CANDIDATES,
-            not more,
-            lambda: train_loras(
+        if not candidates:  # they train now, on every worker
+            step(
                 MULTITASK_CANDIDATES,
-                paths,
-                more,
-                seed,
-                settings,
-                recorded.get(MULTITASK_CANDIDATES, {}),
-            ),
-        )
+                not more,
+                lambda: train_loras(MULTITASK_CANDIDATES, paths, more, seed, settings, earlier),
+            )
         step(
             "multitask-select",
             selection_is_current(paths, settings),
@@ -553,12 +593,42 @@ def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> dict[str, An
     return final_report(paths, settings)
 
 
-def evaluate_early(paths: RetrainPaths, settings: RetrainSettings) -> dict[str, Any]:
-    """Score the parts of the final report that do not need the multitask LoRA, beside it."""
+def evaluate_early(paths: RetrainPaths, settings: RetrainSettings, busy: int = 1) -> dict[str, Any]:
+    """Score the parts of the final report that do not need the multitask LoRA, beside it
+    (and its candidates: `busy` background jobs in all)."""
     from loramix.science.final_eval import evaluation_parts, score_parts
 
     names = [name for name in evaluation_parts(settings) if name != MULTITASK]
-    return score_parts(paths, settings, names, busy=1)
+    return score_parts(paths, settings, names, busy=busy)
+
+
+def keep_finished_jobs(
+    paths: RetrainPaths,
+    multitask: BackgroundJob | None,
+    candidates: dict[str, BackgroundJob],
+    earlier: dict[str, Any],
+) -> None:
+    """Keep in timings.json the times of the background jobs that finished (a job that
+    failed, or still runs, keeps nothing), after a step failed."""
+    from loramix.training.jobs import JobError
+
+    def result(job: BackgroundJob | None) -> JobResult | None:
+        if job is None or job.here or not job.finished():
+            return None
+        try:
+            return job.wait()
+        except JobError:
+            return None
+
+    done = result(multitask)
+    if done is not None:
+        record = job_record(done)
+        keep_partial_timings(paths.out, MULTITASK, {"cpu_s": record["cpu_s"], "job": record})
+    finished = {name: result(job) for name, job in candidates.items()}
+    each = {name: job_record(done) for name, done in finished.items() if done is not None}
+    if each:
+        kept = {**earlier.get("each", {}), **each}
+        keep_partial_timings(paths.out, MULTITASK_CANDIDATES, {"each": kept})
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -40,18 +40,26 @@ def worker_plan(settings: RetrainSettings, n_jobs: int, busy: int = 0) -> tuple[
 
 
 def start_multitask(
-    train: Callable[..., Any], args: tuple[Any, ...], settings: RetrainSettings, *, alone: bool
+    train: Callable[..., Any],
+    args: tuple[Any, ...],
+    settings: RetrainSettings,
+    *,
+    alone: bool,
+    name: str = "multitask",
+    threads: int | None = None,
 ) -> BackgroundJob:
-    """Start `train(*args)`, the multitask LoRA, in its own worker. With one worker, or
-    `alone` (nothing else left to train or select), it runs in this process, with all its
-    threads, when it is waited for instead."""
+    """Start `train(*args)`, the multitask LoRA `name` (the run's own, or a candidate's
+    folder), in its own worker with `threads` torch threads (default: a worker's share,
+    `worker_plan`). With one worker, or `alone` (nothing else left to train or select), it
+    runs in this process, with all its threads, when it is waited for instead."""
     from loramix.training.jobs import BackgroundJob
 
-    workers, threads = worker_plan(settings, 2)
+    workers, share = worker_plan(settings, 2)
+    threads = threads or share
     here = alone or workers < 2
     if not here:
-        logger.info("multitask LoRA: training in the background with %d thread(s)", threads)
-    return BackgroundJob("multitask", train, args, threads=threads, here=here)
+        logger.info("%s: training in the background with %d thread(s)", name, threads)
+    return BackgroundJob(name, train, args, threads=threads, here=here)
 
 
 def finish_multitask(job: BackgroundJob) -> dict[str, Any]:
@@ -61,6 +69,30 @@ def finish_multitask(job: BackgroundJob) -> dict[str, Any]:
     logger.info("multitask LoRA: done in %.1f s", done.wall_s)
     record = job_record(done)
     return {"cpu_s": record["cpu_s"], "job": record}
+
+
+def finish_candidates(
+    out: Path, step: str, jobs: dict[str, BackgroundJob], earlier: dict[str, Any]
+) -> dict[str, Any]:
+    """Wait for the multitask candidates training in the background (folder -> job), keeping
+    each one's times in `out`'s timings.json under `step` as it ends; returns the step's
+    record as `train_loras` gives it: the CPU time of all of them (their jobs'), and each
+    one's own times (with those of `earlier`, the step's record from a call that trained
+    some of them)."""
+    each = dict(earlier.get("each", {}))
+    for name, job in jobs.items():
+        done = job.wait()
+        logger.info("%s: done in %.1f s", name, done.wall_s)
+        each[name] = job_record(done)
+        keep_partial_timings(out, step, {"each": each})  # kept if a later one fails
+    cpu_s = round(sum(each[name]["cpu_s"] for name in jobs), 1)
+    return {"cpu_s": cpu_s, "background": True, "each": each}
+
+
+def share_threads(settings: RetrainSettings, n_jobs: int) -> int:
+    """torch threads of each of `n_jobs` jobs that share every CPU (`settings.threads`, or
+    all cores) between them."""
+    return max(1, (settings.threads or os.cpu_count() or 1) // max(1, n_jobs))
 
 
 def cpu_seconds() -> float:
