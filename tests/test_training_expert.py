@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -310,6 +311,73 @@ def test_keep_best_resumes_from_checkpoints_between_its_measurements(base, data,
     weights = "adapter_model.safetensors"
     assert (out / weights).read_bytes() == (straight / weights).read_bytes()
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-4"]
+
+
+class StopAfterSave(TrainerCallback):
+    """Simulates an interruption right after the checkpoint of a given step is saved."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("keep_best", [False, True])
+def test_a_run_stopped_after_its_last_checkpoint_trains_no_step_past_it(
+    base, data, tmp_path, keep_best
+):
+    # 12 examples in batches of 4: 3 steps per epoch, so step 8 does not close an epoch, and
+    # Trainer, resumed there, would train a step 9 before it checks for the end.
+    dev = unlearned_dev(tmp_path)
+    settings = fast(max_steps=8, save_steps=4, keep_best=keep_best, save_total_limit=1)
+    eval_data = [dev] if keep_best else ()
+    straight = train_expert(
+        base, [data], tmp_path / "straight", training=settings, eval_data=eval_data
+    )
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):  # after the last checkpoint, before publishing
+        train_expert(
+            base, [data], out, training=settings, eval_data=eval_data, callbacks=[StopAfterSave(8)]
+        )
+    moved = tmp_path / "moved"  # and the folder moved: the state names the old paths
+    out.rename(moved)
+    steps = RecordSteps()
+    train_expert(
+        base,
+        [data],
+        moved,
+        training=settings,
+        eval_data=eval_data,
+        resume=True,
+        callbacks=[steps],
+    )
+    assert steps.steps == []
+    weights = "adapter_model.safetensors"
+    assert (moved / weights).read_bytes() == (straight / weights).read_bytes()
+    record = json.loads((moved / "training_args.json").read_text())
+    assert record["global_step"] == 8
+    kept = json.loads((straight / "training_args.json").read_text())["kept_step"]
+    assert record["kept_step"] == kept == (4 if keep_best else 8)
+    # only the best checkpoint is left, as at the end of the uninterrupted run
+    assert sorted(p.name for p in (moved / "checkpoints").iterdir()) == sorted(
+        p.name for p in (straight / "checkpoints").iterdir()
+    )
+
+
+def test_keep_best_refuses_to_end_without_its_best_checkpoint(base, data, tmp_path):
+    dev = unlearned_dev(tmp_path)
+    settings = fast(max_steps=8, save_steps=4, keep_best=True, save_total_limit=1)
+    out = tmp_path / "a"
+    with pytest.raises(KeyboardInterrupt):
+        train_expert(
+            base, [data], out, training=settings, eval_data=[dev], callbacks=[StopAfterSave(8)]
+        )
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")  # the best one, deleted by hand
+    with pytest.raises(RuntimeError, match="checkpoint-4, is missing.*nothing was published"):
+        train_expert(base, [data], out, training=settings, eval_data=[dev], resume=True)
+    assert not (out / "adapter_config.json").exists()
 
 
 def test_keep_best_needs_held_out_data(base, data, tmp_path):

@@ -208,6 +208,37 @@ def test_resume_gives_the_uninterrupted_gate(base, data, experts, tmp_path):
     assert [r["step"] for r in log.read()] == [1, 2, 3, 4, 5, 6]
 
 
+class StopAfterSave(TrainerCallback):
+    """Simulates an interruption right after the checkpoint of a given step is saved."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_a_gate_stopped_after_its_last_checkpoint_trains_no_step_past_it(
+    base, data, experts, tmp_path
+):
+    # 12 training examples in batches of 4: step 4 does not close an epoch, and Trainer,
+    # resumed there, would train a step 5 before it checks for the end.
+    settings = fast(max_steps=4, save_steps=2, eval_fraction=0.25)
+    xlora = XLoraConfig(adapters=experts)
+    straight = KeepModel()
+    train_gate(base, xlora, [data], tmp_path / "straight", settings, callbacks=[straight])
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        train_gate(base, xlora, [data], out, settings, callbacks=[StopAfterSave(4)])
+    steps, resumed = RecordSteps(), KeepModel()
+    train_gate(base, xlora, [data], out, settings, resume=True, callbacks=[steps, resumed])
+    assert steps.steps == []
+    for name, param in straight.model.gate.state_dict().items():
+        assert torch.equal(param, resumed.model.gate.state_dict()[name]), name
+    assert json.loads((out / "training_args.json").read_text())["global_step"] == 4
+
+
 def test_gradient_checkpointing_trains_the_same_gate(base, data, experts, tmp_path):
     settings = fast(max_steps=3, eval_fraction=0.0)
     xlora = XLoraConfig(adapters=experts)

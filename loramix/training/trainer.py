@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_callback import PrinterCallback, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging as hf_logging
 
@@ -342,6 +342,10 @@ def run_trainer(
     if not config.progress:  # Trainer would print() its logs; send them to logging instead
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(LogCallback())
+    ended = state_at_the_end(resume_from, config)
+    if ended is not None:
+        _end_without_steps(trainer, ended, resume_from, config, out)  # type: ignore[arg-type]
+        return trainer
     try:
         with progress_bars(config.progress), _without_mtime_notice():
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -359,12 +363,72 @@ def run_trainer(
     if evals:
         logger.info("held-out loss %.4f (first measured: %.4f)", evals[-1], evals[0])
     if config.keep_best and trainer.state.best_global_step is not None:
+        if trainer.state.best_model_checkpoint is None:  # its folder was deleted
+            best = out / CHECKPOINTS / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.best_global_step}"
+            raise RuntimeError(
+                f"keep_best: the best checkpoint, {best}, is missing, so the weights at the "
+                f"end are step {trainer.state.global_step}'s, not the best step's; nothing "
+                "was published. Train again from the start (overwrite) to keep the best."
+            )
         logger.info(
             "kept the weights of step %d (lowest held-out loss, %.4f)",
             trainer.state.best_global_step,
             trainer.state.best_metric,
         )
     return trainer
+
+
+def state_at_the_end(checkpoint: Path | None, config: TrainingConfig) -> TrainerState | None:
+    """The Trainer state of `checkpoint` if it is at the run's last step already, else None.
+
+    A run interrupted after its last checkpoint was saved, and before its result was
+    published, resumes from there. Trainer would train one step past the end (it checks for
+    the end only after a step) unless the last step closes an epoch; `run_trainer` ends such
+    a run without training instead.
+    """
+    if checkpoint is None:
+        return None
+    state = TrainerState.load_from_json(str(checkpoint / _COMPLETE))
+    if config.max_steps is not None:
+        last = config.max_steps
+    elif state.num_train_epochs == config.epochs:  # the same epochs: the same steps in all
+        last = state.max_steps
+    else:
+        return None
+    return state if state.global_step >= last else None
+
+
+def _end_without_steps(
+    trainer: Trainer, state: TrainerState, checkpoint: Path, config: TrainingConfig, out: Path
+) -> None:
+    """End a run resumed at its last step as Trainer ends one: the weights of the best
+    checkpoint (`keep_best`) or of `checkpoint`, and only the best checkpoint kept when
+    `save_total_limit` is 1."""
+    trainer.state = state
+    weights = checkpoint
+    if config.keep_best and state.best_global_step is not None:
+        weights = out / CHECKPOINTS / f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}"
+        if not weights.is_dir():
+            raise RuntimeError(
+                f"keep_best: the best checkpoint, {weights}, is missing, so the run cannot end "
+                "with the best step's weights; nothing was published. Train again from the "
+                "start (overwrite) to keep the best."
+            )
+        state.best_model_checkpoint = str(weights)
+    trainer._load_from_checkpoint(str(weights))  # the loader Trainer's resume uses
+    handler, args = trainer.callback_handler, trainer.args
+    trainer.control = handler.on_train_begin(args, state, trainer.control)
+    trainer.control = handler.on_train_end(args, state, trainer.control)
+    logger.info(
+        "%s is at the last step (%d): nothing left to train; ending with the weights of %s",
+        checkpoint,
+        state.global_step,
+        weights.name,
+    )
+    if config.keep_best and config.save_total_limit == 1 and weights != checkpoint:
+        for other in (out / CHECKPOINTS).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+            if other.is_dir() and other.name != weights.name:
+                shutil.rmtree(other)
 
 
 def check_held_out(config: TrainingConfig, held_out: Dataset[Example] | None) -> None:
