@@ -12,7 +12,13 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TrainerCallback,
+)
 
 from loramix.evaluation.report import EvalReport, Score
 
@@ -123,3 +129,15 @@ NUMBERS = {
     "uniform": {"bio": 1.50, "chem": 1.5, "mixed": 1.6, "composite": 2.0},
     "xlora": {"bio": 1.09, "chem": 1.2, "mixed": 1.6, "composite": 2.3},
 }
+
+
+class StopAfterSave(TrainerCallback):
+    """Simulates an interruption (Ctrl-C) right after the checkpoint of a given step is
+    saved, before the run's result is written."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        if state.global_step == self.step:
+            raise KeyboardInterrupt

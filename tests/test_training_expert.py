@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import StopAfterSave
 from peft import PeftModel
 from safetensors.torch import load_file
 from tiny_tokenizer import save_tiny_model
@@ -311,17 +312,6 @@ def test_keep_best_resumes_from_checkpoints_between_its_measurements(base, data,
     weights = "adapter_model.safetensors"
     assert (out / weights).read_bytes() == (straight / weights).read_bytes()
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-4"]
-
-
-class StopAfterSave(TrainerCallback):
-    """Simulates an interruption right after the checkpoint of a given step is saved."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("keep_best", [False, True])

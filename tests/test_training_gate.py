@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import StopAfterSave
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from tiny_tokenizer import save_tiny_model
@@ -206,17 +207,6 @@ def test_resume_gives_the_uninterrupted_gate(base, data, experts, tmp_path):
     straight_log = ScalingsLog(tmp_path / "straight" / "scalings_log.jsonl", ["bad", "good"], False)
     assert log.read() == straight_log.read()
     assert [r["step"] for r in log.read()] == [1, 2, 3, 4, 5, 6]
-
-
-class StopAfterSave(TrainerCallback):
-    """Simulates an interruption right after the checkpoint of a given step is saved."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
 
 
 def test_a_gate_stopped_after_its_last_checkpoint_trains_no_step_past_it(
