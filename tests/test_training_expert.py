@@ -356,6 +356,34 @@ def test_a_run_stopped_after_its_last_checkpoint_trains_no_step_past_it(
     )
 
 
+def test_a_run_of_part_epochs_stopped_after_its_last_checkpoint_ends_there(base, data, tmp_path):
+    settings = fast(epochs=1.5, save_steps=5, eval_fraction=0.0)  # 3 steps per epoch: 5 steps
+    straight = train_expert(base, [data], tmp_path / "straight", training=settings)
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        train_expert(base, [data], out, training=settings, callbacks=[StopAfterSave(5)])
+    steps = RecordSteps()
+    train_expert(base, [data], out, training=settings, resume=True, callbacks=[steps])
+    assert steps.steps == []
+    weights = "adapter_model.safetensors"
+    assert (out / weights).read_bytes() == (straight / weights).read_bytes()
+
+    # Asking for more epochs continues it; asking for fewer steps than it has is refused.
+    out2 = tmp_path / "stopped-2"
+    with pytest.raises(KeyboardInterrupt):
+        train_expert(base, [data], out2, training=settings, callbacks=[StopAfterSave(5)])
+    more = RecordSteps()
+    longer = dataclasses.replace(settings, epochs=2.0)
+    train_expert(base, [data], out2, training=longer, resume=True, callbacks=[more])
+    assert more.steps == [6]
+    out3 = tmp_path / "stopped-3"
+    with pytest.raises(KeyboardInterrupt):
+        train_expert(base, [data], out3, training=settings, callbacks=[StopAfterSave(5)])
+    fewer = dataclasses.replace(settings, max_steps=4)
+    with pytest.raises(ValueError, match="at step 5, past the 4 step"):
+        train_expert(base, [data], out3, training=fewer, resume=True)
+
+
 def test_keep_best_refuses_to_end_without_its_best_checkpoint(base, data, tmp_path):
     dev = unlearned_dev(tmp_path)
     settings = fast(max_steps=8, save_steps=4, keep_best=True, save_total_limit=1)

@@ -342,60 +342,68 @@ def run_trainer(
     if not config.progress:  # Trainer would print() its logs; send them to logging instead
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(LogCallback())
-    ended = state_at_the_end(resume_from, config)
-    if ended is not None:
-        _end_without_steps(trainer, ended, resume_from, config, out)  # type: ignore[arg-type]
-        return trainer
     try:
         with progress_bars(config.progress), _without_mtime_notice():
-            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            ended = state_at_the_end(trainer, resume_from)
+            if ended is not None:
+                _end_without_steps(trainer, ended, resume_from, config, out)  # type: ignore[arg-type]
+                result = None
+            else:
+                resume = str(resume_from) if resume_from else None
+                result = trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
         checkpoint = last_checkpoint(out / CHECKPOINTS)
         raise TrainingInterrupted(trainer.state.global_step, checkpoint, out) from None
+    best_step = trainer.state.best_global_step if config.keep_best else None
+    if best_step is not None and trainer.state.best_model_checkpoint is None:
+        best = out / CHECKPOINTS / f"{PREFIX_CHECKPOINT_DIR}-{best_step}"  # deleted meanwhile
+        raise RuntimeError(
+            f"keep_best: the best checkpoint, {best}, is missing, so the weights at the end "
+            f"are step {trainer.state.global_step}'s, not the best step's; nothing was "
+            "published. Train again from the start (overwrite) to keep the best."
+        )
     if not trainer.is_world_process_zero():  # under torchrun, report once
         return trainer
-    logger.info(
-        "trained %d step(s); final training loss %.4f",
-        trainer.state.global_step,
-        result.training_loss,
-    )
+    if result is not None:
+        logger.info(
+            "trained %d step(s); final training loss %.4f",
+            trainer.state.global_step,
+            result.training_loss,
+        )
     evals = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
     if evals:
         logger.info("held-out loss %.4f (first measured: %.4f)", evals[-1], evals[0])
-    if config.keep_best and trainer.state.best_global_step is not None:
-        if trainer.state.best_model_checkpoint is None:  # its folder was deleted
-            best = out / CHECKPOINTS / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.best_global_step}"
-            raise RuntimeError(
-                f"keep_best: the best checkpoint, {best}, is missing, so the weights at the "
-                f"end are step {trainer.state.global_step}'s, not the best step's; nothing "
-                "was published. Train again from the start (overwrite) to keep the best."
-            )
+    if best_step is not None:
         logger.info(
             "kept the weights of step %d (lowest held-out loss, %.4f)",
-            trainer.state.best_global_step,
+            best_step,
             trainer.state.best_metric,
         )
     return trainer
 
 
-def state_at_the_end(checkpoint: Path | None, config: TrainingConfig) -> TrainerState | None:
+def state_at_the_end(trainer: Trainer, checkpoint: Path | None) -> TrainerState | None:
     """The Trainer state of `checkpoint` if it is at the run's last step already, else None.
 
-    A run interrupted after its last checkpoint was saved, and before its result was
-    published, resumes from there. Trainer would train one step past the end (it checks for
-    the end only after a step) unless the last step closes an epoch; `run_trainer` ends such
-    a run without training instead.
+    A run stopped after its last checkpoint was saved, and before its result was written,
+    resumes from there. Trainer would train one step past the end (it checks for the end
+    only after a step) unless the last step closes an epoch; `run_trainer` ends such a run
+    without training instead. The last step is Trainer's own count (`max_steps`, or the
+    epochs over this run's data, batches and processes).
+
+    Raises:
+        ValueError: If the checkpoint is past the run's last step (its steps were lowered).
     """
     if checkpoint is None:
         return None
     state = TrainerState.load_from_json(str(checkpoint / _COMPLETE))
-    if config.max_steps is not None:
-        last = config.max_steps
-    elif state.num_train_epochs == config.epochs:  # the same epochs: the same steps in all
-        last = state.max_steps
-    else:
-        return None
-    return state if state.global_step >= last else None
+    *_, last = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())
+    if state.global_step > last:
+        raise ValueError(
+            f"{checkpoint} is at step {state.global_step}, past the {last} step(s) asked for: "
+            f"ask for at least {state.global_step} (max_steps or epochs), or start over."
+        )
+    return state if state.global_step == last else None
 
 
 def _end_without_steps(
@@ -404,6 +412,8 @@ def _end_without_steps(
     """End a run resumed at its last step as Trainer ends one: the weights of the best
     checkpoint (`keep_best`) or of `checkpoint`, and only the best checkpoint kept when
     `save_total_limit` is 1."""
+    state.is_world_process_zero = trainer.is_world_process_zero()  # the file has rank 0's
+    state.is_local_process_zero = trainer.is_local_process_zero()
     trainer.state = state
     weights = checkpoint
     if config.keep_best and state.best_global_step is not None:
@@ -415,20 +425,23 @@ def _end_without_steps(
                 "start (overwrite) to keep the best."
             )
         state.best_model_checkpoint = str(weights)
-    trainer._load_from_checkpoint(str(weights))  # the loader Trainer's resume uses
     handler, args = trainer.callback_handler, trainer.args
     trainer.control = handler.on_train_begin(args, state, trainer.control)
-    trainer.control = handler.on_train_end(args, state, trainer.control)
-    logger.info(
-        "%s is at the last step (%d): nothing left to train; ending with the weights of %s",
-        checkpoint,
-        state.global_step,
-        weights.name,
-    )
+    trainer._load_from_checkpoint(str(weights))  # the loader Trainer's resume uses
+    if state.is_world_process_zero:
+        logger.info(
+            "%s is at the last step (%d): nothing left to train; ending with the weights of %s",
+            checkpoint,
+            state.global_step,
+            weights.name,
+        )
     if config.keep_best and config.save_total_limit == 1 and weights != checkpoint:
-        for other in (out / CHECKPOINTS).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-            if other.is_dir() and other.name != weights.name:
-                shutil.rmtree(other)
+        trainer.accelerator.wait_for_everyone()  # every process has loaded its weights
+        if args.should_save:
+            for other in (out / CHECKPOINTS).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+                if other.is_dir() and other.name != weights.name:
+                    shutil.rmtree(other, ignore_errors=True)
+    trainer.control = handler.on_train_end(args, state, trainer.control)
 
 
 def check_held_out(config: TrainingConfig, held_out: Dataset[Example] | None) -> None:
