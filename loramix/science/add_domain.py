@@ -100,9 +100,12 @@ def add_domain_cost(
             "ratio": round(retrain_s / add_s, 2),
         }
 
-    cost = {**compare("wall_s"), "experts_timed": len(experts), "multitask": baseline}
-    if all("cpu_s" in job for job in [*experts, gate, multitask]):  # older runs lack it
-        cost["cpu"] = compare("cpu_s")
+    try:
+        cost = {**compare("wall_s"), "experts_timed": len(experts), "multitask": baseline}
+        if all("cpu_s" in job for job in [*experts, gate, multitask]):  # older runs lack it
+            cost["cpu"] = compare("cpu_s")
+    except ValueError as error:
+        raise ValueError(f"timings.json cannot give the cost: {error}") from None
     return cost
 
 
@@ -136,7 +139,12 @@ def full_seconds(job: dict[str, Any], clock: str = "wall_s") -> float:
     `retrain_jobs.job_record`)."""
     resumed_from = job.get("resumed_from_step", 0)
     if resumed_from:
-        return round(job[clock] * job["steps"] / (job["steps"] - resumed_from), 1)
+        timed = job["steps"] - resumed_from
+        if timed <= 0:  # resumed at its last checkpoint: its time covers no step
+            raise ValueError(
+                f"a job resumed at step {resumed_from} of {job['steps']}, timed over no step"
+            )
+        return round(job[clock] * job["steps"] / timed, 1)
     return job[clock]
 
 
@@ -222,7 +230,11 @@ def add_domain(
     n = len(settings.domains)
     for times, clock in ((record, "wall_s"), (cpu, "cpu_s")):
         times["add_domain_s"] = round(times["data_s"] + times["expert_s"] + times["gate_s"], 2)
-        multitask_s = multitask_seconds(timings, record["multitask"], clock)
+        try:
+            multitask_s = multitask_seconds(timings, record["multitask"], clock)
+        except ValueError as error:  # its time covers none of its steps
+            logger.warning("multitask LoRA's time not compared: %s", error)
+            multitask_s = None
         if multitask_s is not None:
             times["multitask_retrain_s"] = round(multitask_s * (n + 1) / n, 1)
             times["ratio"] = round(times["multitask_retrain_s"] / times["add_domain_s"], 2)

@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 MULTITASK = "multitask"  # the multitask LoRA's folder under experts/ and its system name
 MULTITASK_JSON = "multitask.json"  # its rank, steps and data, beside its adapter
 EVAL_POINTS = 10
-"""Dev-loss measurements (and checkpoints) per adapter when `keep_best` is on."""
+"""Dev-loss measurements (each with a checkpoint) per adapter when `keep_best` is on;
+checkpoints to resume from come every `save_steps` besides."""
 
 
 def resume_flags(out: Path) -> dict[str, bool]:
@@ -173,7 +174,7 @@ def train_loras(
     Args:
         step: The step's name in timings.json.
         earlier: The step's record in timings.json, if an earlier call trained some of them.
-        busy: Workers taken by a background job (the multitask LoRA).
+        busy: Workers taken by background jobs (the multitask LoRA and its candidates).
 
     Returns:
         The step's record besides its wall time: CPU time of all of them (the workers'

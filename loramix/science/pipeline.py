@@ -390,8 +390,8 @@ def retrain(
     ]
     # The multitask candidates train in workers of their own too, from the start, beside the
     # other steps or beside each other: left to their own step, they would train after
-    # everything else, one job on cores that one job cannot fill (two jobs on one thread each
-    # finish 1.74x sooner than one after the other on two threads: BENCHMARKS.md). Alone,
+    # everything else, one job on cores that one job cannot fill (two experts on one thread
+    # each finished 1.74x sooner than one after the other on two threads: BENCHMARKS.md). Alone,
     # one multitask LoRA trains here, with every thread.
     only_loras = not pending and not gates and selected  # nothing else left to train
     alone = only_loras and own + len(more) < 2

@@ -324,6 +324,8 @@ def run_trainer(
     Raises:
         TrainingInterrupted: On Ctrl-C (a `KeyboardInterrupt` that names the step reached
             and the newest complete checkpoint).
+        ValueError: If `resume_from` is past the steps `config` asks for.
+        RuntimeError: With `keep_best`, if the best checkpoint's folder is gone.
     """
     if held_out is not None and len(held_out) == 0:  # type: ignore[arg-type]
         held_out = None
@@ -360,7 +362,7 @@ def run_trainer(
         raise RuntimeError(
             f"keep_best: the best checkpoint, {best}, is missing, so the weights at the end "
             f"are step {trainer.state.global_step}'s, not the best step's; nothing was "
-            "published. Train again from the start (overwrite) to keep the best."
+            f"published. Delete {out} (or pass --overwrite) and train again to keep the best."
         )
     if not trainer.is_world_process_zero():  # under torchrun, report once
         return trainer
@@ -421,8 +423,8 @@ def _end_without_steps(
         if not weights.is_dir():
             raise RuntimeError(
                 f"keep_best: the best checkpoint, {weights}, is missing, so the run cannot end "
-                "with the best step's weights; nothing was published. Train again from the "
-                "start (overwrite) to keep the best."
+                f"with the best step's weights; nothing was published. Delete {out} (or pass "
+                "--overwrite) and train again to keep the best."
             )
         state.best_model_checkpoint = str(weights)
     handler, args = trainer.callback_handler, trainer.args
