@@ -37,7 +37,7 @@ from loramix.science.pipeline import (
 )
 from loramix.science.selection import GateCandidate
 from loramix.smollm2 import load_base_model
-from loramix.training.jobs import JobError, JobResult
+from loramix.training.jobs import JobError
 from loramix.training.trainer import CHECKPOINTS
 
 TINY = dict(
@@ -579,45 +579,3 @@ def test_the_same_seed_gives_a_byte_identical_bundle(run, tmp_path):
     ]
     for name in weights + configs:  # eval.json and retrain.json also hold the run's times
         assert (again / name).read_bytes() == (bundle / name).read_bytes(), name
-
-
-class FakeJob:
-    """A background job as `keep_finished_jobs` sees it: finished or not, failed or not."""
-
-    here = False
-
-    def __init__(self, name: str, finished: bool = True, fails: bool = False) -> None:
-        self.name, self.done, self.fails = name, finished, fails
-
-    def finished(self) -> bool:
-        return self.done
-
-    def wait(self) -> JobResult:
-        if self.fails:
-            raise JobError(f"job {self.name!r} failed")
-        return JobResult(self.name, {"kept_step": 3}, 10.0, 8.0)
-
-
-def test_a_failed_step_keeps_the_times_of_the_multitask_loras_that_finished(tmp_path):
-    from loramix.science.pipeline import MULTITASK_CANDIDATES, keep_finished_jobs
-
-    paths = RetrainPaths(tmp_path)
-    (tmp_path / TIMINGS_JSON).write_text(json.dumps({"experts": {"wall_s": 1.0}}))
-    earlier = {"each": {"multitask-s0": {"wall_s": 5.0, "cpu_s": 4.0}}}  # an earlier call's
-    candidates = {
-        "multitask-s1": FakeJob("multitask-s1"),
-        "multitask-s2": FakeJob("multitask-s2", fails=True),  # keeps nothing
-        "multitask-s3": FakeJob("multitask-s3", finished=False),  # still training: stopped
-    }
-    keep_finished_jobs(paths, FakeJob(MULTITASK), candidates, earlier)
-    timings = json.loads((tmp_path / TIMINGS_JSON).read_text())
-    job = {"wall_s": 10.0, "cpu_s": 8.0, "kept_step": 3}
-    assert timings[MULTITASK] == {"cpu_s": 8.0, "job": job}
-    assert timings[MULTITASK_CANDIDATES] == {
-        "each": {"multitask-s0": earlier["each"]["multitask-s0"], "multitask-s1": job}
-    }
-    assert timings["experts"] == {"wall_s": 1.0}  # the other steps' times untouched
-
-    (tmp_path / TIMINGS_JSON).write_text("{}")
-    keep_finished_jobs(paths, None, {"multitask-s3": FakeJob("multitask-s3", False)}, {})
-    assert json.loads((tmp_path / TIMINGS_JSON).read_text()) == {}  # nothing finished

@@ -15,16 +15,23 @@ import pytest
 from loramix.cli import build_parser
 from loramix.commands.science import settings_from_args
 from loramix.science.bundle import MAKE_RETRAIN, bundle_readme
-from loramix.science.pipeline import RetrainPaths, RetrainSettings
+from loramix.science.pipeline import (
+    MULTITASK,
+    MULTITASK_CANDIDATES,
+    TIMINGS_JSON,
+    RetrainPaths,
+    RetrainSettings,
+)
 from loramix.science.retrain_jobs import (
     REUSED_JSON,
     RUN_JSON,
     check_run_settings,
     cpu_seconds,
+    keep_finished_jobs,
     retrain_command,
 )
 from loramix.science.selection import GateCandidate, candidate_from_name
-from loramix.training.jobs import run_jobs
+from loramix.training.jobs import JobError, JobResult, run_jobs
 
 A, B, C = GateCandidate("a", steps=2), GateCandidate("b", steps=3), GateCandidate("c", steps=4)
 
@@ -153,3 +160,45 @@ def test_a_steps_cpu_time_counts_its_workers_and_nothing_else():
     measured = cpu_seconds() - before
     assert measured == pytest.approx(workers + time.process_time() - own_before, abs=0.05)
     assert measured < 1.5 * workers  # not the background worker's time (reaped meanwhile)
+
+
+class FakeJob:
+    """A background job as `keep_finished_jobs` sees it: finished or not, failed or not."""
+
+    here = False
+
+    def __init__(self, name: str, finished: bool = True, fails: bool = False) -> None:
+        self.name, self.done, self.fails = name, finished, fails
+
+    def finished(self) -> bool:
+        return self.done
+
+    def wait(self) -> JobResult:
+        if self.fails:
+            raise JobError(f"job {self.name!r} failed")
+        return JobResult(self.name, {"kept_step": 3}, 10.0, 8.0)
+
+
+def test_a_failed_step_keeps_the_times_of_the_multitask_loras_that_finished(tmp_path):
+    (tmp_path / TIMINGS_JSON).write_text(json.dumps({"experts": {"wall_s": 1.0}}))
+    earlier = {"each": {"multitask-s0": {"wall_s": 5.0, "cpu_s": 4.0}}}  # an earlier call's
+    candidates = {
+        "multitask-s1": FakeJob("multitask-s1"),
+        "multitask-s2": FakeJob("multitask-s2", fails=True),  # keeps nothing
+        "multitask-s3": FakeJob("multitask-s3", finished=False),  # still training: stopped
+    }
+    keep_finished_jobs(
+        tmp_path, {MULTITASK: FakeJob(MULTITASK)}, candidates, MULTITASK_CANDIDATES, earlier
+    )
+    timings = json.loads((tmp_path / TIMINGS_JSON).read_text())
+    job = {"wall_s": 10.0, "cpu_s": 8.0, "kept_step": 3}
+    assert timings[MULTITASK] == {"cpu_s": 8.0, "job": job}
+    assert timings[MULTITASK_CANDIDATES] == {
+        "each": {"multitask-s0": earlier["each"]["multitask-s0"], "multitask-s1": job}
+    }
+    assert timings["experts"] == {"wall_s": 1.0}  # the other steps' times untouched
+
+    (tmp_path / TIMINGS_JSON).write_text("{}")
+    still_training = {"multitask-s3": FakeJob("multitask-s3", False)}
+    keep_finished_jobs(tmp_path, {}, still_training, MULTITASK_CANDIDATES, {})
+    assert json.loads((tmp_path / TIMINGS_JSON).read_text()) == {}  # nothing finished

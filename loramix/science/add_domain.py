@@ -172,9 +172,9 @@ def add_domain(
     import dataclasses
 
     from loramix.science.datasets import write_datasets
+    from loramix.science.gate_jobs import train_gate_candidate
     from loramix.science.lora_jobs import train_lora_job
     from loramix.science.multitask_choice import recorded_choice
-    from loramix.science.pipeline import train_gate_candidate
     from loramix.science.registry import DOMAINS
     from loramix.science.retrain_jobs import CHANGEABLE, check_run_settings
 

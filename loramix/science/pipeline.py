@@ -58,21 +58,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from loramix.atomic import write_text_atomic
 from loramix.checks import is_int, is_number, raise_problems
-from loramix.config import CONFIG_NAME, XLoraConfig
+from loramix.config import CONFIG_NAME
 from loramix.science import composite
 from loramix.science.bundle import MAX_BUNDLE_BYTES, export_bundle
 from loramix.science.final_eval import report_is_current
+from loramix.science.gate_jobs import train_gates
 from loramix.science.lora_jobs import (  # noqa: F401  (MULTITASK_JSON: re-exported)
     MULTITASK,
     MULTITASK_JSON,
@@ -96,6 +96,7 @@ from loramix.science.retrain_jobs import (  # noqa: F401  (RUN_JSON, TIMINGS_JSO
     finish_candidates,
     finish_multitask,
     job_record,
+    keep_finished_jobs,
     keep_partial_timings,
     provenance,
     read_json,
@@ -105,10 +106,6 @@ from loramix.science.retrain_jobs import (  # noqa: F401  (RUN_JSON, TIMINGS_JSO
     worker_plan,
 )
 from loramix.science.selection import DEFAULT_CANDIDATES, GateCandidate, select_gate
-from loramix.training.trainer import CHECKPOINTS
-
-if TYPE_CHECKING:
-    from loramix.training.jobs import BackgroundJob, JobResult
 
 logger = logging.getLogger(__name__)
 
@@ -388,17 +385,16 @@ def retrain(
         for name in settings.multitask_candidates
         if not _complete(paths.expert(candidate_folder(name)), _ADAPTER_CONFIG)
     ]
-    # The multitask candidates train in workers of their own too, from the start, beside the
-    # other steps or beside each other: left to their own step, they would train after
-    # everything else, one job on cores that one job cannot fill (two experts on one thread
-    # each finished 1.74x sooner than one after the other on two threads: BENCHMARKS.md). Alone,
-    # one multitask LoRA trains here, with every thread.
+    # The candidates train in workers of their own from the start too: after everything
+    # else, one job would leave a core nearly idle (BENCHMARKS.md: two experts side by side
+    # finished 1.74x sooner than one after the other on two threads). Alone, one multitask
+    # LoRA trains here, with every thread.
     only_loras = not pending and not gates and selected  # nothing else left to train
     alone = only_loras and own + len(more) < 2
     # Left alone, the multitask LoRAs share every CPU; otherwise each takes a worker's share.
     threads = share_threads(settings, own + len(more)) if only_loras else None
-    multitask: BackgroundJob | None = None
-    candidates: dict[str, BackgroundJob] = {}
+    multitask = None
+    candidates: dict[str, Any] = {}  # folder -> its BackgroundJob
     earlier = recorded.get(MULTITASK_CANDIDATES, {})
     threads_before = torch.get_num_threads()
     try:
@@ -430,7 +426,7 @@ def retrain(
         step(
             "gates",
             not gates,
-            lambda: _train_gates(paths, gates, seed, settings, recorded.get("gates", {})),
+            lambda: train_gates(paths, gates, seed, settings, recorded.get("gates", {})),
         )
         step("select", selected, lambda: select_gate(paths, settings))
         running = sum(not job.finished() for job in background)
@@ -450,9 +446,10 @@ def retrain(
         # The multitask LoRAs that finished meanwhile are done for the next call, which skips
         # their steps: keep their times now, or they would be lost with their workers.
         keep_finished_jobs(
-            paths,
-            None if MULTITASK in timings else multitask,
+            paths.out,
+            {} if MULTITASK in timings or multitask is None else {MULTITASK: multitask},
             {} if MULTITASK_CANDIDATES in timings else candidates,
+            MULTITASK_CANDIDATES,
             earlier,
         )
         raise
@@ -513,78 +510,6 @@ def _write_data(paths: RetrainPaths, seed: int, settings: RetrainSettings) -> No
     )
 
 
-def _train_gates(
-    paths: RetrainPaths,
-    candidates: Sequence[GateCandidate],
-    seed: int,
-    settings: RetrainSettings,
-    earlier: dict[str, Any],
-) -> dict[str, Any]:
-    """Train one gate per candidate, side by side; returns the CPU time of all candidates (the
-    workers'), the workers and each one's time (with those of `earlier`, the step's record
-    from a call that trained some of them)."""
-    from loramix.training.jobs import run_jobs
-
-    workers, threads = worker_plan(settings, len(candidates))
-    logger.info(
-        "training %d gate(s), %d at a time with %d thread(s) each",
-        len(candidates),
-        workers,
-        threads,
-    )
-    jobs = {c.name: (paths, c, seed, settings) for c in candidates}
-    each = dict(earlier.get("each", {}))
-    for done in run_jobs(_gate_job, jobs, workers=workers, threads=threads):
-        each[done.name] = job_record(done)
-        logger.info("gate %s: done in %.1f s", done.name, done.wall_s)
-        keep_partial_timings(paths.out, "gates", {"each": each})  # kept if interrupted
-    cpu_s = round(sum(each[c.name]["cpu_s"] for c in candidates if c.name in each), 1)
-    return {"cpu_s": cpu_s, "workers": workers, "threads": threads, "each": each}
-
-
-def _gate_job(
-    paths: RetrainPaths, candidate: GateCandidate, seed: int, settings: RetrainSettings
-) -> dict[str, int]:
-    """Train the gate of one candidate, in a worker process (returns as `train_lora_job`)."""
-    resumed_from = resumed_step(paths.gate(candidate.name))
-    train_gate_candidate(paths, paths.gate(candidate.name), candidate, seed, settings)
-    return {"steps": candidate.steps, "resumed_from_step": resumed_from}
-
-
-def train_gate_candidate(
-    paths: RetrainPaths,
-    out: Path,
-    candidate: GateCandidate,
-    seed: int,
-    settings: RetrainSettings,
-    domains: Sequence[str] | None = None,
-) -> None:
-    """Train the gate of `candidate` over the experts of `domains` (default: the run's)."""
-    from loramix.training.gate import train_gate
-
-    domains = settings.domains if domains is None else domains
-    xlora = XLoraConfig(
-        adapters={domain: str(paths.expert(domain)) for domain in domains},
-        layerwise_scalings=settings.layerwise
-        if candidate.layerwise is None
-        else candidate.layerwise,
-        xlora_depth=candidate.depth,
-        xlora_size=settings.gate_size,
-        xlora_dropout_p=0.0,
-        softmax_temperature=candidate.temperature,
-    )
-    train_gate(
-        settings.base,
-        xlora,
-        [f"{paths.train_file(d)}:{candidate.weights.get(d, 1)}" for d in domains],
-        out,
-        training_config(settings, seed, lr=candidate.lr, steps=candidate.steps),
-        dtype=getattr(torch, settings.train_dtype),
-        **resume_flags(out),
-    )
-    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-
-
 def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> dict[str, Any]:
     """The final report (`loramix.science.final_eval`): with `evaluate_early`, the only step
     that reads test files."""
@@ -600,35 +525,6 @@ def evaluate_early(paths: RetrainPaths, settings: RetrainSettings, busy: int = 1
 
     names = [name for name in evaluation_parts(settings) if name != MULTITASK]
     return score_parts(paths, settings, names, busy=busy)
-
-
-def keep_finished_jobs(
-    paths: RetrainPaths,
-    multitask: BackgroundJob | None,
-    candidates: dict[str, BackgroundJob],
-    earlier: dict[str, Any],
-) -> None:
-    """Keep in timings.json the times of the background jobs that finished (a job that
-    failed, or still runs, keeps nothing), after a step failed."""
-    from loramix.training.jobs import JobError
-
-    def result(job: BackgroundJob | None) -> JobResult | None:
-        if job is None or job.here or not job.finished():
-            return None
-        try:
-            return job.wait()
-        except JobError:
-            return None
-
-    done = result(multitask)
-    if done is not None:
-        record = job_record(done)
-        keep_partial_timings(paths.out, MULTITASK, {"cpu_s": record["cpu_s"], "job": record})
-    finished = {name: result(job) for name, job in candidates.items()}
-    each = {name: job_record(done) for name, done in finished.items() if done is not None}
-    if each:
-        kept = {**earlier.get("each", {}), **each}
-        keep_partial_timings(paths.out, MULTITASK_CANDIDATES, {"each": kept})
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -67,6 +67,11 @@ def finish_multitask(job: BackgroundJob) -> dict[str, Any]:
     the step's CPU time is the job's (the wait itself takes next to none)."""
     done = job.wait()
     logger.info("multitask LoRA: done in %.1f s", done.wall_s)
+    return _multitask_record(done)
+
+
+def _multitask_record(done: JobResult) -> dict[str, Any]:
+    """The multitask step's record: the background job's own times ("job")."""
     record = job_record(done)
     return {"cpu_s": record["cpu_s"], "job": record}
 
@@ -87,6 +92,37 @@ def finish_candidates(
         keep_partial_timings(out, step, {"each": each})  # kept if a later one fails
     cpu_s = round(sum(each[name]["cpu_s"] for name in jobs), 1)
     return {"cpu_s": cpu_s, "background": True, "each": each}
+
+
+def keep_finished_jobs(
+    out: Path,
+    multitask: dict[str, BackgroundJob],
+    candidates: dict[str, BackgroundJob],
+    candidates_step: str,
+    earlier: dict[str, Any],
+) -> None:
+    """After a step failed, keep in `out`'s timings.json the times of the background jobs
+    that finished (a job that failed, or still runs, keeps nothing): `multitask` (its step's
+    name -> job, or empty) as `finish_multitask` records it, and `candidates` (folder -> job)
+    under `candidates_step` as `finish_candidates` does, with the times of `earlier`."""
+    from loramix.training.jobs import JobError
+
+    def result(job: BackgroundJob) -> JobResult | None:
+        if job.here or not job.finished():
+            return None
+        try:
+            return job.wait()
+        except JobError:
+            return None
+
+    for step, job in multitask.items():
+        done = result(job)
+        if done is not None:
+            keep_partial_timings(out, step, _multitask_record(done))
+    finished = {name: result(job) for name, job in candidates.items()}
+    each = {name: job_record(done) for name, done in finished.items() if done is not None}
+    if each:
+        keep_partial_timings(out, candidates_step, {"each": {**earlier.get("each", {}), **each}})
 
 
 def share_threads(settings: RetrainSettings, n_jobs: int) -> int:
