@@ -506,9 +506,11 @@ def test_add_domain_cost_reads_one_runs_timings():
     assert add_domain_cost(timings, settings)["multitask_retrain_s"] == 2400
     assert add_domain_cost(timings, settings)["cpu"]["multitask_retrain_s"] == 2100
     timings[MULTITASK]["job"].update(resumed_from_step=2000)  # resumed at its last step
-    with pytest.raises(ValueError, match="resumed at step 2000 of 2000, timed over no step"):
+    with pytest.raises(ValueError, match="timed from step 2000 of 2000 covers no step"):
         add_domain_cost(timings, settings)
-    timings[MULTITASK]["job"].update(resumed_from_step=1000)
+    timings[MULTITASK]["job"].update(timed_from_step=0)  # its checkpoint kept the time before
+    assert add_domain_cost(timings, settings)["multitask_retrain_s"] == 1200
+    timings[MULTITASK]["job"].update(resumed_from_step=1000, timed_from_step=1000)
     timings["multitask-candidates"] = {"each": {"multitask-s500": {"wall_s": 200}}}
     chosen = add_domain_cost(timings, settings, "s500")  # a baseline chosen on dev
     assert (chosen["multitask_retrain_s"], chosen["multitask"]) == (300, "s500")

@@ -27,6 +27,7 @@ from loramix.science.retrain_jobs import (
     RUN_JSON,
     check_run_settings,
     cpu_seconds,
+    job_record,
     keep_finished_jobs,
     retrain_command,
 )
@@ -202,3 +203,17 @@ def test_a_failed_step_keeps_the_times_of_the_multitask_loras_that_finished(tmp_
     still_training = {"multitask-s3": FakeJob("multitask-s3", False)}
     keep_finished_jobs(tmp_path, {}, still_training, MULTITASK_CANDIDATES, {})
     assert json.loads((tmp_path / TIMINGS_JSON).read_text()) == {}  # nothing finished
+
+
+def test_a_jobs_record_adds_the_time_of_the_calls_before_its_last():
+    fresh = JobResult("biology", {"steps": 9, "resumed_from_step": 0, "kept_step": 9}, 5.0, 4.0)
+    assert job_record(fresh) == {"wall_s": 5.0, "cpu_s": 4.0, "kept_step": 9}
+    earlier = {"wall_s": 30.0, "cpu_s": 20.0, "timed_from_step": 0}
+    value = {"steps": 9, "resumed_from_step": 6, "kept_step": 9, "earlier": earlier}
+    record = job_record(JobResult("biology", value, 5.0, 4.0))
+    assert (record["wall_s"], record["cpu_s"], record["timed_from_step"]) == (35.0, 24.0, 0)
+    assert (record["steps"], record["resumed_from_step"]) == (9, 6)
+    earlier["timed_from_step"] = 3  # its first call was timed by no checkpoint
+    assert job_record(JobResult("biology", value, 5.0, 4.0))["timed_from_step"] == 3
+    del value["earlier"]  # a job that kept no clock: timed from where it resumed
+    assert job_record(JobResult("biology", value, 5.0, 4.0))["timed_from_step"] == 6

@@ -134,16 +134,15 @@ def multitask_seconds(
 
 
 def full_seconds(job: dict[str, Any], clock: str = "wall_s") -> float:
-    """A training job's time (`clock`: "wall_s" or "cpu_s"), scaled to all its steps when
-    it resumed from a checkpoint (its record then says from which step:
-    `retrain_jobs.job_record`)."""
-    resumed_from = job.get("resumed_from_step", 0)
-    if resumed_from:
-        timed = job["steps"] - resumed_from
+    """A training job's time (`clock`: "wall_s" or "cpu_s") for all its steps. Its record
+    covers them all unless it resumed from a checkpoint that kept no time (a run from before
+    clocks were kept: `retrain_jobs.job_record`); its time is then scaled up from the steps
+    it covers, and they must be some."""
+    timed_from = job.get("timed_from_step", job.get("resumed_from_step", 0))
+    if timed_from:
+        timed = job["steps"] - timed_from
         if timed <= 0:  # resumed at its last checkpoint: its time covers no step
-            raise ValueError(
-                f"a job resumed at step {resumed_from} of {job['steps']}, timed over no step"
-            )
+            raise ValueError(f"a job timed from step {timed_from} of {job['steps']} covers no step")
         return round(job[clock] * job["steps"] / timed, 1)
     return job[clock]
 

@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import TrainerCallback
 
 from loramix.config import XLoraConfig
 from loramix.science.lora_jobs import resume_flags, training_config
 from loramix.science.retrain_jobs import (
+    earlier_time,
     job_record,
     keep_partial_timings,
+    resume_clock,
     resumed_step,
     worker_plan,
 )
@@ -62,11 +65,12 @@ def train_gates(
 
 def gate_job(
     paths: RetrainPaths, candidate: GateCandidate, seed: int, settings: RetrainSettings
-) -> dict[str, int]:
+) -> dict[str, Any]:
     """Train the gate of one candidate, in a worker process (returns as `train_lora_job`)."""
-    resumed_from = resumed_step(paths.gate(candidate.name))
-    train_gate_candidate(paths, paths.gate(candidate.name), candidate, seed, settings)
-    return {"steps": candidate.steps, "resumed_from_step": resumed_from}
+    out = paths.gate(candidate.name)
+    resumed_from, clock = resumed_step(out), resume_clock(out)
+    train_gate_candidate(paths, out, candidate, seed, settings, callbacks=[clock])
+    return {"steps": candidate.steps, "resumed_from_step": resumed_from, **earlier_time(clock)}
 
 
 def train_gate_candidate(
@@ -76,8 +80,10 @@ def train_gate_candidate(
     seed: int,
     settings: RetrainSettings,
     domains: Sequence[str] | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> None:
-    """Train the gate of `candidate` over the experts of `domains` (default: the run's)."""
+    """Train the gate of `candidate` over the experts of `domains` (default: the run's), with
+    extra `callbacks` for its Trainer."""
     from loramix.training.gate import train_gate
 
     domains = settings.domains if domains is None else domains
@@ -98,6 +104,7 @@ def train_gate_candidate(
         out,
         training_config(settings, seed, lr=candidate.lr, steps=candidate.steps),
         dtype=getattr(torch, settings.train_dtype),
+        callbacks=callbacks,
         **resume_flags(out),
     )
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)

@@ -23,8 +23,10 @@ import torch
 
 from loramix.atomic import write_text_atomic
 from loramix.science.retrain_jobs import (
+    earlier_time,
     job_record,
     keep_partial_timings,
+    resume_clock,
     resumed_step,
     worker_plan,
 )
@@ -102,13 +104,14 @@ def multitask_schedule(name: str, settings: RetrainSettings) -> tuple[int, bool]
 
 def train_lora_job(
     paths: RetrainPaths, name: str, seed: int, settings: RetrainSettings
-) -> dict[str, int]:
+) -> dict[str, Any]:
     """Train one expert, or a multitask LoRA (`MULTITASK`, or a candidate's folder name such as
     `multitask-s4000`), in a worker process.
 
     Returns:
-        Its optimizer steps, the step it resumed from (0 when it started afresh), so that its
-        time can be read as the time of all its steps, and the step whose weights it kept.
+        Its optimizer steps, the step it resumed from (0 when it started afresh), the step
+        whose weights it kept, and the time its earlier calls took (`earlier_time`), so that
+        its record adds up to the time of all its steps.
     """
     from loramix.records import TRAINING_RECORD_NAME
     from loramix.training.expert import LoraSettings, train_expert
@@ -121,7 +124,7 @@ def train_lora_job(
         else (settings.expert_steps, settings.keep_best)
     )
     out = paths.expert(name)
-    resumed_from = resumed_step(out)
+    resumed_from, clock = resumed_step(out), resume_clock(out)
     domains = settings.domains if multitask else [name]
     files = [paths.train_file(d) for d in domains]
     train_expert(
@@ -138,6 +141,7 @@ def train_lora_job(
         ),
         dtype=getattr(torch, settings.train_dtype),
         eval_data=[paths.dev_file(d) for d in domains] if keep_best else (),
+        callbacks=[clock],
         **resume_flags(out),
     )
     shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the adapter is complete
@@ -156,7 +160,12 @@ def train_lora_job(
             "experts": list(settings.domains),
         }
         write_text_atomic(out / MULTITASK_JSON, json.dumps(plan, indent=2) + "\n")
-    return {"steps": steps, "resumed_from_step": resumed_from, "kept_step": kept}
+    return {
+        "steps": steps,
+        "resumed_from_step": resumed_from,
+        "kept_step": kept,
+        **earlier_time(clock),
+    }
 
 
 def train_loras(

@@ -21,6 +21,7 @@ from loramix.training.trainer import CHECKPOINTS, last_checkpoint
 
 if TYPE_CHECKING:
     from loramix.science.pipeline import RetrainPaths, RetrainSettings
+    from loramix.training.clock import JobClock
     from loramix.training.jobs import BackgroundJob, JobResult
 
 logger = logging.getLogger(__name__)
@@ -142,16 +143,39 @@ def cpu_seconds() -> float:
 
 
 def job_record(done: JobResult) -> dict[str, Any]:
-    """A training job's entry in timings.json: its own wall and CPU time, the step whose
-    weights it kept (its best on dev, or its last), and, when it resumed from a checkpoint,
-    the step it resumed from and its steps in all."""
-    record: dict[str, Any] = {"wall_s": round(done.wall_s, 2), "cpu_s": round(done.cpu_s, 1)}
+    """A training job's entry in timings.json: its own wall and CPU time over all the calls
+    that trained it, the step whose weights it kept (its best on dev, or its last), and, when
+    it resumed from a checkpoint, the step it resumed from, its steps in all and the step from
+    which its time was kept (0: all of them; later when it resumed from a checkpoint that
+    kept no time, from a run before clocks were kept)."""
     value = done.value if isinstance(done.value, dict) else {}
+    earlier = value.get("earlier", {})
+    record: dict[str, Any] = {
+        "wall_s": round(done.wall_s + earlier.get("wall_s", 0.0), 2),
+        "cpu_s": round(done.cpu_s + earlier.get("cpu_s", 0.0), 1),
+    }
     if value.get("kept_step") is not None:
         record["kept_step"] = value["kept_step"]
-    if value.get("resumed_from_step"):
-        record.update({k: v for k, v in value.items() if k != "kept_step"})
+    resumed_from = value.get("resumed_from_step")
+    if resumed_from:
+        record["steps"] = value["steps"]
+        record["resumed_from_step"] = resumed_from
+        record["timed_from_step"] = earlier.get("timed_from_step", resumed_from)
     return record
+
+
+def resume_clock(out: Path) -> JobClock:
+    """A clock for a training into `out`, holding the time of the calls before this one (kept
+    in the checkpoint it resumes from: `loramix.training.clock`)."""
+    from loramix.training.clock import JobClock
+
+    return JobClock.resuming(last_checkpoint(out / CHECKPOINTS))
+
+
+def earlier_time(clock: JobClock) -> dict[str, Any]:
+    """The part of a job's return value that carries its earlier calls' time to `job_record`
+    (the job's own timing, in `run_jobs`, covers only this call)."""
+    return {"earlier": dataclasses.asdict(clock.earlier)}
 
 
 def resumed_step(out: Path) -> int:
