@@ -517,6 +517,10 @@ def test_add_domain_cost_reads_one_runs_timings():
     with pytest.raises(ValueError, match="lacks 's700'"):
         add_domain_cost(timings, settings, "s700")
     del timings[MULTITASK]
+    late = {**timings["experts"]["each"]["proteins"], "steps": 500, "resumed_from_step": 450}
+    timings["experts"]["each"]["proteins"] = late  # timed over its last tenth only
+    cost = add_domain_cost(timings, settings)
+    assert (cost["experts_timed"], cost["expert_s"]) == (1, 100)  # not 1200 s scaled up
     del timings["experts"]["each"]["proteins"]  # timed by an interrupted call, then lost
     assert add_domain_cost(timings, settings)["expert_s"] == 100
     assert add_domain_cost(timings, settings)["experts_timed"] == 1

@@ -63,7 +63,9 @@ def add_domain_cost(
         timings: A finished run's `timings.json` (experts with "each", gates with "each",
             select with "chosen", the multitask LoRA's own time in "multitask"). An expert
             whose time was lost (trained by a call that stopped before the timings of its
-            step were kept) is left out of the slowest.
+            step were kept), or covers less than half its steps (it resumed late from a
+            checkpoint that kept no time: its time is mostly loading and the final
+            evaluation), is left out of the slowest.
 
     Returns:
         Seconds of each, the multitask time scaled to one more domain, and their ratio.
@@ -73,7 +75,7 @@ def add_domain_cost(
     """
     try:
         each = timings["experts"]["each"]
-        experts = [each[d] for d in settings.domains if d in each]
+        experts = [each[d] for d in settings.domains if d in each and timed_share(each[d]) >= 0.5]
         if not experts:
             raise KeyError(settings.domains[0])
         gate = timings["gates"]["each"][timings["select"]["chosen"]]
@@ -131,6 +133,12 @@ def multitask_seconds(
     `timings.json`, if it is there; scaled to all its steps if it resumed."""
     job = multitask_job(timings, name)
     return None if job is None or clock not in job else full_seconds(job, clock)
+
+
+def timed_share(job: dict[str, Any]) -> float:
+    """The share of a training job's steps its recorded time covers (`full_seconds`)."""
+    timed_from = job.get("timed_from_step", job.get("resumed_from_step", 0))
+    return (job["steps"] - timed_from) / job["steps"] if timed_from else 1.0
 
 
 def full_seconds(job: dict[str, Any], clock: str = "wall_s") -> float:
