@@ -173,6 +173,37 @@ def test_an_interrupted_step_resumes_from_its_checkpoint(tmp_path):
     assert resume_flags(tmp_path) == {"resume": True, "overwrite": False}
 
 
+def test_a_resumed_job_adds_the_time_its_checkpoint_kept(run, tmp_path, monkeypatch):
+    from loramix.science.gate_jobs import gate_job
+    from loramix.science.lora_jobs import train_lora_job
+    from loramix.training.clock import JobClock
+
+    source, _, settings, _ = run
+    paths = RetrainPaths(tmp_path / "run")
+    shutil.copytree(source, paths.out)
+    keep_time = JobClock.on_save
+
+    def keep_time_then_stop(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+        keep_time(self, args, state, control, **kwargs)
+        if state.global_step == 1:
+            raise KeyboardInterrupt  # killed after the checkpoint of step 1 and its clock
+
+    candidate = settings.gate_candidates[0]
+    jobs = {
+        "expert": lambda: train_lora_job(paths, "biology", 3, settings),
+        "gate": lambda: gate_job(paths, candidate, 3, settings),
+    }
+    for name, job in jobs.items():
+        with monkeypatch.context() as patch:
+            patch.setattr(JobClock, "on_save", keep_time_then_stop)
+            with pytest.raises(KeyboardInterrupt):
+                job()
+        value = job()  # resumes from step 1
+        assert value["resumed_from_step"] == 1, name
+        assert value["earlier"]["timed_from_step"] == 0, name
+        assert value["earlier"]["wall_s"] > 0 and value["earlier"]["cpu_s"] > 0, name
+
+
 def _fp32_xlora_folder(tmp_path: Path) -> Path:
     experts = {
         name: str(make_expert(tiny_llama, tmp_path / name, seed, LLAMA_TARGETS))

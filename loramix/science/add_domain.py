@@ -183,7 +183,7 @@ def add_domain(
     from loramix.science.lora_jobs import train_lora_job
     from loramix.science.multitask_choice import recorded_choice
     from loramix.science.registry import DOMAINS
-    from loramix.science.retrain_jobs import CHANGEABLE, check_run_settings
+    from loramix.science.retrain_jobs import CHANGEABLE, check_run_settings, resume_clock
 
     settings = settings or RetrainSettings()
     paths = RetrainPaths(Path(out_dir))
@@ -224,14 +224,19 @@ def add_domain(
     record["data_s"] = round(time.perf_counter() - start, 2)
     cpu["data_s"] = round(time.process_time() - cpu_start, 2)
     start, cpu_start = time.perf_counter(), time.process_time()
-    train_lora_job(paths, domain, seed, settings)
-    record["expert_s"] = round(time.perf_counter() - start, 2)
-    cpu["expert_s"] = round(time.process_time() - cpu_start, 2)
+    earlier = train_lora_job(paths, domain, seed, settings)["earlier"]  # calls before this
+    record["expert_s"] = round(time.perf_counter() - start + earlier["wall_s"], 2)
+    cpu["expert_s"] = round(time.process_time() - cpu_start + earlier["cpu_s"], 2)
+    untimed = {"expert": earlier["timed_from_step"]}
     start, cpu_start = time.perf_counter(), time.process_time()
     wider = dataclasses.replace(settings, domains=domains)
-    train_gate_candidate(paths, staging / "xlora", candidate, seed, wider)
-    record["gate_s"] = round(time.perf_counter() - start, 2)
-    cpu["gate_s"] = round(time.process_time() - cpu_start, 2)
+    clock = resume_clock(staging / "xlora")
+    train_gate_candidate(paths, staging / "xlora", candidate, seed, wider, callbacks=[clock])
+    record["gate_s"] = round(time.perf_counter() - start + clock.earlier.wall_s, 2)
+    cpu["gate_s"] = round(time.process_time() - cpu_start + clock.earlier.cpu_s, 2)
+    untimed["gate"] = clock.earlier.timed_from_step
+    if any(untimed.values()):  # resumed from a checkpoint that kept no time
+        record["timed_from_step"] = untimed
     record["multitask"] = recorded_choice(paths)
     timings = read_json(paths.out / TIMINGS_JSON)
     n = len(settings.domains)

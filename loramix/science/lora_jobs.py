@@ -186,8 +186,9 @@ def train_loras(
         busy: Workers taken by background jobs (the multitask LoRA and its candidates).
 
     Returns:
-        The step's record besides its wall time: CPU time of all of them (the workers'
-        included), workers, threads per worker, and each one's own times.
+        The step's record besides its wall time: CPU time of all of them (their workers',
+        over all the calls that trained them), workers, threads per worker, and each one's
+        own times.
     """
     from loramix.training.jobs import run_jobs
 

@@ -9,7 +9,9 @@ checkpoint Trainer saves, so that the call that finishes knows the time of all i
     total = clock.total()          # JobTime(wall_s, cpu_s, timed_from_step)
 
 Steps an interrupted call made after its last checkpoint are made again by the next call
-and counted there once; the lost minutes of the interrupted call are not counted.
+and counted there once; the lost minutes of the interrupted call are not counted. A call
+killed between Trainer's checkpoint and its clock file leaves a checkpoint without one: the
+next call reads it as an older checkpoint, timed from its step on (`read_clock`).
 """
 
 from __future__ import annotations
