@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import make_experts, random_base  # noqa: E402
 
 from loramix import XLoraConfig, XLoraModel  # noqa: E402
+from loramix.science.bundle import DEFAULT_BUNDLE  # noqa: E402
 
 # Batch 1: tokens/s x the float32 base's in the same run.
 TARGETS = {
@@ -119,14 +120,11 @@ def build_models(
 ) -> tuple[torch.nn.Module, XLoraModel, str]:
     """The base model and the X-LoRA model at `dtype`, and a line describing them."""
     if args.model == "science":
-        from loramix.science.bundle import DEFAULT_BUNDLE
         from loramix.smollm2 import load_base_model
 
         base = load_base_model("smollm2", dtype=dtype)[0]
-        model = XLoraModel.from_pretrained(
-            load_base_model("smollm2", dtype=dtype)[0], DEFAULT_BUNDLE
-        )
-        what = f"bundled science model ({DEFAULT_BUNDLE.name})"
+        model = XLoraModel.from_pretrained(load_base_model("smollm2", dtype=dtype)[0], args.bundle)
+        what = f"science model {args.bundle.as_posix()}"
     else:
         base = random_base().to(dtype)
         model = XLoraModel(random_base(), XLoraConfig(adapters=args.adapters))
@@ -169,7 +167,13 @@ def main() -> int:
         "--model",
         choices=["synthetic", "science"],
         default="synthetic",
-        help="random SmolLM2-shaped model and experts, or the bundled science model",
+        help="random SmolLM2-shaped model and experts, or a science model (--bundle)",
+    )
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        default=DEFAULT_BUNDLE,
+        help="the science X-LoRA folder (on SmolLM2) that --model science runs",
     )
     parser.add_argument(
         "--modes",

@@ -39,6 +39,9 @@ def main() -> int:
     parser.add_argument("--answers", type=int, default=4, help="greedy answers per test set")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--bundle", type=Path, default=DEFAULT_BUNDLE, help="the science X-LoRA folder"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print("command:", shlex.join([sys.executable, *sys.argv]))
@@ -49,8 +52,8 @@ def main() -> int:
     for name in ["float32", *args.dtype]:
         dtype = getattr(torch, name)
         base, tokenizer = load_base_model("smollm2", dtype=dtype)
-        model = XLoraModel.from_pretrained(base, DEFAULT_BUNDLE)
-        sets = write_test_sets(DEFAULT_BUNDLE, data, model.expert_names)
+        model = XLoraModel.from_pretrained(base, args.bundle)
+        sets = write_test_sets(args.bundle, data, model.expert_names)
         nll[name], answers[name], base_nll[name] = {}, {}, {}
         with torch.inference_mode():
             for test_set, path in sets.items():

@@ -85,13 +85,12 @@ def lora_expert() -> nn.Module:
     return get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=SCIENCE_TARGETS))
 
 
-def xlora_gate() -> nn.Module:
-    return XLoraModel.from_pretrained("smollm2", DEFAULT_BUNDLE, dtype=torch.bfloat16)
-
-
-def parse_batch_arguments(description: str) -> argparse.Namespace:
-    """--batch, --batches, --repeats and --threads (torch's CPU threads, set here)."""
-    parser = argparse.ArgumentParser(description=description)
+def parse_batch_arguments(
+    description: str, parser: argparse.ArgumentParser | None = None
+) -> argparse.Namespace:
+    """--batch, --batches, --repeats and --threads (torch's CPU threads, set here), besides
+    the arguments `parser` already has."""
+    parser = parser or argparse.ArgumentParser(description=description)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5, help="rounds over the batches")
@@ -102,7 +101,14 @@ def parse_batch_arguments(description: str) -> argparse.Namespace:
 
 
 def main() -> None:
-    args = parse_batch_arguments(__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--bundle", type=Path, default=DEFAULT_BUNDLE, help="the science X-LoRA folder"
+    )
+    args = parse_batch_arguments(__doc__.split("\n")[0], parser)
+
+    def xlora_gate() -> nn.Module:
+        return XLoraModel.from_pretrained("smollm2", args.bundle, dtype=torch.bfloat16)
 
     _, tokenizer = load_base_model("smollm2")
     batches = science_batches(tokenizer, args.batches, args.batch)
@@ -128,7 +134,7 @@ def main() -> None:
 
     # The evaluation's NLL pass: float32 (as `loramix eval` and the retrain score), no
     # gradients, each example's summed NLL.
-    model = XLoraModel.from_pretrained("smollm2", DEFAULT_BUNDLE).eval()
+    model = XLoraModel.from_pretrained("smollm2", args.bundle).eval()
 
     def nll_pass(labelled: bool) -> Callable[[dict[str, torch.Tensor]], float]:
         def run(batch: dict[str, torch.Tensor]) -> float:
