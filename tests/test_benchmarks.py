@@ -7,6 +7,8 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,3 +49,25 @@ def test_every_benchmark_script_loads(path, monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # top level only: main() runs under __main__
     assert callable(getattr(module, "main", None)) or path.name == "common.py"
+
+
+def test_retrain_times_reads_a_published_runs_folder(monkeypatch, capsys, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import retrain_times
+
+    published = BENCHMARKS.parent / "docs" / "science-v2"
+    timings = json.loads((published / "timings.json").read_text())
+    quantum = timings["experts"]["each"]["quantum"]  # resumed at 600 of 1000, before clocks
+    monkeypatch.setattr(sys, "argv", ["retrain_times.py", str(published)])
+    assert retrain_times.main() == 0
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if line.startswith("| expert quantum"))
+    scaled = quantum["cpu_s"] * 1000 / (1000 - quantum["resumed_from_step"])
+    assert row.split(" | ")[3] == "40%"
+    assert row.split(" | ")[-1] == f"{scaled / 60:.1f} min |"
+    assert "| multitask LoRA | 8000 | 6400 | 20% |" in printed
+    assert "core-hours in all" in printed and "Adding a domain" in printed
+
+    monkeypatch.setattr(sys, "argv", ["retrain_times.py", str(tmp_path)])  # no run there
+    assert retrain_times.main() == 2
+    assert "timings.json" in capsys.readouterr().err
