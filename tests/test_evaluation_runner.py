@@ -255,35 +255,6 @@ def test_frozen_equals_granular_when_the_gate_is_constant(base_dir, experts, tok
     assert report.score("xlora-frozen", "qa").nll != pytest.approx(report.score("xlora", "qa").nll)
 
 
-def test_batched_frozen_pass_equals_one_example_at_a_time(base_dir, experts, tokenizer, tmp_path):
-    from loramix.evaluation.runner import _frozen_pass, example_nlls, example_scalings
-
-    records = RECORDS + [
-        {
-            "prompt": "a much longer question about the four experts, with many words",
-            "completion": "x",
-        },
-        {"prompt": "short", "completion": "a longer completion than the others have here"},
-    ]
-    path = tmp_path / "varied.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    examples = load_test_set(path, tokenizer, chat=False)
-    model = make_model(base_dir, experts)  # random gate: every example has its own mix
-    sums, counts, answers = _frozen_pass(model, tokenizer, examples, 4, batch_size=3)
-    mixes = []
-    for index, example in enumerate(examples):
-        prompt = example.input_ids[: example.prompt_length]
-        mix = example_scalings(model, prompt).mean(dim=0)  # (L, E)
-        mixes.append(mix)
-        with model.fixed_scalings(mix):
-            (total,), (count,), _ = example_nlls(model, tokenizer, [example], 1)
-            (answer,) = greedy_answers(model, tokenizer, [example], 4, 1)
-        assert sums[index] == pytest.approx(total, rel=1e-5), index
-        assert counts[index] == count
-        assert answers[index] == answer, index
-    assert not torch.allclose(mixes[0], mixes[-1], atol=1e-3)  # the mixes differ
-
-
 def test_scores_carry_bootstrap_intervals(base_dir, experts, tokenizer, test_file):
     model = make_model(base_dir, experts)
     report = evaluate(model, tokenizer, {"qa": test_file}, ["base", "xlora"], max_new_tokens=2)

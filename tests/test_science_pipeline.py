@@ -152,6 +152,23 @@ def test_the_report_keeps_the_parts_scored_from_the_same_inputs(run):
     assert report_is_current(RetrainPaths(out), settings)
 
 
+def test_a_parts_inputs_cover_the_expert_copies_in_the_xlora_folder(run, tmp_path):
+    from loramix.science.final_eval import part_inputs
+
+    source, _, settings, _ = run
+    paths = RetrainPaths(tmp_path / "run")
+    shutil.copytree(source, paths.out)
+    before = part_inputs(paths, settings, ["xlora"])
+    assert set(before["libraries"]) == {"torch", "transformers", "peft"}
+    copy = next((paths.xlora / "experts").glob("*/adapter_model.safetensors"))
+    copy.write_bytes(copy.read_bytes() + b" ")  # a copy changed, the expert's own folder not
+    after = part_inputs(paths, settings, ["xlora"])
+    assert after["models"]["xlora"] != before["models"]["xlora"]
+    assert {k: v for k, v in after["models"].items() if k != "xlora"} == {
+        k: v for k, v in before["models"].items() if k != "xlora"
+    }
+
+
 def test_the_parts_without_the_multitask_lora_can_be_scored_first(run):
     out, _, settings, _ = run
     parts = list(evaluation_parts(settings))

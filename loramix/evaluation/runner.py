@@ -18,10 +18,10 @@ The systems all run on the same model object:
     expert:<name>   `model.fixed_scalings(one_hot)`: that expert alone, every token and layer
     uniform         `model.fixed_scalings(1/E each)`: the plain average of the experts
     xlora           the gate's per-token, per-layer scalings ("granular")
-    xlora-frozen    X-LoRA with each example's scalings frozen to their mean over its prompt
-                    (per adapted module), for the completion's NLL and for the whole answer
-                    (`generate(scalings_mode="frozen")`), batched with one fixed mix per
-                    sequence
+    xlora-frozen    X-LoRA as `generate(scalings_mode="frozen")` runs it: the prompt with
+                    per-token scalings, then each example's completion (for its NLL) and
+                    answer with one fixed mix, its prompt's mean per adapted module
+                    (`loramix.evaluation.frozen`)
 
 Each score also carries 95% bootstrap intervals of both numbers over the set's examples
 (`loramix.evaluation.bootstrap.ratio_interval`, whole examples resampled), and each example's
@@ -322,8 +322,17 @@ def _score(
     from loramix.evaluation.bootstrap import ratio_interval
 
     start = time.perf_counter()
-    if system == XLORA_FROZEN:
-        sums, counts, answers = _frozen_pass(model, tokenizer, examples, max_new_tokens, batch_size)
+    if system == XLORA_FROZEN:  # as frozen generation computes it
+        from loramix.evaluation.frozen import frozen_example_nlls
+
+        sums, counts = frozen_example_nlls(model, tokenizer, examples, batch_size)
+        answers = (
+            greedy_answers(
+                model, tokenizer, examples, max_new_tokens, batch_size, scalings_mode="frozen"
+            )
+            if max_new_tokens > 0
+            else None
+        )
         expert_usage = None
     else:
         sums, counts, expert_usage = example_nlls(
@@ -356,80 +365,6 @@ def _score(
         example_tokens=tuple(int(count) for count in counts),
     )
     return score, expert_usage
-
-
-@torch.no_grad()
-def _frozen_pass(
-    model: XLoraModel,
-    tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[EvalExample],
-    max_new_tokens: int,
-    batch_size: int = 8,
-) -> tuple[list[float], list[int], list[str] | None]:
-    """Per example: NLL sum and tokens with scalings frozen to the prompt's mean, and the
-    frozen-mode greedy answer (None when `max_new_tokens` is 0).
-
-    Batched: each batch runs with one fixed mix per sequence (`fixed_scalings(...,
-    per_sequence=True)`). Each batch is handed over already in the order that
-    `example_nlls` and `greedy_answers` sort it in (a stable sort by the same key), so
-    row b of the mixes is the mix of the batch's example b.
-    """
-    frozen = prompt_mean_scalings(model, tokenizer, examples, batch_size)  # (N, L, E)
-    sums: dict[int, float] = {}
-    counts: dict[int, int] = {}
-    indexed = list(enumerate(examples))
-    for batch in _batches(indexed, batch_size, key=lambda item: len(item[1].input_ids)):
-        rows = [index for index, _ in batch]
-        with model.fixed_scalings(frozen[rows], per_sequence=True):  # (B, L, E)
-            totals, tokens, _ = example_nlls(model, tokenizer, [ex for _, ex in batch], len(batch))
-        sums.update(zip(rows, totals, strict=True))
-        counts.update(zip(rows, tokens, strict=True))
-    answers: dict[int, str] = {}
-    if max_new_tokens > 0:
-        for batch in _batches(indexed, batch_size, key=lambda item: item[1].prompt_length):
-            rows = [index for index, _ in batch]
-            with model.fixed_scalings(frozen[rows], per_sequence=True):  # (B, L, E)
-                texts = greedy_answers(
-                    model, tokenizer, [ex for _, ex in batch], max_new_tokens, len(batch)
-                )
-            answers.update(zip(rows, texts, strict=True))
-    order = range(len(examples))
-    return (
-        [sums[i] for i in order],
-        [counts[i] for i in order],
-        [answers[i] for i in order] if max_new_tokens > 0 else None,
-    )
-
-
-@torch.no_grad()
-def prompt_mean_scalings(
-    model: XLoraModel,
-    tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[EvalExample],
-    batch_size: int = 8,
-) -> torch.Tensor:
-    """`(N, L, E)`: each example's X-LoRA scalings (after the softmax, before top-k)
-    averaged over its prompt's tokens, from the scaling pass and the gate alone.
-
-    Prompts are right-padded into batches; with causal attention the padding does not reach
-    the real tokens, and it is left out of the mean.
-    """
-    pad = pad_token_id(tokenizer)
-    device = model.get_input_embeddings().weight.device
-    means: dict[int, torch.Tensor] = {}
-    indexed = list(enumerate(examples))
-    for batch in _batches(indexed, batch_size, key=lambda item: item[1].prompt_length):
-        ids, mask = padded_prompts([ex for _, ex in batch], pad, left=False)  # (B, P) each
-        scalings = (
-            model.compute_scalings(input_ids=ids.to(device), attention_mask=mask.to(device))
-            .float()
-            .cpu()
-        )  # (B, P, L, E)
-        weights = mask.to(scalings.dtype)[:, :, None, None]  # (B, P, 1, 1)
-        batch_means = (scalings * weights).sum(dim=1) / weights.sum(dim=1)  # (B, L, E)
-        for row, (index, _) in enumerate(batch):
-            means[index] = batch_means[row]
-    return torch.stack([means[i] for i in range(len(examples))])  # (N, L, E)
 
 
 def completion_nll(
@@ -477,7 +412,7 @@ def example_nlls(
     counts: dict[int, int] = {}
     usage_sum, usage_count = None, 0
     indexed = list(enumerate(examples))
-    for batch_items in _batches(indexed, batch_size, key=lambda item: len(item[1].input_ids)):
+    for batch_items in length_batches(indexed, batch_size, key=lambda item: len(item[1].input_ids)):
         batch = collate(
             [
                 {
@@ -512,12 +447,15 @@ def greedy_answers(
     examples: Sequence[EvalExample],
     max_new_tokens: int,
     batch_size: int = 8,
+    scalings_mode: str = "granular",
 ) -> list[str]:
     """Greedy continuations of each example's prompt, decoded without special tokens.
 
-    Prompts are left-padded into batches (of similar lengths) for `model.generate`; a
-    sequence stops at EOS, at `max_new_tokens`, or once it has written a newline (only the
-    first line is an answer). The answers come back in the order of `examples`.
+    Prompts are left-padded into batches (of similar lengths) for `model.generate`, with
+    `scalings_mode` (X-LoRA's: "granular" or "frozen"; inside `fixed_scalings` the mix is
+    given either way); a sequence stops at EOS, at `max_new_tokens`, or once it has written a
+    newline (only the first line is an answer). The answers come back in the order of
+    `examples`.
     """
     pad = pad_token_id(tokenizer)
     config = GenerationConfig(
@@ -529,7 +467,7 @@ def greedy_answers(
     )
     answers: dict[int, str] = {}
     indexed = list(enumerate(examples))
-    for batch in _batches(indexed, batch_size, key=lambda item: item[1].prompt_length):
+    for batch in length_batches(indexed, batch_size, key=lambda item: item[1].prompt_length):
         ids, mask = padded_prompts([ex for _, ex in batch], pad, left=True)  # (B, P) each
         width = ids.shape[1]
         device = model.get_input_embeddings().weight.device
@@ -538,6 +476,7 @@ def greedy_answers(
             generation_config=config,
             attention_mask=mask.to(device),
             stopping_criteria=StoppingCriteriaList([FirstLineDone(tokenizer, width)]),
+            scalings_mode=scalings_mode,
         )  # (B, P + new)
         texts = tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
         for (index, _), text in zip(batch, texts, strict=True):
@@ -589,7 +528,9 @@ def example_scalings(model: XLoraModel, input_ids: Sequence[int]) -> torch.Tenso
     return output["scalings"][0].float().cpu()  # (T, L, E)
 
 
-def _batches(items: Sequence[Any], size: int, key: Callable[[Any], int]) -> Iterator[list[Any]]:
+def length_batches(
+    items: Sequence[Any], size: int, key: Callable[[Any], int]
+) -> Iterator[list[Any]]:
     """Consecutive batches of `items` sorted by `key`, so that padding stays short."""
     ordered = sorted(items, key=key)
     for start in range(0, len(ordered), size):

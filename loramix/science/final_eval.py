@@ -13,7 +13,8 @@ interval):
                     training examples (`loramix.science.pipeline`), evaluated as the only
                     expert of an X-LoRA model with its scaling fixed to 1 (plain LoRA)
     xlora           the chosen gate's per-token, per-layer mixture ("granular")
-    xlora-frozen    the same, scalings frozen per example to their mean over the prompt
+    xlora-frozen    the same as frozen generation runs it: the prompt per token, then the
+                    completion with its prompt's mean scalings (`loramix.evaluation.frozen`)
 
 Then the targets (`loramix.science.targets.check_targets`, with the multitask LoRA as a
 rival on every set, win or lose) and the pictures: scalings per layer and per token for one
@@ -133,7 +134,9 @@ def evaluate_run(paths: RetrainPaths, settings: RetrainSettings) -> dict[str, An
     base, tokenizer = load_base_model(settings.base)
     model = XLoraModel.from_pretrained(base, paths.xlora)
     samples = {
-        name: load_test_set(path, tokenizer, chat=False, limit=1)[0].input_ids
+        name: load_test_set(path, tokenizer, chat=False, limit=1, max_length=settings.max_length)[
+            0
+        ].input_ids
         for name, path in test_sets.items()
         if name != MIXED
     }
@@ -234,11 +237,12 @@ def source_digest() -> str:
 
 def part_inputs(paths: RetrainPaths, settings: RetrainSettings, systems: list[str]) -> dict:
     """What the scores of a part scoring `systems` are made from: the SHA-256 of each model
-    folder it loads (the chosen gate and the experts, or the multitask LoRA, with the
-    candidates it was chosen among) and of each test file, and the evaluation settings."""
+    folder it loads (the chosen gate's folder with every file under it, and the experts, or
+    the multitask LoRA, with the candidates it was chosen among) and of each test file, the
+    evaluation settings, loramix's code and the versions of the libraries that run it."""
     from loramix.evaluation.runner import EXPERT_PREFIX
     from loramix.science.pipeline import MULTITASK
-    from loramix.training.outputs import file_digest, folder_digest
+    from loramix.training.outputs import file_digest, folder_digest, tree_digest
 
     choice = {}
     if systems == [EXPERT_PREFIX + MULTITASK]:
@@ -252,7 +256,10 @@ def part_inputs(paths: RetrainPaths, settings: RetrainSettings, systems: list[st
     return {
         "systems": list(systems),
         **choice,
-        "models": {name: folder_digest(folder) for name, folder in models.items()},
+        "models": {
+            name: tree_digest(folder) if folder == paths.xlora else folder_digest(folder)
+            for name, folder in models.items()
+        },
         "test_files": {
             name: file_digest(path) for name, path in paths.test_sets(settings.domains).items()
         },
@@ -263,6 +270,20 @@ def part_inputs(paths: RetrainPaths, settings: RetrainSettings, systems: list[st
             "max_length": settings.max_length,
         },
         "code": source_digest(),
+        "libraries": library_versions(),
+    }
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries that compute the scores (torch, transformers, peft)."""
+    import peft
+    import torch
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
     }
 
 
