@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
-from test_evaluation_runner import RECORDS, base_dir, experts, load_base, make_model, tokenizer
+from helpers import MODEL_FACTORIES, make_expert, randomize_gate
+from test_evaluation_runner import RECORDS, base_dir, experts, make_model, tokenizer
 
 from loramix import XLoraConfig, XLoraModel
 from loramix.evaluation.frozen import frozen_example_nlls
@@ -21,51 +23,62 @@ PROMPTS = [
 ]
 
 
-def frozen_generation(model, tokenizer, prompt: str, new_tokens: int = 4):
+def frozen_generation(model, prompt: list[int], new_tokens: int) -> tuple[list[int], float]:
     """Greedy tokens of `generate(scalings_mode="frozen")` for one prompt, and the NLL sum of
     those tokens under the logits it computed for them."""
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     output = model.generate(
-        ids,
+        torch.tensor([prompt]),
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         do_sample=False,
-        pad_token_id=tokenizer.pad_token_id or 0,
+        pad_token_id=0,
+        eos_token_id=None,
         scalings_mode="frozen",
         output_logits=True,
         return_dict_in_generate=True,
     )
-    tokens = output.sequences[0, ids.shape[1] :].tolist()
+    tokens = output.sequences[0, len(prompt) :].tolist()
     nll = sum(
         -torch.log_softmax(logits[0].float(), dim=-1)[token].item()
         for logits, token in zip(output.logits, tokens, strict=True)
     )
-    return ids[0].tolist(), tokens, nll
+    return tokens, nll
 
 
 @pytest.mark.parametrize("top_k", [None, 1])
-def test_the_frozen_nll_is_what_frozen_generation_computes(base_dir, experts, tokenizer, top_k):
-    model = make_model(base_dir, experts)  # random gate: per-token scalings differ
-    if top_k is not None:  # top-k applies to the prompt's mean, as in generation
-        config = XLoraConfig(adapters=experts, xlora_size=16, top_k_lora=top_k)
-        gate = model.gate.state_dict()
-        model = XLoraModel(load_base(base_dir), config)
-        model.gate.load_state_dict(gate)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # gpt2: absolute positions
+def test_the_frozen_nll_is_what_frozen_generation_computes(tmp_path, family, top_k):
+    factory, targets = MODEL_FACTORIES[family]
+    experts = {
+        name: str(make_expert(factory, tmp_path / name, seed, targets))
+        for name, seed in (("a", 1), ("b", 2))
+    }
+    model = XLoraModel(factory(), XLoraConfig(adapters=experts, xlora_size=16, top_k_lora=top_k))
+    randomize_gate(model)  # per-token scalings differ; top-k applies to the prompt's mean
+    generator = torch.Generator().manual_seed(5)
     examples, expected = [], []
-    for prompt in PROMPTS:
-        prompt_ids, tokens, nll = frozen_generation(model, tokenizer, prompt)
-        record = {"prompt": prompt, "completion": tokenizer.decode(tokens)}
-        labels = [-100] * len(prompt_ids) + tokens
-        examples.append(EvalExample(record, prompt_ids + tokens, labels, len(prompt_ids)))
+    for prompt_length, new_tokens in [(3, 6), (11, 2), (7, 4), (1, 5)]:  # padded both ways
+        prompt = torch.randint(3, 97, (prompt_length,), generator=generator).tolist()
+        tokens, nll = frozen_generation(model, prompt, new_tokens)
+        labels = [-100] * prompt_length + tokens
+        examples.append(EvalExample({}, prompt + tokens, labels, prompt_length))
         expected.append(nll)
-    sums, counts = frozen_example_nlls(model, tokenizer, examples, batch_size=3)  # padded
-    assert counts == [4, 4, 4]
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=None)  # raw ids, padding only
+    sums, counts = frozen_example_nlls(model, tokenizer, examples, batch_size=4)
+    assert counts == [6, 2, 4, 5]
     assert sums == pytest.approx(expected, rel=1e-4)
-    # Not the whole example under the prompt's mean: the prompt is read per token.
-    mean = model(input_ids=torch.tensor([examples[1].input_ids[: examples[1].prompt_length]]))
-    with model.fixed_scalings(mean["scalings"][0].mean(dim=0)):  # (L, E)
-        (whole_frozen,), _, _ = example_nlls(model, tokenizer, [examples[1]], 1)
-    assert whole_frozen != pytest.approx(sums[1], rel=1e-3)
+
+
+def test_the_prompt_is_read_per_token_not_under_the_mean(base_dir, experts, tokenizer, tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"prompt": PROMPTS[1], "completion": "the answer"}) + "\n")
+    (example,) = load_test_set(path, tokenizer, chat=False)
+    model = make_model(base_dir, experts)
+    (frozen,), _ = frozen_example_nlls(model, tokenizer, [example])
+    prompt = torch.tensor([example.input_ids[: example.prompt_length]])
+    with model.fixed_scalings(model(input_ids=prompt)["scalings"][0].mean(dim=0)):  # (L, E)
+        (whole_example_under_the_mean,), _, _ = example_nlls(model, tokenizer, [example], 1)
+    assert whole_example_under_the_mean != pytest.approx(frozen, rel=1e-3)
 
 
 def test_frozen_answers_in_a_batch_equal_one_at_a_time(base_dir, experts, tokenizer, tmp_path):

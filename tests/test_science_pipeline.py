@@ -159,7 +159,7 @@ def test_a_parts_inputs_cover_the_expert_copies_in_the_xlora_folder(run, tmp_pat
     paths = RetrainPaths(tmp_path / "run")
     shutil.copytree(source, paths.out)
     before = part_inputs(paths, settings, ["xlora"])
-    assert set(before["libraries"]) == {"torch", "transformers", "peft"}
+    assert set(before["libraries"]) == {"torch", "transformers", "peft", "tokenizers"}
     copy = next((paths.xlora / "experts").glob("*/adapter_model.safetensors"))
     copy.write_bytes(copy.read_bytes() + b" ")  # a copy changed, the expert's own folder not
     after = part_inputs(paths, settings, ["xlora"])

@@ -64,7 +64,7 @@ def frozen_example_nlls(
         prompt, prompt_mask = padded_prompts(rows, pad, left=True)  # (B, P) each
         completion, completion_mask, labels = _padded_completions(rows, pad)  # (B, C) each
         mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P + C)
-        positions = (mask.cumsum(dim=1) - 1).masked_fill(mask == 0, 1)  # as generate sets them
+        positions = (mask.cumsum(dim=1) - 1).masked_fill(mask == 0, 0)  # as generate counts
         width = prompt.shape[1]
         cache = model.new_cache()
         plan = FreezePlan(window_start=0, window_end=width)

@@ -208,7 +208,7 @@ def system_context(model: XLoraModel, system: str) -> contextlib.AbstractContext
     """The context in which `model` computes `system` (see the module docstring)."""
     if system == BASE:
         return model.disable_adapters()
-    if system in (XLORA, XLORA_FROZEN):  # frozen: fixed per example, in `_score`
+    if system in (XLORA, XLORA_FROZEN):  # frozen: its own passes, in `_score`
         return contextlib.nullcontext()
     n = model.n_experts
     if system == UNIFORM:

@@ -275,12 +275,15 @@ def part_inputs(paths: RetrainPaths, settings: RetrainSettings, systems: list[st
 
 
 def library_versions() -> dict[str, str]:
-    """The versions of the libraries that compute the scores (torch, transformers, peft)."""
+    """The versions of the libraries that compute the scores (torch, transformers, peft,
+    tokenizers)."""
     import peft
+    import tokenizers
     import torch
     import transformers
 
     return {
+        "tokenizers": tokenizers.__version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
