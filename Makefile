@@ -43,8 +43,8 @@ demo: venv
 
 # Retrain the science model v2 from scratch (data, eight experts and the multitask LoRA,
 # gate candidates chosen on dev, the test report) into runs/retrain, and export it to
-# runs/retrain/bundle-v2 (the command's default); the bundled v1 model in models/science-xlora is left alone (v2 does
-# not beat it on v1's domains yet: README, "Version 2"). Estimated at about 6 h on this
+# runs/retrain/bundle-v2 (the command's default); the bundled model in models/science-xlora is
+# left alone (README, "Version 2": which export becomes the bundle). Estimated at about 6 h on this
 # 2-core machine (two jobs at a time, one thread each; experts up to 1000 steps, each kept at
 # its best checkpoint on dev). Running it again resumes an
 # interrupted run (finished steps are skipped); to try other gate settings on a finished run,

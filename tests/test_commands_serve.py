@@ -110,8 +110,9 @@ def test_serves_on_the_recorded_base_and_rendering(folders, tmp_path, monkeypatc
     served = []
     monkeypatch.setattr(app_module, "run_server", lambda app, **_: served.append(app))
     with caplog.at_level("INFO"):
-        assert main(["serve", str(folder), "--threads", "1"]) == 0
+        assert main(["serve", str(folder), "--threads", "1", "--device", "cpu"]) == 0
     service = served[0].state.service
+    assert {p.device.type for p in service.model.parameters()} == {"cpu"}
     assert service.model.base_model.config.name_or_path == str(base)  # not the default smollm2
     assert f"base model: {base}" in caplog.text
     (card,) = TestClient(served[0]).get("/v1/models").json()["data"]

@@ -64,3 +64,26 @@ def test_commands_run_on_cuda(folders, tmp_path: Path, capsys) -> None:
     prompt = ["--prompt", "what is two plus two?", "--max-new-tokens", "4", "--base", str(base)]
     assert main(["generate", str(out), *prompt, "--device", "cuda", "--show-experts"]) == 0
     assert "experts: [0] a  [1] b" in capsys.readouterr().out
+
+
+def test_serve_runs_on_cuda(folders, monkeypatch) -> None:
+    from fastapi.testclient import TestClient
+
+    import loramix.serving.app as app_module
+
+    base, expert, _ = folders
+    served_dir = base.parent / "served"
+    model = XLoraModel(
+        load_base_model(base)[0], XLoraConfig(adapters={"a": str(expert), "b": str(expert)})
+    )
+    model.save_pretrained(served_dir)
+    served = []
+    monkeypatch.setattr(app_module, "run_server", lambda app, **_: served.append(app))
+    assert main(["serve", str(served_dir), "--base", str(base), "--device", "cuda"]) == 0
+    model = served[0].state.service.model
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    with TestClient(served[0]) as client:
+        body = {"model": "served", "prompt": "what is two plus two?", "max_tokens": 4}
+        response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] <= 4

@@ -28,8 +28,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "science",
         help="the science case study: bundled demo, or retrain everything from scratch",
         description=(
-            "Four LoRA experts (biology, chemistry, proteins, mechanics) on SmolLM2-135M-"
-            "Instruct, mixed per token and per layer by a trained X-LoRA gate."
+            "LoRA experts of science domains (eight in a retrain; the bundled model has "
+            "biology, chemistry, proteins and mechanics) on SmolLM2-135M-Instruct, mixed per "
+            "token and per layer by a trained X-LoRA gate."
         ),
     )
     actions = parser.add_subparsers(dest="science_command", metavar="ACTION", required=True)

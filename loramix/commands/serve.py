@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from loramix.commands.flags import (
+    add_device_argument,
     add_dtype_argument,
     add_fields,
     add_threads_argument,
@@ -47,6 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    add_device_argument(parser)
     add_dtype_argument(parser)
     add_threads_argument(parser)
     add_fields(parser, ServeConfig, skip={"model_name"}, choices={"mode": MODES})
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--port={args.port}: use a port between 1 and 65535")
         name = args.model_name or Path(args.model_dir).resolve().name
         config = from_args(ServeConfig, args, model_name=name)
-        model, tokenizer = _load(args.model_dir, args.base, dtype_from_args(args))
+        model, tokenizer = _load(args.model_dir, args.base, dtype_from_args(args), args.device)
         rendering = prompt_rendering(args.model_dir)  # the page and the model card follow it
         choose_chat(args.model_dir, None, tokenizer, fallback=True)  # warns on another template
     except (ValueError, FileNotFoundError) as error:
