@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from loramix.science.add_domain import add_domain_cost, full_seconds, timed_share
+from loramix.science.add_domain import MIN_TIMED_SHARE, add_domain_cost, full_seconds, timed_share
 from loramix.science.lora_jobs import multitask_schedule
 from loramix.science.multitask_choice import recorded_choice
 from loramix.science.pipeline import MULTITASK, TIMINGS_JSON, RetrainPaths, RetrainSettings
@@ -83,14 +83,15 @@ def step_table(timings: dict[str, Any]) -> str:
 
 
 def training_jobs(timings: dict[str, Any], run: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every training job's record, with its name, kind and steps in all."""
+    """Every training job's record, with its name, kind and steps in all (None for a gate
+    candidate the run no longer lists, unless its record has them)."""
     settings = RetrainSettings(
         domains=tuple(run["domains"]), expert_steps=run["expert_steps"], keep_best=True
     )
     gate_steps = {c["name"]: c["steps"] for c in run.get("gate_candidates", [])}
     found: list[dict[str, Any]] = []
 
-    def add(kind: str, name: str, record: dict[str, Any], steps: int) -> None:
+    def add(kind: str, name: str, record: dict[str, Any], steps: int | None) -> None:
         found.append({"kind": kind, "name": name, "steps": steps, **record})
 
     for name, record in timings.get("experts", {}).get("each", {}).items():
@@ -114,7 +115,7 @@ def training_jobs(timings: dict[str, Any], run: dict[str, Any]) -> list[dict[str
     for name, record in timings.get("multitask-candidates", {}).get("each", {}).items():
         add("multitask", name, record, record.get("steps", multitask_schedule(name, settings)[0]))
     for name, record in timings.get("gates", {}).get("each", {}).items():
-        add("gate", name, record, record.get("steps", gate_steps.get(name, 0)))
+        add("gate", name, record, record.get("steps", gate_steps.get(name)))
     return found
 
 
@@ -125,14 +126,14 @@ def job_table(jobs: list[dict[str, Any]]) -> str:
     ]
     for job in jobs:
         share = timed_share(job)
+        per_step = all_steps_text = "-"
         if "cpu_s" in job and share > 0:
             all_steps = full_seconds(job, "cpu_s")
-            per_step = f"{all_steps / job['steps']:.2f} s"
             all_steps_text = minutes(all_steps)
-        else:
-            per_step = all_steps_text = "-"
+            if job["steps"]:
+                per_step = f"{all_steps / job['steps']:.2f} s"
         lines.append(
-            f"| {job_name(job)} | {job['steps']} | {job.get('kept_step', '-')} "
+            f"| {job_name(job)} | {job['steps'] or '-'} | {job.get('kept_step', '-')} "
             f"| {share:.0%} | {minutes(job.get('wall_s'))} | {minutes(job.get('cpu_s'))} "
             f"| {per_step} | {all_steps_text} |"
         )
@@ -148,7 +149,9 @@ def job_name(job: dict[str, Any]) -> str:
 def work_summary(timings: dict[str, Any], jobs: list[dict[str, Any]], cores: int) -> str:
     """The CPU time of all the work: the training jobs scaled to all their steps, and the
     other steps (data, selections, evaluation parts, export) as recorded."""
-    training = sum(full_seconds(job, "cpu_s") for job in jobs if timed_share(job) > 0)
+    training = sum(
+        full_seconds(job, "cpu_s") for job in jobs if "cpu_s" in job and timed_share(job) > 0
+    )
     parts: dict[str, float] = {}
     for step in EVALUATION_STEPS:
         for name, part in timings.get(step, {}).get("each", {}).items():
@@ -188,7 +191,13 @@ def add_domain_summary(folder: Path, timings: dict[str, Any], run: dict[str, Any
             f"{minutes(record['expert_s'])}, gate {minutes(record['gate_s'])}) against "
             f"{minutes(record['multitask_retrain_s'])}, {record['ratio']}x"
         )
-    lines.append(f"  ({cost['experts_timed']} expert(s) timed over at least half their steps)")
+    lines.append(
+        f"  ({cost['experts_timed']} expert(s) timed over at least {MIN_TIMED_SHARE:.0%} of "
+        f"their steps)"
+    )
+    for name, share in cost.get("timed_shares", {}).items():
+        if share < 1:
+            lines.append(f"  (the {name}'s time covers {share:.0%} of its steps, scaled up)")
     return "\n".join(lines)
 
 

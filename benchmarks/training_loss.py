@@ -90,7 +90,10 @@ def parse_batch_arguments(
 ) -> argparse.Namespace:
     """--batch, --batches, --repeats and --threads (torch's CPU threads, set here), besides
     the arguments `parser` already has."""
-    parser = parser or argparse.ArgumentParser(description=description)
+    if parser is None:
+        parser = argparse.ArgumentParser(description=description)
+    else:
+        parser.description = description
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5, help="rounds over the batches")

@@ -68,6 +68,18 @@ def test_retrain_times_reads_a_published_runs_folder(monkeypatch, capsys, tmp_pa
     assert "| multitask LoRA | 8000 | 6400 | 20% |" in printed
     assert "core-hours in all" in printed and "Adding a domain" in printed
 
+    older = tmp_path / "older"  # a dropped gate candidate, a job from before CPU times
+    older.mkdir()
+    timings["gates"]["each"]["lr1e-2-s300"] = {"wall_s": 500.0}
+    del timings["experts"]["each"]["biology"]["cpu_s"]
+    (older / "timings.json").write_text(json.dumps(timings))
+    (older / "run.json").write_text((published / "run.json").read_text())
+    monkeypatch.setattr(sys, "argv", ["retrain_times.py", str(older)])
+    assert retrain_times.main() == 0
+    printed = capsys.readouterr().out
+    assert "| gate lr1e-2-s300 | - | - | 100% | 8.3 min | - | - | - |" in printed
+    assert "Not counted (no time recorded): biology, lr1e-2-s300." in printed
+
     monkeypatch.setattr(sys, "argv", ["retrain_times.py", str(tmp_path)])  # no run there
     assert retrain_times.main() == 2
     assert "timings.json" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -101,8 +102,13 @@ def test_frozen_answers_in_a_batch_equal_one_at_a_time(base_dir, experts, tokeni
     )  # the frozen system is not the granular one
 
 
-def test_a_labelled_prompt_is_refused(base_dir, experts, tokenizer):
+def test_a_labelled_prompt_or_a_missing_part_is_refused(base_dir, experts, tokenizer):
     model = make_model(base_dir, experts)
     example = EvalExample({"prompt": "a", "completion": "b"}, [5, 6, 7], [5, 6, 7], 2)
     with pytest.raises(ValueError, match="test example 0: labels on its prompt"):
         frozen_example_nlls(model, tokenizer, [example])
+    whole = EvalExample({"prompt": "a", "completion": ""}, [5, 6], [-100, -100], 2)
+    with pytest.raises(ValueError, match="test example 1: 2 prompt token.* of 2; .* completion"):
+        frozen_example_nlls(
+            model, tokenizer, [dataclasses.replace(example, labels=[-100] * 3), whole]
+        )

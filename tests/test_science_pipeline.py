@@ -159,7 +159,7 @@ def test_a_parts_inputs_cover_the_expert_copies_in_the_xlora_folder(run, tmp_pat
     paths = RetrainPaths(tmp_path / "run")
     shutil.copytree(source, paths.out)
     before = part_inputs(paths, settings, ["xlora"])
-    assert set(before["libraries"]) == {"torch", "transformers", "peft", "tokenizers"}
+    assert set(before["libraries"]) == {"torch", "transformers", "peft", "tokenizers", "gguf"}
     copy = next((paths.xlora / "experts").glob("*/adapter_model.safetensors"))
     copy.write_bytes(copy.read_bytes() + b" ")  # a copy changed, the expert's own folder not
     after = part_inputs(paths, settings, ["xlora"])
@@ -550,8 +550,10 @@ def test_add_domain_cost_reads_one_runs_timings():
         add_domain_cost({"experts": timings["experts"], "gates": timings["gates"]}, settings)
     timings[MULTITASK] = {"wall_s": 5, "job": {"wall_s": 800, "cpu_s": 700}}  # in background
     assert add_domain_cost(timings, settings)["multitask_retrain_s"] == 1200
+    assert "timed_shares" not in add_domain_cost(timings, settings)  # every step timed
     timings[MULTITASK]["job"].update(steps=2000, resumed_from_step=1000)  # half timed
     assert add_domain_cost(timings, settings)["multitask_retrain_s"] == 2400
+    assert add_domain_cost(timings, settings)["timed_shares"] == {"gate": 1.0, "multitask": 0.5}
     assert add_domain_cost(timings, settings)["cpu"]["multitask_retrain_s"] == 2100
     timings[MULTITASK]["job"].update(resumed_from_step=2000)  # resumed at its last step
     with pytest.raises(ValueError, match="timed from step 2000 of 2000 covers no step"):

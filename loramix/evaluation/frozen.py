@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
+from loramix.evaluation.batching import length_batches, padded_completions, padded_prompts
 from loramix.generation import FreezePlan
 from loramix.training.data import IGNORE_INDEX, pad_token_id
 
@@ -43,12 +44,16 @@ def frozen_example_nlls(
     given.
 
     Raises:
-        ValueError: If an example has labels on its prompt (frozen generation starts its
-            fixed mix at the completion, so a labelled prompt token has no frozen score).
+        ValueError: If an example has no prompt or no completion, or labels on its prompt
+            (frozen generation starts its fixed mix at the completion, so a labelled prompt
+            token has no frozen score).
     """
-    from loramix.evaluation.runner import length_batches, padded_prompts
-
     for index, example in enumerate(examples):
+        if not 0 < example.prompt_length < len(example.input_ids):
+            raise ValueError(
+                f"test example {index}: {example.prompt_length} prompt token(s) of "
+                f"{len(example.input_ids)}; the frozen system needs a prompt and a completion"
+            )
         if any(label != IGNORE_INDEX for label in example.labels[: example.prompt_length]):
             raise ValueError(
                 f"test example {index}: labels on its prompt; the frozen system scores "
@@ -62,9 +67,9 @@ def frozen_example_nlls(
     for batch in length_batches(indexed, batch_size, key=lambda item: item[1].prompt_length):
         rows = [ex for _, ex in batch]
         prompt, prompt_mask = padded_prompts(rows, pad, left=True)  # (B, P) each
-        completion, completion_mask, labels = _padded_completions(rows, pad)  # (B, C) each
+        completion, completion_mask, labels = padded_completions(rows, pad)  # (B, C) each
         mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P + C)
-        positions = (mask.cumsum(dim=1) - 1).masked_fill(mask == 0, 0)  # as generate counts
+        positions = (mask.cumsum(dim=1) - 1).masked_fill(mask == 0, 0)  # (B, P + C) as generate
         width = prompt.shape[1]
         cache = model.new_cache()
         plan = FreezePlan(window_start=0, window_end=width)
@@ -98,20 +103,3 @@ def frozen_example_nlls(
             sums[index], counts[index] = total, int(count)
     order = range(len(examples))
     return [sums[i] for i in order], [counts[i] for i in order]
-
-
-def _padded_completions(
-    examples: Sequence[EvalExample], pad: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The tokens after each prompt, right-padded: `(B, C)` ids, attention mask and labels
-    (`IGNORE_INDEX` on the padding)."""
-    width = max(len(ex.input_ids) - ex.prompt_length for ex in examples)
-    ids = torch.full((len(examples), width), pad, dtype=torch.long)  # (B, C)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, C)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)  # (B, C)
-    for row, ex in enumerate(examples):
-        tokens = ex.input_ids[ex.prompt_length :]
-        ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        mask[row, : len(tokens)] = 1
-        labels[row, : len(tokens)] = torch.tensor(ex.labels[ex.prompt_length :], dtype=torch.long)
-    return ids, mask, labels

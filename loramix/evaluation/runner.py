@@ -44,7 +44,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +57,8 @@ from transformers import (
 )
 
 from loramix.checks import is_int, raise_problems
+from loramix.evaluation.batching import length_batches, padded_prompts
+from loramix.evaluation.frozen import frozen_example_nlls
 from loramix.evaluation.report import EvalReport, Score
 from loramix.training.data import (
     IGNORE_INDEX,
@@ -323,8 +325,6 @@ def _score(
 
     start = time.perf_counter()
     if system == XLORA_FROZEN:  # as frozen generation computes it
-        from loramix.evaluation.frozen import frozen_example_nlls
-
         sums, counts = frozen_example_nlls(model, tokenizer, examples, batch_size)
         answers = (
             greedy_answers(
@@ -484,21 +484,6 @@ def greedy_answers(
     return [answers[i] for i in range(len(examples))]
 
 
-def padded_prompts(
-    examples: Sequence[EvalExample], pad: int, *, left: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The examples' prompts padded to the longest: `(B, P)` ids and `(B, P)` attention mask,
-    padded on the left (for generation) or on the right."""
-    width = max(ex.prompt_length for ex in examples)
-    ids = torch.full((len(examples), width), pad, dtype=torch.long)  # (B, P)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)  # (B, P)
-    for row, ex in enumerate(examples):
-        start = width - ex.prompt_length if left else 0
-        ids[row, start : start + ex.prompt_length] = torch.tensor(ex.input_ids[: ex.prompt_length])
-        mask[row, start : start + ex.prompt_length] = 1
-    return ids, mask
-
-
 class FirstLineDone(StoppingCriteria):
     """Stops each sequence once its generated text holds a newline.
 
@@ -526,12 +511,3 @@ def example_scalings(model: XLoraModel, input_ids: Sequence[int]) -> torch.Tenso
     ids = torch.tensor([list(input_ids)], device=device)  # (1, T)
     output = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     return output["scalings"][0].float().cpu()  # (T, L, E)
-
-
-def length_batches(
-    items: Sequence[Any], size: int, key: Callable[[Any], int]
-) -> Iterator[list[Any]]:
-    """Consecutive batches of `items` sorted by `key`, so that padding stays short."""
-    ordered = sorted(items, key=key)
-    for start in range(0, len(ordered), size):
-        yield ordered[start : start + size]

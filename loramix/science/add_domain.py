@@ -52,6 +52,10 @@ from loramix.science.selection import GateCandidate, recorded_candidate
 
 logger = logging.getLogger(__name__)
 
+MIN_TIMED_SHARE = 0.5
+"""An expert whose recorded time covers less of its steps is left out of the slowest expert
+(its time would be mostly loading and the final evaluation, scaled up)."""
+
 
 def add_domain_cost(
     timings: dict[str, Any], settings: RetrainSettings, baseline: str = MULTITASK
@@ -68,14 +72,20 @@ def add_domain_cost(
             evaluation), is left out of the slowest.
 
     Returns:
-        Seconds of each, the multitask time scaled to one more domain, and their ratio.
+        Seconds of each, the multitask time scaled to one more domain, and their ratio; the
+        share of its steps the gate's and the multitask LoRA's times cover, where less than
+        all ("timed_shares": their times are scaled up from those steps).
 
     Raises:
         ValueError: If the timings lack the records this needs (say which).
     """
     try:
         each = timings["experts"]["each"]
-        experts = [each[d] for d in settings.domains if d in each and timed_share(each[d]) >= 0.5]
+        experts = [
+            each[d]
+            for d in settings.domains
+            if d in each and timed_share(each[d]) >= MIN_TIMED_SHARE
+        ]
         if not experts:
             raise KeyError(settings.domains[0])
         gate = timings["gates"]["each"][timings["select"]["chosen"]]
@@ -108,6 +118,17 @@ def add_domain_cost(
             cost["cpu"] = compare("cpu_s")
     except ValueError as error:
         raise ValueError(f"timings.json cannot give the cost: {error}") from None
+    shares = {name: timed_share(job) for name, job in (("gate", gate), ("multitask", multitask))}
+    if any(share < 1 for share in shares.values()):
+        cost["timed_shares"] = {name: round(share, 3) for name, share in shares.items()}
+        for name, share in shares.items():
+            if share < MIN_TIMED_SHARE:
+                logger.warning(
+                    "add-a-domain cost: the %s's time covers %.0f%% of its steps, "
+                    "scaled up to all of them",
+                    name,
+                    100 * share,
+                )
     return cost
 
 
@@ -225,25 +246,35 @@ def add_domain(
     cpu["data_s"] = round(time.process_time() - cpu_start, 2)
     start, cpu_start = time.perf_counter(), time.process_time()
     earlier = train_lora_job(paths, domain, seed, settings)["earlier"]  # calls before this
-    record["expert_s"] = round(time.perf_counter() - start + earlier["wall_s"], 2)
-    cpu["expert_s"] = round(time.process_time() - cpu_start + earlier["cpu_s"], 2)
-    untimed = {"expert": earlier["timed_from_step"]}
+    expert = {
+        "wall_s": time.perf_counter() - start + earlier["wall_s"],
+        "cpu_s": time.process_time() - cpu_start + earlier["cpu_s"],
+        "steps": settings.expert_steps,
+        "timed_from_step": earlier["timed_from_step"],
+    }
     start, cpu_start = time.perf_counter(), time.process_time()
     wider = dataclasses.replace(settings, domains=domains)
-    clock = resume_clock(staging / "xlora")
-    train_gate_candidate(paths, staging / "xlora", candidate, seed, wider, callbacks=[clock])
-    record["gate_s"] = round(time.perf_counter() - start + clock.earlier.wall_s, 2)
-    cpu["gate_s"] = round(time.process_time() - cpu_start + clock.earlier.cpu_s, 2)
-    untimed["gate"] = clock.earlier.timed_from_step
-    if any(untimed.values()):  # resumed from a checkpoint that kept no time
+    gate_clock = resume_clock(staging / "xlora")
+    train_gate_candidate(paths, staging / "xlora", candidate, seed, wider, callbacks=[gate_clock])
+    gate = {
+        "wall_s": time.perf_counter() - start + gate_clock.earlier.wall_s,
+        "cpu_s": time.process_time() - cpu_start + gate_clock.earlier.cpu_s,
+        "steps": candidate.steps,
+        "timed_from_step": gate_clock.earlier.timed_from_step,
+    }
+    for key, job in (("expert_s", expert), ("gate_s", gate)):  # all steps, if resumed late
+        record[key] = round(full_seconds(job, "wall_s"), 2)
+        cpu[key] = round(full_seconds(job, "cpu_s"), 2)
+    untimed = {"expert": expert["timed_from_step"], "gate": gate["timed_from_step"]}
+    if any(untimed.values()):  # resumed from a checkpoint that kept no time: scaled up
         record["timed_from_step"] = untimed
     record["multitask"] = recorded_choice(paths)
     timings = read_json(paths.out / TIMINGS_JSON)
     n = len(settings.domains)
-    for times, clock in ((record, "wall_s"), (cpu, "cpu_s")):
+    for times, clock_name in ((record, "wall_s"), (cpu, "cpu_s")):
         times["add_domain_s"] = round(times["data_s"] + times["expert_s"] + times["gate_s"], 2)
         try:
-            multitask_s = multitask_seconds(timings, record["multitask"], clock)
+            multitask_s = multitask_seconds(timings, record["multitask"], clock_name)
         except ValueError as error:  # its time covers none of its steps
             logger.warning("multitask LoRA's time not compared: %s", error)
             multitask_s = None

@@ -222,17 +222,10 @@ def _inputs_digest(paths: RetrainPaths, settings: RetrainSettings) -> str:
 def source_digest() -> str:
     """SHA-256 over loramix's Python source files (names and bytes), as this process first
     read them: scores made by other code are not kept."""
-    import hashlib
-
     import loramix
-    from loramix.training.outputs import file_digest
+    from loramix.training.outputs import tree_digest
 
-    root = Path(loramix.__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(file_digest(path).encode())
-    return digest.hexdigest()
+    return tree_digest(Path(loramix.__file__).parent, "*.py")
 
 
 def part_inputs(paths: RetrainPaths, settings: RetrainSettings, systems: list[str]) -> dict:
@@ -276,13 +269,16 @@ def part_inputs(paths: RetrainPaths, settings: RetrainSettings, systems: list[st
 
 def library_versions() -> dict[str, str]:
     """The versions of the libraries that compute the scores (torch, transformers, peft,
-    tokenizers)."""
+    tokenizers, and gguf, which reads the default base model's weights)."""
+    from importlib.metadata import version
+
     import peft
     import tokenizers
     import torch
     import transformers
 
     return {
+        "gguf": version("gguf"),
         "tokenizers": tokenizers.__version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,

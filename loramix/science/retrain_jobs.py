@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loramix.atomic import write_text_atomic
-from loramix.training.trainer import CHECKPOINTS, last_checkpoint
+from loramix.training.trainer import CHECKPOINTS, checkpoint_step, last_checkpoint
 
 if TYPE_CHECKING:
     from loramix.science.pipeline import RetrainPaths, RetrainSettings
@@ -181,7 +181,7 @@ def earlier_time(clock: JobClock) -> dict[str, Any]:
 def resumed_step(out: Path) -> int:
     """The step a training into `out` resumes from: its last checkpoint's, or 0."""
     checkpoint = last_checkpoint(out / CHECKPOINTS)
-    return int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint is not None else 0
+    return checkpoint_step(checkpoint) if checkpoint is not None else 0
 
 
 def keep_partial_timings(out: Path, step: str, record: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from loramix.atomic import write_text_atomic
+
+logger = logging.getLogger(__name__)
 
 CLOCK_NAME = "job_clock.json"  # in each checkpoint folder
 
@@ -50,7 +53,9 @@ def read_clock(checkpoint: Path | None) -> JobTime:
         return JobTime()
     path = checkpoint / CLOCK_NAME
     if not path.is_file():
-        return JobTime(timed_from_step=int(checkpoint.name.rsplit("-", 1)[1]))
+        from loramix.training.trainer import checkpoint_step
+
+        return JobTime(timed_from_step=checkpoint_step(checkpoint))
     try:
         return JobTime(**json.loads(path.read_text()))
     except (ValueError, TypeError) as error:
@@ -86,4 +91,6 @@ class JobClock(TrainerCallback):
             if folder.is_dir():
                 total = dataclasses.asdict(self.total())
                 write_text_atomic(folder / CLOCK_NAME, json.dumps(total, indent=2) + "\n")
+            else:
+                logger.warning("%s: no such checkpoint; its time is not kept", folder)
         return control

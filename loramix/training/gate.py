@@ -42,7 +42,6 @@ from accelerate import PartialState
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from loramix.atomic import write_text_atomic
 from loramix.config import CONFIG_NAME, XLoraConfig
@@ -65,6 +64,7 @@ from loramix.training.outputs import (
 from loramix.training.regularizer import GateRegularizer, scaling_terms
 from loramix.training.trainer import (
     TrainingConfig,
+    checkpoint_step,
     cpu_data_parallel,
     progress_bars,
     publish,
@@ -440,7 +440,7 @@ def train_gate(
         out / SCALINGS_LOG_NAME, model.expert_names, xlora.layerwise_scalings
     )
     if state.is_main_process and resume_from is not None:
-        scalings_log.truncate(_checkpoint_step(resume_from))
+        scalings_log.truncate(checkpoint_step(resume_from))
     trainer = run_trainer(
         model,
         train,
@@ -511,10 +511,6 @@ def _run_settings(
         "dtype": str(dtype).removeprefix("torch."),
         "prompts": prompt_record(tokenizer, config.chat),
     }
-
-
-def _checkpoint_step(checkpoint: Path) -> int:
-    return int(checkpoint.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-"))
 
 
 def _round(value: float | None) -> float | None:

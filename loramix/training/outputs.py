@@ -249,12 +249,12 @@ def folder_digest(folder: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def tree_digest(folder: str | os.PathLike[str]) -> str:
-    """SHA-256 over every file under a folder (relative paths and bytes), e.g. an X-LoRA
-    folder with the copies of its experts in `experts/<name>/`."""
+def tree_digest(folder: str | os.PathLike[str], pattern: str = "*") -> str:
+    """SHA-256 over every file under a folder whose name matches `pattern` (relative paths
+    and bytes), e.g. an X-LoRA folder with the copies of its experts in `experts/<name>/`."""
     root = Path(folder)
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in sorted(p for p in root.rglob(pattern) if p.is_file()):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
         digest.update(file_digest(path).encode())
     return digest.hexdigest()

@@ -188,6 +188,11 @@ class TrainingConfig:
         return tuple(f.name for f in fields(cls))
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step of a `checkpoint-STEP` folder."""
+    return int(checkpoint.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-"))
+
+
 def last_checkpoint(checkpoints: Path) -> Path | None:
     """The complete checkpoint with the highest step in `checkpoints`, or None.
 
