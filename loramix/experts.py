@@ -206,6 +206,18 @@ def _read_adapter_config(name: str, path: Path) -> dict:
             )
     if config.get("layer_replication"):
         problems.append("layer_replication is set; it is not supported")
+    for field in ("r", "lora_alpha"):
+        value = config.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            problems.append(f"{field} is {value!r}; it must be a number")
+    for field in ("alpha_pattern", "rank_pattern"):
+        pattern = config.get(field) or {}
+        if not isinstance(pattern, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in pattern.values()
+        ):
+            problems.append(f"{field} is {pattern!r}; it must map module names to numbers")
+    if not isinstance(config.get("use_rslora", False), bool):
+        problems.append(f"use_rslora is {config['use_rslora']!r}; it must be true or false")
     if problems:
         raise ValueError(f"expert {name!r}: {path}: " + "; ".join(problems))
     return config

@@ -97,6 +97,7 @@ def test_eval_with_chosen_systems_and_expert_mapping(setup, tmp_path, capsys) ->
         (["--systems", "gpt"], "unknown ['gpt']"),
         (["--blocks", "3"], "START:END"),
         (["--expert-for", "bio=phys"], "unknown expert(s) phys"),
+        (["--plots", "--blocks", "40:50"], "no adapted module lies in blocks 40 to 49"),
         (["--systems", "base", "xlora", "--reference", "uniform"], "--reference 'uniform': comp"),
         (["--systems", "xlora", "--reference", "xlora"], "compare it with other evaluated"),
         (["--systems", "gpt", "--batch-size", "0"], "batch_size=0"),  # both problems named
@@ -109,6 +110,30 @@ def test_eval_errors_say_what_to_do(setup, tmp_path, capsys, flags, message) -> 
         argv += ["--test", f"bio={setup['bio']}", "--limit", "1", "--max-new-tokens", "0"]
     assert main(argv + flags) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--expert-for", "bio=phys"], "unknown expert(s) phys"),
+        (["--plots", "--blocks", "40:50"], "no adapted module lies in blocks 40 to 49"),
+        (["--out", "{file}/report"], "is a file; give a folder"),
+        (["--out", "{file}"], "is a file; give a folder"),
+    ],
+)
+def test_eval_checks_its_flags_before_it_evaluates(
+    setup, tmp_path, capsys, monkeypatch, flags, message
+) -> None:
+    import loramix.evaluation.runner as runner
+
+    monkeypatch.setattr(runner, "evaluate", lambda *a, **k: pytest.fail("evaluated"))
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    argv = ["eval", str(setup["xlora"]), "--base", str(setup["base"]), "--out", str(tmp_path)]
+    argv += ["--test", f"bio={setup['bio']}", "--limit", "1", "--max-new-tokens", "0"]
+    assert main(argv + [flag.format(file=file) for flag in flags]) == 2
+    assert message in capsys.readouterr().err
+    assert file.read_text() == "mine"
 
 
 def test_eval_renders_prompts_as_training_did(setup, tmp_path, caplog) -> None:

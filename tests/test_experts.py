@@ -223,6 +223,15 @@ def test_all_config_problems_in_one_error(tmp_path: Path) -> None:
     assert all(word in str(error.value) for word in ("use_dora", "bias", "modules_to_save"))
 
 
+def test_config_numbers_of_the_wrong_type_are_named(tmp_path: Path) -> None:
+    folder = make_expert(tiny_llama, tmp_path / "x", 1, ["q_proj"])
+    edit_config(folder, lora_alpha="16", use_rslora="false", alpha_pattern={"q_proj": None})
+    with pytest.raises(ValueError) as error:
+        load_expert("x", folder)
+    for problem in ("lora_alpha is '16'", "use_rslora is 'false'", "alpha_pattern is"):
+        assert problem in str(error.value)
+
+
 def test_non_lora_peft_type_refused(tmp_path: Path) -> None:
     folder = make_expert(tiny_llama, tmp_path / "ia3", 1, ["q_proj"])
     edit_config(folder, peft_type="IA3")

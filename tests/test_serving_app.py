@@ -12,6 +12,7 @@ import torch
 from serving_server import EXPERTS, MODEL_NAME, ServerThread, tiny_xlora
 
 CHAT = [{"role": "user", "content": "what is two plus two?"}]
+NAN = float("nan")
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +192,25 @@ def post(served, body, route: str = "/v1/chat/completions") -> httpx.Response:
             "fixed_expert_weights",
             "math",
         ),
+        (  # NaN is what Python's json writes for float("nan"); the server must refuse it
+            json.dumps(
+                {"model": MODEL_NAME, "messages": CHAT, "fixed_expert_weights": {"bio": NAN}}
+            ),
+            400,
+            "fixed_expert_weights",
+            "finite",
+        ),
+        (
+            {
+                "model": MODEL_NAME,
+                "messages": CHAT,
+                "fixed_expert_weights": {"bio": 1e308, "chem": 1e308},
+            },
+            400,
+            "fixed_expert_weights",
+            "finite",
+        ),
+        ({"model": MODEL_NAME, "messages": CHAT, "seed": 2**70}, 400, "seed", "less than"),
         (
             {"model": MODEL_NAME, "messages": CHAT, "scalings_mode": "fast"},
             400,

@@ -199,6 +199,13 @@ def test_pretty_printed_json_and_a_byte_order_mark(tokenizer, tmp_path):
     assert len(load_jsonl(path, tokenizer, max_length=64)) == 1
 
 
+def test_a_line_that_is_not_utf8_is_named(tokenizer, tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "tea"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin1.jsonl, line 2: not UTF-8 \(byte 0xe9 at byte 14"):
+        load_jsonl(path, tokenizer, max_length=64)
+
+
 def test_messages_need_a_chat_template(tmp_path):
     path = write_jsonl(
         tmp_path / "d.jsonl",
@@ -274,6 +281,16 @@ def test_mix_is_deterministic_per_seed():
 def test_mix_rejects_mismatched_weights():
     with pytest.raises(ValueError, match="one weight per dataset"):
         mix_datasets([tagged("a", 2)], [1, 2])
+
+
+def test_a_tiny_weight_that_would_blow_the_mix_up_is_refused(tokenizer, tmp_path):
+    assert len(mix_datasets([tagged("a", 10), tagged("b", 10)], [1, 0.02])) == 510  # 25x
+    with pytest.raises(ValueError, match=r"would mix 10000010 examples .* part 2 \(weight 1e-06"):
+        mix_datasets([tagged("a", 10), tagged("b", 10)], [1, 1e-6])
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": f"a {i}"} for i in range(10)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"b {i}"} for i in range(10)])
+    with pytest.raises(ValueError, match=r"\(parts: 1 = .*a.jsonl, 2 = .*b.jsonl\)"):
+        load_training_data([str(a), f"{b}:1e-7"], tokenizer, max_length=64)
 
 
 def test_train_test_split_is_disjoint_and_deterministic():

@@ -132,6 +132,18 @@ def run(args: argparse.Namespace) -> int:
     )
     chat = choose_chat(args.model_dir, args.chat, tokenizer, fallback=True)
     model = XLoraModel.from_pretrained(base, args.model_dir)
+    domain_experts = domain_experts or {name: name for name in tests if name in model.expert_names}
+    unknown = sorted(set(domain_experts.values()) - set(model.expert_names))
+    if unknown:  # these checks come before the evaluation, which can take long
+        raise ValueError(
+            f"--expert-for names unknown expert(s) {', '.join(unknown)}; the model's "
+            f"experts are {', '.join(model.expert_names)}"
+        )
+    if blocks is not None and args.plots:
+        from loramix.evaluation.plots import modules_in_blocks
+
+        modules_in_blocks(model.adapted_modules, blocks)
+    _check_out(Path(args.out))
     try:
         systems = resolve_systems(args.systems, model.expert_names)
     except ValueError:  # `evaluate` names it, with any other problem of the arguments
@@ -149,13 +161,6 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length,
     )
-    domain_experts = domain_experts or {name: name for name in tests if name in model.expert_names}
-    unknown = sorted(set(domain_experts.values()) - set(model.expert_names))
-    if unknown:
-        raise ValueError(
-            f"--expert-for names unknown expert(s) {', '.join(unknown)}; the model's "
-            f"experts are {', '.join(model.expert_names)}"
-        )
     targets = check_targets(
         report,
         {d: e for d, e in domain_experts.items() if d in tests},
@@ -183,6 +188,16 @@ def run(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def _check_out(out: Path) -> None:
+    """Refuses an --out that is a file or lies under one (the report is a folder)."""
+    for path in (out, *out.parents):
+        if path.exists() and not path.is_dir():
+            raise ValueError(
+                f"--out {out}: {path} is a file; give a folder for the report (eval.json, "
+                "eval.md and the pictures)"
+            )
 
 
 def _reference(chosen: str | None, systems: list[str]) -> str | None:

@@ -54,6 +54,28 @@ def block_index(module_name: str) -> int | None:
     return None
 
 
+def modules_in_blocks(module_names: Sequence[str], blocks: tuple[int, int]) -> list[int]:
+    """Indices of the modules in blocks `start <= block < end`.
+
+    Raises:
+        ValueError: If no module lies there (naming the blocks the modules are in).
+    """
+    start, end = blocks
+    keep = [
+        i
+        for i, name in enumerate(module_names)
+        if (b := block_index(name)) is not None and start <= b < end
+    ]
+    if not keep:
+        found = sorted({b for n in module_names if (b := block_index(n)) is not None})
+        known = f"blocks {found[0]} to {found[-1]}" if found else "no numbered block"
+        raise ValueError(
+            f"blocks={blocks}: no adapted module lies in blocks {start} to {end - 1}; the "
+            f"adapted modules are in {known} (blocks=None averages over all of them)"
+        )
+    return keep
+
+
 def short_module_name(module_name: str) -> str:
     """A short label: "model.layers.12.self_attn.q_proj" -> "12.q".
 
@@ -156,18 +178,7 @@ def plot_token_scalings(
             raise ValueError("blocks needs module_names, to know which module is in which block")
         _check_axis("module_names", module_names, n_layers, "L")
         start, end = blocks
-        keep = [
-            i
-            for i, name in enumerate(module_names)
-            if (b := block_index(name)) is not None and start <= b < end
-        ]
-        if not keep:
-            found = sorted({b for n in module_names if (b := block_index(n)) is not None})
-            known = f"blocks {found[0]} to {found[-1]}" if found else "no numbered block"
-            raise ValueError(
-                f"blocks={blocks}: no adapted module lies in blocks {start} to {end - 1}; the "
-                f"adapted modules are in {known} (blocks=None averages over all of them)"
-            )
+        keep = modules_in_blocks(module_names, blocks)
         grid = grid[:, keep]
         span = f"block {start}" if end - start == 1 else f"blocks {start}-{end - 1}"
         group = f"{span} ({len(keep)} modules)"

@@ -25,6 +25,7 @@ X-LoRA extensions (extra body fields; the `openai` client passes them with `extr
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -32,6 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from loramix.serving.config import MODES
 
 # OpenAI parameters this server does not implement: refused when set to a non-default value.
+MAX_CHOICES = 16  # `n`; choice i samples with `seed + i`, so the seed leaves room for them
+
 UNSUPPORTED = {
     "logprobs": (None, False),
     "top_logprobs": (None,),
@@ -86,11 +89,11 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=16)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1 - MAX_CHOICES)
     return_expert_weights: bool = False
     return_layer_scalings: bool = False
     scalings_mode: Literal["granular", "frozen", "merged"] | None = None
@@ -180,10 +183,15 @@ def fixed_weights(request: _Request, experts: list[str]) -> tuple[float, ...] | 
             param="fixed_expert_weights",
             code="invalid_value",
         )
-    if not mix or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
+    weights = list(mix.values())
+    if (
+        not mix
+        or not all(math.isfinite(w) and w >= 0 for w in weights)
+        or not 0 < sum(weights) < math.inf
+    ):
         raise ApiError(
-            "fixed_expert_weights: give at least one expert with a weight > 0 and no negative "
-            'weights, e.g. {"' + experts[0] + '": 1.0}',
+            "fixed_expert_weights: give at least one expert with a weight > 0 and only finite, "
+            'non-negative weights, e.g. {"' + experts[0] + '": 1.0}',
             param="fixed_expert_weights",
             code="invalid_value",
         )

@@ -295,6 +295,10 @@ def train_test_split(
     return Subset(dataset, sorted(order[n_eval:])), Subset(dataset, sorted(order[:n_eval]))
 
 
+MAX_MIX_GROWTH = 100
+"""The mixture of `mix_datasets` may hold at most this many times the examples given."""
+
+
 def mix_datasets(
     datasets: Sequence[Dataset[Example]], weights: Sequence[float], seed: int = 0
 ) -> Subset[Example]:
@@ -311,7 +315,9 @@ def mix_datasets(
         seed: Seed of the draws and the final shuffle.
 
     Raises:
-        ValueError: On mismatched lengths, an empty part or a non-positive weight.
+        ValueError: On mismatched lengths, an empty part or a non-positive weight, or weights
+            so uneven that the mixture would exceed `MAX_MIX_GROWTH` times the examples given
+            (a part of tiny weight is seen once only in a huge mixture).
     """
     if len(datasets) != len(weights) or not datasets:
         raise ValueError(
@@ -325,6 +331,14 @@ def mix_datasets(
         raise ValueError(f"Weights must be > 0, got {list(weights)}.")
     total_weight = sum(weights)
     total = max(math.ceil(n * total_weight / w - 1e-9) for n, w in zip(sizes, weights, strict=True))
+    if total > MAX_MIX_GROWTH * sum(sizes):
+        part = max(range(len(sizes)), key=lambda i: sizes[i] / weights[i])
+        raise ValueError(
+            f"Weights {list(weights)} on {sizes} examples would mix {total} examples "
+            f"({total / sum(sizes):.0f}x the data) so that part {part + 1} (weight "
+            f"{weights[part]}) is seen once; give it a weight within {MAX_MIX_GROWTH}x of the "
+            "others' share, or leave it out."
+        )
     quotas = _apportion(total, weights)
     rng = random.Random(seed)
     indices: list[int] = []
@@ -389,7 +403,11 @@ def load_training_data(
             len(held_out),
             source.weight,
         )
-    train = mix_datasets(train_parts, [s.weight for s in parsed], seed)
+    try:
+        train = mix_datasets(train_parts, [s.weight for s in parsed], seed)
+    except ValueError as error:
+        parts = ", ".join(f"{i} = {s.path}" for i, s in enumerate(parsed, start=1))
+        raise ValueError(f"{error} (parts: {parts})") from None
     held_out = ConcatDataset(eval_parts) if eval_fraction > 0 else None
     return train, held_out
 

@@ -137,8 +137,19 @@ def read_records(
     if not path.is_file():
         raise FileNotFoundError(f"Data file {path} does not exist (expected a .jsonl file).")
     report = BadLines(path) if bad is None else bad
-    with path.open(encoding="utf-8-sig") as handle:  # -sig: a byte-order mark is fine
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:  # -sig: a byte-order mark is fine
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                report.add(
+                    number,
+                    f"not UTF-8 (byte {raw[error.start]:#04x} at byte {error.start + 1} of the "
+                    "line); save the file as UTF-8.",
+                )
+                if bad is None:
+                    report.check()
+                continue
             if not line.strip():
                 continue
             try:  # without its newline, so that an error at the end has this line's column
