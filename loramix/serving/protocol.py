@@ -32,9 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loramix.serving.config import MODES
 
-# OpenAI parameters this server does not implement: refused when set to a non-default value.
 MAX_CHOICES = 16  # `n`; choice i samples with `seed + i`, so the seed leaves room for them
 
+# OpenAI parameters this server does not implement: refused when set to a non-default value.
 UNSUPPORTED = {
     "logprobs": (None, False),
     "top_logprobs": (None,),

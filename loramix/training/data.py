@@ -336,8 +336,8 @@ def mix_datasets(
         raise ValueError(
             f"Weights {list(weights)} on {sizes} examples would mix {total} examples "
             f"({total / sum(sizes):.0f}x the data) so that part {part + 1} (weight "
-            f"{weights[part]}) is seen once; give it a weight within {MAX_MIX_GROWTH}x of the "
-            "others' share, or leave it out."
+            f"{weights[part]}) is seen once; raise its weight (a mixture may hold at most "
+            f"{MAX_MIX_GROWTH}x the data), or leave it out."
         )
     quotas = _apportion(total, weights)
     rng = random.Random(seed)
