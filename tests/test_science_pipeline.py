@@ -623,6 +623,29 @@ def test_a_failed_experts_step_keeps_the_times_of_finished_experts(run, tmp_path
     assert set(each) == {"biology", "proteins"}
 
 
+def test_the_times_of_jobs_finished_by_a_killed_call_are_recovered(run, tmp_path):
+    out, _, settings, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    timings = json.loads((copy / "timings.json").read_text())
+    lost = {  # as if the call had been killed after these jobs ended, before it kept them
+        **timings,
+        "experts": {"each": {"proteins": timings["experts"]["each"]["proteins"]}},
+        "gates": {"each": {}},
+    }
+    del lost[MULTITASK]
+    (copy / "timings.json").write_text(json.dumps(lost))
+    assert all(
+        s is None for s in retrain(copy, seed=3, settings=settings, bundle_dir=None).values()
+    )
+    recovered = json.loads((copy / "timings.json").read_text())
+    assert set(recovered["experts"]["each"]) == {"biology", "proteins"}
+    assert set(recovered["gates"]["each"]) == {"a", "b"}
+    for record in (recovered["experts"]["each"]["biology"], recovered[MULTITASK]["job"]):
+        assert record["wall_s"] > 0 and record["cpu_s"] > 0
+        assert record["reused_from"] == str(out.resolve())  # timed in the folder copied
+
+
 def test_the_same_seed_gives_a_byte_identical_bundle(run, tmp_path):
     out, bundle, settings, _ = run
     again = tmp_path / "bundle"

@@ -217,3 +217,55 @@ def test_a_jobs_record_adds_the_time_of_the_calls_before_its_last():
     assert job_record(JobResult("biology", value, 5.0, 4.0))["timed_from_step"] == 3
     del value["earlier"]  # a job that kept no clock: timed from where it resumed
     assert job_record(JobResult("biology", value, 5.0, 4.0))["timed_from_step"] == 6
+
+
+def test_a_finished_job_keeps_its_record_beside_its_adapter(tmp_path):
+    from loramix.science.retrain_jobs import JOB_TIME_JSON, earlier_time, finished_job
+    from loramix.training.clock import JobClock, JobTime
+
+    folder = tmp_path / "run" / "experts" / "biology"
+    folder.mkdir(parents=True)
+    clock = JobClock(JobTime(wall_s=100.0, cpu_s=60.0))  # two earlier calls' time
+    value = {"steps": 10, "resumed_from_step": 4, "kept_step": 10, **earlier_time(clock)}
+    assert finished_job(folder, clock, value) is value
+    kept = json.loads((folder / JOB_TIME_JSON).read_text())
+    assert kept["run"] == str((tmp_path / "run").resolve())
+    record = kept["record"]
+    assert record["wall_s"] >= 100.0 and record["cpu_s"] >= 60.0  # earlier calls + this one
+    assert record["steps"] == 10 and record["resumed_from_step"] == 4
+    assert record["timed_from_step"] == 0 and record["kept_step"] == 10
+
+
+def test_finished_jobs_missing_from_timings_are_recovered_from_their_folders(tmp_path):
+    from loramix.science.retrain_jobs import JOB_TIME_JSON, recover_job_times
+
+    out = tmp_path / "run"
+    paths = RetrainPaths(out)
+
+    def finished(folder: Path, run: Path, cpu_s: float) -> Path:
+        folder.mkdir(parents=True)
+        record = {"wall_s": 2 * cpu_s, "cpu_s": cpu_s}
+        kept = {"run": str(run.resolve()), "record": record}
+        (folder / JOB_TIME_JSON).write_text(json.dumps(kept))
+        return folder
+
+    biology = finished(paths.expert("biology"), out, 5.0)
+    proteins = finished(paths.expert("proteins"), out, 7.0)
+    s4000 = finished(paths.expert("multitask-s4000"), tmp_path / "other-run", 9.0)  # linked
+    multitask = finished(paths.multitask, out, 11.0)
+    gate = paths.gate("a")
+    gate.mkdir(parents=True)  # no record of its own: stays missing
+    recorded = {"experts": {"wall_s": 1.0, "each": {"proteins": {"wall_s": 3, "cpu_s": 3}}}}
+    groups = {"experts": [biology, proteins], MULTITASK_CANDIDATES: [s4000], "gates": [gate]}
+
+    recovered = recover_job_times(out, recorded, groups, multitask)
+    assert recovered == ["experts/biology", f"{MULTITASK_CANDIDATES}/multitask-s4000", MULTITASK]
+    assert recorded["experts"]["wall_s"] == 1.0  # the step's own record is kept
+    assert recorded["experts"]["each"]["biology"] == {"wall_s": 10.0, "cpu_s": 5.0}
+    assert recorded["experts"]["each"]["proteins"]["cpu_s"] == 3  # timings.json wins
+    s4000_record = recorded[MULTITASK_CANDIDATES]["each"]["multitask-s4000"]
+    assert s4000_record["reused_from"] == str((tmp_path / "other-run").resolve())
+    assert recorded[MULTITASK] == {"cpu_s": 11.0, "job": {"wall_s": 22.0, "cpu_s": 11.0}}
+    assert "gates" not in recorded
+    assert json.loads((out / TIMINGS_JSON).read_text()) == recorded
+    assert recover_job_times(out, recorded, groups, multitask) == []  # nothing more

@@ -19,6 +19,7 @@ from loramix.config import XLoraConfig
 from loramix.science.lora_jobs import resume_flags, training_config
 from loramix.science.retrain_jobs import (
     earlier_time,
+    finished_job,
     job_record,
     keep_partial_timings,
     resume_clock,
@@ -70,7 +71,8 @@ def gate_job(
     out = paths.gate(candidate.name)
     resumed_from, clock = resumed_step(out), resume_clock(out)
     train_gate_candidate(paths, out, candidate, seed, settings, callbacks=[clock])
-    return {"steps": candidate.steps, "resumed_from_step": resumed_from, **earlier_time(clock)}
+    value = {"steps": candidate.steps, "resumed_from_step": resumed_from}
+    return finished_job(out, clock, {**value, **earlier_time(clock)})
 
 
 def train_gate_candidate(

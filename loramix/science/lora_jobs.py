@@ -24,6 +24,7 @@ import torch
 from loramix.atomic import write_text_atomic
 from loramix.science.retrain_jobs import (
     earlier_time,
+    finished_job,
     job_record,
     keep_partial_timings,
     resume_clock,
@@ -160,12 +161,8 @@ def train_lora_job(
             "experts": list(settings.domains),
         }
         write_text_atomic(out / MULTITASK_JSON, json.dumps(plan, indent=2) + "\n")
-    return {
-        "steps": steps,
-        "resumed_from_step": resumed_from,
-        "kept_step": kept,
-        **earlier_time(clock),
-    }
+    value = {"steps": steps, "resumed_from_step": resumed_from, "kept_step": kept}
+    return finished_job(out, clock, {**value, **earlier_time(clock)})
 
 
 def train_loras(

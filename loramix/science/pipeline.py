@@ -100,6 +100,7 @@ from loramix.science.retrain_jobs import (  # noqa: F401  (RUN_JSON, TIMINGS_JSO
     keep_partial_timings,
     provenance,
     read_json,
+    recover_job_times,
     resumed_step,
     share_threads,
     start_multitask,
@@ -345,6 +346,7 @@ def retrain(
         torch.set_num_threads(settings.threads)
     timings: dict[str, float | None] = {}
     recorded = read_json(paths.out / TIMINGS_JSON)  # step -> {"wall_s", "cpu_s"}, all calls
+    _recover_finished_times(paths, settings, recorded)
 
     def step(name: str, done: bool, action: Callable[[], Any]) -> None:
         if done:
@@ -494,6 +496,28 @@ def retrain(
 
 
 # ------------------------------------------------------------------------------ steps
+
+
+def _recover_finished_times(
+    paths: RetrainPaths, settings: RetrainSettings, recorded: dict[str, Any]
+) -> None:
+    """Add to `recorded` (timings.json) the times of the finished jobs it lacks: those whose
+    call was killed after the job ended but before it kept the time (`recover_job_times`)."""
+
+    def finished(folders: list[Path], config: str = _ADAPTER_CONFIG) -> list[Path]:
+        return [folder for folder in folders if _complete(folder, config)]
+
+    candidates = [paths.expert(candidate_folder(n)) for n in settings.multitask_candidates]
+    recover_job_times(
+        paths.out,
+        recorded,
+        {
+            "experts": finished([paths.expert(d) for d in settings.domains]),
+            MULTITASK_CANDIDATES: finished(candidates),
+            "gates": finished([paths.gate(c.name) for c in settings.gate_candidates], CONFIG_NAME),
+        },
+        paths.multitask if settings.multitask and finished([paths.multitask]) else None,
+    )
 
 
 def _write_data(paths: RetrainPaths, seed: int, settings: RetrainSettings) -> None:

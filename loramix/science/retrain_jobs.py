@@ -30,6 +30,7 @@ TIMINGS_JSON = "timings.json"
 RUN_JSON = "run.json"  # the seed and settings of a run folder
 REUSED_JSON = "reused.json"  # what a run took from another (`loramix.science.reuse`)
 DEV_SCORES_JSON = "dev_scores.json"  # candidate -> its gate files' digest and dev NLLs
+JOB_TIME_JSON = "job_time.json"  # a finished job's timings record, beside its adapter or gate
 
 
 def worker_plan(settings: RetrainSettings, n_jobs: int, busy: int = 0) -> tuple[int, int]:
@@ -182,6 +183,64 @@ def resumed_step(out: Path) -> int:
     """The step a training into `out` resumes from: its last checkpoint's, or 0."""
     checkpoint = last_checkpoint(out / CHECKPOINTS)
     return checkpoint_step(checkpoint) if checkpoint is not None else 0
+
+
+def finished_job(out: Path, clock: JobClock, value: dict[str, Any]) -> dict[str, Any]:
+    """The return value of a job whose adapter (or gate) in `out` is complete. Its timings
+    record (`job_record`, this call's time from `clock`) is also kept in `out/job_time.json`:
+    a call killed before it kept the record in timings.json leaves it there for the next
+    call (`recover_job_times`), which finds the job done and would have no time for it.
+    `out` is a job folder of a run folder (`RUN/experts/NAME`, `RUN/gates/NAME`), whose
+    path the file keeps too."""
+    from loramix.training.jobs import JobResult
+
+    total = clock.total()
+    this_call = JobResult(
+        out.name, value, total.wall_s - clock.earlier.wall_s, total.cpu_s - clock.earlier.cpu_s
+    )
+    kept = {"run": str(out.resolve().parents[1]), "record": job_record(this_call)}
+    write_text_atomic(out / JOB_TIME_JSON, json.dumps(kept, indent=2) + "\n")
+    return value
+
+
+def recover_job_times(
+    out: Path,
+    recorded: dict[str, Any],
+    groups: dict[str, list[Path]],
+    multitask: Path | None = None,
+) -> list[str]:
+    """Put into `recorded` (`out`'s timings.json, kept there too) the records that finished
+    jobs left in their folders (`finished_job`) and that it lacks: those of `groups` (step ->
+    job folders, each kept under its step's "each" by folder name) and of the run's own
+    multitask LoRA in `multitask` (its step's "job"). Returns the steps/jobs recovered."""
+    here = str(out.resolve())
+
+    def kept_record(folder: Path) -> dict[str, Any] | None:
+        kept = read_json(folder / JOB_TIME_JSON)
+        record = kept.get("record")
+        if not isinstance(record, dict) or "cpu_s" not in record:
+            return None
+        if kept.get("run") != here:  # linked from another run (`--reuse`), timed there
+            record = {"reused_from": kept.get("run"), **record}
+        return record
+
+    recovered = []
+    for step, folders in groups.items():
+        each = recorded.get(step, {}).get("each", {})
+        found = {f.name: kept_record(f) for f in folders if f.name not in each}
+        found = {name: record for name, record in found.items() if record is not None}
+        if found:
+            recorded[step] = {**recorded.get(step, {}), "each": {**each, **found}}
+            recovered += [f"{step}/{name}" for name in found]
+    if multitask is not None and multitask.name not in recorded:
+        record = kept_record(multitask)
+        if record is not None:
+            recorded[multitask.name] = {"cpu_s": record["cpu_s"], "job": record}
+            recovered.append(multitask.name)
+    if recovered:
+        logger.info("times of finished jobs kept in their folders: %s", ", ".join(recovered))
+        write_text_atomic(out / TIMINGS_JSON, json.dumps(recorded, indent=2) + "\n")
+    return recovered
 
 
 def keep_partial_timings(out: Path, step: str, record: dict[str, Any]) -> None:
