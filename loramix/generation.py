@@ -97,6 +97,12 @@ def check_generation_options(scalings_mode: str, freeze_after: int) -> None:
             f"freeze_after={freeze_after!r}: use an int >= 0 (0 averages the prompt's scalings, "
             "k > 0 those of the first k generated tokens)"
         )
+    elif freeze_after > 0 and scalings_mode == "granular":
+        problems.append(
+            f"freeze_after={freeze_after} applies to scalings_mode 'frozen' or 'merged' "
+            "(granular mixes each token afresh and would ignore it); pick one of those modes "
+            "or leave freeze_after at 0"
+        )
     raise_problems("Invalid generation options", problems)
 
 

@@ -151,6 +151,21 @@ def test_errors_name_the_fix(folders, tmp_path: Path, capsys) -> None:
     assert "--max-new-tokens=0" in err and "--top-p=2" in err
 
 
+@pytest.mark.parametrize(
+    ("flags", "fix"),
+    [
+        (["--temperature", "nan"], "--temperature=nan: use 0 (greedy) or a number > 0"),
+        (["--temperature", "inf"], "--temperature=inf: use 0 (greedy) or a number > 0"),
+        (["--temperature", "-1"], "--temperature=-1.0: use 0 (greedy) or a number > 0"),
+        (["--top-p", "nan"], "--top-p=nan: use a number in (0, 1]"),
+        (["--freeze-after", "3"], "--freeze-after=3 needs --mode frozen or --mode merged"),
+    ],
+)
+def test_bad_sampling_flags_are_refused_before_loading(tmp_path, flags, fix, capsys) -> None:
+    assert main(["generate", str(tmp_path / "unread"), "--prompt", PROMPT, *flags]) == 2
+    assert fix in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("prompt", ["", "   "])
 def test_empty_prompt_is_a_one_line_error(folders, prompt, capsys) -> None:
     base_dir, model_dir = folders

@@ -415,6 +415,8 @@ def test_bad_options_name_the_fix(expert_folders) -> None:
     with pytest.raises(ValueError, match="granular, frozen, merged") as error:
         model.generate(ids, scalings_mode="fast", freeze_after=-1)
     assert "freeze_after=-1" in str(error.value)
+    with pytest.raises(ValueError, match="freeze_after=2 applies to scalings_mode 'frozen'"):
+        model.generate(ids, scalings_mode="granular", freeze_after=2)
     with pytest.raises(ValueError, match="use_cache=False"):
         model.generate(ids, scalings_mode="frozen", use_cache=False)
     with pytest.raises(ValueError, match="new_cache"):

@@ -7,6 +7,7 @@ loramix generate runs/xlora --prompt "..." --mode merged --max-new-tokens 128
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import Any, TextIO
@@ -109,7 +110,12 @@ def _check_args(args: argparse.Namespace) -> None:
         problems.append(f"--max-new-tokens={args.max_new_tokens}: use an int >= 1")
     if args.freeze_after < 0:
         problems.append(f"--freeze-after={args.freeze_after}: use an int >= 0")
-    if args.temperature < 0:
+    elif args.freeze_after > 0 and args.mode == "granular":
+        problems.append(
+            f"--freeze-after={args.freeze_after} needs --mode frozen or --mode merged (granular "
+            "mixes each token afresh and would ignore it); add one or drop --freeze-after"
+        )
+    if not math.isfinite(args.temperature) or args.temperature < 0:
         problems.append(f"--temperature={args.temperature}: use 0 (greedy) or a number > 0")
     if not 0 < args.top_p <= 1:
         problems.append(f"--top-p={args.top_p}: use a number in (0, 1]")
