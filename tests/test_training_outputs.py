@@ -67,6 +67,8 @@ def test_overwrite_replaces_only_the_earlier_run(tmp_path):
     make_checkpoint(out, 4)
     (out / "adapter_config.json").write_text("{}")
     (out / "notes.txt").write_text("mine")
+    (out / "eval.json").write_text("{}")  # `loramix eval --out` on the earlier result
+    (out / "eval.md").write_text("| stale |")
     (out / ".publish-x1y2").mkdir()  # left by a run killed while publishing
     with pytest.raises(ValueError, match=r"--resume.*--overwrite"):
         check(out)

@@ -15,8 +15,9 @@ Two phases, so that a failed run leaves nothing behind:
    checkpoint to resume from.
 2. `start_output` (after the data, the base model and the experts were loaded and checked):
    refuses to resume a run whose settings differ (naming each), says when a finished run has
-   nothing left to do, deletes the earlier run for `overwrite` (only its own files), creates
-   the folder and writes the running record.
+   nothing left to do, deletes the earlier run for `overwrite` (only its own files and the
+   `eval.json`/`eval.md` reports of its result), creates the folder and writes the running
+   record.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from loramix.atomic import write_text_atomic
+from loramix.evaluation.report import REPORT_JSON, REPORT_MD
 from loramix.records import TRAINING_RECORD_NAME, read_training_record
 from loramix.training.trainer import CHECKPOINTS, PUBLISH_PREFIX, TrainingConfig, last_checkpoint
 
@@ -48,6 +50,10 @@ RESUMABLE_CHANGES = (
     "gradient_checkpointing",
 )
 """Training settings that may differ when a run is resumed (they do not change its steps)."""
+
+EARLIER_REPORTS = (REPORT_JSON, REPORT_MD)
+"""`loramix eval --out` reports that may sit beside a result: they describe the earlier run's
+result, so overwrite deletes them with it."""
 
 
 @dataclass
@@ -78,7 +84,8 @@ def check_output(
         out: The output folder (it need not exist).
         command: The command that writes it ("train-expert", "train-gate").
         resume: Continue from the newest complete checkpoint.
-        overwrite: Replace an earlier run of the same command (only its files).
+        overwrite: Replace an earlier run of the same command (only its files, and the
+            `eval.json` and `eval.md` that reported on its result).
         final_files: Names of the result files the command publishes into `out`.
 
     Raises:
@@ -115,7 +122,9 @@ def check_output(
             )
         return plan
     earlier = [
-        name for name in [*final_files, CHECKPOINTS, TRAINING_RECORD_NAME] if name in entries
+        name
+        for name in [*final_files, *EARLIER_REPORTS, CHECKPOINTS, TRAINING_RECORD_NAME]
+        if name in entries
     ]
     if not overwrite:
         raise ValueError(
