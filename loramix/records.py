@@ -31,6 +31,7 @@ from typing import Any
 
 from torch import nn
 
+from loramix.config import CONFIG_NAME
 from loramix.smollm2 import CANONICAL_NAME, DEFAULT_MODEL, GGUF_PACKAGE
 
 logger = logging.getLogger(__name__)
@@ -78,16 +79,28 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
     return fingerprint
 
 
-def base_record(model: nn.Module) -> dict[str, Any]:
-    """`{"name", "source", "fingerprint"}` of a transformers model (name None when unknown)."""
-    name = canonical_base_name(getattr(model.config, "name_or_path", None))
+def base_record(model: nn.Module, name: str | None = None) -> dict[str, Any]:
+    """`{"name", "source", "fingerprint"}` of a transformers model (name None when unknown).
+
+    Args:
+        model: The base model; its config gives the fingerprint.
+        name: The name to record instead of the config's `name_or_path`.
+    """
+    record = named_base_record(name or getattr(model.config, "name_or_path", None))
+    return {**record, "fingerprint": base_fingerprint(model)}
+
+
+def named_base_record(name: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """The record of a base known only by name (a folder converted from a format that records
+    nothing more): its fingerprint is empty, so `check_base` compares the names only."""
+    name = canonical_base_name(name)
     if name == CANONICAL_NAME:
         source = SMOLLM2_SOURCE
     elif name is not None and Path(name).is_dir():
         source = "local transformers folder"
     else:
         source = "unknown" if name is None else "transformers"
-    return {"name": name, "source": source, "fingerprint": base_fingerprint(model)}
+    return {"name": name, "source": source, "fingerprint": {}}
 
 
 def read_base_record(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -163,7 +176,8 @@ def default_base(folder: str | os.PathLike[str]) -> str | None:
     """The base model recorded in `folder`, as `load_base_model` takes it; None if unrecorded.
 
     Reads `base_model.json`, else the `base_model` of `training_args.json`, else the
-    `base_model_name_or_path` of `adapter_config.json` (an expert's folder).
+    `base_model_name_or_path` of `adapter_config.json` (an expert's folder, or peft's X-LoRA),
+    else the `base_model_id` of `xlora_config.json` (the original xlora package's folder).
     """
     folder = Path(folder)
     record = read_base_record(folder)
@@ -176,6 +190,8 @@ def default_base(folder: str | os.PathLike[str]) -> str | None:
     if name is None:
         adapter = _read_json_object(folder / "adapter_config.json") or {}
         name = adapter.get("base_model_name_or_path")
+    if name is None:
+        name = (_read_json_object(folder / CONFIG_NAME) or {}).get("base_model_id")
     name = canonical_base_name(name)
     if name == CANONICAL_NAME:
         return DEFAULT_MODEL

@@ -31,7 +31,6 @@ changed.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,10 +45,8 @@ from loramix import formats
 from loramix.atomic import atomic_file
 from loramix.formats import existing, hub, native
 from loramix.records import (
-    BASE_RECORD_NAME,
     CANONICAL_NAME,
     DEFAULT_MODEL,
-    base_record,
     canonical_base_name,
     check_base,
     default_base,
@@ -193,13 +190,12 @@ def write_folder(model: XLoraModel, folder: Path, *, safe_serialization: bool = 
     Returns:
         The relative paths of the files written.
     """
-    base = base_record(model.lm)
     contents = formats.contents_of_model(model)
-    if base["name"] is not None:  # a real name, which peft's loaders and ours understand
+    name = contents.base_record["name"] if contents.base_record else None
+    if name is not None:  # a real name, which peft's loaders and ours understand
         for config in contents.expert_configs:
-            config["base_model_name_or_path"] = base["name"]
-    native.write(contents, folder)
-    (folder / BASE_RECORD_NAME).write_text(json.dumps(base, indent=2, sort_keys=True) + "\n")
+            config["base_model_name_or_path"] = name
+    native.write(contents, folder)  # with base_model.json
     if not safe_serialization:  # the same tensors, written with torch.save
         for path in sorted(folder.rglob("*.safetensors")):
             torch.save(load_file(path), path.with_suffix(".bin"))

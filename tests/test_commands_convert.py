@@ -13,6 +13,7 @@ from tiny_tokenizer import save_tiny_model, tiny_llama, tiny_tokenizer
 
 from loramix import XLoraConfig, XLoraModel
 from loramix.cli import main
+from loramix.records import base_to_load, named_base_record
 from loramix.smollm2 import load_base_model
 
 
@@ -63,6 +64,29 @@ def test_files_only_chain_keeps_the_logits(
         "math",
         "chem",
     ]
+
+
+def test_the_recorded_base_travels_through_every_format(
+    folders: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    base_dir, source = folders
+    recorded = json.loads((source / "base_model.json").read_text())
+    assert recorded["name"] == str(base_dir.resolve())
+    assert main(["convert", str(source), str(tmp_path / "same"), "--to", "loramix"]) == 0
+    assert json.loads((tmp_path / "same" / "base_model.json").read_text()) == recorded
+    previous = source
+    for fmt in ("xlora", "peft", "loramix"):  # no --base-model-id: the record is carried
+        target = tmp_path / fmt
+        assert main(["convert", str(previous), str(target), "--to", fmt]) == 0
+        assert base_to_load(target, None) == recorded["name"]  # what generate and eval load
+        previous = target
+    assert json.loads((previous / "base_model.json").read_text()) == named_base_record(base_dir)
+    unrecorded = tmp_path / "unrecorded"
+    shutil.copytree(source, unrecorded)
+    (unrecorded / "base_model.json").unlink()
+    capsys.readouterr()
+    assert main(["convert", str(unrecorded), str(tmp_path / "x"), "--to", "xlora"]) == 2
+    assert "(convert: --base-model-id)" in capsys.readouterr().err
 
 
 def test_mistralrs_needs_the_base(

@@ -44,8 +44,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.add_argument(
         "--base-model-id",
         default=None,
-        help="the base model's Hub id (or path) to record in the files; default: the id the "
-        "source names",
+        help="the base model's Hub id (or path) to record in the files; default: the one the "
+        "source records (base_model.json, base_model_name_or_path or base_model_id)",
     )
     parser.add_argument("--revision", default=None, help="revision of a Hub id source")
 

@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ from loramix.experts import LoraExpert, load_expert
 from loramix.formats import existing as existing_folder
 from loramix.formats import mistralrs, native, peft, xlora
 from loramix.formats.classifier import loramix_positions
+from loramix.records import base_record, canonical_base_name, named_base_record, read_base_record
 
 if TYPE_CHECKING:
     from loramix.model import XLoraModel
@@ -51,6 +52,7 @@ class XLoraFiles:
         experts: The experts, in config order.
         gate_state: The gate's weights under loramix's keys (`layers.{i}.*`).
         base_model_id: The base model the folder names (None when it names none).
+        base_record: loramix's `base_model.json` (see `loramix.records`), or None.
     """
 
     format: str
@@ -58,6 +60,7 @@ class XLoraFiles:
     experts: list[LoraExpert]
     gate_state: dict[str, torch.Tensor]
     base_model_id: str | None
+    base_record: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class Contents:
         adapted_modules: Adapted module paths, in the base model's `named_modules()` order
             when a model is at hand (`model` set), else sorted.
         base_model_id: The base model's Hub id or path, or None.
+        base_record: What loramix's format writes as `base_model.json`, or None.
         model: The loaded model, when there is one (mistral.rs's writer needs it).
     """
 
@@ -83,6 +87,7 @@ class Contents:
     gate_state: dict[str, torch.Tensor]
     adapted_modules: list[str]
     base_model_id: str | None
+    base_record: dict[str, Any] | None = None
     model: XLoraModel | None = None
 
     @property
@@ -105,6 +110,7 @@ def contents_of_model(model: XLoraModel, base_model_id: str | None = None) -> Co
         gate_state={k: v.detach().contiguous().cpu() for k, v in model.gate.state_dict().items()},
         adapted_modules=list(model.adapted_modules),
         base_model_id=base_model_id or getattr(model.lm, "name_or_path", "") or None,
+        base_record=base_record(model.lm, base_model_id),
         model=model,
     )
 
@@ -153,7 +159,18 @@ def contents_of_files(files: XLoraFiles, base_model_id: str | None = None) -> Co
         gate_state={k: v.contiguous() for k, v in files.gate_state.items()},
         adapted_modules=sorted({m for e in files.experts for m in e.modules}),
         base_model_id=base_model_id or files.base_model_id,
+        base_record=_carried_record(files, base_model_id),
     )
+
+
+def _carried_record(files: XLoraFiles, base_model_id: str | None) -> dict[str, Any] | None:
+    """The source's `base_model.json` unless `base_model_id` names another base; else a record
+    of the name alone (None when no name is known)."""
+    name = base_model_id or files.base_model_id
+    recorded = files.base_record
+    if recorded and canonical_base_name(recorded.get("name")) == canonical_base_name(name):
+        return recorded
+    return named_base_record(name) if name else None
 
 
 def detect_format(folder: Path) -> str:
@@ -186,7 +203,11 @@ def read_folder(folder: str | os.PathLike[str]) -> XLoraFiles:
     folder = Path(folder)
     fmt = detect_format(folder)
     base_model_id: str | None = None
+    recorded = None
     if fmt == "loramix":
+        recorded = read_base_record(folder)
+        name = (recorded or {}).get("name")
+        base_model_id = str(name) if name else None
         config = native.read_config(folder)
         gate_state = native.read_gate(folder)
         experts = _load_experts(config)
@@ -209,7 +230,7 @@ def read_folder(folder: str | os.PathLike[str]) -> XLoraFiles:
         else:
             experts = _load_experts(config)
         gate_state = xlora.read_gate(folder, config)
-    return XLoraFiles(fmt, config, experts, gate_state, base_model_id)
+    return XLoraFiles(fmt, config, experts, gate_state, base_model_id, recorded)
 
 
 def write_folder(
@@ -236,8 +257,9 @@ def write_folder(
         raise ValueError(f"format={format!r}: use one of {FORMATS}")
     if format in ("xlora", "mistralrs") and not contents.base_model_id:
         raise ValueError(
-            f"format={format!r} records the base model's id, and none is known (the base model "
-            "has no name_or_path); pass base_model_id='<hub id or folder of the base model>'"
+            f"format={format!r} records the base model's id, and none is known (the source "
+            "names none, or the base model has no name_or_path); pass "
+            "base_model_id='<hub id or folder of the base model>' (convert: --base-model-id)"
         )
     if format not in FILES_ONLY_FORMATS and contents.model is None:
         raise ValueError(

@@ -4,6 +4,7 @@
     gate.safetensors                          gate weights (`layers.{i}.weight/bias`)
     experts/<name>/adapter_config.json        each expert as a standard PEFT adapter
     experts/<name>/adapter_model.safetensors
+    base_model.json                           the base model (`loramix.records`), when known
 
 It needs nothing outside itself; expert paths in the config are relative to the folder.
 """
@@ -11,6 +12,7 @@ It needs nothing outside itself; expert paths in the config are relative to the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
 import re
 from pathlib import Path
@@ -22,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from loramix.config import CONFIG_NAME, XLoraConfig
 from loramix.experts import ADAPTER_CONFIG_NAME, BIN_WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME
-from loramix.records import BASE_RECORD_NAME  # written by `loramix.saving`
+from loramix.records import BASE_RECORD_NAME
 
 if TYPE_CHECKING:
     from loramix.formats import Contents
@@ -83,6 +85,9 @@ def write(contents: Contents, folder: Path) -> None:
     config = dataclasses.replace(contents.config, adapters=adapters)
     (folder / CONFIG_NAME).write_text(config.to_json_string())
     save_file(contents.gate_state, folder / GATE_WEIGHTS_NAME, metadata={"format": "pt"})
+    if contents.base_record is not None:
+        record = json.dumps(contents.base_record, indent=2, sort_keys=True) + "\n"
+        (folder / BASE_RECORD_NAME).write_text(record)
 
 
 def folder_name(name: str, index: int) -> str:
