@@ -217,6 +217,32 @@ def post(served, body, route: str = "/v1/chat/completions") -> httpx.Response:
             "scalings_mode",
             "granular",
         ),
+        (  # a typo is refused as OpenAI refuses it, not served with the default length
+            {"model": MODEL_NAME, "messages": CHAT, "max_token": 5, "top_k": 3},
+            400,
+            "max_token",
+            "Unrecognized request argument supplied: max_token, top_k",
+        ),
+        ({"model": MODEL_NAME, "prompt": "x"}, 400, "prompt", "Unrecognized request argument"),
+        ({"model": MODEL_NAME, "messages": CHAT, "stream": "yes"}, 400, "stream", "boolean"),
+        (
+            {"model": MODEL_NAME, "messages": CHAT, "return_expert_weights": 1},
+            400,
+            "return_expert_weights",
+            "boolean",
+        ),
+        (
+            {"model": MODEL_NAME, "messages": CHAT, "stream_options": {"include_usage": "no"}},
+            400,
+            "stream_options.include_usage",
+            "boolean",
+        ),
+        (
+            json.dumps({"model": MODEL_NAME, "messages": CHAT, "temperature": NAN}),
+            400,
+            "temperature",
+            "nan",
+        ),
     ],
 )
 def test_bad_requests_get_openai_errors(served, body, status, param, fix) -> None:
@@ -226,6 +252,20 @@ def test_bad_requests_get_openai_errors(served, body, status, param, fix) -> Non
     assert error["param"] == param
     assert fix in error["message"]
     assert error["type"] in ("invalid_request_error", "not_found_error")
+
+
+def test_openai_metadata_fields_change_nothing(client) -> None:
+    plain = chat(client).choices[0].message.content
+    tagged = chat(
+        client,
+        user="me",
+        metadata={"run": "1"},
+        store=False,
+        service_tier="auto",
+        parallel_tool_calls=False,
+        logprobs=False,  # an unsupported parameter at its default
+    )
+    assert tagged.choices[0].message.content == plain
 
 
 def test_prompt_longer_than_the_context(served) -> None:

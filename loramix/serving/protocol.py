@@ -6,6 +6,11 @@ Requests are validated here, before anything reaches the engine: every problem b
     {"error": {"message": ..., "type": "invalid_request_error", "param": ..., "code": ...}}
 
 with the HTTP status OpenAI uses (400 bad request, 404 unknown model, 503 shutting down).
+As OpenAI does, a field the server does not recognise is refused ("Unrecognized request
+argument supplied: max_token"), and booleans must be JSON booleans (`"stream": "yes"` is
+refused). Accepted: the fields of the schemas below, OpenAI's metadata fields that change no
+answer (`IGNORED`), and the OpenAI parameters it does not implement at their defaults
+(`UNSUPPORTED`).
 
 X-LoRA extensions (extra body fields; the `openai` client passes them with `extra_body`):
 
@@ -28,7 +33,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from loramix.serving.config import MODES
 
@@ -44,11 +49,23 @@ UNSUPPORTED = {
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "functions": (None, []),
+    "function_call": (None, "none"),
     "response_format": (None, {"type": "text"}),
     "best_of": (None, 1),
     "echo": (None, False),
     "suffix": (None, ""),
 }
+
+# OpenAI parameters that change no answer (who asks, what to bill or store): accepted, ignored.
+IGNORED = (
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+    "prompt_cache_key",
+    "safety_identifier",
+)
 
 
 class ApiError(Exception):
@@ -82,6 +99,13 @@ class ApiError(Exception):
         }
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: StrictBool = False
+    include_obfuscation: StrictBool = True  # OpenAI's padding against side channels; unused
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -90,15 +114,15 @@ class _Request(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1 - MAX_CHOICES)
-    return_expert_weights: bool = False
-    return_layer_scalings: bool = False
+    return_expert_weights: StrictBool = False
+    return_layer_scalings: StrictBool = False
     scalings_mode: Literal["granular", "frozen", "merged"] | None = None
     fixed_expert_weights: dict[str, float] | None = None
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -109,7 +133,7 @@ class _Request(BaseModel):
         return tuple(stops)
 
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class ContentPart(BaseModel):
@@ -148,6 +172,13 @@ def parse(kind: type[_Request], data: Any) -> Any:
     """Validates a decoded JSON body; raises `ApiError` naming the first bad field."""
     if not isinstance(data, dict):
         raise ApiError("the request body must be a JSON object", code="invalid_body")
+    unknown = sorted(set(data) - set(kind.model_fields) - set(UNSUPPORTED) - set(IGNORED))
+    if unknown:
+        raise ApiError(
+            f"Unrecognized request argument supplied: {', '.join(unknown)}",
+            param=unknown[0],
+            code="unknown_parameter",
+        )
     try:
         request = kind.model_validate(data)
     except ValidationError as error:
