@@ -135,7 +135,7 @@ def test_raw_stream_ends_with_done_and_usage(served) -> None:
 def test_completions_n_and_seed(client) -> None:
     options = dict(model=MODEL_NAME, prompt="hello world", max_tokens=8, n=3, seed=7)
     first = client.completions.create(temperature=1.0, **options)
-    again = client.completions.create(temperature=1.0, **options)
+    again = client.completions.create(temperature=1, **options)  # a JSON integer is a number
     texts = [c.text for c in first.choices]
     assert [c.index for c in first.choices] == [0, 1, 2]
     assert texts == [c.text for c in again.choices]  # seeded: reproducible
@@ -243,6 +243,23 @@ def post(served, body, route: str = "/v1/chat/completions") -> httpx.Response:
             "temperature",
             "nan",
         ),
+        # values of another JSON type are refused, not converted, as OpenAI refuses them
+        ({"model": MODEL_NAME, "messages": CHAT, "max_tokens": "12"}, 400, "max_tokens", "integer"),
+        ({"model": MODEL_NAME, "messages": CHAT, "n": 2.0}, 400, "n", "integer"),
+        (
+            {"model": MODEL_NAME, "messages": CHAT, "temperature": "0.5"},
+            400,
+            "temperature",
+            "number",
+        ),
+        ({"model": MODEL_NAME, "messages": CHAT, "seed": "7"}, 400, "seed", "integer"),
+        (
+            {"model": MODEL_NAME, "messages": CHAT, "fixed_expert_weights": {"bio": "1"}},
+            400,
+            "fixed_expert_weights.bio",
+            "number",
+        ),
+        ({"model": MODEL_NAME, "messages": CHAT, "logprobs": 0}, 400, "logprobs", "leave"),
     ],
 )
 def test_bad_requests_get_openai_errors(served, body, status, param, fix) -> None:

@@ -7,10 +7,12 @@ Requests are validated here, before anything reaches the engine: every problem b
 
 with the HTTP status OpenAI uses (400 bad request, 404 unknown model, 503 shutting down).
 As OpenAI does, a field the server does not recognise is refused ("Unrecognized request
-argument supplied: max_token"), and booleans must be JSON booleans (`"stream": "yes"` is
-refused). Accepted: the fields of the schemas below, OpenAI's metadata fields that change no
-answer (`IGNORED`), and the OpenAI parameters it does not implement at their defaults
-(`UNSUPPORTED`).
+argument supplied: max_token"), and every value must have its JSON type: booleans are JSON
+booleans (`"stream": "yes"` is refused), integers JSON integers (`"max_tokens": "12"` and
+`"n": 2.0` are refused), numbers JSON numbers (`"temperature": "0.5"` is refused,
+`"temperature": 1` is a number). Accepted: the fields of the schemas below, OpenAI's metadata
+fields that change no answer (`IGNORED`), and the OpenAI parameters it does not implement at
+their defaults (`UNSUPPORTED`).
 
 X-LoRA extensions (extra body fields; the `openai` client passes them with `extra_body`):
 
@@ -33,7 +35,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loramix.serving.config import MODES
 
@@ -99,30 +101,32 @@ class ApiError(Exception):
         }
 
 
+# The request models are strict: no value is converted to another JSON type (a string to a
+# number, 1 to true, 2.0 to an integer); an integer is still a number, as in JSON.
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    include_usage: StrictBool = False
-    include_obfuscation: StrictBool = True  # OpenAI's padding against side channels; unused
+    include_usage: bool = False
+    include_obfuscation: bool = True  # OpenAI's padding against side channels; unused
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
-    stream: StrictBool = False
+    stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1 - MAX_CHOICES)
-    return_expert_weights: StrictBool = False
-    return_layer_scalings: StrictBool = False
+    return_expert_weights: bool = False
+    return_layer_scalings: bool = False
     scalings_mode: Literal["granular", "frozen", "merged"] | None = None
     fixed_expert_weights: dict[str, float] | None = None
-    ignore_eos: StrictBool = False
+    ignore_eos: bool = False
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -191,7 +195,10 @@ def parse(kind: type[_Request], data: Any) -> Any:
             code="missing_required_parameter" if first["type"] == "missing" else "invalid_value",
         ) from None
     for name, defaults in UNSUPPORTED.items():
-        if name in data and data[name] not in defaults:
+        # of the default's JSON type too: in Python `0 == False` and `True == 1`
+        if name in data and not any(
+            data[name] == value and type(data[name]) is type(value) for value in defaults
+        ):
             raise ApiError(
                 f"{name} is not supported by this server; leave it out",
                 param=name,
