@@ -72,13 +72,13 @@ from loramix.cache import TwoPassCache
 from loramix.checks import is_int, raise_problems
 from loramix.gate import select_top_k
 from loramix.layer import is_quantized
+from loramix.modes import SCALINGS_MODES
 
 if TYPE_CHECKING:
     from loramix.model import XLoraModel
 
 logger = logging.getLogger(__name__)
 
-SCALINGS_MODES = ("granular", "frozen", "merged")
 
 # Names of the per-sequence tensors a FreezePlan keeps in `XLoraCache.sequence_state`.
 _SUM = "frozen_scalings_sum"  # (B, L, E) float32, sum over the window's real tokens so far

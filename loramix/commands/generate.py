@@ -21,8 +21,7 @@ from loramix.commands.flags import (
     dtype_from_args,
 )
 from loramix.errors import UsageError
-
-_MODES = ("granular", "frozen", "merged")
+from loramix.modes import SCALINGS_MODES
 
 # ANSI foreground colours, one per expert (cycled when there are more experts).
 PALETTE = (31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96)
@@ -53,7 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         help="wrap the prompt as a user turn of the chat template (default: as in training, "
         "from MODEL_DIR/training_args.json; plain if unrecorded)",
     )
-    parser.add_argument("--mode", choices=_MODES, default="granular", help="scalings mode")
+    parser.add_argument("--mode", choices=SCALINGS_MODES, default="granular", help="scalings mode")
     parser.add_argument(
         "--freeze-after",
         type=int,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MODES = ("granular", "frozen", "merged")
+from loramix.modes import SCALINGS_MODES as MODES
 
 
 @dataclass

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from loramix.modes import ScalingsMode
 from loramix.serving.config import MODES
 
 MAX_CHOICES = 16  # `n`; choice i samples with `seed + i`, so the seed leaves room for them
@@ -124,7 +125,7 @@ class _Request(BaseModel):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1 - MAX_CHOICES)
     return_expert_weights: bool = False
     return_layer_scalings: bool = False
-    scalings_mode: Literal["granular", "frozen", "merged"] | None = None
+    scalings_mode: ScalingsMode | None = None
     fixed_expert_weights: dict[str, float] | None = None
     ignore_eos: bool = False
 
