@@ -260,6 +260,15 @@ def post(served, body, route: str = "/v1/chat/completions") -> httpx.Response:
             "number",
         ),
         ({"model": MODEL_NAME, "messages": CHAT, "logprobs": 0}, 400, "logprobs", "leave"),
+        # a field of several types is named alone, not with the type it was tried as
+        ({"model": MODEL_NAME, "messages": CHAT, "stop": 5}, 400, "stop", "string"),
+        (
+            {"model": MODEL_NAME, "messages": [{"role": "user", "content": 5}]},
+            400,
+            "messages.0.content",
+            "string",
+        ),
+        ({"model": MODEL_NAME, "messages": [{"content": "hi"}]}, 400, "messages.0.role", "missing"),
     ],
 )
 def test_bad_requests_get_openai_errors(served, body, status, param, fix) -> None:

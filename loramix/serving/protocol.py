@@ -173,6 +173,22 @@ class CompletionRequest(_Request):
         return self.max_tokens
 
 
+def _request_path(data: Any, loc: tuple[Any, ...]) -> list[Any]:
+    """The part of a pydantic error location that leads through the request itself: its
+    field names and list indices, without the names of the types a union tried (`stop.str`,
+    `messages.0.content.str` become `stop` and `messages.0.content`)."""
+    path, value = [], data
+    for part in loc:
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            value = value[part]
+        else:
+            break
+        path.append(part)
+    return path or list(loc[:1])
+
+
 def parse(kind: type[_Request], data: Any) -> Any:
     """Validates a decoded JSON body; raises `ApiError` naming the first bad field."""
     if not isinstance(data, dict):
@@ -188,12 +204,14 @@ def parse(kind: type[_Request], data: Any) -> Any:
         request = kind.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        problem = "missing required parameter" if first["type"] == "missing" else first["msg"]
+        missing = first["type"] == "missing"  # its location ends with the missing field
+        loc = first["loc"] if missing else _request_path(data, first["loc"])
+        param = ".".join(str(part) for part in loc) or None
+        problem = "missing required parameter" if missing else first["msg"]
         raise ApiError(
             f"{param}: {problem}" + (f" (got {first['input']!r})" if "input" in first else ""),
             param=param,
-            code="missing_required_parameter" if first["type"] == "missing" else "invalid_value",
+            code="missing_required_parameter" if missing else "invalid_value",
         ) from None
     for name, defaults in UNSUPPORTED.items():
         # of the default's JSON type too: in Python `0 == False` and `True == 1`
