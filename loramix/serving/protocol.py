@@ -179,12 +179,11 @@ def _request_path(data: Any, loc: tuple[Any, ...]) -> list[Any]:
     `messages.0.content.str` become `stop` and `messages.0.content`)."""
     path, value = [], data
     for part in loc:
-        if isinstance(value, dict) and part in value:
-            value = value[part]
-        elif isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
-            value = value[part]
-        else:
+        in_dict = isinstance(value, dict) and part in value
+        in_list = isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value)
+        if not (in_dict or in_list):
             break
+        value = value[part]
         path.append(part)
     return path or list(loc[:1])
 
