@@ -14,6 +14,9 @@ to render prompts for it (a mismatch silently changes every number):
                          {"command": "train-gate", "status": "finished", ...,
                           "prompts": {"chat": false, "chat_template": "{% for ... %}"}}
 
+A folder may also hold what `loramix eval --out` wrote about it (`REPORT_JSON`, `REPORT_MD`,
+`loramix.evaluation.report`); `is_eval_report` tells that file from a user's own.
+
 `check_base` compares a base model with a record: a different fingerprint is refused (the
 experts or the gate would compute something else), a different name with the same
 fingerprint is a warning naming both. `default_base` turns a record into the name that
@@ -35,6 +38,10 @@ from loramix.config import CONFIG_NAME
 from loramix.smollm2 import CANONICAL_NAME, DEFAULT_MODEL, GGUF_PACKAGE
 
 logger = logging.getLogger(__name__)
+
+REPORT_JSON = "eval.json"  # `loramix eval --out`'s report, and its Markdown rendering
+REPORT_MD = "eval.md"
+REPORT_FORMAT = "loramix-eval/1"  # the "format" field of every REPORT_JSON it writes
 
 BASE_RECORD_NAME = "base_model.json"
 TRAINING_RECORD_NAME = "training_args.json"
@@ -101,6 +108,12 @@ def named_base_record(name: str | os.PathLike[str] | None) -> dict[str, Any]:
     else:
         source = "unknown" if name is None else "transformers"
     return {"name": name, "source": source, "fingerprint": {}}
+
+
+def is_eval_report(folder: str | os.PathLike[str]) -> bool:
+    """Whether `folder` holds an `eval.json` that `loramix eval` wrote (its "format" field)."""
+    report = _read_json_object(Path(folder) / REPORT_JSON) or {}
+    return report.get("format") == REPORT_FORMAT
 
 
 def read_base_record(folder: str | os.PathLike[str]) -> dict[str, Any] | None:

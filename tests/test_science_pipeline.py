@@ -643,7 +643,7 @@ def test_the_times_of_jobs_finished_by_a_killed_call_are_recovered(run, tmp_path
     assert set(recovered["gates"]["each"]) == {"a", "b"}
     for record in (recovered["experts"]["each"]["biology"], recovered[MULTITASK]["job"]):
         assert record["wall_s"] > 0 and record["cpu_s"] > 0
-        assert record["reused_from"] == str(out.resolve())  # timed in the folder copied
+        assert "reused_from" not in record  # a copy of the run folder is the same run
 
 
 def test_the_same_seed_gives_a_byte_identical_bundle(run, tmp_path):

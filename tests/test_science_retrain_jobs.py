@@ -220,7 +220,7 @@ def test_a_jobs_record_adds_the_time_of_the_calls_before_its_last():
 
 
 def test_a_finished_job_keeps_its_record_beside_its_adapter(tmp_path):
-    from loramix.science.retrain_jobs import JOB_TIME_JSON, earlier_time, finished_job
+    from loramix.science.retrain_jobs import JOB_TIME_JSON, earlier_time, finished_job, run_id
     from loramix.training.clock import JobClock, JobTime
 
     folder = tmp_path / "run" / "experts" / "biology"
@@ -230,6 +230,7 @@ def test_a_finished_job_keeps_its_record_beside_its_adapter(tmp_path):
     assert finished_job(folder, clock, value) is value
     kept = json.loads((folder / JOB_TIME_JSON).read_text())
     assert kept["run"] == str((tmp_path / "run").resolve())
+    assert kept["run_id"] == run_id(tmp_path / "run")  # made on first use, then the same
     record = kept["record"]
     assert record["wall_s"] >= 100.0 and record["cpu_s"] >= 60.0  # earlier calls + this one
     assert record["steps"] == 10 and record["resumed_from_step"] == 4
@@ -237,20 +238,22 @@ def test_a_finished_job_keeps_its_record_beside_its_adapter(tmp_path):
 
 
 def test_finished_jobs_missing_from_timings_are_recovered_from_their_folders(tmp_path):
-    from loramix.science.retrain_jobs import JOB_TIME_JSON, recover_job_times
+    from loramix.science.retrain_jobs import JOB_TIME_JSON, recover_job_times, run_id
 
     out = tmp_path / "run"
     paths = RetrainPaths(out)
+    out.mkdir()
 
     def finished(folder: Path, run: Path, cpu_s: float) -> Path:
         folder.mkdir(parents=True)
         record = {"wall_s": 2 * cpu_s, "cpu_s": cpu_s}
-        kept = {"run": str(run.resolve()), "record": record}
+        kept = {"run_id": run_id(run), "run": str(run.resolve()), "record": record}
         (folder / JOB_TIME_JSON).write_text(json.dumps(kept))
         return folder
 
     biology = finished(paths.expert("biology"), out, 5.0)
     proteins = finished(paths.expert("proteins"), out, 7.0)
+    (tmp_path / "other-run").mkdir()
     s4000 = finished(paths.expert("multitask-s4000"), tmp_path / "other-run", 9.0)  # linked
     multitask = finished(paths.multitask, out, 11.0)
     gate = paths.gate("a")
@@ -269,3 +272,8 @@ def test_finished_jobs_missing_from_timings_are_recovered_from_their_folders(tmp
     assert "gates" not in recorded
     assert json.loads((out / TIMINGS_JSON).read_text()) == recorded
     assert recover_job_times(out, recorded, groups, multitask) == []  # nothing more
+    moved = tmp_path / "moved"
+    out.rename(moved)  # a run folder that moved keeps its id: its jobs are still its own
+    del recorded["experts"]["each"]["biology"]
+    assert recover_job_times(moved, recorded, {"experts": [moved / "experts" / "biology"]})
+    assert "reused_from" not in recorded["experts"]["each"]["biology"]

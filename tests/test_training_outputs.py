@@ -67,7 +67,7 @@ def test_overwrite_replaces_only_the_earlier_run(tmp_path):
     make_checkpoint(out, 4)
     (out / "adapter_config.json").write_text("{}")
     (out / "notes.txt").write_text("mine")
-    (out / "eval.json").write_text("{}")  # `loramix eval --out` on the earlier result
+    (out / "eval.json").write_text('{"format": "loramix-eval/1"}')  # `loramix eval --out`
     (out / "eval.md").write_text("| stale |")
     (out / ".publish-x1y2").mkdir()  # left by a run killed while publishing
     with pytest.raises(ValueError, match=r"--resume.*--overwrite"):
@@ -76,6 +76,17 @@ def test_overwrite_replaces_only_the_earlier_run(tmp_path):
     assert (out / "adapter_config.json").exists()  # nothing deleted before the run starts
     start_output(plan, {**RUN, "training": {"lr": 0.2}}, TrainingConfig())
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "training_args.json"]
+
+
+def test_overwrite_keeps_files_named_like_reports_that_loramix_eval_did_not_write(tmp_path):
+    out = tmp_path / "out"
+    start_output(check(out), RUN, TrainingConfig())
+    (out / "adapter_config.json").write_text("{}")
+    (out / "eval.json").write_text('{"mine": true}')
+    (out / "eval.md").write_text("my notes")
+    start_output(check(out, overwrite=True), RUN, TrainingConfig())
+    assert (out / "eval.json").read_text() == '{"mine": true}'
+    assert (out / "eval.md").read_text() == "my notes"
 
 
 def test_resume_names_every_differing_setting(tmp_path):

@@ -16,10 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from loramix.atomic import write_text_atomic
-
-REPORT_JSON = "eval.json"
-REPORT_MD = "eval.md"
-REPORT_FORMAT = "loramix-eval/1"
+from loramix.records import REPORT_FORMAT, REPORT_JSON, REPORT_MD  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from loramix.science.pipeline import (
     read_json,
 )
 from loramix.science.selection import GateCandidate, recorded_candidate
+from loramix.training.trainer import CHECKPOINTS
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +258,7 @@ def add_domain(
     wider = dataclasses.replace(settings, domains=domains)
     gate_clock = resume_clock(staging / "xlora")
     train_gate_candidate(paths, staging / "xlora", candidate, seed, wider, callbacks=[gate_clock])
+    shutil.rmtree(staging / "xlora" / CHECKPOINTS, ignore_errors=True)  # the gate is complete
     gate = {
         "wall_s": time.perf_counter() - start + gate_clock.earlier.wall_s,
         "cpu_s": time.process_time() - cpu_start + gate_clock.earlier.cpu_s,

@@ -72,7 +72,9 @@ def gate_job(
     resumed_from, clock = resumed_step(out), resume_clock(out)
     train_gate_candidate(paths, out, candidate, seed, settings, callbacks=[clock])
     value = {"steps": candidate.steps, "resumed_from_step": resumed_from}
-    return finished_job(out, clock, {**value, **earlier_time(clock)})
+    value = finished_job(out, clock, {**value, **earlier_time(clock)})  # its time kept first
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the gate is complete
+    return value
 
 
 def train_gate_candidate(
@@ -85,7 +87,8 @@ def train_gate_candidate(
     callbacks: Sequence[TrainerCallback] = (),
 ) -> None:
     """Train the gate of `candidate` over the experts of `domains` (default: the run's), with
-    extra `callbacks` for its Trainer."""
+    extra `callbacks` for its Trainer. Its checkpoints stay in `out/checkpoints` for the
+    caller to delete once it has kept what it needs (`gate_job`: the job's time)."""
     from loramix.training.gate import train_gate
 
     domains = settings.domains if domains is None else domains
@@ -109,4 +112,3 @@ def train_gate_candidate(
         callbacks=callbacks,
         **resume_flags(out),
     )
-    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)

@@ -145,7 +145,6 @@ def train_lora_job(
         callbacks=[clock],
         **resume_flags(out),
     )
-    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the adapter is complete
     record = json.loads((out / TRAINING_RECORD_NAME).read_text())
     kept = record.get("kept_step", record["global_step"])  # older records: the last step
     if multitask:  # how it matches the experts, for the report
@@ -162,7 +161,9 @@ def train_lora_job(
         }
         write_text_atomic(out / MULTITASK_JSON, json.dumps(plan, indent=2) + "\n")
     value = {"steps": steps, "resumed_from_step": resumed_from, "kept_step": kept}
-    return finished_job(out, clock, {**value, **earlier_time(clock)})
+    value = finished_job(out, clock, {**value, **earlier_time(clock)})  # its time kept first
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the adapter is complete
+    return value
 
 
 def train_loras(

@@ -12,6 +12,7 @@ import logging
 import os
 import shlex
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,19 @@ RUN_JSON = "run.json"  # the seed and settings of a run folder
 REUSED_JSON = "reused.json"  # what a run took from another (`loramix.science.reuse`)
 DEV_SCORES_JSON = "dev_scores.json"  # candidate -> its gate files' digest and dev NLLs
 JOB_TIME_JSON = "job_time.json"  # a finished job's timings record, beside its adapter or gate
+RUN_ID = "run_id"  # a run folder's own id: it moves with the folder, and --reuse links none
+
+
+def run_id(out: Path) -> str:
+    """The id of the run folder `out`, made on first use (`retrain` makes it before any job):
+    it tells the jobs trained in this run from those linked from another (`--reuse`)."""
+    path = out / RUN_ID
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        made = uuid.uuid4().hex
+        write_text_atomic(path, made + "\n")
+        return made
 
 
 def worker_plan(settings: RetrainSettings, n_jobs: int, busy: int = 0) -> tuple[int, int]:
@@ -190,15 +204,16 @@ def finished_job(out: Path, clock: JobClock, value: dict[str, Any]) -> dict[str,
     record (`job_record`, this call's time from `clock`) is also kept in `out/job_time.json`:
     a call killed before it kept the record in timings.json leaves it there for the next
     call (`recover_job_times`), which finds the job done and would have no time for it.
-    `out` is a job folder of a run folder (`RUN/experts/NAME`, `RUN/gates/NAME`), whose
-    path the file keeps too."""
+    `out` is a job folder of a run folder (`RUN/experts/NAME`, `RUN/gates/NAME`), whose id
+    and path the file keeps too."""
     from loramix.training.jobs import JobResult
 
     total = clock.total()
     this_call = JobResult(
         out.name, value, total.wall_s - clock.earlier.wall_s, total.cpu_s - clock.earlier.cpu_s
     )
-    kept = {"run": str(out.resolve().parents[1]), "record": job_record(this_call)}
+    run = out.parents[1]
+    kept = {"run_id": run_id(run), "run": str(run.resolve()), "record": job_record(this_call)}
     write_text_atomic(out / JOB_TIME_JSON, json.dumps(kept, indent=2) + "\n")
     return value
 
@@ -213,14 +228,14 @@ def recover_job_times(
     jobs left in their folders (`finished_job`) and that it lacks: those of `groups` (step ->
     job folders, each kept under its step's "each" by folder name) and of the run's own
     multitask LoRA in `multitask` (its step's "job"). Returns the steps/jobs recovered."""
-    here = str(out.resolve())
+    here = run_id(out)
 
     def kept_record(folder: Path) -> dict[str, Any] | None:
         kept = read_json(folder / JOB_TIME_JSON)
         record = kept.get("record")
         if not isinstance(record, dict) or "cpu_s" not in record:
             return None
-        if kept.get("run") != here:  # linked from another run (`--reuse`), timed there
+        if kept.get("run_id") != here:  # linked from another run (`--reuse`), timed there
             record = {"reused_from": kept.get("run"), **record}
         return record
 

@@ -33,8 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from loramix.atomic import write_text_atomic
-from loramix.evaluation.report import REPORT_JSON, REPORT_MD
-from loramix.records import TRAINING_RECORD_NAME, read_training_record
+from loramix.records import (
+    REPORT_JSON,
+    REPORT_MD,
+    TRAINING_RECORD_NAME,
+    is_eval_report,
+    read_training_record,
+)
 from loramix.training.trainer import CHECKPOINTS, PUBLISH_PREFIX, TrainingConfig, last_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -53,7 +58,8 @@ RESUMABLE_CHANGES = (
 
 EARLIER_REPORTS = (REPORT_JSON, REPORT_MD)
 """`loramix eval --out` reports that may sit beside a result: they describe the earlier run's
-result, so overwrite deletes them with it."""
+result, so overwrite deletes them with it (only when `eval.json` is such a report: a user's
+own files of those names stay)."""
 
 
 @dataclass
@@ -121,9 +127,10 @@ def check_output(
                 "with overwrite (--overwrite) or choose another output folder."
             )
         return plan
+    reports = EARLIER_REPORTS if is_eval_report(out) else ()  # not a user's own files
     earlier = [
         name
-        for name in [*final_files, *EARLIER_REPORTS, CHECKPOINTS, TRAINING_RECORD_NAME]
+        for name in [*final_files, *reports, CHECKPOINTS, TRAINING_RECORD_NAME]
         if name in entries
     ]
     if not overwrite:
