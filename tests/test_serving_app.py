@@ -166,6 +166,11 @@ def test_stop_string_cuts_the_answer(served, client) -> None:
     assert streamed == answer.choices[0].message.content
 
 
+def at_completions(body: dict) -> tuple[str, dict]:
+    """A row of `test_bad_requests_get_openai_errors` for /v1/completions, not the chat route."""
+    return "/v1/completions", body
+
+
 def post(served, body, route: str = "/v1/chat/completions") -> httpx.Response:
     if isinstance(body, dict):
         return httpx.post(served[0].url + route, json=body)
@@ -215,13 +220,25 @@ def post(served, body, route: str = "/v1/chat/completions") -> httpx.Response:
             {"model": MODEL_NAME, "messages": CHAT, "scalings_mode": "fast"},
             400,
             "scalings_mode",
-            "granular",
+            "'granular', 'frozen' or 'merged'",
         ),
         (  # a typo is refused as OpenAI refuses it, not served with the default length
+            {"model": MODEL_NAME, "messages": CHAT, "max_token": 5},
+            400,
+            "max_token",
+            "Unrecognized request argument supplied: max_token (did you mean max_tokens?)",
+        ),
+        (  # top_k is no typo of top_p: no hint
             {"model": MODEL_NAME, "messages": CHAT, "max_token": 5, "top_k": 3},
             400,
             "max_token",
-            "Unrecognized request argument supplied: max_token, top_k",
+            "supplied: max_token, top_k (did you mean max_tokens for max_token?)",
+        ),
+        (  # the hint names what this route accepts
+            at_completions({"model": MODEL_NAME, "prompt": "x", "stops": ["."]}),
+            400,
+            "stops",
+            "supplied: stops (did you mean stop?)",
         ),
         ({"model": MODEL_NAME, "prompt": "x"}, 400, "prompt", "Unrecognized request argument"),
         ({"model": MODEL_NAME, "messages": CHAT, "stream": "yes"}, 400, "stream", "boolean"),
@@ -269,15 +286,81 @@ def post(served, body, route: str = "/v1/chat/completions") -> httpx.Response:
             "string",
         ),
         ({"model": MODEL_NAME, "messages": [{"content": "hi"}]}, 400, "messages.0.role", "missing"),
+        # ... and a bad value inside a list is named by its index, not as "not a string"
+        ({"model": MODEL_NAME, "messages": CHAT, "stop": [1]}, 400, "stop.0", "string (got 1)"),
+        (
+            {"model": MODEL_NAME, "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            400,
+            "messages.0.content.0.text",
+            "missing",
+        ),
+        (
+            {
+                "model": MODEL_NAME,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+            },
+            400,
+            "messages.0.content.0.type",
+            "'text' (got 'image_url')",
+        ),
+        (
+            at_completions({"model": MODEL_NAME, "prompt": ["a", 1]}),
+            400,
+            "prompt.1",
+            "string (got 1)",
+        ),
+        # OpenAI parameters a client may send at their defaults: other values are refused
+        (
+            {"model": MODEL_NAME, "messages": CHAT, "modalities": ["text", "audio"]},
+            400,
+            "modalities",
+            "leave",
+        ),
+        (
+            {"model": MODEL_NAME, "messages": CHAT, "reasoning_effort": "high"},
+            400,
+            "reasoning_effort",
+            "leave",
+        ),
+        ({"model": MODEL_NAME, "messages": CHAT, "verbosity": "low"}, 400, "verbosity", "leave"),
+        (
+            {"model": MODEL_NAME, "messages": CHAT, "audio": {"voice": "alloy", "format": "wav"}},
+            400,
+            "audio",
+            "leave",
+        ),
+        (
+            {
+                "model": MODEL_NAME,
+                "messages": CHAT,
+                "prediction": {"type": "content", "content": "4"},
+            },
+            400,
+            "prediction",
+            "leave",
+        ),
+        (
+            {"model": MODEL_NAME, "messages": CHAT, "web_search_options": {}},
+            400,
+            "web_search_options",
+            "leave",
+        ),
     ],
 )
 def test_bad_requests_get_openai_errors(served, body, status, param, fix) -> None:
-    response = post(served, body)
+    route, body = body if isinstance(body, tuple) else ("/v1/chat/completions", body)
+    response = post(served, body, route)
     assert response.status_code == status
     error = response.json()["error"]
     assert error["param"] == param
     assert fix in error["message"]
     assert error["type"] in ("invalid_request_error", "not_found_error")
+
+
+def test_no_hint_names_a_field_the_request_has(served) -> None:
+    body = {"model": MODEL_NAME, "messages": CHAT, "mode": "frozen"}  # "mode" is close to "model"
+    error = post(served, body).json()["error"]
+    assert error["message"] == "Unrecognized request argument supplied: mode"
 
 
 def test_openai_metadata_fields_change_nothing(client) -> None:
@@ -289,7 +372,14 @@ def test_openai_metadata_fields_change_nothing(client) -> None:
         store=False,
         service_tier="auto",
         parallel_tool_calls=False,
-        logprobs=False,  # an unsupported parameter at its default
+        # unsupported parameters at their defaults
+        logprobs=False,
+        modalities=["text"],
+        reasoning_effort="none",
+        verbosity="medium",
+        audio=None,
+        prediction=None,
+        web_search_options=None,
     )
     assert tagged.choices[0].message.content == plain
 

@@ -7,10 +7,12 @@ Requests are validated here, before anything reaches the engine: every problem b
 
 with the HTTP status OpenAI uses (400 bad request, 404 unknown model, 503 shutting down).
 As OpenAI does, a field the server does not recognise is refused ("Unrecognized request
-argument supplied: max_token"), and every value must have its JSON type: booleans are JSON
-booleans (`"stream": "yes"` is refused), integers JSON integers (`"max_tokens": "12"` and
-`"n": 2.0` are refused), numbers JSON numbers (`"temperature": "0.5"` is refused,
-`"temperature": 1` is a number). Accepted: the fields of the schemas below, OpenAI's metadata
+argument supplied: max_token", with a hint where a name it accepts is close: "(did you mean
+max_tokens?)"), and every value must have its JSON type: booleans are JSON booleans
+(`"stream": "yes"` is refused), integers JSON integers (`"max_tokens": "12"` and `"n": 2.0`
+are refused), numbers JSON numbers (`"temperature": "0.5"` is refused, `"temperature": 1` is
+a number). A bad value is named by its place in the request (`stop.0`,
+`messages.0.content.0.text`). Accepted: the fields of the schemas below, OpenAI's metadata
 fields that change no answer (`IGNORED`), and the OpenAI parameters it does not implement at
 their defaults (`UNSUPPORTED`).
 
@@ -32,13 +34,13 @@ X-LoRA extensions (extra body fields; the `openai` client passes them with `extr
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from loramix.modes import ScalingsMode
-from loramix.serving.config import MODES
 
 MAX_CHOICES = 16  # `n`; choice i samples with `seed + i`, so the seed leaves room for them
 
@@ -57,6 +59,12 @@ UNSUPPORTED = {
     "best_of": (None, 1),
     "echo": (None, False),
     "suffix": (None, ""),
+    "modalities": (None, ["text"]),
+    "reasoning_effort": (None, "none"),  # "none": no reasoning, as here; others think first
+    "verbosity": (None, "medium"),  # OpenAI's default
+    "audio": (None,),
+    "prediction": (None,),
+    "web_search_options": (None,),  # {} asks a search model to search
 }
 
 # OpenAI parameters that change no answer (who asks, what to bill or store): accepted, ignored.
@@ -174,44 +182,77 @@ class CompletionRequest(_Request):
 
 
 def _request_path(data: Any, loc: tuple[Any, ...]) -> list[Any]:
-    """The part of a pydantic error location that leads through the request itself: its
-    field names and list indices, without the names of the types a union tried (`stop.str`,
-    `messages.0.content.str` become `stop` and `messages.0.content`)."""
+    """The parts of a pydantic error location that index into the request: its field names
+    and list indices, without the tags of the types a union tried or of a validator
+    (`stop.list[str].0` becomes `stop.0`, `messages.0.content.str` becomes
+    `messages.0.content`)."""
     path, value = [], data
     for part in loc:
         in_dict = isinstance(value, dict) and part in value
         in_list = isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value)
-        if not (in_dict or in_list):
-            break
-        value = value[part]
-        path.append(part)
-    return path or list(loc[:1])
+        if in_dict or in_list:
+            value = value[part]
+            path.append(part)
+    return path
+
+
+def _invalid(data: dict[str, Any], error: ValidationError) -> ApiError:
+    """The error of the deepest of pydantic's errors. Of a field of several types pydantic
+    reports each type it tried; the deepest error is the one inside the value sent: for
+    `"stop": [1]` that `stop.0` is not a string, not that the list is not one."""
+    found = []
+    for problem in error.errors():
+        loc = problem["loc"]
+        if problem["type"] == "missing":  # its location ends with the missing field
+            found.append((_request_path(data, loc[:-1]) + [loc[-1]], problem))
+        else:
+            found.append((_request_path(data, loc) or list(loc[:1]), problem))
+    path, problem = max(found, key=lambda pair: len(pair[0]))  # ties: the first
+    missing = problem["type"] == "missing"
+    param = ".".join(str(part) for part in path) or None
+    message = f"{param}: " + ("missing required parameter" if missing else problem["msg"])
+    return ApiError(
+        message + (f" (got {problem['input']!r})" if "input" in problem else ""),
+        param=param,
+        code="missing_required_parameter" if missing else "invalid_value",
+    )
+
+
+def _unrecognized(data: dict[str, Any], unknown: list[str], accepted: set[str]) -> ApiError:
+    """OpenAI's error for unknown fields, with the accepted names (not already sent) close to
+    them. The cutoff lets typos through (max_token, temprature, stream_option), not names of
+    other parameters one letter away (top_k is not top_p, min_tokens not max_tokens)."""
+    candidates = accepted - set(data)
+    hints = {
+        name: close[0]
+        for name in unknown
+        if (close := difflib.get_close_matches(name, candidates, n=1, cutoff=0.85))
+    }
+    if len(unknown) == 1:
+        hint = hints.get(unknown[0], "")
+    else:
+        hint = ", ".join(f"{close} for {name}" for name, close in hints.items())
+    return ApiError(
+        f"Unrecognized request argument supplied: {', '.join(unknown)}"
+        + (f" (did you mean {hint}?)" if hint else ""),
+        param=unknown[0],
+        code="unknown_parameter",
+    )
 
 
 def parse(kind: type[_Request], data: Any) -> Any:
-    """Validates a decoded JSON body; raises `ApiError` naming the first bad field."""
+    """Validates a decoded JSON body; raises `ApiError` naming a bad field."""
     if not isinstance(data, dict):
         raise ApiError("the request body must be a JSON object", code="invalid_body")
-    unknown = sorted(set(data) - set(kind.model_fields) - set(UNSUPPORTED) - set(IGNORED))
+    accepted = set(kind.model_fields) | set(UNSUPPORTED) | set(IGNORED)
+    unknown = sorted(set(data) - accepted)
     if unknown:
-        raise ApiError(
-            f"Unrecognized request argument supplied: {', '.join(unknown)}",
-            param=unknown[0],
-            code="unknown_parameter",
-        )
+        raise _unrecognized(data, unknown, accepted)
     try:
+        # a bad scalings_mode is refused here, its message listing the modes
         request = kind.model_validate(data)
     except ValidationError as error:
-        first = error.errors()[0]
-        missing = first["type"] == "missing"  # its location ends with the missing field
-        loc = first["loc"] if missing else _request_path(data, first["loc"])
-        param = ".".join(str(part) for part in loc) or None
-        problem = "missing required parameter" if missing else first["msg"]
-        raise ApiError(
-            f"{param}: {problem}" + (f" (got {first['input']!r})" if "input" in first else ""),
-            param=param,
-            code="missing_required_parameter" if missing else "invalid_value",
-        ) from None
+        raise _invalid(data, error) from None
     for name, defaults in UNSUPPORTED.items():
         # of the default's JSON type too: in Python `0 == False` and `True == 1`
         if name in data and not any(
@@ -222,8 +263,6 @@ def parse(kind: type[_Request], data: Any) -> Any:
                 param=name,
                 code="unsupported_parameter",
             )
-    if request.scalings_mode is not None and request.scalings_mode not in MODES:
-        raise ApiError(f"scalings_mode: use one of {', '.join(MODES)}", param="scalings_mode")
     return request
 
 
