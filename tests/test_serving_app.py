@@ -10,6 +10,7 @@ import openai
 import pytest
 import torch
 from serving_server import EXPERTS, MODEL_NAME, ServerThread, tiny_xlora
+from tiny_tokenizer import tiny_tokenizer
 
 CHAT = [{"role": "user", "content": "what is two plus two?"}]
 NAN = float("nan")
@@ -152,6 +153,34 @@ def test_token_id_and_list_prompts(client) -> None:
     )
     assert [c.index for c in both.choices] == [0, 1]
     assert both.choices[0].text == by_text.choices[0].text
+
+
+def test_token_id_batch_equals_its_prompts_one_by_one(client) -> None:
+    texts = ["hello", "the quick"]
+    ids = [tiny_tokenizer()(text).input_ids for text in texts]  # [[282, 312], [86, ...]]
+    options = dict(model=MODEL_NAME, max_tokens=6, temperature=0)
+    alone = [client.completions.create(prompt=row, **options) for row in ids]
+    batch = client.completions.create(prompt=ids, **options)
+    assert [c.text for c in batch.choices] == [a.choices[0].text for a in alone]
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert batch.usage.prompt_tokens == len(ids[0]) + len(ids[1])
+    assert batch.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    as_text = client.completions.create(prompt=texts, **options)
+    assert [c.text for c in as_text.choices] == [c.text for c in batch.choices]
+    streamed = ["", ""]
+    for chunk in client.completions.create(prompt=ids, stream=True, **options):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == [c.text for c in batch.choices]
+
+
+def test_token_id_batch_numbers_choices_prompt_by_prompt(client) -> None:
+    ids = [[282, 312], [86, 259, 281, 309]]
+    options = dict(model=MODEL_NAME, max_tokens=6, temperature=1.0, n=2, seed=3)
+    alone = [client.completions.create(prompt=row, **options) for row in ids]
+    batch = client.completions.create(prompt=ids, **options)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]  # choice i of prompt p: p * n + i
+    assert [c.text for c in batch.choices] == [c.text for a in alone for c in a.choices]
 
 
 def test_stop_string_cuts_the_answer(served, client) -> None:
@@ -308,6 +337,29 @@ def post(served, body, route: str = "/v1/chat/completions") -> httpx.Response:
             400,
             "prompt.1",
             "string (got 1)",
+        ),
+        # token ids: one list or a list of them, each id in the vocabulary (320 tokens)
+        (at_completions({"model": MODEL_NAME, "prompt": []}), 400, "prompt", "empty"),
+        (at_completions({"model": MODEL_NAME, "prompt": [7, -1]}), 400, "prompt.1", "[0, 320)"),
+        (at_completions({"model": MODEL_NAME, "prompt": [1, "a"]}), 400, "prompt.1", "integer"),
+        (at_completions({"model": MODEL_NAME, "prompt": [[1, 2], []]}), 400, "prompt.1", "empty"),
+        (
+            at_completions({"model": MODEL_NAME, "prompt": [[1], [2, 320]]}),
+            400,
+            "prompt.1.1",
+            "[0, 320) (got 320)",
+        ),
+        (
+            at_completions({"model": MODEL_NAME, "prompt": [[1], "a"]}),
+            400,
+            "prompt.1",
+            "valid list (got 'a')",
+        ),
+        (
+            at_completions({"model": MODEL_NAME, "prompt": [[1, "a"]]}),
+            400,
+            "prompt.0.1",
+            "integer (got 'a')",
         ),
         # OpenAI parameters a client may send at their defaults: other values are refused
         (

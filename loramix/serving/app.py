@@ -5,7 +5,8 @@ Routes:
     GET  /v1/models            the one model served, with its experts, adapted modules and
                                the prompt rendering training used (`prompt_rendering`)
     POST /v1/chat/completions  chat template, `stream`, the X-LoRA extensions
-    POST /v1/completions       text prompts (a string, a list of strings, or token ids)
+    POST /v1/completions       prompts: a string, a list of strings, a list of token ids, or
+                               a list of token-id lists
     GET  /health               200 {"status": "ok", ...}; 503 while draining
     GET  /metrics              Prometheus text format
 
@@ -294,16 +295,30 @@ def _encode(service: Service, body: Any, chat: bool) -> list[list[int]]:
         prompts = [tokenizer(text, add_special_tokens=False).input_ids]
     elif isinstance(body.prompt, str):
         prompts = [tokenizer(body.prompt).input_ids]
-    elif body.prompt and all(isinstance(p, int) for p in body.prompt):
-        vocab = service.model.get_input_embeddings().weight.shape[0]
-        if any(not 0 <= p < vocab for p in body.prompt):
-            raise ApiError(f"prompt: token ids must lie in [0, {vocab})", param="prompt")
-        prompts = [list(body.prompt)]
+    elif body.prompt and isinstance(body.prompt[0], int):
+        prompts = [_token_ids(service, body.prompt, "prompt")]
+    elif body.prompt and isinstance(body.prompt[0], list):  # a batch of tokenized prompts
+        prompts = [_token_ids(service, ids, f"prompt.{i}") for i, ids in enumerate(body.prompt)]
     else:
         prompts = [tokenizer(p).input_ids for p in body.prompt]
     if not prompts or any(len(ids) == 0 for ids in prompts):
         raise ApiError("prompt: empty; give at least one token", param="prompt")
     return prompts
+
+
+def _token_ids(service: Service, ids: list[int], place: str) -> list[int]:
+    """A prompt given as token ids, checked: not empty, every id in the vocabulary."""
+    if not ids:
+        raise ApiError(f"{place}: empty; give at least one token", param=place)
+    vocab = service.model.get_input_embeddings().weight.shape[0]
+    for i, token in enumerate(ids):
+        if not 0 <= token < vocab:
+            raise ApiError(
+                f"{place}.{i}: token ids must lie in [0, {vocab}) (got {token})",
+                param=f"{place}.{i}",
+                code="invalid_value",
+            )
+    return list(ids)
 
 
 def _budget(service: Service, asked: int | None, prompt_tokens: int) -> int:

@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from loramix.modes import ScalingsMode
 
@@ -174,8 +174,32 @@ class ChatRequest(_Request):
         return self.max_completion_tokens or self.max_tokens
 
 
+def _prompt_kind(prompt: Any) -> str:
+    """Which of the prompt's types a value is meant as, read from its first item: so a bad
+    item is named by its own place (`[[1], "a"]`: `prompt.1` is not a list), not as the
+    first item not being of another type (`prompt.0` is not a string)."""
+    if not isinstance(prompt, list):
+        return "text"
+    first = prompt[0] if prompt else ""
+    if isinstance(first, list):
+        return "token_lists"
+    if isinstance(first, int | float) and not isinstance(first, bool):
+        return "tokens"
+    return "texts"
+
+
+# a string, strings, token ids, or lists of token ids (a batch of tokenized prompts)
+Prompt = Annotated[
+    Annotated[str, Tag("text")]
+    | Annotated[list[str], Tag("texts")]
+    | Annotated[list[int], Tag("tokens")]
+    | Annotated[list[list[int]], Tag("token_lists")],
+    Discriminator(_prompt_kind),
+]
+
+
 class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int]
+    prompt: Prompt
 
     def token_budget(self) -> int | None:
         return self.max_tokens
