@@ -216,7 +216,7 @@ def test_gate_candidates_spelled_by_their_settings() -> None:
 
     parser = build_parser()
     args = parser.parse_args(
-        ["science", "retrain", "--gate-candidates", "lr3e-3-s600,lr1e-2-s1200-shared,lr0.5-s7"]
+        ["science", "retrain", "--gate-candidates", "lr3e-3-s1200,lr1e-2-s1200-shared,lr0.5-s7"]
     )
     candidates = settings_from_args(args).gate_candidates
     assert candidates == (

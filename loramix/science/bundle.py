@@ -35,7 +35,7 @@ MAX_BUNDLE_BYTES = 40_000_000
 RETRAIN_JSON = "retrain.json"
 """Settings, data manifest and step timings of the run that made a bundle."""
 
-MAKE_RETRAIN = "loramix science retrain --out runs/retrain --seed 0"
+MAKE_RETRAIN = "loramix science retrain --out runs/retrain --seed 0 --multitask-candidates s4000"
 """The command `make retrain` runs (Makefile), as `retrain.json` records it."""
 
 _WEIGHT_SUFFIX = ".safetensors"
