@@ -27,7 +27,8 @@ weights each model holds.
 
 `--dtype` runs every mode at each dtype (base and experts in it, the gate in float32), always
 with the float32 base as the reference; `--model science` uses the bundled science model
-(SmolLM2-135M-Instruct and 4 experts, layer-wise gate) instead of the random one. The mode
+(SmolLM2-135M-Instruct and its 8 experts; `--bundle` names another, such as
+models/science-xlora-v1 with 4) instead of the random one. The mode
 `fixed-mixes` (batch > 1) gives every sequence its own mix through `fixed_scalings`
 (`per_sequence=True`): no scaling pass, the path a server batching requests takes.
 """

@@ -1,6 +1,6 @@
 """Load test of `loramix serve` on the bundled science model (127.0.0.1 only, bounded).
 
-Starts `loramix serve models/science-xlora` (SmolLM2-135M-Instruct + 4 experts) in a
+Starts `loramix serve models/science-xlora` (SmolLM2-135M-Instruct and its experts) in a
 subprocess on a free local port, then, for the granular and frozen scalings modes, runs 1, 4,
 8 and 16 concurrent clients; each client sends streaming greedy `/v1/completions` requests
 (science questions; `ignore_eos`, so each generates exactly `max_tokens` tokens: 32, or 64
@@ -179,7 +179,8 @@ async def benchmark(args: argparse.Namespace, url: str, pid: int) -> dict:
     deadline = time.monotonic() + args.time_limit
     scale = 1 if args.quick else 2
     # ignore_eos: every request generates max_tokens tokens (the science answers end after ~5)
-    body = {"model": "science-xlora", "max_tokens": 32 * scale, "temperature": 0}
+    model_id = Path(args.model).resolve().name  # what `loramix serve` names it
+    body = {"model": model_id, "max_tokens": 32 * scale, "temperature": 0}
     body["ignore_eos"] = True
     body["stream"], body["stream_options"] = True, {"include_usage": True}
     await run_level(url, 1, 2, body, deadline)  # warm-up

@@ -391,7 +391,7 @@ def test_the_bundled_model_loads_on_smollm2_and_answers():
     assert size <= MAX_BUNDLE_BYTES
     base_model, tokenizer = load_base_model("smollm2")
     model = XLoraModel.from_pretrained(base_model, BUNDLE_DIR)
-    assert model.expert_names == ["biology", "chemistry", "proteins", "mechanics"]  # v1
+    assert model.expert_names == list(RetrainSettings().domains)  # the whole v2 roster
     record = {
         "prompt": "What peptide do the DNA codons ATG GCC TTT encode?",
         "completion": "M-A-F",

@@ -28,9 +28,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
         "science",
         help="the science case study: bundled demo, or retrain everything from scratch",
         description=(
-            "LoRA experts of science domains (eight in a retrain; the bundled model has "
-            "biology, chemistry, proteins and mechanics) on SmolLM2-135M-Instruct, mixed per "
-            "token and per layer by a trained X-LoRA gate."
+            "LoRA experts of eight science domains (biology, chemistry, proteins, mechanics, "
+            "quantum, mathematics, reasoning, bio-inspired materials) on "
+            "SmolLM2-135M-Instruct, mixed per token and per layer by a trained X-LoRA gate."
         ),
     )
     actions = parser.add_subparsers(dest="science_command", metavar="ACTION", required=True)
@@ -67,7 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[
     retrain.add_argument(
         "--bundle",
         default=None,
-        help="where to export the float16 model (default: OUT/bundle-v2; the bundled v1 model "
+        help="where to export the float16 model (default: OUT/bundle-v2; the bundled model "
         f"is in {DEFAULT_BUNDLE} and is replaced only when named here)",
     )
     retrain.add_argument("--no-export", action="store_true", help="do not touch the bundle")

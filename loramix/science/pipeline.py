@@ -125,8 +125,9 @@ class RetrainSettings:
     The defaults are the published v2 run's (README, "Version 2"): experts and the
     multitask LoRA up to 1000 and 8000 steps, each kept at its best checkpoint on dev
     (`keep_best`); about 6 h 10 min of work on a 2-core CPU, over its 2-hour budget. The
-    previous run, `expert_steps=500, keep_best=False`, took about 3 h 20 min. The bundled
-    4-expert model was made with v1 settings recorded in its `retrain.json`.
+    previous run, `expert_steps=500, keep_best=False`, took about 3 h 20 min. The
+    4-expert v1 model (`models/science-xlora-v1`) was made with v1 settings recorded in its
+    `retrain.json`.
 
     Attributes:
         base: "smollm2" or a local transformers folder.
