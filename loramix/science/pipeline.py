@@ -122,10 +122,12 @@ TRAIN_DTYPES = ("float32", "bfloat16")
 class RetrainSettings:
     """Everything `retrain` does besides the seed and the folders.
 
-    The defaults are the published v2 run's (README, "Version 2"): experts and the
-    multitask LoRA up to 1000 and 8000 steps, each kept at its best checkpoint on dev
-    (`keep_best`); about 6 h 10 min of work on a 2-core CPU, over its 2-hour budget. The
-    previous run, `expert_steps=500, keep_best=False`, took about 3 h 20 min. The
+    The defaults are the published v2 run's (README, "Version 2"), which also trained the
+    4000-step multitask schedule (`multitask_candidates=("s4000",)`, as `make retrain`
+    does): experts and the multitask LoRA up to 1000 and 8000 steps, each kept at its best
+    checkpoint on dev (`keep_best`), gate candidates of 1200 steps layer-wise and 600
+    shared; about 6 h 20 min of work on a 2-core CPU, over its 2-hour budget. A run of
+    `expert_steps=500, keep_best=False` took about 3 h 20 min. The
     4-expert v1 model (`models/science-xlora-v1`) was made with v1 settings recorded in its
     `retrain.json`.
 
