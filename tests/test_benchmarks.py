@@ -55,7 +55,8 @@ def test_retrain_times_reads_a_published_runs_folder(monkeypatch, capsys, tmp_pa
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import retrain_times
 
-    published = BENCHMARKS.parent / "docs" / "science-v2"
+    # the earlier published run, whose jobs resumed from checkpoints without clocks
+    published = BENCHMARKS.parent / "docs" / "science-v2" / "experts-1000-gates-600"
     timings = json.loads((published / "timings.json").read_text())
     quantum = timings["experts"]["each"]["quantum"]  # resumed at 600 of 1000, before clocks
     monkeypatch.setattr(sys, "argv", ["retrain_times.py", str(published)])
@@ -67,6 +68,13 @@ def test_retrain_times_reads_a_published_runs_folder(monkeypatch, capsys, tmp_pa
     assert row.split(" | ")[-1] == f"{scaled / 60:.1f} min |"
     assert "| multitask LoRA | 8000 | 6400 | 20% |" in printed
     assert "core-hours in all" in printed and "Adding a domain" in printed
+
+    latest = published.parent  # the published run: the chosen multitask LoRA's time was lost
+    monkeypatch.setattr(sys, "argv", ["retrain_times.py", str(latest)])
+    assert retrain_times.main() == 0
+    printed = capsys.readouterr().out
+    assert "| gate lr3e-3-s1200 | 1200 | - | 100% |" in printed
+    assert "Adding a domain: not measurable" in printed and "lacks 's4000'" in printed
 
     older = tmp_path / "older"  # a dropped gate candidate, a job from before CPU times
     older.mkdir()
