@@ -284,6 +284,12 @@ def post(served, body, route: str = "/v1/chat/completions") -> httpx.Response:
             "boolean",
         ),
         (
+            {"model": MODEL_NAME, "messages": CHAT, "stream_options": {"foo": 1}},
+            400,
+            "stream_options.foo",
+            "Unrecognized request argument supplied: stream_options.foo",
+        ),
+        (
             json.dumps({"model": MODEL_NAME, "messages": CHAT, "temperature": NAN}),
             400,
             "temperature",
@@ -306,6 +312,34 @@ def post(served, body, route: str = "/v1/chat/completions") -> httpx.Response:
             "number",
         ),
         ({"model": MODEL_NAME, "messages": CHAT, "logprobs": 0}, 400, "logprobs", "leave"),
+        # OpenAI's metadata fields are ignored, but only with their JSON types
+        ({"model": MODEL_NAME, "messages": CHAT, "user": 5}, 400, "user", "string"),
+        ({"model": MODEL_NAME, "messages": CHAT, "store": "yes"}, 400, "store", "boolean"),
+        (
+            {"model": MODEL_NAME, "messages": CHAT, "metadata": {"run": 1}},
+            400,
+            "metadata.run",
+            "string",
+        ),
+        (
+            {"model": MODEL_NAME, "messages": CHAT, "parallel_tool_calls": 0},
+            400,
+            "parallel_tool_calls",
+            "boolean",
+        ),
+        ({"model": MODEL_NAME, "messages": CHAT, "service_tier": 1}, 400, "service_tier", "string"),
+        (
+            {"model": MODEL_NAME, "messages": CHAT, "prompt_cache_key": ["k"]},
+            400,
+            "prompt_cache_key",
+            "string",
+        ),
+        (
+            {"model": MODEL_NAME, "messages": CHAT, "safety_identifier": {}},
+            400,
+            "safety_identifier",
+            "string",
+        ),
         # a field of several types is named alone, not with the type it was tried as
         ({"model": MODEL_NAME, "messages": CHAT, "stop": 5}, 400, "stop", "string"),
         (
@@ -343,6 +377,7 @@ def post(served, body, route: str = "/v1/chat/completions") -> httpx.Response:
         (at_completions({"model": MODEL_NAME, "prompt": [7, -1]}), 400, "prompt.1", "[0, 320)"),
         (at_completions({"model": MODEL_NAME, "prompt": [1, "a"]}), 400, "prompt.1", "integer"),
         (at_completions({"model": MODEL_NAME, "prompt": [[1, 2], []]}), 400, "prompt.1", "empty"),
+        (at_completions({"model": MODEL_NAME, "prompt": ["a", ""]}), 400, "prompt.1", "empty"),
         (
             at_completions({"model": MODEL_NAME, "prompt": [[1], [2, 320]]}),
             400,
@@ -436,10 +471,25 @@ def test_openai_metadata_fields_change_nothing(client) -> None:
     assert tagged.choices[0].message.content == plain
 
 
+def test_unknown_stream_option_is_an_unknown_parameter(served) -> None:
+    body = {"model": MODEL_NAME, "messages": CHAT, "stream_options": {"foo": 1}}
+    error = post(served, body).json()["error"]
+    assert error["code"] == "unknown_parameter"
+    assert error["message"] == "Unrecognized request argument supplied: stream_options.foo"
+
+
 def test_prompt_longer_than_the_context(served) -> None:
     response = post(served, {"model": MODEL_NAME, "prompt": "fox " * 400}, "/v1/completions")
     assert response.status_code == 400
-    assert response.json()["error"]["code"] == "context_length_exceeded"
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert error["param"] == "prompt"  # on chat: messages
+
+
+def test_messages_longer_than_the_context(served) -> None:
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "fox " * 400}]}
+    error = post(served, body).json()["error"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "messages")
 
 
 def test_client_sees_errors_as_exceptions(client) -> None:

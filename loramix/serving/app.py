@@ -224,7 +224,7 @@ async def _start(service: Service, request: Request, chat: bool) -> Response:
     jobs, queue = [], asyncio.Queue()
     loop = asyncio.get_running_loop()
     for index, ids in enumerate(prompts):
-        budget = _budget(service, body.token_budget(), len(ids))
+        budget = _budget(service, body.token_budget(), len(ids), "messages" if chat else "prompt")
 
         def sink(event: Any, index: int = index) -> None:
             with contextlib.suppress(RuntimeError):  # a closed event loop: nobody listens
@@ -301,6 +301,9 @@ def _encode(service: Service, body: Any, chat: bool) -> list[list[int]]:
         prompts = [_token_ids(service, ids, f"prompt.{i}") for i, ids in enumerate(body.prompt)]
     else:
         prompts = [tokenizer(p).input_ids for p in body.prompt]
+        for i, ids in enumerate(prompts):
+            if not ids:
+                raise ApiError(f"prompt.{i}: empty; give at least one token", param=f"prompt.{i}")
     if not prompts or any(len(ids) == 0 for ids in prompts):
         raise ApiError("prompt: empty; give at least one token", param="prompt")
     return prompts
@@ -321,7 +324,9 @@ def _token_ids(service: Service, ids: list[int], place: str) -> list[int]:
     return list(ids)
 
 
-def _budget(service: Service, asked: int | None, prompt_tokens: int) -> int:
+def _budget(service: Service, asked: int | None, prompt_tokens: int, prompt_param: str) -> int:
+    """The completion's token budget; `prompt_param` (messages, prompt) names the prompt in
+    the error when it alone leaves no room."""
     context = service.context
     room = context - prompt_tokens
     if room < 1 or (asked is not None and asked > room):
@@ -329,7 +334,7 @@ def _budget(service: Service, asked: int | None, prompt_tokens: int) -> int:
             f"This model's maximum context length is {context} tokens. However, you requested "
             f"{prompt_tokens + (asked or 1)} tokens ({prompt_tokens} in the prompt, "
             f"{asked or 1} in the completion). Please reduce the prompt or max_tokens.",
-            param="messages" if asked is None else "max_tokens",
+            param=prompt_param if asked is None else "max_tokens",
             code="context_length_exceeded",
         )
     return asked if asked is not None else min(service.config.default_max_tokens, room)

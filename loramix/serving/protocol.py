@@ -67,7 +67,8 @@ UNSUPPORTED = {
     "web_search_options": (None,),  # {} asks a search model to search
 }
 
-# OpenAI parameters that change no answer (who asks, what to bill or store): accepted, ignored.
+# OpenAI parameters that change no answer (who asks, what to bill or store): accepted with
+# their JSON types (fields of `_Request`), ignored.
 IGNORED = (
     "user",
     "metadata",
@@ -136,6 +137,14 @@ class _Request(BaseModel):
     scalings_mode: ScalingsMode | None = None
     fixed_expert_weights: dict[str, float] | None = None
     ignore_eos: bool = False
+    # IGNORED: checked as OpenAI checks them, then unused
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -234,6 +243,12 @@ def _invalid(data: dict[str, Any], error: ValidationError) -> ApiError:
     path, problem = max(found, key=lambda pair: len(pair[0]))  # ties: the first
     missing = problem["type"] == "missing"
     param = ".".join(str(part) for part in path) or None
+    if problem["type"] == "extra_forbidden":  # a nested unknown field, as a top-level one
+        return ApiError(
+            f"Unrecognized request argument supplied: {param}",
+            param=param,
+            code="unknown_parameter",
+        )
     message = f"{param}: " + ("missing required parameter" if missing else problem["msg"])
     return ApiError(
         message + (f" (got {problem['input']!r})" if "input" in problem else ""),
