@@ -7,7 +7,6 @@ with `train_gate_candidate`.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +25,6 @@ from loramix.science.retrain_jobs import (
     resumed_step,
     worker_plan,
 )
-from loramix.training.trainer import CHECKPOINTS
 
 if TYPE_CHECKING:
     from loramix.science.pipeline import RetrainPaths, RetrainSettings
@@ -72,9 +70,7 @@ def gate_job(
     resumed_from, clock = resumed_step(out), resume_clock(out)
     train_gate_candidate(paths, out, candidate, seed, settings, callbacks=[clock])
     value = {"steps": candidate.steps, "resumed_from_step": resumed_from}
-    value = finished_job(out, clock, {**value, **earlier_time(clock)})  # its time kept first
-    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the gate is complete
-    return value
+    return finished_job(out, clock, {**value, **earlier_time(clock)})
 
 
 def train_gate_candidate(

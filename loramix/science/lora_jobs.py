@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,9 +160,7 @@ def train_lora_job(
         }
         write_text_atomic(out / MULTITASK_JSON, json.dumps(plan, indent=2) + "\n")
     value = {"steps": steps, "resumed_from_step": resumed_from, "kept_step": kept}
-    value = finished_job(out, clock, {**value, **earlier_time(clock)})  # its time kept first
-    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the adapter is complete
-    return value
+    return finished_job(out, clock, {**value, **earlier_time(clock)})
 
 
 def train_loras(

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -200,10 +201,11 @@ def resumed_step(out: Path) -> int:
 
 
 def finished_job(out: Path, clock: JobClock, value: dict[str, Any]) -> dict[str, Any]:
-    """The return value of a job whose adapter (or gate) in `out` is complete. Its timings
-    record (`job_record`, this call's time from `clock`) is also kept in `out/job_time.json`:
-    a call killed before it kept the record in timings.json leaves it there for the next
-    call (`recover_job_times`), which finds the job done and would have no time for it.
+    """The return value `value` (with `earlier_time`) of a job whose adapter (or gate) in `out`
+    is complete. Its timings record (`job_record`, this call's time from `clock`) is first
+    kept in `out/job_time.json`, then its checkpoints are deleted: a call killed before it
+    kept the record in timings.json leaves it there for the next call (`recover_job_times`),
+    which finds the job done and would have no time for it.
     `out` is a job folder of a run folder (`RUN/experts/NAME`, `RUN/gates/NAME`), whose id
     and path the file keeps too."""
     from loramix.training.jobs import JobResult
@@ -215,6 +217,7 @@ def finished_job(out: Path, clock: JobClock, value: dict[str, Any]) -> dict[str,
     run = out.parents[1]
     kept = {"run_id": run_id(run), "run": str(run.resolve()), "record": job_record(this_call)}
     write_text_atomic(out / JOB_TIME_JSON, json.dumps(kept, indent=2) + "\n")
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the job is complete
     return value
 
 
